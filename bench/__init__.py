@@ -1,0 +1,1 @@
+"""Benchmarks and baselines, through the public API only."""

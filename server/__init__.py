@@ -1,0 +1,3 @@
+"""REST monitoring for a running snapstore."""
+
+__all__: list[str] = []

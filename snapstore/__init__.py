@@ -1,0 +1,75 @@
+"""snapstore: an erasure-coded, in-memory snapshot store for PyTorch training.
+
+The package imports lazily: the SMP actors that run on every node use only
+the byte-level parts and must not pay for importing torch (3+ s cold).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from snapstore.errors import (
+    ClusterError,
+    ConfigError,
+    FaultInjectionError,
+    FormatError,
+    MemoryBudgetError,
+    SaveFailedError,
+    SnapshotNotFoundError,
+    SnapstoreError,
+    StoreNotRunningError,
+    StoreTimeoutError,
+    UnrecoverableError,
+    UnsupportedTypeError,
+)
+
+if TYPE_CHECKING:
+    from snapstore.format import Packed, pack, unpack
+    from snapstore.lifecycle import Store, connect, down, nodes, up
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first attribute access.
+_LAZY = {
+    "pack": "snapstore.format",
+    "unpack": "snapstore.format",
+    "Packed": "snapstore.format",
+    "up": "snapstore.lifecycle",
+    "down": "snapstore.lifecycle",
+    "connect": "snapstore.lifecycle",
+    "nodes": "snapstore.lifecycle",
+    "Store": "snapstore.lifecycle",
+}
+
+__all__ = [
+    "ClusterError",
+    "ConfigError",
+    "FaultInjectionError",
+    "FormatError",
+    "MemoryBudgetError",
+    "Packed",
+    "SaveFailedError",
+    "SnapshotNotFoundError",
+    "SnapstoreError",
+    "Store",
+    "StoreNotRunningError",
+    "StoreTimeoutError",
+    "UnrecoverableError",
+    "UnsupportedTypeError",
+    "connect",
+    "down",
+    "nodes",
+    "pack",
+    "unpack",
+    "up",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'snapstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,118 @@
+"""snapstore's exception tree: one class per thing a caller can act on.
+
+Everything derives from :class:`SnapstoreError` (defined in ``coding`` so the
+lowest layer can raise it too), which derives from :class:`Exception`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from coding.errors import (
+    BackendUnavailableError,
+    ChecksumMismatchError,
+    CodingError,
+    InsufficientChunksError,
+    SnapstoreError,
+)
+
+__all__ = [
+    "BackendUnavailableError",
+    "ChecksumMismatchError",
+    "ClusterError",
+    "CodingError",
+    "ConfigError",
+    "FaultInjectionError",
+    "FormatError",
+    "InsufficientChunksError",
+    "MemoryBudgetError",
+    "SaveFailedError",
+    "SnapshotNotFoundError",
+    "SnapstoreError",
+    "StoreNotRunningError",
+    "StoreTimeoutError",
+    "UnrecoverableError",
+    "UnsupportedTypeError",
+]
+
+
+class FormatError(SnapstoreError, ValueError):
+    """A manifest or data buffer is malformed: truncated, wrong version, bad offsets."""
+
+
+class UnsupportedTypeError(SnapstoreError, TypeError):
+    """A state holds a value the snapshot format cannot store; ``path`` names it."""
+
+    def __init__(self, path: str, value_type: type) -> None:
+        self.path = path
+        self.value_type = value_type
+        super().__init__(
+            f"{path}: unsupported type {value_type.__qualname__} "
+            "(store tensors, numpy arrays, numbers, str, bytes, None and "
+            "dicts/lists/tuples of them)"
+        )
+
+
+class ConfigError(SnapstoreError, ValueError):
+    """A setting is out of range or inconsistent with the cluster."""
+
+
+class ClusterError(SnapstoreError):
+    """Starting, attaching to or stopping the Ray cluster failed."""
+
+
+class StoreNotRunningError(SnapstoreError):
+    """No running store was found (no state file, or its cluster is gone)."""
+
+
+class StoreTimeoutError(SnapstoreError, TimeoutError):
+    """A call did not finish within its timeout."""
+
+
+class MemoryBudgetError(SnapstoreError):
+    """A save needs more memory on a node than its budget allows."""
+
+    def __init__(self, job: str, node: str, needed: int, used: int, budget: int) -> None:
+        self.job = job
+        self.node = node
+        self.needed = needed
+        self.used = used
+        self.budget = budget
+        super().__init__(
+            f"job {job!r} needs {needed} more bytes on node {node} but {used} of its "
+            f"{budget}-byte budget are in use; raise --memory-per-node or "
+            "spread ranks over more nodes (the last committed step is intact)"
+        )
+
+
+class SnapshotNotFoundError(SnapstoreError, LookupError):
+    """The job has no committed step (or not the one asked for)."""
+
+
+class UnrecoverableError(SnapstoreError):
+    """More chunks of a stripe are lost than its parity can rebuild.
+
+    ``lost`` lists every lost or corrupt chunk that made it so, as readable
+    strings ("stripe 2 of group 0: data chunk 1 on node 3f2a…").
+    """
+
+    def __init__(self, message: str, lost: Sequence[str]) -> None:
+        self.lost = list(lost)
+        detail = "; ".join(self.lost)
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class SaveFailedError(SnapstoreError):
+    """A step could not be committed; ``failures`` maps each party to its error.
+
+    The previous committed step is intact and is what restore returns.
+    """
+
+    def __init__(self, message: str, failures: Mapping[str, str] | None = None) -> None:
+        self.failures = dict(failures or {})
+        detail = "; ".join(f"{who}: {why}" for who, why in self.failures.items())
+        super().__init__(f"{message} ({detail})" if detail else message)
+
+
+class FaultInjectionError(SnapstoreError):
+    """A fault was refused: it would act on a cluster ``snapstore up`` did not start."""
