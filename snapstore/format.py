@@ -1,0 +1,259 @@
+"""The snapshot format: a training state <-> one data buffer plus a msgpack manifest.
+
+A state -- nested dicts, lists and tuples of tensors, numpy arrays and plain
+values (``model.state_dict()``, ``optimizer.state_dict()``, RNG states, step
+counters) -- becomes
+
+* **data**: every tensor/array byte, one 64-byte-aligned region per storage,
+  laid out by :func:`plan` (see :mod:`snapstore.layout`), and
+* **manifest**: msgpack describing everything else (see
+  :mod:`snapstore.manifest` for the wire format and version).
+
+No pickle is involved anywhere, and :func:`unpack` treats both buffers as
+untrusted: anything malformed raises :class:`~snapstore.errors.FormatError`
+before a byte outside ``data`` is touched or an allocation larger than
+``data`` is made.
+
+Round trips are bitwise, and keep: dtypes, shapes, strides (views,
+transposes, stride-0 expands), storage sharing (tied weights stay tied),
+``requires_grad`` and ``nn.Parameter``, tuples vs lists, ``OrderedDict``
+(with a state dict's ``_metadata``), ints of any size, float bit patterns,
+numpy scalars, ``torch.dtype``/``torch.Size``/``torch.device`` values, and
+object identity of a tensor that appears at several paths. Containers are
+rebuilt per path (a list referenced twice comes back as two lists), and
+storage offsets are renumbered (only the used bytes of a storage are kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from snapstore.errors import FormatError
+from snapstore.layout import (
+    TORCH_DTYPE,
+    Binding,
+    Layout,
+    as_byte_tensor,
+    describe,
+    plan,
+    plan_flat,
+)
+from snapstore.manifest import (
+    ALIGNMENT,
+    FORMAT_VERSION,
+    Header,
+    Leaf,
+    ManifestInfo,
+    Region,
+    numpy_dtype,
+    open_manifest,
+    read_manifest,
+)
+from snapstore.tree import TreeDecoder, flatten
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Binding",
+    "Layout",
+    "Leaf",
+    "ManifestInfo",
+    "Packed",
+    "Region",
+    "pack",
+    "plan",
+    "read_manifest",
+    "unpack",
+]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A packed state: ``manifest`` + ``data`` (exactly ``layout.nbytes`` long)."""
+
+    manifest: bytes
+    data: Any
+    """A view of the caller's ``out`` (same kind: tensor, ndarray or memoryview), or
+    a new 64-byte-aligned numpy uint8 array."""
+    layout: Layout
+
+
+def pack(state: object, out: Any = None, layout: Layout | None = None) -> Packed:
+    """Pack ``state`` into ``out`` (or a new buffer) and encode its manifest.
+
+    ``layout`` is the previous step's layout: reused when ``state`` still has
+    its structure, else a new one is planned (``packed.layout is layout``
+    tells which). One walk of the state, one copy of its bytes.
+    """
+    flat = flatten(state)
+    chosen = plan_flat(flat, describe(flat), layout)
+    bound = Binding(chosen, state, flat)
+    data = _aligned_empty(chosen.nbytes) if out is None else _head(out, chosen.nbytes)
+    bound.copy_into(data)
+    return Packed(bound.manifest(), data, chosen)
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip : skip + nbytes]
+
+
+def _head(out: Any, nbytes: int) -> Any:
+    size = as_byte_tensor(out, writable=True).numel()
+    if size < nbytes:
+        raise ValueError(f"out holds {size} bytes, the state needs {nbytes}")
+    if isinstance(out, torch.Tensor | np.ndarray):
+        return out.reshape(-1)[:nbytes]
+    return memoryview(out).cast("B")[:nbytes]
+
+
+_MISSING = object()
+
+
+def unpack(manifest: bytes, data: Any, into: Any = None, copy: bool = True) -> Any:
+    """Rebuild the state a manifest and its data describe.
+
+    ``data``: bytes-like, a uint8 numpy array or a contiguous uint8 CPU tensor,
+    at least the manifest's ``nbytes`` long.
+
+    ``into``: a live state of the same structure (``model.state_dict()``,
+    the current optimizer state). Each tensor/array found at the same path
+    with the same dtype and shape is overwritten in place with ``copy_``
+    (host-to-device for CUDA tensors) and returned; others are new. Non-tensor
+    values are always new.
+
+    ``copy=False``: new tensors/arrays view ``data`` instead of owning a copy;
+    keep ``data`` alive and unchanged while they live, and do not write to
+    them if ``data`` is read-only. (A tensor whose dtype ``data``'s alignment
+    cannot view is still copied.)
+
+    Raises FormatError for any malformed manifest or data.
+    """
+    decoder = TreeDecoder()
+    header, read_tree = open_manifest(manifest, decoder)
+    src = as_byte_tensor(data, writable=False)
+    if src.device.type != "cpu":
+        raise TypeError(f"data must be in CPU memory, got a {src.device} tensor")
+    if src.numel() < header.nbytes:
+        raise FormatError(
+            f"data holds {src.numel()} bytes but the manifest describes {header.nbytes}: "
+            "truncated data, or data of another snapshot"
+        )
+    decoder.leaves = _restore_leaves(header, src, into, copy)
+    return read_tree()
+
+
+def _restore_leaves(header: Header, src: torch.Tensor, into: Any, copy: bool) -> list[object]:
+    out: list[object] = [None] * len(header.leaves)
+    for i, leaf in enumerate(header.leaves):
+        if leaf.region < 0:
+            target = _find(into, leaf.path) if into is not None else _MISSING
+            out[i] = target if _fits(target, leaf) else _empty(leaf)
+    for region in header.regions:
+        pending = []
+        for i in region.leaves:
+            leaf = header.leaves[i]
+            target = _find(into, leaf.path) if into is not None else _MISSING
+            if _fits(target, leaf):
+                view = _view(leaf, src, region.offset)
+                if view is None:  # data too misaligned to view this dtype
+                    view = _view(leaf, _copy_region(src, region), 0)
+                _copy_to(target, view)
+                out[i] = target
+            else:
+                pending.append(i)
+        if not pending:
+            continue
+        buf, at = (_copy_region(src, region), 0) if copy else (src, region.offset)
+        for i in pending:
+            leaf = header.leaves[i]
+            view = _view(leaf, buf, at)
+            if view is None:
+                view = _view(leaf, _copy_region(src, region), 0)
+            out[i] = _finish(view, leaf)
+    return out
+
+
+def _find(into: Any, path: tuple[str | int, ...]) -> Any:
+    cur = into
+    for key in path:
+        if isinstance(cur, dict):
+            cur = cur.get(key, _MISSING)
+        elif isinstance(cur, list | tuple) and type(key) is int and 0 <= key < len(cur):
+            cur = cur[key]
+        else:
+            return _MISSING
+    return cur
+
+
+def _fits(target: Any, leaf: Leaf) -> bool:
+    t = type(target)
+    if t is torch.Tensor or t is torch.nn.Parameter:
+        return (
+            target.dtype is TORCH_DTYPE.get(leaf.dtype)
+            and tuple(target.shape) == leaf.shape
+            and target.layout is torch.strided
+            and target.device.type != "meta"
+        )
+    if t is np.ndarray:
+        return bool(
+            target.dtype.str == leaf.dtype and target.shape == leaf.shape and target.flags.writeable
+        )
+    return False
+
+
+def _copy_to(target: Any, view: Any) -> None:
+    if isinstance(target, np.ndarray):
+        np.copyto(target, view)
+        return
+    with torch.no_grad():
+        target.copy_(view)
+
+
+def _copy_region(src: torch.Tensor, region: Region) -> torch.Tensor:
+    return src[region.offset : region.offset + region.nbytes].clone()
+
+
+def _torch_dtype(leaf: Leaf) -> torch.dtype:
+    dt = TORCH_DTYPE.get(leaf.dtype)
+    if dt is None:
+        raise FormatError(f"dtype {leaf.dtype} of {leaf.path} is not in this torch build")
+    return dt
+
+
+def _view(leaf: Leaf, buf: torch.Tensor, at: int) -> Any:
+    """Leaf viewing ``buf`` whose region starts at byte ``at``; None if misaligned."""
+    start = at + leaf.offset
+    if leaf.kind == "ndarray":
+        arr = buf.numpy()
+        return np.ndarray(
+            leaf.shape, numpy_dtype(leaf.dtype), buffer=arr, offset=start, strides=leaf.strides
+        )
+    dt = _torch_dtype(leaf)
+    start += int(buf.storage_offset())
+    if start % dt.itemsize:
+        return None
+    view = torch.empty(0, dtype=dt)
+    return view.set_(buf.untyped_storage(), start // dt.itemsize, leaf.shape, leaf.strides)
+
+
+def _empty(leaf: Leaf) -> object:
+    if leaf.kind == "ndarray":
+        base = np.empty(0, dtype=numpy_dtype(leaf.dtype))
+        return np.lib.stride_tricks.as_strided(base, leaf.shape, leaf.strides)
+    return _finish(torch.empty_strided(leaf.shape, leaf.strides, dtype=_torch_dtype(leaf)), leaf)
+
+
+def _finish(value: Any, leaf: Leaf) -> object:
+    if leaf.kind == "ndarray" or not (leaf.parameter or leaf.requires_grad):
+        return value
+    try:
+        if leaf.parameter:
+            return torch.nn.Parameter(value, requires_grad=leaf.requires_grad)
+        return value.requires_grad_(True)
+    except RuntimeError as exc:
+        raise FormatError(f"leaf at {leaf.path}: {exc}") from None
