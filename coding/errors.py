@@ -33,16 +33,25 @@ class InsufficientChunksError(CodingError):
     """Fewer than k usable chunks of a stripe: the missing ones cannot be rebuilt.
 
     ``missing`` lists the indices that are absent (or failed their checksum),
-    ``present`` the usable ones, ``needed`` is k.
+    ``present`` the usable ones, ``needed`` is k. ``corrupt`` is the part of
+    ``missing`` that was given but failed its checksum.
     """
 
-    def __init__(self, missing: Iterable[int], present: Iterable[int], needed: int) -> None:
+    def __init__(
+        self,
+        missing: Iterable[int],
+        present: Iterable[int],
+        needed: int,
+        corrupt: Iterable[int] = (),
+    ) -> None:
         self.missing = sorted(missing)
         self.present = sorted(present)
         self.needed = needed
+        self.corrupt = sorted(corrupt)
+        detail = f" (of which failed their checksum: {self.corrupt})" if self.corrupt else ""
         super().__init__(
             f"cannot decode: {len(self.present)} usable chunks {self.present}, "
-            f"need {needed}; missing or corrupt: {self.missing}"
+            f"need {needed}; missing or corrupt: {self.missing}{detail}"
         )
 
 
