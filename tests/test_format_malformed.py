@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from snapstore.errors import FormatError
 from snapstore.format import pack, read_manifest, unpack
-from snapstore.manifest import MAGIC
+from snapstore.manifest import MAGIC, pack_value
 
 Ext = msgpack.ExtType
 
@@ -42,7 +42,7 @@ def forge(
         leaves = [leaf()]
     if tree is None:
         tree = {"a": Ext(1, b"\x00\x00\x00\x00")}
-    body = msgpack.packb([nbytes, regions, leaves, tree], use_bin_type=True)
+    body = pack_value([nbytes, regions, leaves, tree])  # ints beyond 64 bits as big-int exts
     return struct.pack("<8sHH", magic, version, flags) + body + extra
 
 
