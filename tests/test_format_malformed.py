@@ -7,6 +7,7 @@ mutated manifests and truncated data at unpack.
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from typing import Any
 
@@ -220,7 +221,9 @@ def test_every_truncation_of_the_data_is_refused() -> None:
             unpack(MANIFEST, SAMPLE_DATA[:n])
 
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# SNAPSTORE_FUZZ_EXAMPLES=20000 fuzzes deeper than the suite's default.
+_EXAMPLES = int(os.environ.get("SNAPSTORE_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _survives(manifest: bytes, data: bytes) -> None:
@@ -264,7 +267,7 @@ def test_mutated_manifests(edits: list[tuple[int, int, str]]) -> None:
 _edgy = st.integers(-3, 70) | st.sampled_from([2**31, 2**62 - 1, 2**62, 2**63, -(2**62)])
 
 
-@settings(max_examples=100, deadline=None)
+@FUZZ
 @given(st.integers(0, 6), _edgy | st.integers(-(2**64), 2**64), st.booleans())
 def test_forged_numbers_anywhere_in_a_leaf(column: int, value: int, array: bool) -> None:
     row = leaf(kind=1, dtype="<f4", strides=[4]) if array else leaf()
