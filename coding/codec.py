@@ -141,7 +141,12 @@ class ErasureCodec:
     # -- encode --------------------------------------------------------------
 
     def encode(self, data_chunks: Sequence[Buffer], *, threads: int = 1) -> list[U8]:
-        """The m parity chunks of ``k`` equal-length data chunks, as new arrays."""
+        """The m parity chunks of ``k`` equal-length data chunks, as new arrays.
+
+        New arrays cost page faults on first write (more than the coding
+        itself for large chunks); hot paths use :meth:`encode_into` with
+        buffers that are reused.
+        """
         data = self._data(data_chunks)
         lengths = {len(d) for d in data}
         if len(lengths) > 1:

@@ -23,9 +23,10 @@ from coding.errors import CodingError
 
 __all__ = ["xor_into", "xor_parity", "xor_reconstruct", "xor_update"]
 
-# Per-input block: the running parity block plus one input block stay in L2.
-# 256 KiB measured fastest on the development machine (bench/codec.py --xor-blocks).
-XOR_BLOCK = 256 * 1024
+# Per-input block: the running parity block plus one input block stay in cache
+# while the next input is folded in. Below ~512 KiB the Python loop overhead
+# per block shows; 512 KiB-4 MiB measured alike (bench/codec.py --xor-blocks).
+XOR_BLOCK = 1 << 20
 
 
 def xor_into(srcs: Sequence[U8], out: U8, *, threads: int = 1) -> None:
