@@ -278,13 +278,6 @@ def pyeclib_breakdown(k: int, m: int, size: int, reps: int) -> list[str]:
             ]
         ),
         row(["fill the same bytes when warm", ms(t_copy_out), "what the faults add"]),
-        row(
-            [
-                "model: 2 x fresh output + copy in + arithmetic",
-                ms(2 * t_fresh + t_copy_in + t_arith),
-                "fragment buffers, then Python bytes",
-            ]
-        ),
     ]
 
 
@@ -307,6 +300,25 @@ def xor_block_sweep(size: int, reps: int) -> list[str]:
     return lines
 
 
+def bench_threads(k: int, m: int, size: int, threads: int, reps: int) -> list[str]:
+    """The ``threads=`` split, unpinned: one call's byte range over several cores."""
+    chunk = size // k
+    data = [filled(chunk, seed=i) for i in range(k)]
+    parity = [warm(chunk) for _ in range(m)]
+    codec = coding.ErasureCodec(k, m)
+    survivors = {i: c for i, c in enumerate([*data, *parity]) if i >= m}
+    rebuilt = {i: warm(chunk) for i in range(m)}
+    lines = [row(["threads", "encode GB/s", "decode GB/s"]), row(["---"] * 3)]
+    for n in sorted({1, threads}):
+        t_enc = median_seconds(lambda n=n: codec.encode_into(data, parity, threads=n), reps)  # type: ignore[misc]
+        t_dec = median_seconds(
+            lambda n=n: codec.reconstruct_into(survivors, rebuilt, threads=n),  # type: ignore[misc]
+            reps,
+        )
+        lines.append(row([n, f"{rate(chunk * k, t_enc):.2f}", f"{rate(chunk * k, t_dec):.2f}"]))
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     summary = (__doc__ or "").split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m bench.codec", description=summary)
@@ -316,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pyeclib-reps", type=int, default=3, help="timed runs for pyeclib")
     parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: last)")
     parser.add_argument("--xor-blocks", action="store_true", help="also sweep the XOR block size")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="also time threads=N on all CPUs, (4,2), unpinned"
+    )
     args = parser.parse_args(argv)
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -323,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         sizes, reps, pyeclib_reps = [1 << 20, 4 << 20], 3, 2
 
+    all_cpus = os.sched_getaffinity(0)
     cpu = pin_to_one_cpu(args.cpu)
     isal = load_isal()
     print(f"# bench.codec: pinned to CPU {cpu} of {os.cpu_count()}, threads=1")
@@ -354,6 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.xor_blocks:
         print()
         for line in xor_block_sweep(min(sizes), reps):
+            print(line, flush=True)
+    if args.threads > 1:
+        os.sched_setaffinity(0, all_cpus)
+        print()
+        print(f"(4,2) on {human(max(sizes))}, unpinned ({len(all_cpus)} CPUs):")
+        print()
+        for line in bench_threads(4, 2, max(sizes), args.threads, reps):
             print(line, flush=True)
     return 0
 
