@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import coding
+from coding import _ragged as ragged
 from coding.isal import load
 from coding.isal_engine import IsalEngine, guaranteed_invertible
 from tests.test_coding_support import U8, padded, pyeclib_parity, random_chunks
@@ -153,7 +154,8 @@ def test_fewer_than_k_chunks_names_the_missing_indices(backend: str, impl: str) 
     assert info.value.missing == [0, 2, 3]
 
 
-def test_threads_give_the_same_bytes() -> None:
+def test_threads_give_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ragged, "MIN_SPLIT_BYTES", 4096)  # split even small test stripes
     codec = coding.ErasureCodec(4, 2)
     rng = np.random.default_rng(3)
     chunks = random_chunks(rng, [400_000, 400_000, 123_457, 399_999])
@@ -193,6 +195,7 @@ def test_zero_length_stripes() -> None:
     codec = coding.ErasureCodec(3, 2)
     empty = np.empty(0, dtype=np.uint8)
     assert [len(p) for p in codec.encode([empty] * 3)] == [0, 0]
+    assert [len(p) for p in codec.encode([empty] * 3, threads=2)] == [0, 0]
     parity = [np.full(10, 9, dtype=np.uint8) for _ in range(2)]
     codec.encode_into([empty] * 3, parity)
     assert all(not p.any() for p in parity)

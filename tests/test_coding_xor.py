@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import coding
+from coding import _ragged as ragged
 from coding import xor as xor_module
 from tests.test_coding_support import padded, pyeclib_parity, random_chunks
 
@@ -90,7 +91,8 @@ def test_blockwise_kernel_crosses_block_and_segment_boundaries(
     assert np.array_equal(coding.xor_parity(data), want)
 
 
-def test_threads_split_gives_the_same_bytes() -> None:
+def test_threads_split_gives_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ragged, "MIN_SPLIT_BYTES", 4096)  # split even small test stripes
     rng = np.random.default_rng(8)
     data = random_chunks(rng, [300_000, 250_001, 300_000])
     one = coding.xor_parity(data, threads=1)
