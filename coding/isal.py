@@ -18,6 +18,11 @@ ISA-L facts this binding relies on (checked by tests/test_coding_isal.py):
 - ``ec_encode_data_update(len, k, rows, vec_i, tables, src*, dst**)`` XORs
   the contribution of source ``vec_i`` into the outputs (``tables`` is built
   for all k sources).
+- ISA-L picks its kernels at run time from the CPU's features. On a CPU with
+  AVX-512 and GFNI (the development machine, an AMD EPYC) ``ec_encode_data``
+  runs ``vgf2p8affineqb`` on zmm registers and ``ec_init_tables`` writes
+  GFNI-format tables. Tables are therefore only valid inside the process that
+  built them: they are cached in memory, never stored or sent.
 - ``xor_gen(vects, len, array**)``: ``vects`` counts the destination too and
   the destination is the *last* pointer; ISA-L documents 32-byte alignment
   for the vectors and uses non-temporal stores. It is not used: numpy's XOR

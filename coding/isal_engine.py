@@ -34,11 +34,12 @@ Matrix = npt.NDArray[np.uint8]
 XOR_PREFERRED = False
 """Whether m = 1 codes whose parity row is all ones run on numpy XOR instead of ISA-L.
 
-bench/codec.py measures both on one core: on 512 MiB stripes ISA-L's
-``ec_encode_data`` ran 16-21 GB/s against numpy XOR's 13-15 GB/s for (3, 1),
-and the two were within noise for (2, 1) (docs/performance-codec.md). So m = 1
-stays on ISA-L; the XOR kernels remain as public functions and as the
-reference the tests hold both against.
+bench/codec.py measures both on one core. On 512 MiB stripes ISA-L's
+``ec_encode_data`` was ahead in five of five runs for (3, 1) (17-21 GB/s
+against 13-18) and four of five for (2, 1); on 64 MiB stripes the order
+flipped between runs (docs/performance-codec.md). So m = 1 stays on ISA-L;
+the XOR kernels remain public functions and the reference the tests hold
+both against.
 """
 
 # ec_encode_data computes up to 6 output rows per pass over the sources and
