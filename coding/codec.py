@@ -229,9 +229,9 @@ class ErasureCodec:
         count as zero-padded) or longer (only [0, L) is read). To rebuild the
         byte range [a, b) of lost chunks, pass the [a, b) slices of the
         survivors and outputs of length b - a (a and b multiples of
-        :attr:`word_size`). An index in ``out`` is never
-        read from ``chunks``; so ``out`` may also recompute (scrub) a present
-        chunk from the others.
+        :attr:`word_size`). An index in ``out`` is never read from
+        ``chunks``, so ``out`` may also recompute (scrub) a present chunk from
+        the others.
         """
         if not out:
             raise CodingError(

@@ -55,12 +55,18 @@ def make_driver(ec_type: str, k: int, m: int) -> Any:
             return ECDriver(k=k, m=m, ec_type=ec_type, chksum_type="none")
     except Exception as exc:  # pyeclib raises its own ECDriverError tree
         raise BackendUnavailableError(
-            f"pyeclib cannot start {ec_type} with k={k}, m={m}: {exc}"
+            f"pyeclib cannot start {ec_type} with k={k}, m={m}: {exc}; "
+            "coding.available_backends() lists the backends that work here"
         ) from exc
 
 
 class PyeclibEngine:
-    """Engine on top of one pyeclib ECDriver. Thread-safe (the driver is not shared unlocked)."""
+    """Engine on top of one pyeclib ECDriver.
+
+    Thread-safe: calls into the driver are serialised by a lock. ``threads``
+    is accepted and ignored; pyeclib's cost is copies and allocation, which
+    more threads would not remove.
+    """
 
     def __init__(self, ec_type: str, k: int, m: int) -> None:
         self._ec_type = ec_type
