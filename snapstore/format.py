@@ -26,12 +26,14 @@ storage offsets are renumbered (only the used bytes of a storage are kept).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from snapstore.bytecopy import copy_many
 from snapstore.errors import FormatError
 from snapstore.layout import (
     TORCH_DTYPE,
@@ -81,18 +83,21 @@ class Packed:
     layout: Layout
 
 
-def pack(state: object, out: Any = None, layout: Layout | None = None) -> Packed:
+def pack(
+    state: object, out: Any = None, layout: Layout | None = None, threads: int | None = None
+) -> Packed:
     """Pack ``state`` into ``out`` (or a new buffer) and encode its manifest.
 
     ``layout`` is the previous step's layout: reused when ``state`` still has
     its structure, else a new one is planned (``packed.layout is layout``
-    tells which). One walk of the state, one copy of its bytes.
+    tells which). One walk of the state, one copy of its bytes, on up to
+    ``threads`` threads (default ``torch.get_num_threads()``).
     """
     flat = flatten(state)
     chosen = plan_flat(flat, describe(flat), layout)
     bound = Binding(chosen, state, flat)
     data = _aligned_empty(chosen.nbytes) if out is None else _head(out, chosen.nbytes)
-    bound.copy_into(data)
+    bound.copy_into(data, threads)
     return Packed(bound.manifest(), data, chosen)
 
 
@@ -114,7 +119,9 @@ def _head(out: Any, nbytes: int) -> Any:
 _MISSING = object()
 
 
-def unpack(manifest: bytes, data: Any, into: Any = None, copy: bool = True) -> Any:
+def unpack(
+    manifest: bytes, data: Any, into: Any = None, copy: bool = True, threads: int | None = None
+) -> Any:
     """Rebuild the state a manifest and its data describe.
 
     ``data``: bytes-like, a uint8 numpy array or a contiguous uint8 CPU tensor,
@@ -131,6 +138,9 @@ def unpack(manifest: bytes, data: Any, into: Any = None, copy: bool = True) -> A
     them if ``data`` is read-only. (A tensor whose dtype ``data``'s alignment
     cannot view is still copied.)
 
+    ``threads``: host copies run on up to this many threads (default
+    ``torch.get_num_threads()``).
+
     Raises FormatError for any malformed manifest or data.
     """
     decoder = TreeDecoder()
@@ -143,12 +153,16 @@ def unpack(manifest: bytes, data: Any, into: Any = None, copy: bool = True) -> A
             f"data holds {src.numel()} bytes but the manifest describes {header.nbytes}: "
             "truncated data, or data of another snapshot"
         )
-    decoder.leaves = _restore_leaves(header, src, into, copy)
+    threads = torch.get_num_threads() if threads is None else threads
+    decoder.leaves = _restore_leaves(header, src, into, copy, threads)
     return read_tree()
 
 
-def _restore_leaves(header: Header, src: torch.Tensor, into: Any, copy: bool) -> list[object]:
+def _restore_leaves(
+    header: Header, src: torch.Tensor, into: Any, copy: bool, threads: int
+) -> list[object]:
     out: list[object] = [None] * len(header.leaves)
+    copies: list[tuple[int, int, int]] = []  # host memmoves, run together at the end
     for i, leaf in enumerate(header.leaves):
         if leaf.region < 0:
             target = _find(into, leaf.path) if into is not None else _MISSING
@@ -162,19 +176,25 @@ def _restore_leaves(header: Header, src: torch.Tensor, into: Any, copy: bool) ->
                 view = _view(leaf, src, region.offset)
                 if view is None:  # data too misaligned to view this dtype
                     view = _view(leaf, _copy_region(src, region), 0)
-                _copy_to(target, view)
+                _copy_to(target, view, copies)
                 out[i] = target
             else:
                 pending.append(i)
         if not pending:
             continue
-        buf, at = (_copy_region(src, region), 0) if copy else (src, region.offset)
+        if copy:
+            buf, at = torch.empty(region.nbytes, dtype=torch.uint8), 0
+            if region.nbytes:
+                copies.append((buf.data_ptr(), src.data_ptr() + region.offset, region.nbytes))
+        else:
+            buf, at = src, region.offset
         for i in pending:
             leaf = header.leaves[i]
             view = _view(leaf, buf, at)
             if view is None:
                 view = _view(leaf, _copy_region(src, region), 0)
             out[i] = _finish(view, leaf)
+    copy_many(copies, threads)
     return out
 
 
@@ -197,25 +217,58 @@ def _fits(target: Any, leaf: Leaf) -> bool:
             target.dtype is TORCH_DTYPE.get(leaf.dtype)
             and tuple(target.shape) == leaf.shape
             and target.layout is torch.strided
-            and target.device.type != "meta"
+            and not target.is_meta
+            and _distinct(target.shape, target.stride())
         )
     if t is np.ndarray:
         return bool(
-            target.dtype.str == leaf.dtype and target.shape == leaf.shape and target.flags.writeable
+            target.dtype.str == leaf.dtype
+            and target.shape == leaf.shape
+            and target.flags.writeable
+            and _distinct(target.shape, target.strides)
         )
     return False
 
 
-def _copy_to(target: Any, view: Any) -> None:
+def _distinct(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """No two items share memory through a zero stride (an expanded tensor is no target)."""
+    return all(s != 0 or n <= 1 for n, s in zip(shape, strides, strict=True))
+
+
+def _copy_to(target: Any, view: Any, copies: list[tuple[int, int, int]]) -> None:
+    """Copy ``view``'s values into ``target`` (same dtype and shape), or queue the copy.
+
+    Contiguous host pairs are queued in ``copies`` for
+    :func:`snapstore.bytecopy.copy_many` (why not torch ``copy_``: see
+    there); other host pairs copy now as a strided numpy copy of the raw
+    items; device targets take a host-to-device ``copy_``.
+    """
     if isinstance(target, np.ndarray):
-        np.copyto(target, view)
-        return
-    with torch.no_grad():
-        target.copy_(view)
+        if target.flags.c_contiguous and view.flags.c_contiguous:
+            copies.append((target.ctypes.data, view.ctypes.data, target.nbytes))
+        else:
+            np.copyto(target, view)
+    elif not target.is_cpu:
+        with torch.no_grad():
+            target.copy_(view)
+    elif target.is_contiguous() and view.is_contiguous():
+        copies.append((target.data_ptr(), view.data_ptr(), view.nbytes))
+    else:
+        np.copyto(_raw_items(target), _raw_items(view))
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def _raw_items(t: torch.Tensor) -> np.ndarray[Any, Any]:
+    """A numpy view of ``t``'s items as same-size plain numbers (bf16, float8: no numpy dtype)."""
+    return t.detach().view(_BITS[t.element_size()]).numpy()
 
 
 def _copy_region(src: torch.Tensor, region: Region) -> torch.Tensor:
-    return src[region.offset : region.offset + region.nbytes].clone()
+    out = torch.empty(region.nbytes, dtype=torch.uint8)
+    copy_many([(out.data_ptr(), src.data_ptr() + region.offset, region.nbytes)])
+    return out
 
 
 def _torch_dtype(leaf: Leaf) -> torch.dtype:

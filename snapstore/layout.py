@@ -24,6 +24,7 @@ same (each walks the state once).
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ import msgpack
 import numpy as np
 import torch
 
+from snapstore.bytecopy import copy_many
 from snapstore.errors import FormatError
 from snapstore.manifest import (
     ALIGNMENT,
@@ -51,7 +53,9 @@ TORCH_DTYPE: dict[str, torch.dtype] = {
 }
 _DTYPE_NAME: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPE.items()}
 _COMPLEX = frozenset(dt for dt in TORCH_DTYPE.values() if dt.is_complex)
-_TORCH_GROUP_ALIGN = 16  # largest torch itemsize: keeps every element offset exact
+_TORCH_GROUP_ALIGN = 16
+_ZERO_BYTES = (ctypes.c_char * ALIGNMENT)()  # padding is copied from here (every gap < 64)
+_ZEROS = ctypes.addressof(_ZERO_BYTES)  # largest torch itemsize: keeps every element offset exact
 
 
 def _align(n: int) -> int:
@@ -71,10 +75,8 @@ class Layout:
     """What a state must match to use this layout (see :func:`plan`)."""
     _header: bytes = field(repr=False, compare=False)
     _refs: tuple[msgpack.ExtType, ...] = field(repr=False, compare=False)
-    _pieces: list[int] = field(repr=False, compare=False)
-    """Sizes splitting the buffer into gap, region, gap, region, ..., gap."""
-    _padding: torch.Tensor = field(repr=False, compare=False)
-    """Indices of the padding bytes (zeroed on every copy so the data is deterministic)."""
+    _gaps: tuple[tuple[int, int], ...] = field(repr=False, compare=False)
+    """``(start, size)`` of the padding, zeroed on every copy so the data is deterministic."""
 
     def bind(self, state: object) -> Binding:
         """Resolve ``state``'s live tensors (FormatError if it no longer fits this layout)."""
@@ -88,9 +90,9 @@ class Layout:
         """Per region, a flat uint8 view of its source bytes (on the source's device)."""
         return self.bind(state).sources
 
-    def copy_into(self, state: object, out: Any) -> None:
+    def copy_into(self, state: object, out: Any, threads: int | None = None) -> None:
         """Copy every region of ``state`` into ``out`` (writable, at least :attr:`nbytes` long)."""
-        self.bind(state).copy_into(out)
+        self.bind(state).copy_into(out, threads)
 
     def manifest(self, state: object) -> bytes:
         """The manifest for ``state``'s current values, referencing this layout's regions."""
@@ -127,22 +129,36 @@ class Binding:
             ]
         return self._sources
 
-    def copy_into(self, out: Any) -> None:
-        """Copy all regions into ``out`` and zero the padding between them.
+    def copy_into(self, out: Any, threads: int | None = None) -> None:
+        """Copy all regions into ``out`` (host memory) and zero the padding between them.
 
-        torch ``copy_`` on uint8 views: memcpy speed, releases the GIL, splits
-        large copies over threads. CUDA sources copy synchronously.
+        Host sources are copied by :func:`snapstore.bytecopy.copy_many` on up
+        to ``threads`` threads (default: ``torch.get_num_threads()``); device
+        sources with torch ``copy_``, a synchronous device-to-host copy.
         """
         layout = self.layout
         dst = as_byte_tensor(out, writable=True)
+        if dst.device.type != "cpu":
+            raise TypeError(f"out must be host memory, got a {dst.device} tensor")
         if dst.numel() < layout.nbytes:
             raise ValueError(f"out holds {dst.numel()} bytes, the layout needs {layout.nbytes}")
-        # One split call makes every destination view: cheaper than a slice per region.
-        parts = dst[: layout.nbytes].split(layout._pieces)
-        for i, src in enumerate(self.sources):
-            parts[2 * i + 1].copy_(src)
-        if layout._padding.numel():
-            dst.index_fill_(0, layout._padding, 0)
+        base = dst.data_ptr()
+        leaves, specs = self._flat.leaves, layout.leaves
+        copies = [(base + start, _ZEROS, size) for start, size in layout._gaps]
+        for r in layout.regions:
+            i = r.leaves[0]
+            obj = leaves[i]
+            if type(obj) is np.ndarray:
+                src = obj.__array_interface__["data"][0]
+            elif obj.is_cpu:
+                src = obj.data_ptr()
+            else:
+                dst[r.offset : r.offset + r.nbytes].copy_(_source(obj, specs[i], r))
+                continue
+            # The region lies inside the source's memory: the key matched, so
+            # every view of it is where plan() saw it, and the region is their hull.
+            copies.append((base + r.offset, src - specs[i].offset, r.nbytes))
+        copy_many(copies, torch.get_num_threads() if threads is None else threads)
 
     def manifest(self) -> bytes:
         """Manifest bytes for the state's current non-tensor values."""
@@ -256,7 +272,7 @@ def _build(flat: Flat, key: tuple[Any, ...]) -> Layout:
     offsets = [0] * n_leaves
     region_of = [-1] * n_leaves
     regions: list[Region] = []
-    pieces: list[int] = []
+    gaps: list[tuple[int, int]] = []
     cursor = 0
     for idx in members.values():  # dicts keep insertion order: first use of each storage
         spans = []
@@ -274,19 +290,16 @@ def _build(flat: Flat, key: tuple[Any, ...]) -> Layout:
             start -= start % _TORCH_GROUP_ALIGN
         stop = max(hi for _, hi in spans)
         at = _align(cursor)
-        pieces += [at - cursor, stop - start]
+        if at > cursor:
+            gaps.append((cursor, at - cursor))
         for i in idx:
             offsets[i] = key[i][5] * (TORCH_DTYPES[key[i][2]] if key[i][1] == 0 else 1) - start
             region_of[i] = len(regions)
         regions.append(Region(at, stop - start, tuple(idx), str(key[idx[0]][7])))
         cursor = at + stop - start
     nbytes = _align(cursor)
-    pieces.append(nbytes - cursor)
-    padding, at = [torch.empty(0, dtype=torch.int64)], 0
-    for i, size in enumerate(pieces):
-        if i % 2 == 0 and size:  # even pieces are gaps
-            padding.append(torch.arange(at, at + size))
-        at += size
+    if nbytes > cursor:
+        gaps.append((cursor, nbytes - cursor))
     leaves = tuple(
         Leaf(
             path=flat.paths[i],
@@ -310,8 +323,7 @@ def _build(flat: Flat, key: tuple[Any, ...]) -> Layout:
         key=key,
         _header=encode_header(nbytes, regions, leaves),
         _refs=refs,
-        _pieces=pieces,
-        _padding=torch.cat(padding),
+        _gaps=tuple(gaps),
     )
 
 
