@@ -173,11 +173,17 @@ def _restore_leaves(
             leaf = header.leaves[i]
             target = _find(into, leaf.path) if into is not None else _MISSING
             if _fits(target, leaf):
+                out[i] = target
+                plain = _contiguous(leaf.shape, leaf.byte_strides, leaf.itemsize)
+                if plain and _dense_host(target):
+                    # The common restore: straight bytes from data into the live tensor.
+                    at = src.data_ptr() + region.offset + leaf.offset
+                    copies.append((_address(target), at, _nbytes(target)))
+                    continue
                 view = _view(leaf, src, region.offset)
                 if view is None:  # data too misaligned to view this dtype
                     view = _view(leaf, _copy_region(src, region), 0)
                 _copy_to(target, view, copies)
-                out[i] = target
             else:
                 pending.append(i)
         if not pending:
@@ -255,6 +261,29 @@ def _copy_to(target: Any, view: Any, copies: list[tuple[int, int, int]]) -> None
         copies.append((target.data_ptr(), view.data_ptr(), view.nbytes))
     else:
         np.copyto(_raw_items(target), _raw_items(view))
+
+
+def _dense_host(target: Any) -> bool:
+    if isinstance(target, np.ndarray):
+        return bool(target.flags.c_contiguous)
+    return bool(target.is_cpu and target.is_contiguous())
+
+
+def _address(target: Any) -> int:
+    return int(target.ctypes.data) if isinstance(target, np.ndarray) else target.data_ptr()
+
+
+def _nbytes(target: Any) -> int:
+    return int(target.nbytes)
+
+
+def _contiguous(shape: Sequence[int], byte_strides: Sequence[int], itemsize: int) -> bool:
+    expect = itemsize
+    for n, stride in zip(reversed(shape), reversed(byte_strides), strict=True):
+        if n != 1 and stride != expect:
+            return False
+        expect *= n
+    return True
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}

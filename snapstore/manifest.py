@@ -132,12 +132,19 @@ Quantized and sub-byte dtypes are absent on purpose: their bytes are not a
 plain array of items. A name this torch build lacks is refused on restore.
 """
 
+_NP_DTYPES: dict[str, np.dtype[Any]] = {
+    dt.str: dt for dt in (np.dtype(code) for code in np.typecodes["All"]) if dt.kind in "biufc"
+}
+"""Native-order numeric dtypes by their string: the common case skips parsing."""
+_DEVICES = frozenset({"cpu", "cuda", "cuda:0"})  # common names skip the regex
 _NP_DTYPE_RE = re.compile(r"[<>|][biufc][0-9]{1,2}")
 _DEVICE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}(:[0-9]{1,6})?")
 
 
 def numpy_dtype(text: object) -> np.dtype[Any]:
     """The numeric numpy dtype named by ``text`` (``"<f4"``), or FormatError."""
+    if type(text) is str and text in _NP_DTYPES:
+        return _NP_DTYPES[text]
     if not isinstance(text, str) or _NP_DTYPE_RE.fullmatch(text) is None:
         raise FormatError(f"bad numpy dtype {text!r}: expected a numeric dtype string like '<f4'")
     try:
@@ -378,16 +385,23 @@ def _npscalar(inner: list[Any]) -> object:
     return np.frombuffer(inner[1], dtype=dt)[0]
 
 
-def _int(value: object, what: str, lo: int = 0, hi: int = _MAX_EXTENT) -> int:
+def _int(value: object, what: str, lo: int = 0, hi: int = _MAX_EXTENT, index: int = -1) -> int:
+    # ``what`` and ``index`` are joined only on failure: this runs for every field of every leaf.
     if type(value) is not int or not lo <= value < hi:
-        raise FormatError(f"{what} must be an int in [{lo}, {hi}), got {value!r:.80}")
+        where = what if index < 0 else what.format(index)
+        raise FormatError(f"{where} must be an int in [{lo}, {hi}), got {value!r:.80}")
     return value
 
 
-def _int_list(value: object, what: str, lo: int) -> tuple[int, ...]:
+def _int_list(value: object, what: str, index: int, lo: int) -> tuple[int, ...]:
     if type(value) is not list or len(value) > MAX_NDIM:
-        raise FormatError(f"{what} must be a list of at most {MAX_NDIM} ints")
-    return tuple(_int(v, what, lo, _MAX_EXTENT) for v in value)
+        raise FormatError(f"{what.format(index)} must be a list of at most {MAX_NDIM} ints")
+    for v in value:
+        if type(v) is not int or not lo <= v < _MAX_EXTENT:
+            raise FormatError(
+                f"{what.format(index)} must hold ints in [{lo}, {_MAX_EXTENT}), got {v!r:.80}"
+            )
+    return tuple(value)
 
 
 def _read_regions(rows: object, nbytes: int) -> list[tuple[int, int]]:
@@ -398,8 +412,8 @@ def _read_regions(rows: object, nbytes: int) -> list[tuple[int, int]]:
     for i, row in enumerate(rows):
         if type(row) is not list or len(row) != 2:
             raise FormatError(f"region {i} must be [offset, nbytes]")
-        offset = _int(row[0], f"region {i} offset")
-        size = _int(row[1], f"region {i} nbytes")
+        offset = _int(row[0], "region {} offset", index=i)
+        size = _int(row[1], "region {} nbytes", index=i)
         # Increasing and disjoint: restoring copies each region once, so a
         # forged table cannot multiply the memory a restore allocates.
         if offset % ALIGNMENT or offset < end or offset + size > nbytes:
@@ -416,15 +430,15 @@ def _read_leaf(i: int, row: object, regions: Sequence[tuple[int, int]]) -> Leaf:
     if type(row) is not list or len(row) != 9:
         raise FormatError(f"leaf {i} must be a 9-item array")
     kind_code, dtype, shape_v, strides_v, region_v, offset_v, flags_v, device, path_v = row
-    kind = _KINDS[_int(kind_code, f"leaf {i} kind", 0, len(_KINDS))]
+    kind = _KINDS[_int(kind_code, "leaf {} kind", 0, len(_KINDS), i)]
     if kind == "tensor":
         if dtype not in TORCH_DTYPES:
             raise FormatError(f"leaf {i}: unknown torch dtype {dtype!r:.40}")
         itemsize = TORCH_DTYPES[dtype]
     else:
         itemsize = numpy_dtype(dtype).itemsize
-    shape = _int_list(shape_v, f"leaf {i} shape", 0)
-    strides = _int_list(strides_v, f"leaf {i} strides", 0 if kind == "tensor" else -_MAX_EXTENT)
+    shape = _int_list(shape_v, "leaf {} shape", i, 0)
+    strides = _int_list(strides_v, "leaf {} strides", i, 0 if kind == "tensor" else -_MAX_EXTENT)
     if len(shape) != len(strides):
         raise FormatError(f"leaf {i}: {len(shape)} dims but {len(strides)} strides")
     count = itemsize
@@ -432,8 +446,8 @@ def _read_leaf(i: int, row: object, regions: Sequence[tuple[int, int]]) -> Leaf:
         count *= n if n else 1
         if count >= _MAX_EXTENT:
             raise FormatError(f"leaf {i}: shape {shape} is too large")
-    region = _int(region_v, f"leaf {i} region", -1, len(regions))
-    offset = _int(offset_v, f"leaf {i} offset")
+    region = _int(region_v, "leaf {} region", -1, len(regions), i)
+    offset = _int(offset_v, "leaf {} offset", index=i)
     byte_strides = strides if kind == "ndarray" else tuple(s * itemsize for s in strides)
     lo, hi = extent(shape, byte_strides, itemsize)
     if (region == -1) != (hi == 0):
@@ -447,8 +461,8 @@ def _read_leaf(i: int, row: object, regions: Sequence[tuple[int, int]]) -> Leaf:
             )
         if kind == "tensor" and offset % itemsize:
             raise FormatError(f"leaf {i}: offset {offset} is not a multiple of {itemsize}")
-    flags = _int(flags_v, f"leaf {i} flags", 0, 4)
-    if type(device) is not str or _DEVICE_RE.fullmatch(device) is None:
+    flags = _int(flags_v, "leaf {} flags", 0, 4, i)
+    if device not in _DEVICES and (type(device) is not str or not _DEVICE_RE.fullmatch(device)):
         raise FormatError(f"leaf {i}: bad device {device!r:.40}")
     if type(path_v) is not list or len(path_v) > MAX_DEPTH:
         raise FormatError(f"leaf {i}: path must be a list of at most {MAX_DEPTH} keys")
