@@ -32,19 +32,20 @@ CHUNK = 4 << 20
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] = (0, 0)
+_pool_pid = 0
 
 
-def _helpers(threads: int) -> ThreadPoolExecutor:
-    """The shared helper pool (rebuilt in a forked child, whose threads did not survive)."""
-    global _pool, _pool_key
-    key = (os.getpid(), threads)
+def _helpers() -> ThreadPoolExecutor:
+    """The shared helper pool; a forked child, whose threads did not survive, gets its own.
+
+    Threads start lazily, one per concurrently running helper, so the pool's
+    ceiling costs nothing; callers bound their own parallelism.
+    """
+    global _pool, _pool_pid
     with _lock:
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(threads, thread_name_prefix="snapstore-copy")
-            _pool_key = key
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max(os.cpu_count() or 1, 4), "snapstore-copy")
+            _pool_pid = os.getpid()
         return _pool
 
 
@@ -84,10 +85,11 @@ def copy_many(copies: Sequence[tuple[int, int, int]], threads: int = 1) -> None:
             dst, src, n = pieces[i]
             memmove(dst, src, n)
 
-    pool = _helpers(threads - 1)
+    pool = _helpers()
     helpers = [pool.submit(drain) for _ in range(min(threads - 1, total - 1))]
     for dst, src, n in small:  # the calling thread takes the small copies first
         memmove(dst, src, n)
     drain()
     for helper in helpers:
-        helper.result()
+        if not helper.cancel():  # a helper still queued has nothing left to do
+            helper.result()

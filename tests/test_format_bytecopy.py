@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +58,25 @@ def test_unpack_into_strided_and_odd_targets() -> None:
             assert torch.equal(got.to(torch.complex128), want.to(torch.complex128)), key
     fresh = unpack(packed.manifest, packed.data, threads=1)
     assert_same(state, fresh)
+
+
+def _copy_in_child(conn: Any) -> None:
+    src = np.arange(3 * CHUNK, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    copy_many([(dst.ctypes.data, src.ctypes.data, src.nbytes)], threads=2)
+    conn.send(bool(np.array_equal(dst, src)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_copy_many_works_in_a_forked_child_after_the_parent_used_threads() -> None:
+    buf, sink = np.ones(3 * CHUNK, dtype=np.uint8), np.zeros(3 * CHUNK, dtype=np.uint8)
+    copy_many([(sink.ctypes.data, buf.ctypes.data, buf.nbytes)], threads=2)
+    assert sink.all()
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_copy_in_child, args=(child,))
+    proc.start()
+    assert parent.poll(30), "the forked child did not finish its copy"
+    assert parent.recv() is True
+    proc.join(10)
+    assert proc.exitcode == 0
