@@ -53,9 +53,9 @@ TORCH_DTYPE: dict[str, torch.dtype] = {
 }
 _DTYPE_NAME: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPE.items()}
 _COMPLEX = frozenset(dt for dt in TORCH_DTYPE.values() if dt.is_complex)
-_TORCH_GROUP_ALIGN = 16
+_TORCH_GROUP_ALIGN = 16  # largest torch itemsize: keeps every element offset exact
 _ZERO_BYTES = (ctypes.c_char * ALIGNMENT)()  # padding is copied from here (every gap < 64)
-_ZEROS = ctypes.addressof(_ZERO_BYTES)  # largest torch itemsize: keeps every element offset exact
+_ZEROS = ctypes.addressof(_ZERO_BYTES)
 
 
 def _align(n: int) -> int:
@@ -122,12 +122,22 @@ class Binding:
     def sources(self) -> list[torch.Tensor]:
         """Per region, a flat uint8 tensor viewing the bytes to copy (not a copy)."""
         if self._sources is None:
-            leaves = self._flat.leaves
-            specs = self.layout.leaves
-            self._sources = [
-                _source(leaves[r.leaves[0]], specs[r.leaves[0]], r) for r in self.layout.regions
-            ]
+            self._sources = [self._source(r) for r in self.layout.regions]
         return self._sources
+
+    def _source(self, region: Region) -> torch.Tensor:
+        leaves, specs = self._flat.leaves, self.layout.leaves
+        for i in region.leaves:
+            obj = leaves[i]
+            if len(region.leaves) == 1 or type(obj) is np.ndarray:
+                return _source(obj, specs[i], region)
+            # Distinct storage objects may share memory (torch.from_numpy twice on
+            # one array); view through one whose storage holds the whole region.
+            start = obj.storage_offset() * obj.element_size() - specs[i].offset
+            if start + region.nbytes <= obj.untyped_storage().nbytes():
+                return _source(obj, specs[i], region)
+        first = region.leaves[0]
+        return _source(leaves[first], specs[first], region)
 
     def copy_into(self, out: Any, threads: int | None = None) -> None:
         """Copy all regions into ``out`` (host memory) and zero the padding between them.
@@ -153,7 +163,7 @@ class Binding:
             elif obj.is_cpu:
                 src = obj.data_ptr()
             else:
-                dst[r.offset : r.offset + r.nbytes].copy_(_source(obj, specs[i], r))
+                dst[r.offset : r.offset + r.nbytes].copy_(self._source(r))
                 continue
             # The region lies inside the source's memory: the key matched, so
             # every view of it is where plan() saw it, and the region is their hull.

@@ -301,3 +301,19 @@ def test_random_states_roundtrip(state: Any) -> None:
     assert isinstance(packed.layout, Layout)
     assert_same(state, unpack(packed.manifest, packed.data))
     assert plan(state, previous=packed.layout) is packed.layout
+
+
+def test_two_storages_over_one_memory_are_one_region() -> None:
+    base = np.arange(100, dtype=np.float32)
+    state = {"head": torch.from_numpy(base[:10]), "all": torch.from_numpy(base)}
+    layout = plan(state)
+    assert len(layout.regions) == 1 and layout.regions[0].nbytes == 400
+    (src,) = layout.sources(state)  # through the storage that holds all 400 bytes
+    assert src.numel() == 400
+    back = roundtrip_state(state)
+    assert_same(state, back)
+
+
+def roundtrip_state(state: Any) -> Any:
+    packed = pack(state)
+    return unpack(packed.manifest, packed.data)
