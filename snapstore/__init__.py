@@ -7,7 +7,13 @@ the byte-level parts and must not pay for importing torch (3+ s cold).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# Ray rewrites 127.0.0.1 to the machine's outward address unless this is 0;
+# snapstore's embedded cluster, tests and demos live on loopback only. Set
+# before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from snapstore.errors import (
     ClusterError,

@@ -1,0 +1,178 @@
+"""Settings of a store, with one precedence rule: argument over environment over default.
+
+Every field has a documented default that works on a 2-core, 24 GiB machine
+running the embedded cluster. An environment variable ``SNAPSTORE_<FIELD>``
+(upper case) overrides a default; an explicit argument overrides both. The
+resolved settings are recorded in the store's state file, so clients and the
+CLI see what ``up`` chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapstore.errors import ConfigError
+
+__all__ = ["JOB_NAME_RE", "StoreConfig", "check_job_name", "format_size", "parse_size"]
+
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Parse ``"2GiB"``, ``"512M"``, ``"1.5g"`` or an int into bytes (K/M/G/T are binary)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"{what}: expected a non-negative size, got {text}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"{what}: cannot read {text!r} as a size; use a number with an optional "
+            "unit, e.g. 512MiB, 2G, 1.5GiB"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    """``1536 -> '1.5 KiB'``: for messages and tables."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_job_name(job: str) -> str:
+    """Job names become parts of shared-memory file names: keep them tame."""
+    if not isinstance(job, str) or not JOB_NAME_RE.match(job):
+        raise ConfigError(
+            f"job name {job!r}: use 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return job
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How a store is laid out and how fast it reacts. Defaults in brackets.
+
+    k, m: data and parity chunks per stripe [3, 1]; any m nodes of a stripe
+        group may be lost at once. Needs at least k + m store nodes.
+    nodes: worker raylets the embedded cluster starts [4]; ignored when attaching.
+    memory_per_node: shared-memory budget of each SMP in bytes; 0 means "auto":
+        half of this machine's RAM divided by the store nodes on it [0].
+    backend: erasure-coding backend ["isa_l_rs_vand"].
+    heartbeat_interval: seconds between SMP heartbeats [0.2].
+    failure_timeout: seconds without a heartbeat before a node counts as lost
+        for reads [1.0]; must stay within 2 s for the detection guarantee.
+    reprotect_delay: further seconds to wait for a silent SMP to come back
+        (Ray restarts a crashed SMP in about a second) before its node's data
+        is rebuilt elsewhere and its group re-formed [2.0].
+    transport: how SMPs read each other's chunks: "auto" (shared memory when
+        both are on one host, TCP otherwise), "tcp" (always TCP) ["auto"].
+    namespace: the Ray namespace of snapstore's actors ["snapstore"].
+    object_store_memory: Ray object store per embedded raylet [100 MiB];
+        snapstore moves its own bytes through shared memory and TCP.
+    """
+
+    k: int = 3
+    m: int = 1
+    nodes: int = 4
+    memory_per_node: int = 0
+    backend: str = "isa_l_rs_vand"
+    heartbeat_interval: float = 0.2
+    failure_timeout: float = 1.0
+    reprotect_delay: float = 2.0
+    transport: str = "auto"
+    namespace: str = "snapstore"
+    object_store_memory: int = 100 << 20
+    cpus_per_node: int = 2
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or not isinstance(self.m, int) or self.k < 1 or self.m < 1:
+            raise ConfigError(f"k and m must be integers >= 1, got k={self.k!r}, m={self.m!r}")
+        if self.k + self.m > 32:
+            raise ConfigError(f"k + m = {self.k + self.m} exceeds 32 chunks per stripe")
+        if self.nodes < 1:
+            raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
+        if self.memory_per_node < 0:
+            raise ConfigError(f"memory_per_node must be >= 0, got {self.memory_per_node}")
+        if self.transport not in ("auto", "tcp"):
+            raise ConfigError(f"transport must be 'auto' or 'tcp', got {self.transport!r}")
+        if not 0 < self.heartbeat_interval < self.failure_timeout:
+            raise ConfigError(
+                f"need 0 < heartbeat_interval ({self.heartbeat_interval}) < "
+                f"failure_timeout ({self.failure_timeout})"
+            )
+        if self.reprotect_delay < 0:
+            raise ConfigError(f"reprotect_delay must be >= 0, got {self.reprotect_delay}")
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None, **args: Any) -> StoreConfig:
+        """Build a config: ``args`` (None = not given) over ``SNAPSTORE_*`` over defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            given = args.pop(f.name, None)
+            if given is None:
+                raw = env.get(f"SNAPSTORE_{f.name.upper()}")
+                if raw is None:
+                    continue
+                given = raw
+            values[f.name] = _coerce(f.name, f.type, given)
+        if args:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(args))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extra"] = dict(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StoreConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    typ = str(typ)
+    try:
+        if name in ("memory_per_node", "object_store_memory"):
+            if isinstance(value, str) and value.strip().lower() == "auto":
+                return 0
+            return parse_size(value, name)
+        if typ == "int":
+            return int(value)
+        if typ == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{name}: cannot use {value!r}: {e}") from None

@@ -1,0 +1,207 @@
+"""The record of one step of one job: where every byte is and what it must hash to.
+
+A :class:`StepRecord` is what the coordinator commits and what every SMP of
+the job keeps a copy of (so a restarted coordinator can rebuild its state
+from the SMPs). It names, for each rank, the node holding its staged buffer
+(its *home*), the buffer's size and the checksum of each of its k pieces; the
+stripe groups of the step; and, for each parity chunk, its holder, where it
+sits in the holder's parity file, and its checksum.
+
+Records travel as msgpack (never pickle) with an explicit format version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from snapstore.errors import FormatError
+
+__all__ = [
+    "RECORD_VERSION",
+    "ParityEntry",
+    "RankEntry",
+    "StepRecord",
+    "piece_bounds",
+    "piece_len",
+]
+
+RECORD_VERSION = 1
+ALIGN = 64
+
+
+def piece_len(size: int, k: int) -> int:
+    """Length of each of the k pieces a rank buffer of ``size`` bytes is cut into.
+
+    Pieces are 64-byte aligned; the last ones may be short or empty.
+    """
+    if size <= 0:
+        return 0
+    per = -(-size // k)
+    return -(-per // ALIGN) * ALIGN
+
+
+def piece_bounds(size: int, k: int, j: int) -> tuple[int, int]:
+    """(offset, length) of piece ``j`` of a rank buffer of ``size`` bytes."""
+    pl = piece_len(size, k)
+    start = min(j * pl, size)
+    return start, min(pl, size - start)
+
+
+@dataclass(frozen=True)
+class RankEntry:
+    """One rank's staged buffer: on ``node``, ``size`` bytes, k piece checksums."""
+
+    node: str
+    size: int
+    sums: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ParityEntry:
+    """One parity chunk: stripe ``stripe`` of group ``group``, RS index ``index`` (k..k+m-1).
+
+    It lives on ``node`` at ``offset`` in that node's parity file of the step,
+    ``length`` bytes long, hashing to ``sum``.
+    """
+
+    group: int
+    stripe: int
+    index: int
+    node: str
+    offset: int
+    length: int
+    sum: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Everything needed to read, verify and rebuild one step of one job.
+
+    ``version`` increases when the step is re-protected (data rebuilt onto
+    another node, parity recomputed for new groups) without a new save.
+    """
+
+    job: str
+    step: int
+    version: int
+    k: int
+    m: int
+    world_size: int
+    ranks: Mapping[int, RankEntry]
+    groups: tuple[tuple[str, ...], ...]
+    parity: tuple[ParityEntry, ...]
+    committed_at: float = 0.0
+
+    # -- queries -------------------------------------------------------------
+
+    def nodes(self) -> set[str]:
+        """Every node holding data or parity of this step."""
+        out = {e.node for e in self.ranks.values()}
+        out.update(p.node for p in self.parity)
+        return out
+
+    def ranks_on(self, node: str) -> list[int]:
+        return sorted(r for r, e in self.ranks.items() if e.node == node)
+
+    def parity_on(self, node: str) -> list[ParityEntry]:
+        return [p for p in self.parity if p.node == node]
+
+    def parity_file_size(self, node: str) -> int:
+        return max((p.offset + p.length for p in self.parity_on(node)), default=0)
+
+    def data_bytes(self) -> int:
+        return sum(e.size for e in self.ranks.values())
+
+    def parity_bytes(self) -> int:
+        return sum(p.length for p in self.parity)
+
+    def group_of(self, node: str) -> int | None:
+        for i, g in enumerate(self.groups):
+            if node in g:
+                return i
+        return None
+
+    def replace(self, **changes: Any) -> StepRecord:
+        return dataclasses.replace(self, **changes)
+
+    # -- wire format ---------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "v": RECORD_VERSION,
+            "job": self.job,
+            "step": self.step,
+            "version": self.version,
+            "k": self.k,
+            "m": self.m,
+            "world_size": self.world_size,
+            "ranks": [[r, e.node, e.size, list(e.sums)] for r, e in sorted(self.ranks.items())],
+            "groups": [list(g) for g in self.groups],
+            "parity": [
+                [p.group, p.stripe, p.index, p.node, p.offset, p.length, p.sum] for p in self.parity
+            ],
+            "committed_at": self.committed_at,
+        }
+        return msgpack.packb(doc, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StepRecord:
+        try:
+            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as e:
+            raise FormatError(f"step record is not valid msgpack: {e}") from None
+        if not isinstance(doc, dict) or doc.get("v") != RECORD_VERSION:
+            found = doc.get("v") if isinstance(doc, dict) else type(doc).__name__
+            raise FormatError(f"step record version {found!r}, expected {RECORD_VERSION}")
+        try:
+            ranks = {
+                int(r): RankEntry(str(n), int(s), tuple(int(x) for x in sums))
+                for r, n, s, sums in doc["ranks"]
+            }
+            parity = tuple(
+                ParityEntry(int(g), int(s), int(i), str(n), int(o), int(ln), int(c))
+                for g, s, i, n, o, ln, c in doc["parity"]
+            )
+            rec = cls(
+                job=str(doc["job"]),
+                step=int(doc["step"]),
+                version=int(doc["version"]),
+                k=int(doc["k"]),
+                m=int(doc["m"]),
+                world_size=int(doc["world_size"]),
+                ranks=ranks,
+                groups=tuple(tuple(str(n) for n in g) for g in doc["groups"]),
+                parity=parity,
+                committed_at=float(doc.get("committed_at", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"step record is malformed: {e!r}") from None
+        rec.validate()
+        return rec
+
+    def validate(self) -> None:
+        """Check internal consistency; raise FormatError naming the first problem."""
+        if self.k < 1 or self.m < 1:
+            raise FormatError(f"record k={self.k}, m={self.m}: both must be >= 1")
+        for r, e in self.ranks.items():
+            if not 0 <= r < self.world_size:
+                raise FormatError(f"record rank {r} outside world size {self.world_size}")
+            if e.size < 0 or len(e.sums) != self.k:
+                raise FormatError(f"record rank {r}: size {e.size}, {len(e.sums)} sums, k={self.k}")
+        seen: set[str] = set()
+        for g in self.groups:
+            if len(g) < self.k + self.m:
+                raise FormatError(f"record group {list(g)} has fewer than k+m nodes")
+            if seen & set(g):
+                raise FormatError("record groups overlap")
+            seen.update(g)
+        for p in self.parity:
+            if not (0 <= p.group < len(self.groups)) or not self.k <= p.index < self.k + self.m:
+                raise FormatError(f"record parity entry out of range: {p}")
+            if p.offset < 0 or p.length < 0:
+                raise FormatError(f"record parity entry with negative extent: {p}")

@@ -1,0 +1,221 @@
+"""Byte-work orders for SMPs, derived from step records: what to read, what to write.
+
+The coordinator decides *what* an SMP computes (parity for a new step, a lost
+rank's pieces, a lost parity chunk); :mod:`snapstore.stripes` does the byte
+work. Orders are plain dicts (msgpack-able) so they cross process boundaries
+without pickling anything of ours.
+
+A *source* is one member of a stripe, read over the same range of the stripe
+as the output: ``{"index": RS index, "peer": PeerInfo dict or None,
+"extents": [[segment name, offset, length, range_offset], ...],
+"checks": [[segment name, offset, length, checksum], ...]}``. Extents say
+where the member's bytes of the range are; bytes of the range no extent
+covers are zeros (the member's chunk is shorter). ``checks`` are whole
+pieces or parity chunks that must hash right before the source is trusted.
+A member with no bytes in the range needs no peer at all: its zeros are known
+from the record, even when its node is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from snapstore.placement import chunk_extents, data_stripe, stripe_members
+from snapstore.record import ParityEntry, StepRecord, piece_bounds
+from snapstore.segments import data_name, parity_name
+from snapstore.transport import PeerInfo
+
+__all__ = [
+    "parity_build_orders",
+    "parity_rebuild_orders",
+    "rank_rebuild_orders",
+    "stripe_sources",
+]
+
+Order = dict[str, Any]
+
+
+def _parity_index(record: StepRecord) -> dict[tuple[int, int, int], ParityEntry]:
+    return {(p.group, p.stripe, p.index): p for p in record.parity}
+
+
+def stripe_sources(
+    record: StepRecord,
+    group: int,
+    stripe: int,
+    lo: int,
+    hi: int,
+    peers: Mapping[str, PeerInfo],
+    usable: Iterable[str],
+    exclude: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every member of a stripe that can supply bytes [lo, hi) of the stripe.
+
+    ``usable`` are nodes whose SMPs may be read; ``exclude`` is the node being
+    rebuilt. Data members come first, then parity.
+    """
+    usable = set(usable)
+    members = stripe_members(record.groups[group], stripe, record.k, record.m)
+    pindex = _parity_index(record)
+    out: list[dict[str, Any]] = []
+    for mb in members:
+        if mb.node == exclude:
+            continue
+        extents: list[list[Any]] = []
+        checks: list[list[Any]] = []
+        if mb.index < record.k:
+            for e in chunk_extents(record.ranks, mb.node, mb.index, record.k):
+                a, b = max(lo, e.chunk_offset), min(hi, e.chunk_offset + e.length)
+                if a >= b:
+                    continue
+                name = data_name(record.job, e.rank, record.step)
+                extents.append([name, e.offset + (a - e.chunk_offset), b - a, a - lo])
+                checks.append([name, e.offset, e.length, record.ranks[e.rank].sums[mb.index]])
+        else:
+            p = pindex.get((group, stripe, mb.index))
+            if p is not None and lo < p.length:
+                name = parity_name(record.job, record.step, record.version)
+                b = min(hi, p.length)
+                extents.append([name, p.offset + lo, b - lo, 0])
+                checks.append([name, p.offset, p.length, p.sum])
+        if extents and mb.node not in usable:
+            continue  # its bytes are needed but its node is gone
+        peer = peers.get(mb.node)
+        if extents and peer is None:
+            continue
+        out.append(
+            {
+                "index": mb.index,
+                "node": mb.node,
+                "peer": peer.to_dict() if (extents and peer is not None) else None,
+                "extents": extents,
+                "checks": checks,
+            }
+        )
+    return out
+
+
+def parity_build_orders(
+    record: StepRecord, peers: Mapping[str, PeerInfo], backend: str
+) -> dict[str, Order]:
+    """For each parity holder: compute its parity chunks of a new step from the data members."""
+    orders: dict[str, Order] = {}
+    for p in record.parity:
+        group = record.groups[p.group]
+        sources = stripe_sources(record, p.group, p.stripe, 0, p.length, peers, group)
+        data_sources = [s for s in sources if s["index"] < record.k]
+        order = orders.setdefault(
+            p.node,
+            {
+                "k": record.k,
+                "m": record.m,
+                "backend": backend,
+                "file": parity_name(record.job, record.step, record.version),
+                "file_size": record.parity_file_size(p.node),
+                "job": record.job,
+                "outputs": [],
+            },
+        )
+        order["outputs"].append(
+            {
+                "index": p.index,
+                "offset": p.offset,
+                "length": p.length,
+                "sources": data_sources,
+                "expect": None,
+            }
+        )
+    return orders
+
+
+def rank_rebuild_orders(
+    record: StepRecord,
+    rank: int,
+    target: str,
+    peers: Mapping[str, PeerInfo],
+    usable: Iterable[str],
+    backend: str,
+    pieces: Iterable[int] | None = None,
+) -> Order:
+    """Rebuild rank ``rank``'s pieces (all, or ``pieces``) into its data file on ``target``.
+
+    Sources are the other members of each piece's stripe in ``record``; the
+    rank's own home is excluded (it is lost, or its piece is corrupt).
+    """
+    entry = record.ranks[rank]
+    home = entry.node
+    gi = record.group_of(home)
+    if gi is None:
+        raise ValueError(f"rank {rank}'s home {home[:12]} is in no group of the record")
+    group = record.groups[gi]
+    usable = set(usable)
+    outputs: list[dict[str, Any]] = []
+    wanted = range(record.k) if pieces is None else sorted(set(pieces))
+    for j in wanted:
+        off, ln = piece_bounds(entry.size, record.k, j)
+        if ln == 0:
+            continue
+        extent = next(e for e in chunk_extents(record.ranks, home, j, record.k) if e.rank == rank)
+        s = data_stripe(group, home, j)
+        lo, hi = extent.chunk_offset, extent.chunk_offset + ln
+        sources = stripe_sources(record, gi, s, lo, hi, peers, usable, exclude=home)
+        outputs.append(
+            {
+                "index": j,
+                "offset": off,
+                "length": ln,
+                "sources": sources,
+                "expect": entry.sums[j],
+                "what": f"rank {rank} piece {j} (stripe {s} of group {gi}, data index {j})",
+            }
+        )
+    return {
+        "k": record.k,
+        "m": record.m,
+        "backend": backend,
+        "file": data_name(record.job, rank, record.step),
+        "file_size": entry.size,
+        "job": record.job,
+        "target": target,
+        "outputs": outputs,
+    }
+
+
+def parity_rebuild_orders(
+    record: StepRecord,
+    node: str,
+    peers: Mapping[str, PeerInfo],
+    usable: Iterable[str],
+    backend: str,
+) -> Order | None:
+    """Rebuild the parity chunks ``node`` holds in ``record`` (its SMP lost them)."""
+    mine = record.parity_on(node)
+    if not mine:
+        return None
+    usable = set(usable)
+    outputs = []
+    for p in mine:
+        sources = stripe_sources(
+            record, p.group, p.stripe, 0, p.length, peers, usable, exclude=node
+        )
+        outputs.append(
+            {
+                "index": p.index,
+                "offset": p.offset,
+                "length": p.length,
+                "sources": sources,
+                "expect": p.sum,
+                "what": f"parity {p.index} of stripe {p.stripe} in group {p.group}",
+            }
+        )
+    return {
+        "k": record.k,
+        "m": record.m,
+        "backend": backend,
+        "file": parity_name(record.job, record.step, record.version),
+        "file_size": record.parity_file_size(node),
+        "job": record.job,
+        "target": node,
+        "outputs": outputs,
+    }
