@@ -78,8 +78,9 @@ class Packed:
 
     manifest: bytes
     data: Any
-    """A view of the caller's ``out`` (same kind: tensor, ndarray or memoryview), or
-    a new 64-byte-aligned numpy uint8 array."""
+    """A view of the caller's ``out`` (same kind: tensor, ndarray, or a memoryview for
+    other buffers -- release it before closing an mmap), or a new 64-byte-aligned
+    numpy uint8 array."""
     layout: Layout
 
 
@@ -129,9 +130,9 @@ def unpack(
 
     ``into``: a live state of the same structure (``model.state_dict()``,
     the current optimizer state). Each tensor/array found at the same path
-    with the same dtype and shape is overwritten in place with ``copy_``
-    (host-to-device for CUDA tensors) and returned; others are new. Non-tensor
-    values are always new.
+    with the same dtype and shape (and no zero-stride overlap) is overwritten
+    in place -- a host-to-device copy for CUDA tensors -- and returned; the
+    others are new. Non-tensor values are always new.
 
     ``copy=False``: new tensors/arrays view ``data`` instead of owning a copy;
     keep ``data`` alive and unchanged while they live, and do not write to
@@ -188,18 +189,14 @@ def _restore_leaves(
                 pending.append(i)
         if not pending:
             continue
-        if copy:
-            buf, at = torch.empty(region.nbytes, dtype=torch.uint8), 0
+        views = [] if copy else [_view(header.leaves[i], src, region.offset) for i in pending]
+        if copy or any(v is None for v in views):  # None: too misaligned to view in place
+            buf = torch.empty(region.nbytes, dtype=torch.uint8)
             if region.nbytes:
                 copies.append((buf.data_ptr(), src.data_ptr() + region.offset, region.nbytes))
-        else:
-            buf, at = src, region.offset
-        for i in pending:
-            leaf = header.leaves[i]
-            view = _view(leaf, buf, at)
-            if view is None:
-                view = _view(leaf, _copy_region(src, region), 0)
-            out[i] = _finish(view, leaf)
+            views = [_view(header.leaves[i], buf, 0) for i in pending]
+        for i, view in zip(pending, views, strict=True):
+            out[i] = _finish(view, header.leaves[i])
     copy_many(copies, threads)
     return out
 

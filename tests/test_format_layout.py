@@ -17,7 +17,7 @@ from torch import nn
 
 from snapstore.errors import FormatError
 from snapstore.format import Layout, pack, plan, unpack
-from tests.test_format import assert_same
+from tests.test_format import assert_same, roundtrip
 
 
 def _state() -> dict[str, Any]:
@@ -310,10 +310,4 @@ def test_two_storages_over_one_memory_are_one_region() -> None:
     assert len(layout.regions) == 1 and layout.regions[0].nbytes == 400
     (src,) = layout.sources(state)  # through the storage that holds all 400 bytes
     assert src.numel() == 400
-    back = roundtrip_state(state)
-    assert_same(state, back)
-
-
-def roundtrip_state(state: Any) -> Any:
-    packed = pack(state)
-    return unpack(packed.manifest, packed.data)
+    assert_same(state, roundtrip(state))
