@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 import struct
+import subprocess
+import sys
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from snapstore.errors import UnsupportedTypeError
+from snapstore.errors import FormatError, UnsupportedTypeError
 from snapstore.format import FORMAT_VERSION, pack, plan, read_manifest, unpack
 
 
@@ -396,3 +398,31 @@ def test_copy_false_from_misaligned_data_still_restores() -> None:
     assert_same(state, back)
     back["a"][0] = -1.0  # copied once per region, so the two still share storage
     assert back["b"][0, 0] == -1.0 and shifted[1:9].clone().view(torch.float64).item() == 0.0
+
+
+def test_states_nested_too_deep_or_holding_themselves_are_refused() -> None:
+    deep: list[Any] = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(FormatError, match="nested deeper than"):
+        pack({"deep": deep})
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(FormatError, match="holds itself"):
+        plan({"loop": loop})
+
+
+def test_reading_a_manifest_does_not_import_torch() -> None:
+    """Node actors and tools read manifests; torch costs them seconds to import."""
+    packed = pack({"w": torch.zeros(3), "step": 1})
+    code = (
+        "import sys; from snapstore.manifest import read_manifest; "
+        "import snapstore.bytecopy; "
+        "info = read_manifest(sys.stdin.buffer.read()); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print(info.num_tensors)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=packed.manifest, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.strip() == b"1"
