@@ -20,8 +20,17 @@ transposes, stride-0 expands), storage sharing (tied weights stay tied),
 (with a state dict's ``_metadata``), ints of any size, float bit patterns,
 numpy scalars, ``torch.dtype``/``torch.Size``/``torch.device`` values, and
 object identity of a tensor that appears at several paths. Containers are
-rebuilt per path (a list referenced twice comes back as two lists), and
-storage offsets are renumbered (only the used bytes of a storage are kept).
+rebuilt per path (a list referenced twice comes back as two lists),
+storage offsets are renumbered (only the used bytes of a storage are kept),
+numpy scalar types are rebuilt from their dtype (``np.longlong`` comes back
+as ``np.int64``), and tensors come back on the CPU unless ``into=`` holds
+device tensors to copy into.
+
+The format is split by concern: :mod:`snapstore.manifest` (wire format, no
+torch), :mod:`snapstore.tree` (walking the state, encoding its values),
+:mod:`snapstore.layout` (regions and the save-side copy),
+:mod:`snapstore.bytecopy` (the memmove engine, no torch), and this module
+(pack, unpack, the public names).
 """
 
 from __future__ import annotations
