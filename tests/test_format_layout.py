@@ -311,3 +311,17 @@ def test_two_storages_over_one_memory_are_one_region() -> None:
     (src,) = layout.sources(state)  # through the storage that holds all 400 bytes
     assert src.numel() == 400
     assert_same(state, roundtrip(state))
+
+
+@pytest.mark.parametrize("kind", ["memoryview", "ndarray", "bytearray"])
+def test_manifests_and_data_are_read_from_any_buffer(kind: str) -> None:
+    """A restore reads both straight out of a slot (numpy views, memoryviews)."""
+    state = _state()
+    packed = pack(state)
+    manifest: Any = {
+        "memoryview": memoryview(packed.manifest),
+        "ndarray": np.frombuffer(packed.manifest, dtype=np.uint8),
+        "bytearray": bytearray(packed.manifest),
+    }[kind]
+    data = memoryview(np.asarray(packed.data))
+    assert_same(state, unpack(manifest, data))
