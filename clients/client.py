@@ -21,8 +21,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
 from snapstore.config import check_job_name
 from snapstore.errors import (
     SaveFailedError,
@@ -32,6 +30,7 @@ from snapstore.errors import (
     UnrecoverableError,
 )
 from snapstore.lifecycle import Store, connect
+from snapstore.rpc import call
 from snapstore.segments import Segment
 from snapstore.slot import frame_size, read_frame, write_trailer
 from snapstore.smp import smp_name
@@ -170,22 +169,27 @@ class Client:
         """Stage ``state`` as ``step`` and return the future of its commit."""
         from snapstore.format import plan
 
-        ray = _ray()
         timeout = self.timeout if timeout is None else timeout
         t0 = time.monotonic()
         layout = plan(state, previous=self._layout)
         self._layout = layout
-        manifest = layout.manifest(state)
+        bound = layout.bind(state)
+        manifest = bound.manifest()
         size = frame_size(layout.nbytes, len(manifest))
-        slot = ray.get(self.smp.prepare.remote(self.job, self.rank, step, size), timeout=timeout)
+        slot = self._prepare(step, size, timeout)
         seg = self._map(slot["path"], writable=True)
-        layout.copy_into(state, seg.array[: layout.nbytes])
+        bound.copy_into(seg.array[: layout.nbytes])
         write_trailer(seg.array, layout.nbytes, manifest, step)
         ref = self.smp.staged.remote(self.job, self.rank, step, size, self.world_size)
         self.stats["saves"] += 1
         self.stats["last_stage_seconds"] = time.monotonic() - t0
         self.stats["last_bytes"] = size
         return SaveFuture(self, step, ref, t0)
+
+    def _prepare(self, step: int, size: int, timeout: float | None = None) -> dict[str, Any]:
+        """Ask this node's SMP for a slot of ``size`` bytes for ``step``."""
+        ref = self.smp.prepare.remote(self.job, self.rank, step, size)
+        return dict(call(ref, self.timeout if timeout is None else timeout, "SMP.prepare"))
 
     def _committed(self, step: int, reply: dict[str, Any], latency: float) -> None:
         self.stats["last_commit_latency"] = latency
@@ -208,39 +212,42 @@ class Client:
         """
         from snapstore.format import unpack
 
-        ray = _ray()
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         t0 = time.monotonic()
         source = "local"
         for _attempt in range(3):
             left = max(0.1, deadline - time.monotonic())
-            plan = ray.get(
+            plan = call(
                 self.store.coordinator().restore_plan.remote(
                     self.job, self.rank, self.node_id, left
                 ),
-                timeout=left + 5,
+                left + 5,
+                "coordinator.restore_plan",
             )
             if not plan["ok"]:
                 _raise_plan_error(self.job, self.rank, plan)
             step, size, sums = plan["step"], plan["size"], plan["sums"]
             if plan["local"]:
-                res = ray.get(
+                res = call(
                     self.smp.open_committed.remote(self.job, self.rank, step, size, sums),
-                    timeout=left,
+                    left,
+                    "SMP.open_committed",
                 )
                 source = "local"
             else:
-                res = ray.get(
+                res = call(
                     self.smp.fetch.remote(self.job, self.rank, step, size, sums, plan["home_peer"]),
-                    timeout=left,
+                    left,
+                    "SMP.fetch",
                 )
                 source = f"node {plan['home'][:12]}"
             if not res["bad"] and res["path"]:
                 break
-            rep = ray.get(
+            rep = call(
                 self.store.coordinator().repair.remote(self.job, self.rank, step, res["bad"]),
-                timeout=left,
+                left,
+                "coordinator.repair",
             )
             if not rep["ok"] and rep["error"] == "unrecoverable":
                 raise UnrecoverableError(
@@ -301,6 +308,3 @@ def _raise_plan_error(job: str, rank: int, plan: dict[str, Any]) -> None:
     if kind == "timeout":
         raise StoreTimeoutError(message)
     raise SnapstoreError(f"job {job!r} rank {rank}: {message or kind}")
-
-
-_ = np  # numpy arrays flow through Segment.array

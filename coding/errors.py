@@ -54,6 +54,10 @@ class InsufficientChunksError(CodingError):
             f"need {needed}; missing or corrupt: {self.missing}{detail}"
         )
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Errors cross process boundaries (Ray actors): rebuild from fields.
+        return (type(self), (self.missing, self.present, self.needed, self.corrupt))
+
 
 class ChecksumMismatchError(CodingError):
     """A chunk's bytes do not match the checksum recorded for it."""
@@ -63,3 +67,6 @@ class ChecksumMismatchError(CodingError):
         self.expected = expected
         self.actual = actual
         super().__init__(f"{what}: checksum {actual:#018x} != recorded {expected:#018x}")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.what, self.expected, self.actual))

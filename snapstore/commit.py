@@ -88,6 +88,7 @@ def rank_staged(
     p = js.pending.get(step)
     if p is None:
         p = js.pending[step] = Pending(step, world_size)
+        js.failed.pop(step, None)  # a new attempt at a step that failed before
     if p.committing:
         return {"ok": False, "error": f"step {step} of job {job!r} is already being committed"}
     p.staged[rank] = RankEntry(node, size, tuple(sums))
@@ -264,7 +265,7 @@ async def wait_commit(coord: Coordinator, job: str, step: int, timeout: float) -
         return {"status": "unknown", "reason": f"no job {job!r} (was the coordinator restarted?)"}
     if js.committed is not None and js.committed.step >= step:
         return {"status": "committed", "step": js.committed.step}
-    if step in js.failed:
+    if step not in js.pending and step in js.failed:
         return {"status": "failed", "reason": js.failed[step], "step": step}
     if step not in js.pending:
         return {

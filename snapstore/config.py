@@ -87,6 +87,8 @@ class StoreConfig:
     heartbeat_interval: seconds between SMP heartbeats [0.2].
     failure_timeout: seconds without a heartbeat before a node counts as lost
         for reads [1.0]; must stay within 2 s for the detection guarantee.
+    save_timeout: seconds a step may stay staged by some ranks but not all
+        before it is aborted (a rank died mid-save and never came back) [300].
     reprotect_delay: further seconds to wait for a silent SMP to come back
         (Ray restarts a crashed SMP in about a second) before its node's data
         is rebuilt elsewhere and its group re-formed [2.0].
@@ -105,6 +107,7 @@ class StoreConfig:
     heartbeat_interval: float = 0.2
     failure_timeout: float = 1.0
     reprotect_delay: float = 2.0
+    save_timeout: float = 300.0
     transport: str = "auto"
     namespace: str = "snapstore"
     object_store_memory: int = 100 << 20

@@ -189,6 +189,15 @@ class Coordinator:
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            wall = time.time()
+            for js in list(self.jobs.values()):
+                for step, p in list(js.pending.items()):
+                    if not p.committing and wall - p.started_at > self.cfg.save_timeout:
+                        commit.abort(
+                            self, js, step,
+                            f"only ranks {sorted(p.staged)} of {p.world_size} staged it within "
+                            f"{self.cfg.save_timeout:.0f} s",
+                        )
             for ns in list(self.nodes.values()):
                 age = ns.beat_age(now)
                 if ns.status == ALIVE and age > self.cfg.failure_timeout:

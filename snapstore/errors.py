@@ -17,6 +17,7 @@ from coding.errors import (
 )
 
 __all__ = [
+    "ActorUnavailableError",
     "BackendUnavailableError",
     "ChecksumMismatchError",
     "ClusterError",
@@ -52,6 +53,10 @@ class UnsupportedTypeError(SnapstoreError, TypeError):
             "dicts/lists/tuples of them)"
         )
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        # Errors cross process boundaries (Ray actors): rebuild from fields.
+        return (type(self), (self.path, self.value_type))
+
 
 class ConfigError(SnapstoreError, ValueError):
     """A setting is out of range or inconsistent with the cluster."""
@@ -69,6 +74,10 @@ class StoreTimeoutError(SnapstoreError, TimeoutError):
     """A call did not finish within its timeout."""
 
 
+class ActorUnavailableError(SnapstoreError):
+    """An SMP or the coordinator could not be reached (its node died, or it is restarting)."""
+
+
 class MemoryBudgetError(SnapstoreError):
     """A save needs more memory on a node than its budget allows."""
 
@@ -84,6 +93,9 @@ class MemoryBudgetError(SnapstoreError):
             "spread ranks over more nodes (the last committed step is intact)"
         )
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.job, self.node, self.needed, self.used, self.budget))
+
 
 class SnapshotNotFoundError(SnapstoreError, LookupError):
     """The job has no committed step (or not the one asked for)."""
@@ -97,9 +109,13 @@ class UnrecoverableError(SnapstoreError):
     """
 
     def __init__(self, message: str, lost: Sequence[str]) -> None:
+        self.message = message
         self.lost = list(lost)
         detail = "; ".join(self.lost)
         super().__init__(f"{message}: {detail}" if detail else message)
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.message, self.lost))
 
 
 class SaveFailedError(SnapstoreError):
@@ -109,9 +125,13 @@ class SaveFailedError(SnapstoreError):
     """
 
     def __init__(self, message: str, failures: Mapping[str, str] | None = None) -> None:
+        self.message = message
         self.failures = dict(failures or {})
         detail = "; ".join(f"{who}: {why}" for who, why in self.failures.items())
         super().__init__(f"{message} ({detail})" if detail else message)
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.message, self.failures))
 
 
 class FaultInjectionError(SnapstoreError):

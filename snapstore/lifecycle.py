@@ -22,7 +22,7 @@ from typing import Any
 
 from snapstore.cluster import EmbeddedNode, kill_tree, start_head, start_worker, wait_node_alive
 from snapstore.config import StoreConfig
-from snapstore.errors import ClusterError, ConfigError, StoreNotRunningError, StoreTimeoutError
+from snapstore.errors import ClusterError, ConfigError, StoreNotRunningError
 from snapstore.segments import shm_root
 
 __all__ = ["Store", "connect", "down", "nodes", "runtime_dir", "state_path", "up"]
@@ -141,15 +141,10 @@ class Store:
 
     def call(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
         """Call a coordinator method and wait for it, with a timeout."""
-        import ray
+        from snapstore.rpc import call
 
         ref = getattr(self.coordinator(), method).remote(*args)
-        try:
-            return ray.get(ref, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise StoreTimeoutError(
-                f"coordinator.{method} did not answer within {timeout} s"
-            ) from None
+        return call(ref, timeout, f"coordinator.{method}")
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.call("node_list"))

@@ -68,6 +68,12 @@ async def restore_plan(
 ) -> dict[str, Any]:
     """Where rank ``rank`` of ``job`` should read its last committed step from."""
     deadline = time.monotonic() + timeout
+    js = coord.jobs.get(job)
+    if js is not None:
+        # This rank restarted: whatever it staged before is from a dead attempt.
+        for step, p in list(js.pending.items()):
+            if rank in p.staged:
+                abort(coord, js, step, f"rank {rank} restarted and restored instead")
     while True:
         js = coord.jobs.get(job)
         if js is None or js.committed is None:

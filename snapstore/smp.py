@@ -148,33 +148,38 @@ class SMP:
     def prepare(self, job: str, rank: int, step: int, nbytes: int) -> dict[str, Any]:
         """A writable slot of at least ``nbytes`` for ``step`` of ``rank``; returns its path.
 
-        Never hands out the slot holding the rank's committed step. Reuses
-        the rank's other slot (or a spare) when it is large enough, so the
-        trainer keeps writing into memory it has already mapped.
+        Never hands out a slot holding the job's committed step. Reuses the
+        rank's other slot (or a spare) when it is large enough, so the
+        trainer keeps writing into memory it has already mapped. A slot that
+        holds a step in progress is given up only after the coordinator has
+        aborted that step, so parity is never computed over bytes being
+        overwritten.
         """
         check_job_name(job)
         name = data_name(job, rank, step)
         with self._lock:
-            seg = self._segments.get(name)
-            if seg is not None and seg.size >= nbytes:
-                return {"path": seg.path, "capacity": seg.size, "name": name}
+            rec = self._records.get(job)
+            if rec is not None and step <= rec.step:
+                raise SnapstoreError(
+                    f"job {job!r} already committed step {rec.step}; cannot save step {step} "
+                    "(steps must increase)"
+                )
             protected = self._protected(job)
             candidates = [
                 n
                 for n, p in self._parsed(job)
                 if p.rank == rank and p.kind in ("data", "spare") and n not in protected
             ]
-            pending = [n for n in candidates if n.startswith("d.") and n != name]
-        for n in pending:
+        for n in candidates:
             old = parse_name(n)
-            assert old is not None and old.step is not None
-            self._abandon(job, rank, old.step)
+            if old is not None and old.kind == "data" and old.step is not None:
+                self._abandon(job, rank, old.step)
         with self._lock:
             protected = self._protected(job)
             candidates = [n for n in candidates if n in self._segments and n not in protected]
             fits = sorted(
                 (n for n in candidates if self._segments[n].size >= nbytes),
-                key=lambda n: self._segments[n].size,
+                key=lambda n: (n != name, self._segments[n].size),
             )
             path = os.path.join(self.dir, name)
             if fits:
@@ -185,6 +190,7 @@ class SMP:
                     if n != fits[0]:
                         self._drop(n)
             else:
+                self._check_budget(job, nbytes, freeable=candidates)
                 for n in candidates:
                     self._drop(n)
                 seg = self._create(job, name, nbytes)
@@ -402,6 +408,15 @@ class SMP:
 
     def _used(self) -> int:
         return sum(s.size for s in self._segments.values())
+
+    def _check_budget(self, job: str, size: int, freeable: list[str]) -> None:
+        """Raise MemoryBudgetError, changing nothing, if ``size`` more bytes cannot fit
+        even after dropping ``freeable`` segments and every spare."""
+        drop = set(freeable) | {n for n in self._segments if n.startswith("x.")}
+        used = self._used()
+        after = used - sum(self._segments[n].size for n in drop if n in self._segments)
+        if after + size > self.budget:
+            raise MemoryBudgetError(job, self.node_id[:12], size, used, self.budget)
 
     def _create(self, job: str, name: str, size: int) -> Segment:
         """Create a segment within the budget, dropping spares first if that makes room."""

@@ -78,7 +78,7 @@ def run_order(
     k, m = int(order["k"]), int(order["m"])
     codec = codec_for(k, m, str(order["backend"]))
     result = OrderResult()
-    verified: dict[tuple[Any, ...], bool] = {}
+    verified: dict[tuple[Any, ...], str] = {}
     for out in order["outputs"]:
         dest = dest_view(int(out["offset"]), int(out["length"]))
         what = str(out.get("what", f"index {out['index']}"))
@@ -107,8 +107,9 @@ def _pick_sources(
     sources: list[dict[str, Any]],
     k: int,
     transport: Transport,
-    verified: dict[tuple[Any, ...], bool],
+    verified: dict[tuple[Any, ...], str],
 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The first k sources whose checks pass, and a description of each one that failed."""
     good: list[dict[str, Any]] = []
     bad: list[str] = []
     for src in sources:
@@ -116,21 +117,27 @@ def _pick_sources(
             break
         node = str(src.get("node", "?"))[:12]
         peer = PeerInfo.from_dict(src["peer"]) if src.get("peer") else None
-        ok = True
+        index = int(src["index"])
+        kind = "data" if index < k else "parity"
+        problem = ""
         for name, off, ln, want in src.get("checks", []):
             key = (node, name, off, ln, want)
             if key not in verified:
                 try:
-                    assert peer is not None
-                    verified[key] = transport.checksum(peer, name, off, ln) == want
+                    if peer is None:
+                        raise ChunkUnavailableError("no peer to read from")
+                    got = transport.checksum(peer, name, off, ln)
+                    verified[key] = "" if got == want else "fails its checksum"
                 except ChunkUnavailableError as e:
                     logger.info("source unavailable: %s", e)
-                    verified[key] = False
-            if not verified[key]:
-                ok = False
-                bad.append(f"index {src['index']} on node {node} ({name} [{off}, {off + ln}))")
+                    verified[key] = f"is unavailable ({e})"
+            if verified[key]:
+                where = f"{name} [{off}, {off + ln})"
+                problem = f"{kind} chunk {index} on node {node} {verified[key]} ({where})"
                 break
-        if ok:
+        if problem:
+            bad.append(problem)
+        else:
             good.append(src)
     return good, bad
 

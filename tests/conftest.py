@@ -1,0 +1,62 @@
+"""Shared fixtures: real embedded stores on loopback, always torn down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@contextlib.contextmanager
+def running_store(**settings: Any) -> Iterator[Any]:
+    """Start an embedded store in a private runtime dir; stop it whatever happens.
+
+    The runtime dir is short (Ray's socket paths must fit 107 bytes) and
+    private, so tests never touch a store the user may be running.
+    """
+    import snapstore
+
+    rundir = tempfile.mkdtemp(prefix="ss-", dir="/tmp")
+    store = None
+    try:
+        settings.setdefault("failure_timeout", 1.0)
+        settings.setdefault("reprotect_delay", 1.0)
+        store = snapstore.up(rundir=rundir, **settings)
+        store.rundir = rundir  # type: ignore[attr-defined]
+        yield store
+    finally:
+        with contextlib.suppress(Exception):
+            snapstore.down(rundir=rundir)
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def job_status(store: Any, job: str) -> dict[str, Any]:
+    for j in store.status(events=0)["jobs"]:
+        if j["job"] == job:
+            return dict(j)
+    return {}
+
+
+def events(store: Any, kind: str | None = None, n: int = 500) -> list[dict[str, Any]]:
+    evs = store.status(events=n)["events"]
+    return [e for e in evs if kind is None or e["kind"] == kind]

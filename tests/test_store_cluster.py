@@ -1,0 +1,207 @@
+"""The store on a real 4-node Ray cluster on loopback, k=3, m=1: real kills, bitwise checks.
+
+One cluster serves the module; tests run in order and the destructive
+node-loss test comes last. Ranks are Ray actors pinned to their nodes that
+save and restore deterministic states through the real client.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import events, job_status, running_store, wait_for
+
+pytestmark = pytest.mark.cluster
+
+JOB = "rt4"
+WORLD = 4
+NBYTES = 2 << 20
+
+
+@pytest.fixture(scope="module")
+def store() -> Any:
+    with running_store(nodes=4, k=3, m=1, memory_per_node="64MiB") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def cluster(store: Any) -> dict[str, Any]:
+    from snapstore import faults
+
+    nodes = faults.store_nodes(store)
+    return {"nodes": nodes, "ranks": [_start_rank(store, nodes[r], JOB, r) for r in range(WORLD)]}
+
+
+def _start_rank(store: Any, node: str, job: str, rank: int, world: int = WORLD) -> Any:
+    from bench.workers import rank_actor
+
+    return rank_actor(node).remote(job, rank, world, store.rundir, NBYTES)
+
+
+def _get(refs: Any, timeout: float = 120) -> Any:
+    import ray
+
+    return ray.get(refs, timeout=timeout)
+
+
+def _save_all(ranks: list[Any], step: int) -> None:
+    out = _get([r.save.remote(step) for r in ranks])
+    assert all("committed" in o for o in out), out
+
+
+def _restore_all(ranks: list[Any]) -> list[dict[str, Any]]:
+    return list(_get([r.restore.remote() for r in ranks]))
+
+
+def test_round_trip_bitwise(store: Any, cluster: dict[str, Any]) -> None:
+    ranks = cluster["ranks"]
+    # Ranks are on four different nodes.
+    assert len(set(_get([r.node.remote() for r in ranks]))) == WORLD
+    for step in (1, 2, 3):
+        _save_all(ranks, step)
+    res = _restore_all(ranks)
+    assert [r["step"] for r in res] == [3] * WORLD
+    assert all(r["ok"] for r in res), res
+    st = job_status(store, JOB)
+    assert st["latest_step"] == 3 and st["status"] == "protected"
+    assert {s["status"] for s in st["record"]["stripes"]} == {"healthy"}
+
+
+def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, Any]) -> None:
+    from snapstore import faults
+
+    ranks, nodes = cluster["ranks"], cluster["nodes"]
+    pid = _get(ranks[0].pid.remote())
+    faults.kill_trainer(pid, store)
+    ranks[0] = _start_rank(store, nodes[0], JOB, 0)
+    res = _get(ranks[0].restore.remote())
+    assert res["ok"] and res["step"] == 3
+    last = [e for e in events(store, "restore") if e.get("rank") == 0][-1]
+    assert last["source"] == "local"
+
+
+def test_smp_killed_keeps_its_segments(store: Any, cluster: dict[str, Any]) -> None:
+    from snapstore import faults
+
+    ranks, nodes = cluster["ranks"], cluster["nodes"]
+    before = len(events(store, "readopted"))
+    info = faults.kill_smp(nodes[1], store=store)
+    wait_for(lambda: len(events(store, "readopted")) > before, 60, "the restarted SMP re-adopting")
+    assert any(
+        n["node_id"] == nodes[1] and n["incarnation"] != info["incarnation"] for n in store.nodes()
+    )
+    res = _get(ranks[1].restore.remote())
+    assert res["ok"] and res["step"] == 3
+
+
+def test_smp_killed_with_its_memory_rebuilds_from_group(
+    store: Any, cluster: dict[str, Any]
+) -> None:
+    from snapstore import faults
+
+    ranks, nodes = cluster["ranks"], cluster["nodes"]
+    before = len(events(store, "rebuild"))
+    faults.kill_smp(nodes[2], wipe=True, store=store)
+    wait_for(lambda: len(events(store, "rebuild")) > before, 60, "the restarted SMP rebuilding")
+    res = _restore_all(ranks)
+    assert all(r["ok"] and r["step"] == 3 for r in res), res
+    # Parity was rebuilt too: a further single loss is still survivable.
+    st = job_status(store, JOB)
+    assert {s["status"] for s in st["record"]["stripes"]} == {"healthy"}
+
+
+def test_corrupt_byte_detected_and_rebuilt(store: Any, cluster: dict[str, Any]) -> None:
+    from snapstore import faults
+
+    ranks = cluster["ranks"]
+    faults.corrupt_chunk(JOB, rank=1, piece=1, offset=5, store=store)
+    before = len(events(store, "repaired"))
+    res = _get(ranks[1].restore.remote())
+    assert res["ok"] and res["step"] == 3
+    assert len(events(store, "repaired")) == before + 1
+
+
+def test_corrupt_m_plus_one_chunks_of_a_stripe_is_a_clear_error(
+    store: Any, cluster: dict[str, Any]
+) -> None:
+    from snapstore import faults
+    from snapstore.placement import data_stripe
+    from snapstore.record import StepRecord
+
+    ranks = cluster["ranks"]
+    rec = StepRecord.from_bytes(store.call("record", JOB))
+    home = rec.ranks[2].node
+    gi = rec.group_of(home)
+    assert gi is not None
+    stripe = data_stripe(rec.groups[gi], home, 0)
+    faults.corrupt_chunk(JOB, rank=2, piece=0, offset=3, store=store)
+    faults.corrupt_chunk(JOB, parity=(gi, stripe, rec.k), offset=3, store=store)
+    err = _get(ranks[2].restore_error.remote())
+    assert err.startswith("UnrecoverableError"), err
+    assert "parity" in err and "rank 2 piece 0" in err
+    # Saving a new step replaces the damaged one.
+    _save_all(ranks, 4)
+    assert all(r["ok"] and r["step"] == 4 for r in _restore_all(ranks))
+
+
+def test_rank_killed_mid_save_keeps_previous_step(store: Any, cluster: dict[str, Any]) -> None:
+    from snapstore import faults
+
+    ranks, nodes = cluster["ranks"], cluster["nodes"]
+    _get([r.save.remote(5, wait=None) for r in ranks[1:]])
+    _get(ranks[0].start_save_and_hang.remote(5))
+    faults.kill_trainer(_get(ranks[0].pid.remote()), store)
+    assert store.call("latest", JOB) == 4
+    ranks[0] = _start_rank(store, nodes[0], JOB, 0)
+    res = _restore_all(ranks)
+    assert all(r["ok"] and r["step"] == 4 for r in res), res
+    assert store.call("latest", JOB) == 4
+    failed = [e for e in events(store, "save_failed") if e.get("step") == 5]
+    assert failed, "the partial step must be aborted, not left pending"
+    _save_all(ranks, 5)
+    assert all(r["ok"] and r["step"] == 5 for r in _restore_all(ranks))
+
+
+def test_memory_budget_exceeded_is_clear_and_harmless(
+    store: Any, cluster: dict[str, Any]
+) -> None:
+    from bench.workers import rank_actor
+
+    ranks, nodes = cluster["ranks"], cluster["nodes"]
+    big = rank_actor(nodes[3]).remote(JOB, 3, WORLD, store.rundir, 80 << 20)
+    err = _get(big.save_expect_error.remote(6))
+    assert err.startswith("MemoryBudgetError"), err
+    assert JOB in err and "budget" in err and nodes[3][:12] in err
+    assert store.call("latest", JOB) == 5
+    assert all(r["ok"] and r["step"] == 5 for r in _restore_all(ranks))
+
+
+def test_node_lost_rebuilt_on_replacement_then_second_loss(
+    store: Any, cluster: dict[str, Any]
+) -> None:
+    from snapstore import faults
+
+    ranks, nodes = cluster["ranks"], cluster["nodes"]
+    t_kill = faults.kill_node(nodes[1], store)["killed_at"]
+    replacement = faults.add_node(store)
+    ranks[1] = _start_rank(store, replacement, JOB, 1)
+    res = _get(ranks[1].restore.remote())
+    assert res["ok"] and res["step"] == 5
+    silent = [e for e in events(store, "node_silent") if e.get("node") == nodes[1]]
+    assert silent and silent[-1]["time"] - t_kill < 2.5, silent
+    wait_for(
+        lambda: job_status(store, JOB).get("status") == "protected"
+        and nodes[1] not in str(job_status(store, JOB)["record"]["groups"]),
+        60,
+        "re-protection onto the replacement",
+    )
+    assert events(store, "reprotected")
+    # m = 1: a second node may now be lost.
+    faults.kill_node(nodes[3], store)
+    time.sleep(0.5)
+    ranks[3] = _start_rank(store, replacement, JOB, 3)
+    res = _restore_all(ranks[:3] + [ranks[3]])
+    assert all(r["ok"] and r["step"] == 5 for r in res), res
