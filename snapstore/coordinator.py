@@ -182,6 +182,7 @@ class Coordinator:
             )
             for job in list(self.jobs.values()):
                 if job.committed is not None and (job.status != "protected" or job.relocated):
+                    job.unrecoverable.clear()  # membership changed: try again
                     self.spawn(recovery.reprotect(self, job.name))
 
     async def _monitor(self) -> None:
@@ -194,7 +195,9 @@ class Coordinator:
                 for step, p in list(js.pending.items()):
                     if not p.committing and wall - p.started_at > self.cfg.save_timeout:
                         commit.abort(
-                            self, js, step,
+                            self,
+                            js,
+                            step,
                             f"only ranks {sorted(p.staged)} of {p.world_size} staged it within "
                             f"{self.cfg.save_timeout:.0f} s",
                         )

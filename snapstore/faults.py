@@ -32,6 +32,7 @@ __all__ = [
     "add_node",
     "corrupt_chunk",
     "kill_node",
+    "kill_nodes",
     "kill_smp",
     "kill_trainer",
     "store_nodes",
@@ -74,19 +75,31 @@ def store_nodes(store: Store | None = None) -> list[str]:
 
 def kill_node(node_id: str, store: Store | None = None) -> dict[str, Any]:
     """Kill a worker raylet and everything on it (SIGKILL), and drop its shared memory."""
+    return kill_nodes([node_id], store)[0]
+
+
+def kill_nodes(node_ids: list[str], store: Store | None = None) -> list[dict[str, Any]]:
+    """Kill several worker raylets at the same instant (one SIGKILL wave); drop their memory."""
     store = _embedded(store)
-    entries = store.state["nodes"]
-    entry = next((e for e in entries if e["node_id"] == node_id), None)
-    if entry is None:
-        raise FaultInjectionError(f"node {node_id[:12]} is not a node of this embedded store")
-    if entry.get("head"):
-        raise FaultInjectionError("refusing to kill the head node: it runs the control plane")
+    entries = []
+    for node_id in node_ids:
+        entry = next((e for e in store.state["nodes"] if e["node_id"] == node_id), None)
+        if entry is None:
+            raise FaultInjectionError(f"node {node_id[:12]} is not a node of this embedded store")
+        if entry.get("head"):
+            raise FaultInjectionError("refusing to kill the head node: it runs the control plane")
+        entries.append(entry)
     killed_at = time.time()
-    count = kill_tree([int(p) for p in entry["pids"]])
-    shutil.rmtree(node_dir(store.state["shm_dir"], store.store_id, node_id), ignore_errors=True)
-    entry["killed_at"] = killed_at
+    count = kill_tree([int(p) for e in entries for p in e["pids"]])
+    out = []
+    for entry in entries:
+        shutil.rmtree(
+            node_dir(store.state["shm_dir"], store.store_id, entry["node_id"]), ignore_errors=True
+        )
+        entry["killed_at"] = killed_at
+        out.append({"node_id": entry["node_id"], "killed_at": killed_at, "processes": count})
     store.save_state()
-    return {"node_id": node_id, "killed_at": killed_at, "processes": count}
+    return out
 
 
 def add_node(store: Store | None = None, wait_smp: float = 60.0) -> str:

@@ -269,7 +269,16 @@ def _deploy_coordinator(store: Store) -> None:
 
     from snapstore.coordinator import COORDINATOR_NAME, Coordinator
 
-    here = ray.get_runtime_context().get_node_id()
+    # On the head node, which holds the cluster's control plane anyway: a
+    # worker node may be lost (or, embedded, killed on purpose).
+    head = next(
+        (
+            n["NodeID"]
+            for n in ray.nodes()
+            if n["Alive"] and "node:__internal_head__" in n["Resources"]
+        ),
+        ray.get_runtime_context().get_node_id(),
+    )
     ray.remote(Coordinator).options(
         name=COORDINATOR_NAME,
         namespace=store.namespace,
@@ -277,7 +286,7 @@ def _deploy_coordinator(store: Store) -> None:
         max_restarts=-1,
         max_concurrency=1000,
         num_cpus=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False),
     ).remote(store.store_id, store.state["config"], store.state["token"], store.state["shm_dir"])
 
 

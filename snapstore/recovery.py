@@ -249,13 +249,30 @@ async def _relocate(coord: Coordinator, js: JobState, rec: StepRecord, alive: se
         coros.append(asyncio.wait_for(coord.handle(target).rebuild.remote(order), REBUILD_TIMEOUT))
     results = await asyncio.gather(*coros, return_exceptions=True)
     rebuilt = 0
+    retry = False
     for (r, target), res in zip(plan, results, strict=True):
         if isinstance(res, BaseException):
-            js.unrecoverable[r] = _lost_of(res)
+            if isinstance(_root(res), UnrecoverableError):
+                home = rec.ranks[r].node
+                js.unrecoverable[r] = [
+                    f"rank {r}'s home node {home[:12]} is lost",
+                    *_lost_of(res),
+                ]
+            else:
+                # The target failed (it may have died unnoticed yet): try again.
+                retry = True
+                coord.events.add(
+                    "error",
+                    f"job {js.name!r}: rebuilding rank {r} on node {target[:12]} failed "
+                    f"({_lost_of(res)[0]}); retrying",
+                    job=js.name,
+                )
         else:
             js.relocated[r] = target
             js.preferred_home.pop(r, None)
             rebuilt += int(res["bytes_written"])
+    if retry:
+        coord.spawn(_later(coord, js.name, 1.0))
     done = sorted(r for r, _ in plan if r in js.relocated)
     if done:
         coord.events.add(
@@ -278,6 +295,11 @@ async def _relocate(coord: Coordinator, js: JobState, rec: StepRecord, alive: se
             job=js.name,
             lost={str(r): v for r, v in js.unrecoverable.items()},
         )
+
+
+async def _later(coord: Coordinator, job: str, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await reprotect(coord, job)
 
 
 async def _reprotect_parity(

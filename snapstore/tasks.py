@@ -8,7 +8,9 @@ without pickling anything of ours.
 A *source* is one member of a stripe, read over the same range of the stripe
 as the output: ``{"index": RS index, "peer": PeerInfo dict or None,
 "extents": [[segment name, offset, length, range_offset], ...],
-"checks": [[segment name, offset, length, checksum], ...]}``. Extents say
+"checks": [[segment name, offset, length, checksum], ...]}``, with
+``"lost": True`` for a member whose bytes are needed but whose node is gone
+(listed so errors can name it; never read). Extents say
 where the member's bytes of the range are; bytes of the range no extent
 covers are zeros (the member's chunk is shorter). ``checks`` are whole
 pieces or parity chunks that must hash right before the source is trusted.
@@ -79,10 +81,20 @@ def stripe_sources(
                 b = min(hi, p.length)
                 extents.append([name, p.offset + lo, b - lo, 0])
                 checks.append([name, p.offset, p.length, p.sum])
-        if extents and mb.node not in usable:
-            continue  # its bytes are needed but its node is gone
         peer = peers.get(mb.node)
-        if extents and peer is None:
+        if extents and (mb.node not in usable or peer is None):
+            # Its bytes are needed but its node is gone: listed, so that an
+            # error can name it, and never read.
+            out.append(
+                {
+                    "index": mb.index,
+                    "node": mb.node,
+                    "lost": True,
+                    "peer": None,
+                    "extents": extents,
+                    "checks": checks,
+                }
+            )
             continue
         out.append(
             {

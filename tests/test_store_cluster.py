@@ -165,9 +165,7 @@ def test_rank_killed_mid_save_keeps_previous_step(store: Any, cluster: dict[str,
     assert all(r["ok"] and r["step"] == 5 for r in _restore_all(ranks))
 
 
-def test_memory_budget_exceeded_is_clear_and_harmless(
-    store: Any, cluster: dict[str, Any]
-) -> None:
+def test_memory_budget_exceeded_is_clear_and_harmless(store: Any, cluster: dict[str, Any]) -> None:
     from bench.workers import rank_actor
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
@@ -193,8 +191,10 @@ def test_node_lost_rebuilt_on_replacement_then_second_loss(
     silent = [e for e in events(store, "node_silent") if e.get("node") == nodes[1]]
     assert silent and silent[-1]["time"] - t_kill < 2.5, silent
     wait_for(
-        lambda: job_status(store, JOB).get("status") == "protected"
-        and nodes[1] not in str(job_status(store, JOB)["record"]["groups"]),
+        lambda: (
+            job_status(store, JOB).get("status") == "protected"
+            and nodes[1] not in str(job_status(store, JOB)["record"]["groups"])
+        ),
         60,
         "re-protection onto the replacement",
     )
@@ -203,5 +203,5 @@ def test_node_lost_rebuilt_on_replacement_then_second_loss(
     faults.kill_node(nodes[3], store)
     time.sleep(0.5)
     ranks[3] = _start_rank(store, replacement, JOB, 3)
-    res = _restore_all(ranks[:3] + [ranks[3]])
+    res = _restore_all(ranks)
     assert all(r["ok"] and r["step"] == 5 for r in res), res
