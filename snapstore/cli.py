@@ -38,6 +38,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"  redundancy:   k={cfg.k} data + m={cfg.m} parity chunks per stripe")
     print(f"  state file:   {store.path}")
     print("  clients:      clients.Client(job, rank, world_size) finds it through the state file")
+    server = store.state.get("server")
+    if server:
+        print(f"  REST/dashboard: {server['url']}")
+        if server.get("token_generated"):
+            print(f"  REST token:   {server['token']}  (shown once; also in the state file)")
     print("  stop it with: snapstore down")
     return 0
 

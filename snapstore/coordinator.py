@@ -379,6 +379,7 @@ class Coordinator:
             "groups": [list(g) for g in self.groups],
             "jobs": jobs,
             "events": self.events.recent(events),
+            "metrics": self.events.metrics.snapshot(),
         }
 
     async def shutdown(self) -> None:

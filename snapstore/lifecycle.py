@@ -15,6 +15,8 @@ import logging
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 READY_TIMEOUT = 180.0
+DEFAULT_REST_PORT = 8470
+SERVER_START_TIMEOUT = 60.0
 
 
 def runtime_dir(override: str | None = None) -> str:
@@ -181,6 +185,10 @@ def up(
     memory_per_node: int | str | None = None,
     address: str | None = None,
     rundir: str | None = None,
+    rest: bool = True,
+    rest_host: str = "127.0.0.1",
+    rest_port: int = DEFAULT_REST_PORT,
+    rest_token: str | None = None,
     **settings: Any,
 ) -> Store:
     """Start a store and return a handle on it; the cluster keeps running after return.
@@ -190,6 +198,12 @@ def up(
     per worker. With ``address`` ("auto" or HOST:PORT): attach to a running
     Ray cluster and put one SMP on every alive node; ``down`` will then
     remove snapstore's actors and leave that cluster running.
+
+    With ``rest`` (the default) the REST monitoring server starts too, as
+    its own process (``python -m server``), bound to ``rest_host``
+    (127.0.0.1 unless told otherwise; anything else requires a bearer token,
+    ``rest_token`` or one generated and recorded in the state file).
+    ``rest_port=0`` picks a free port.
     """
     cfg = StoreConfig.resolve(nodes=nodes, k=k, m=m, memory_per_node=memory_per_node, **settings)
     path = state_path(rundir)
@@ -256,11 +270,81 @@ def up(
             )
         state["ready_at"] = time.time()
         store.save_state()
+        if rest:
+            state["server"] = _start_server(store, rest_host, rest_port, rest_token)
+            store.save_state()
     except BaseException:
         with contextlib.suppress(Exception):
             _teardown(store)
         raise
     return store
+
+
+def _start_server(store: Store, host: str, port: int, token: str | None) -> dict[str, Any]:
+    """Start the REST server as its own process and wait until it answers.
+
+    snapstore does not import the HTTP layer: it runs ``python -m server``,
+    which writes a small JSON "ready" file (its URL, and the token it uses)
+    once it serves.
+    """
+    rd = os.path.dirname(store.path)
+    ready = os.path.join(rd, f"server-{store.store_id}.ready")
+    log_path = os.path.join(rd, f"server-{store.store_id}.log")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(ready)
+    env = dict(os.environ)
+    if token:
+        env["SNAPSTORE_REST_TOKEN"] = token  # not on the command line, where ps shows it
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--runtime-dir",
+        rd,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--ready-file",
+        ready,
+    ]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ClusterError(
+                f"the REST server exited with code {proc.returncode} before serving; "
+                f"its log is {log_path}:\n{_tail(log_path)}"
+            )
+        try:
+            with open(ready) as f:
+                info = json.load(f)
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.1)
+            continue
+        info["pid"] = proc.pid
+        info["log"] = log_path
+        return dict(info)
+    kill_tree([proc.pid], sig=15)
+    raise ClusterError(
+        f"the REST server did not start within {SERVER_START_TIMEOUT} s; see {log_path}"
+    )
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def _deploy_coordinator(store: Store) -> None:

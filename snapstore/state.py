@@ -19,6 +19,7 @@ from snapstore.record import RankEntry, StepRecord
 __all__ = [
     "EventLog",
     "JobState",
+    "Metrics",
     "NodeState",
     "Pending",
     "rank_restorable",
@@ -110,18 +111,70 @@ class JobState:
                     fut.set_result(reply)
 
 
+# Latency histograms kept from events: event kind -> (field, metric name).
+_TIMED = {
+    "commit": ("latency", "commit_seconds"),
+    "restore": ("seconds", "restore_seconds"),
+    "rebuild": ("duration", "rebuild_seconds"),
+    "reprotected": ("duration", "reprotect_seconds"),
+    "node_silent": ("detection_latency", "detection_seconds"),
+}
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Cumulative counters and histograms, fed by events, kept while the coordinator lives."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, float] = collections.defaultdict(float)
+        self.histograms: dict[str, dict[str, Any]] = {}
+
+    def observe(self, name: str, value: float) -> None:
+        h = self.histograms.get(name)
+        if h is None:
+            h = self.histograms[name] = {
+                "buckets": list(_BUCKETS),
+                "counts": [0] * len(_BUCKETS),
+                "sum": 0.0,
+                "count": 0,
+            }
+        for i, b in enumerate(h["buckets"]):
+            if value <= b:
+                h["counts"][i] += 1
+        h["sum"] += value
+        h["count"] += 1
+
+    def on_event(self, ev: dict[str, Any]) -> None:
+        self.counters[f"events_total:{ev['kind']}"] += 1
+        if ev["kind"] in ("rebuild", "repaired") and isinstance(ev.get("bytes"), int):
+            self.counters["rebuilt_bytes_total"] += ev["bytes"]
+        timed = _TIMED.get(ev["kind"])
+        if timed is not None and isinstance(ev.get(timed[0]), (int, float)):
+            self.observe(timed[1], float(ev[timed[0]]))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "counters": dict(self.counters),
+            "histograms": {
+                k: dict(v, counts=list(v["counts"])) for k, v in self.histograms.items()
+            },
+        }
+
+
 class EventLog:
     """The recent events (failures, rebuilds, commits, errors), newest last."""
 
     def __init__(self, maxlen: int = 2000) -> None:
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
         self._seq = 0
+        self.metrics = Metrics()
 
     def add(self, kind: str, message: str, **fields: Any) -> dict[str, Any]:
         self._seq += 1
         ev = {"seq": self._seq, "time": time.time(), "kind": kind, "message": message}
         ev.update({k: v for k, v in fields.items() if v is not None})
         self._events.append(ev)
+        self.metrics.on_event(ev)
         return ev
 
     def recent(self, limit: int = 200, kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:

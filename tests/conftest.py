@@ -28,6 +28,8 @@ def running_store(**settings: Any) -> Iterator[Any]:
     store = None
     try:
         settings.setdefault("failure_timeout", 1.0)
+        settings.setdefault("rest", False)  # REST tests ask for it; it costs a process
+        settings.setdefault("rest_port", 0)
         settings.setdefault("reprotect_delay", 1.0)
         store = snapstore.up(rundir=rundir, **settings)
         store.rundir = rundir  # type: ignore[attr-defined]
