@@ -522,20 +522,14 @@ def test_more_than_m_lost_nodes_is_unrecoverable(store: FakeStore) -> None:
     assert f"rank {rank} piece 0" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stripe_sources (tasks.py) silently drops members on unusable nodes, so "
-    "run_order's UnrecoverableError.lost only says 'only N of k members' and never "
-    "names the lost nodes, against the contract in errors.UnrecoverableError",
-    raises=AssertionError,
-)
 def test_unrecoverable_error_names_the_lost_nodes(store: FakeStore) -> None:
+    """UnrecoverableError.lost lists every lost chunk, not just how many are missing."""
     rank, alive, parity_nodes = _fatal_loss(store)
     with pytest.raises(UnrecoverableError) as info:
         store.rebuild_rank(rank, alive)
     text = " ".join(info.value.lost)
     for node in parity_nodes:
-        assert f"node {node}" in text, f"{node} not named in {info.value.lost}"
+        assert f"node {node} is lost" in text, f"{node} not named in {info.value.lost}"
 
 
 # -- redundancy state -----------------------------------------------------------
