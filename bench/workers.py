@@ -109,11 +109,11 @@ class SyntheticRank:
         state = make_state(self.rank, step, self.nbytes, seed)
         layout = plan(state)
         size = frame_size(layout.nbytes, len(layout.manifest(state)))
-        slot = self.client._prepare(step, size)
-        seg = self.client._map(slot["path"], writable=True)
+        lease = self.client._take_lease(size, 60.0)
+        seg, _ = self.client._stager.maps.get(lease["path"], writable=True)
         seg.array[: size // 2] = 0xAB
         self._hung = seg
-        return str(slot["path"])
+        return str(lease["path"])
 
     def restore(self, seed: int = 0) -> dict[str, Any]:
         """Restore the last committed step; report it and whether it is bitwise right."""

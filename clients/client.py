@@ -1,26 +1,42 @@
-"""The client training code calls: save a step, restore the last committed one.
+"""The client training code calls: save every step, restore the last committed one.
 
 ::
 
     client = Client("gpt", rank=rank, world_size=world)
-    fut = client.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})
-    ...
-    fut.result(timeout=60)          # the step is committed: data and parity stored
-    step, state = client.restore()  # after a crash: the last globally committed step
+    for step in range(start, steps):
+        loss = model(batch).loss
+        loss.backward()
+        client.wait_staged()            # lazy copy of the last save done: params may change
+        optimizer.step()
+        optimizer.zero_grad()
+        client.save(step, state, lazy=True)   # copies during the next forward/backward
+
+    step, state = client.restore(into=state)  # after a crash: the last committed step
 
 ``save`` copies each tensor once into a shared-memory slot of the trainer's
-own node, owned by that node's SMP, and returns; the SMP checksums it, the
-coordinator has parity computed across nodes and commits the step when every
-rank's data and every parity chunk is stored. Nothing is pickled.
+node (owned by that node's SMP) and returns a :class:`SaveFuture`; the SMP
+checksums it, the coordinator has parity computed across nodes and commits
+the step when every rank's data and every parity chunk is stored. Nothing is
+pickled. Tensors unchanged since a slot was last written are not copied
+again, and with changed byte ranges known, parity is updated from the
+deltas only.
+
+Threads: the caller's thread copies (or, with ``lazy=True``, a copier
+thread does); a follower thread waits for each commit and leases the next
+slot ahead of time, so the training loop never waits on a round trip. A
+Client is used from one training thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
-import os
+import threading
 import time
 from typing import Any
 
+from clients.dp import DPGroup, fill, localize, placeholders, shard
+from clients.staging import Stager
 from snapstore.config import check_job_name
 from snapstore.errors import (
     SaveFailedError,
@@ -31,7 +47,6 @@ from snapstore.errors import (
 )
 from snapstore.lifecycle import Store, connect
 from snapstore.rpc import call
-from snapstore.segments import Segment
 from snapstore.slot import frame_size, read_frame, write_trailer
 from snapstore.smp import smp_name
 
@@ -40,94 +55,84 @@ __all__ = ["Client", "SaveFuture"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
-
-
-def _ray() -> Any:
-    import ray
-
-    return ray
+POLICIES = ("wait", "skip")
 
 
 class SaveFuture:
-    """The commit of one saved step. ``result()`` waits for it."""
+    """The commit of one saved step.
 
-    def __init__(self, client: Client, step: int, staged_ref: Any, started: float) -> None:
+    ``result(timeout)`` waits until the step is committed and returns it, or
+    raises SaveFailedError (the step will never commit; the previous one is
+    intact) or StoreTimeoutError. ``stats`` says what the save moved.
+    """
+
+    def __init__(self, client: Client, step: int, skipped: bool = False) -> None:
         self.client = client
         self.step = step
-        self._staged_ref = staged_ref
-        self._started = started
+        self.skipped = skipped
+        self.stats: dict[str, Any] = {}
+        self._staged = threading.Event()
+        self._done = threading.Event()
+        self._ready_next = threading.Event()
+        self._error: BaseException | None = None
         self._outcome: dict[str, Any] | None = None
+        if skipped:
+            self._outcome = {"status": "skipped"}
+            for e in (self._staged, self._done, self._ready_next):
+                e.set()
+
+    def staged(self) -> bool:
+        """Whether the staging copy is done (always true for a synchronous save)."""
+        return self._staged.is_set()
 
     def done(self) -> bool:
-        if self._outcome is not None:
-            return True
-        ray = _ray()
-        ready, _ = ray.wait([self._staged_ref], timeout=0)
-        if not ready:
-            return False
-        try:
-            self.result(timeout=0.001)
-        except StoreTimeoutError:
-            return False
-        except SnapstoreError:
-            return True
-        return True
+        return self._done.is_set()
 
     def result(self, timeout: float | None = DEFAULT_TIMEOUT) -> int:
-        """Wait until the step is committed and return it.
+        if not self._done.wait(timeout):
+            raise StoreTimeoutError(
+                f"job {self.client.job!r} step {self.step} not committed within {timeout} s"
+            )
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        if self._outcome["status"] == "skipped":
+            raise SaveFailedError(
+                f"job {self.client.job!r} step {self.step} was skipped: the previous save was "
+                "still committing (policy 'skip')"
+            )
+        if self._outcome["status"] != "committed":
+            raise SaveFailedError(
+                f"job {self.client.job!r} step {self.step} was not committed: "
+                f"{self._outcome.get('reason', self._outcome['status'])}; "
+                "the previous committed step is intact"
+            )
+        return self.step
 
-        Raises SaveFailedError (the step will never commit; the previous one is
-        intact) or StoreTimeoutError.
-        """
-        if self._outcome is not None:
-            return self._finish(self._outcome)
-        ray = _ray()
-        deadline = time.monotonic() + (DEFAULT_TIMEOUT if timeout is None else timeout)
-        try:
-            ray.get(self._staged_ref, timeout=max(0.001, deadline - time.monotonic()))
-        except ray.exceptions.GetTimeoutError:
-            raise StoreTimeoutError(f"step {self.step} was not staged within {timeout} s") from None
-        except ray.exceptions.RayError as e:
-            self._outcome = {"status": "failed", "reason": f"staging failed: {_cause(e)}"}
-            return self._finish(self._outcome)
-        coord = self.client.store.coordinator()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StoreTimeoutError(f"step {self.step} not committed within {timeout} s")
-            try:
-                reply = ray.get(
-                    coord.wait_commit.remote(self.client.job, self.step, min(left, 10.0)),
-                    timeout=min(left, 10.0) + 10.0,
-                )
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
-                logger.info("waiting for commit: %s; retrying", e)
-                time.sleep(0.2)
-                continue
-            if reply["status"] != "pending":
-                self._outcome = reply
-                self.client._committed(self.step, reply, time.monotonic() - self._started)
-                return self._finish(reply)
+    # -- set by the client's threads --
 
-    def _finish(self, outcome: dict[str, Any]) -> int:
-        if outcome["status"] == "committed":
-            return self.step
-        raise SaveFailedError(
-            f"job {self.client.job!r} step {self.step} was not committed: "
-            f"{outcome.get('reason', outcome['status'])}; the previous committed step is intact"
-        )
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._staged.set()
+        self._done.set()
+        self._ready_next.set()
 
-
-def _cause(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)
-    return str(cause if cause is not None else e).strip().splitlines()[-1]
+    def _resolve(self, outcome: dict[str, Any]) -> None:
+        self._outcome = outcome
+        self._done.set()
 
 
 class Client:
-    """Save and restore one rank's state of one job. Not thread-safe: one per rank.
+    """Save and restore one rank's state of one job.
 
     ``node_id`` defaults to the Ray node this process runs on; the client
-    stages into that node's SMP. Every call takes a timeout.
+    stages into that node's SMP. ``policy`` says what ``save`` does while the
+    previous save is still committing: ``"wait"`` for it (default) or
+    ``"skip"`` this step. ``dp`` (a :class:`clients.dp.DPGroup`, or a
+    torch.distributed process group of the DP ranks) stores replicated state
+    once per DP group. ``deltas=False`` copies everything every step (for
+    code that changes tensors behind their version counter, e.g. via
+    ``.data``). Every call takes a timeout.
     """
 
     def __init__(
@@ -140,17 +145,25 @@ class Client:
         rundir: str | None = None,
         node_id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        policy: str = "wait",
+        deltas: bool = True,
+        dp: Any = None,
+        replicated: tuple[str, ...] | list[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         check_job_name(job)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.job = job
-        self.rank = rank
-        self.world_size = world_size
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.job, self.rank, self.world_size = job, rank, world_size
         self.timeout = timeout
+        self.policy = policy
+        self.dp = _dp_group(dp, replicated)
         self.store = store or connect(rundir)
         self.store.connect_ray()
-        ray = _ray()
+        import ray
+
         self.node_id = node_id or ray.get_runtime_context().get_node_id()
         try:
             self.smp = ray.get_actor(smp_name(self.node_id), namespace=self.store.namespace)
@@ -159,109 +172,237 @@ class Client:
                 f"no SMP on node {self.node_id[:12]}: is this process on a store node? "
                 "(pass node_id= to choose one)"
             ) from None
+        self._stager = Stager(deltas=deltas, threads=threads)
         self._layout: Any = None
-        self._maps: dict[tuple[int, int], Segment] = {}
-        self.stats: dict[str, Any] = {"saves": 0, "last_commit_latency": None}
+        self._lease: dict[str, Any] | None = None
+        self._lease_lock = threading.Lock()
+        self._last_size = 0
+        self._last_step: int | None = None
+        self._committed_step: int | None = None
+        self._inflight: SaveFuture | None = None
+        self._staging: concurrent.futures.Future[None] | None = None
+        self._copier = concurrent.futures.ThreadPoolExecutor(1, f"snapstore-copy-{rank}")
+        self._follower = concurrent.futures.ThreadPoolExecutor(1, f"snapstore-follow-{rank}")
+        self._unreported = {"waits": 0, "wait_seconds": 0.0, "skipped": 0, "bytes_copied": 0}
+        self.metrics: dict[str, Any] = {
+            "saves": 0,
+            "skipped": 0,
+            "waits": 0,
+            "wait_seconds": 0.0,
+            "bytes_copied": 0,
+            "bytes_staged": 0,
+        }
+        self._closed = False
 
     # -- saving ---------------------------------------------------------------
 
-    def save(self, step: int, state: Any, *, timeout: float | None = None) -> SaveFuture:
-        """Stage ``state`` as ``step`` and return the future of its commit."""
-        from snapstore.format import plan
+    def save(
+        self, step: int, state: Any, *, lazy: bool = False, timeout: float | None = None
+    ) -> SaveFuture:
+        """Stage ``state`` as ``step``; return the future of its commit.
 
+        Blocks only for the staging copy (``lazy=False``), or not at all
+        (``lazy=True``: the copy runs on a background thread; call
+        :meth:`wait_staged` before anything modifies the state's tensors,
+        i.e. before the optimizer step).
+        """
+        self._check_open()
         timeout = self.timeout if timeout is None else timeout
-        t0 = time.monotonic()
-        layout = plan(state, previous=self._layout)
-        self._layout = layout
-        bound = layout.bind(state)
-        manifest = bound.manifest()
-        size = frame_size(layout.nbytes, len(manifest))
-        slot = self._prepare(step, size, timeout)
-        seg = self._map(slot["path"], writable=True)
-        bound.copy_into(seg.array[: layout.nbytes])
-        write_trailer(seg.array, layout.nbytes, manifest, step)
-        ref = self.smp.staged.remote(self.job, self.rank, step, size, self.world_size)
-        self.stats["saves"] += 1
-        self.stats["last_stage_seconds"] = time.monotonic() - t0
-        self.stats["last_bytes"] = size
-        return SaveFuture(self, step, ref, t0)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step {step} is not after the last saved step {self._last_step}")
+        self.wait_staged(timeout)
+        prev = self._inflight
+        if prev is not None and not prev._ready_next.is_set():
+            if self.policy == "skip":
+                self._count(skipped=1)
+                return SaveFuture(self, step, skipped=True)
+            t0 = time.monotonic()
+            if not prev._ready_next.wait(timeout):
+                raise StoreTimeoutError(
+                    f"the previous save (step {prev.step}) did not commit within {timeout} s"
+                )
+            self._count(waits=1, wait_seconds=time.monotonic() - t0)
+        from snapstore.format import bind
 
-    def _prepare(self, step: int, size: int, timeout: float | None = None) -> dict[str, Any]:
-        """Ask this node's SMP for a slot of ``size`` bytes for ``step``."""
-        ref = self.smp.prepare.remote(self.job, self.rank, step, size)
-        return dict(call(ref, self.timeout if timeout is None else timeout, "SMP.prepare"))
+        t0 = time.perf_counter()
+        stored = shard(localize(state), self.dp) if self.dp else localize(state)
+        binding = bind(stored, previous=self._layout)
+        self._layout = binding.layout
+        manifest = binding.manifest()
+        size = frame_size(binding.layout.nbytes, len(manifest))
+        lease = self._take_lease(size, timeout)
+        try:
+            seg, slot = self._stager.maps.get(lease["path"], writable=True)
+        except FileNotFoundError:
+            # A lease taken ahead of time whose slot the SMP has since lost
+            # (it restarted without its memory): ask again.
+            lease = dict(
+                call(self.smp.lease.remote(self.job, self.rank, size), timeout, "SMP.lease")
+            )
+            seg, slot = self._stager.maps.get(lease["path"], writable=True)
+        plan = self._stager.plan(binding, slot, lease.get("holds"), self._committed_step)
+        if plan.changed is not None:
+            plan.changed.append([binding.layout.nbytes, size - binding.layout.nbytes])
+        fut = SaveFuture(self, step)
+        fut.stats.update(bytes_total=size, bytes_copied=plan.copy_bytes, delta_copy=not plan.full)
+        self._last_step = step
+        self._inflight = fut
+        self._last_size = size
 
-    def _committed(self, step: int, reply: dict[str, Any], latency: float) -> None:
-        self.stats["last_commit_latency"] = latency
+        def stage() -> None:
+            try:
+                self._stager.copy(binding, plan, seg, slot)
+                write_trailer(seg.array, binding.layout.nbytes, manifest, step)
+            except BaseException as e:
+                self._stager.forget()
+                fut._fail(SnapstoreError(f"staging copy of step {step} failed: {e!r}"))
+                raise
+            self._stager.wrote(step, binding, plan, slot)
+            fut.stats["stage_seconds"] = time.perf_counter() - t0
+            self._count(bytes_copied=plan.copy_bytes)
+            report, self._unreported = self._unreported, dict.fromkeys(self._unreported, 0)
+            ref = self.smp.staged.remote(
+                self.job,
+                self.rank,
+                step,
+                size,
+                self.world_size,
+                plan.changed,
+                plan.base_step,
+                report,
+            )
+            fut._staged.set()
+            self._follower.submit(self._follow, fut, ref, timeout)
+
+        self.metrics["saves"] += 1
+        self.metrics["bytes_staged"] += size
+        if lazy:
+            self._staging = self._copier.submit(stage)
+        else:
+            stage()
+        return fut
+
+    def wait_staged(self, timeout: float | None = None) -> None:
+        """Wait until the last lazy save's copy is done; raise if it failed.
+
+        Call it before anything modifies the tensors of a state saved with
+        ``lazy=True`` (normally: right before ``optimizer.step()``).
+        """
+        staging, self._staging = self._staging, None
+        if staging is None:
+            return
+        try:
+            staging.result(self.timeout if timeout is None else timeout)
+        except concurrent.futures.TimeoutError:
+            self._staging = staging
+            raise StoreTimeoutError(f"the staging copy did not finish within {timeout} s") from None
+
+    def _follow(self, fut: SaveFuture, staged_ref: Any, timeout: float) -> None:
+        """Follower thread: wait for the commit, then lease the next slot ahead of time."""
+        deadline = time.monotonic() + timeout
+        try:
+            call(staged_ref, timeout, "SMP.staged")
+            coord = self.store.coordinator()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreTimeoutError(f"step {fut.step} not committed within {timeout} s")
+                reply = call(
+                    coord.wait_commit.remote(self.job, fut.step, min(left, 10.0)),
+                    min(left, 10.0) + 10.0,
+                    "coordinator.wait_commit",
+                )
+                if reply["status"] != "pending":
+                    break
+        except BaseException as e:
+            fut._fail(e if isinstance(e, SnapstoreError) else SnapstoreError(repr(e)))
+            return
+        fut.stats.update(reply.get("stats") or {})
+        fut.stats["commit_seconds"] = timeout - (deadline - time.monotonic())
+        if reply["status"] == "committed":
+            self._committed_step = fut.step
+        fut._resolve(reply)
+        try:
+            self._prefetch_lease()
+        finally:
+            fut._ready_next.set()
+
+    def _take_lease(self, size: int, timeout: float) -> dict[str, Any]:
+        with self._lease_lock:
+            lease, self._lease = self._lease, None
+        if lease is not None and lease["capacity"] >= size:
+            return lease
+        ref = self.smp.lease.remote(self.job, self.rank, size)
+        return dict(call(ref, timeout, "SMP.lease"))
+
+    def _prefetch_lease(self) -> None:
+        if self._closed or not self._last_size:
+            return
+        try:
+            lease = call(
+                self.smp.lease.remote(self.job, self.rank, self._last_size),
+                self.timeout,
+                "SMP.lease",
+            )
+            self._stager.maps.get(lease["path"], writable=True)  # map it now, not in save
+        except SnapstoreError as e:
+            logger.info("could not lease the next slot ahead of time: %s", e)
+            return
+        with self._lease_lock:
+            self._lease = dict(lease)
+
+    def _count(self, **deltas: float) -> None:
+        for k, v in deltas.items():
+            self.metrics[k] = self.metrics.get(k, 0) + v
+            if k in self._unreported:
+                self._unreported[k] += v
 
     # -- restoring ------------------------------------------------------------
 
     def latest_step(self, timeout: float | None = None) -> int | None:
         """The job's last globally committed step, or None."""
-        return self.store.call(
-            "latest", self.job, timeout=self.timeout if timeout is None else timeout
-        )
+        timeout = self.timeout if timeout is None else timeout
+        latest = self.store.call("latest", self.job, timeout=timeout)
+        return None if latest is None else int(latest)
 
     def restore(self, into: Any = None, *, timeout: float | None = None) -> tuple[int, Any]:
-        """Return ``(step, state)`` of the last committed step; ``into=`` restores in place.
+        """Return ``(step, state)`` of the job's last committed step.
 
-        Every piece is checked against its checksum; a corrupt piece is
-        rebuilt from its stripe group first. Raises SnapshotNotFoundError when
-        the job has no committed step, UnrecoverableError when more than m
-        chunks of a stripe are lost.
+        ``into=`` a live state (same structure as saved) restores in place:
+        its tensors are overwritten and returned, no new allocation. Every
+        piece is checked against its checksum; a corrupt or lost piece is
+        rebuilt from its stripe group first. Raises SnapshotNotFoundError
+        when the job has no committed step, UnrecoverableError when more
+        than m chunks of a stripe are lost.
         """
+        self._check_open()
         from snapstore.format import unpack
 
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         t0 = time.monotonic()
-        source = "local"
-        for _attempt in range(3):
-            left = max(0.1, deadline - time.monotonic())
-            plan = call(
-                self.store.coordinator().restore_plan.remote(
-                    self.job, self.rank, self.node_id, left
-                ),
-                left + 5,
-                "coordinator.restore_plan",
-            )
-            if not plan["ok"]:
-                _raise_plan_error(self.job, self.rank, plan)
-            step, size, sums = plan["step"], plan["size"], plan["sums"]
-            if plan["local"]:
-                res = call(
-                    self.smp.open_committed.remote(self.job, self.rank, step, size, sums),
-                    left,
-                    "SMP.open_committed",
-                )
-                source = "local"
-            else:
-                res = call(
-                    self.smp.fetch.remote(self.job, self.rank, step, size, sums, plan["home_peer"]),
-                    left,
-                    "SMP.fetch",
-                )
-                source = f"node {plan['home'][:12]}"
-            if not res["bad"] and res["path"]:
-                break
-            rep = call(
-                self.store.coordinator().repair.remote(self.job, self.rank, step, res["bad"]),
-                left,
-                "coordinator.repair",
-            )
-            if not rep["ok"] and rep["error"] == "unrecoverable":
-                raise UnrecoverableError(
-                    f"job {self.job!r} rank {self.rank} step {step}: pieces {res['bad']} fail "
-                    "their checksums and cannot be rebuilt",
-                    rep.get("lost", []),
-                )
-        else:
-            raise SnapstoreError(f"job {self.job!r} rank {self.rank}: restore kept failing")
-        seg = self._map(res["path"], writable=False)
+        self.wait_staged(timeout)
+        live = localize(into) if into is not None else None
+        step, seg, size, source = self._open(self.rank, deadline, restarted=True)
         framed = read_frame(seg.array, size)
-        if framed.step != step:
-            raise SnapstoreError(f"slot holds step {framed.step}, expected {step}")
-        state = unpack(framed.manifest, framed.data, into=into)
+        state = unpack(framed.manifest, framed.data, into=live)
+        holes = placeholders(state) if self.dp else {}
+        for owner in sorted(set(holes.values())):
+            ostep, oseg, osize, _ = self._open(owner, deadline, restarted=False)
+            if ostep != step:
+                raise SnapstoreError(
+                    f"rank {owner}'s committed step {ostep} differs from {step}; retry restore"
+                )
+            oframed = read_frame(oseg.array, osize)
+            theirs = unpack(oframed.manifest, oframed.data, copy=False)
+            wanted = {p: _get(theirs, p) for p, o in holes.items() if o == owner}
+            fill(state, wanted, into=live)
+        self._stager.forget()
+        with self._lease_lock:
+            self._lease = None
+        self._last_step = step
+        self._committed_step = step
+        self._inflight = None
         self.store.coordinator().note_restore.remote(
             self.job,
             self.rank,
@@ -274,29 +415,82 @@ class Client:
         )
         return step, state
 
-    # -- internals ------------------------------------------------------------
+    def _open(self, rank: int, deadline: float, restarted: bool) -> tuple[int, Any, int, str]:
+        """Map rank ``rank``'s committed buffer on this node (fetched or rebuilt if needed)."""
+        coord = self.store.coordinator()
+        for _attempt in range(4):
+            left = max(0.1, deadline - time.monotonic())
+            plan = call(
+                coord.restore_plan.remote(self.job, rank, self.node_id, left, restarted),
+                left + 5,
+                "coordinator.restore_plan",
+            )
+            if not plan["ok"]:
+                _raise_plan_error(self.job, rank, plan)
+            step, size, sums = plan["step"], plan["size"], plan["sums"]
+            if plan["local"]:
+                ref = self.smp.open_committed.remote(self.job, rank, step, size, sums)
+                source = "local"
+            else:
+                ref = self.smp.fetch.remote(self.job, rank, step, size, sums, plan["home_peer"])
+                source = f"node {plan['home'][:12]}"
+            res = call(ref, left, "SMP.open_committed" if plan["local"] else "SMP.fetch")
+            if res["path"] and not res["bad"]:
+                seg, _ = self._stager.maps.get(res["path"], writable=False)
+                return step, seg, size, source
+            rep = call(
+                coord.repair.remote(self.job, rank, step, res["bad"]),
+                left,
+                "coordinator.repair",
+            )
+            if not rep["ok"] and rep["error"] == "unrecoverable":
+                raise UnrecoverableError(
+                    f"job {self.job!r} rank {rank} step {step}: pieces {res['bad']} fail "
+                    "their checksums and cannot be rebuilt",
+                    rep.get("lost", []),
+                )
+        raise SnapstoreError(f"job {self.job!r} rank {rank}: restore kept failing")
 
-    def _map(self, path: str, writable: bool) -> Segment:
-        st = os.stat(path)
-        key = (st.st_dev, st.st_ino)
-        seg = self._maps.get(key)
-        if seg is not None and seg.size == st.st_size and (seg.writable or not writable):
-            seg.path = path
-            return seg
-        if seg is not None:
-            seg.close()
-        seg = Segment.open(path, writable=writable)
-        self._maps[key] = seg
-        # Keep at most a few mappings: the two slots of this rank, and a restore.
-        while len(self._maps) > 4:
-            old = next(iter(self._maps))
-            self._maps.pop(old).close()
-        return seg
+    # -- lifecycle -------------------------------------------------------------
 
-    def close(self) -> None:
-        for seg in self._maps.values():
-            seg.close()
-        self._maps.clear()
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SnapstoreError("this client is closed")
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the last copy, stop the helper threads, unmap the slots."""
+        if self._closed:
+            return
+        try:
+            self.wait_staged(timeout)
+        finally:
+            self._closed = True
+            self._copier.shutdown(wait=True)
+            self._follower.shutdown(wait=False, cancel_futures=True)
+            self._stager.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dp_group(dp: Any, replicated: tuple[str, ...] | list[str] | None) -> DPGroup | None:
+    if dp is None:
+        if replicated:
+            raise ValueError("replicated= needs dp= (the data-parallel group)")
+        return None
+    globs = tuple(replicated) if replicated else ("*",)
+    if isinstance(dp, DPGroup):
+        return DPGroup(dp.index, dp.ranks, globs if replicated else dp.replicated)
+    return DPGroup.from_process_group(dp, globs)
+
+
+def _get(obj: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        obj = obj[p]
+    return obj
 
 
 def _raise_plan_error(job: str, rank: int, plan: dict[str, Any]) -> None:

@@ -59,46 +59,110 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
+    from server.views import build_view
     from snapstore.lifecycle import connect
 
-    rows = connect(args.runtime_dir).nodes()
+    view = build_view(connect(args.runtime_dir).status(events=0))
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps([n.model_dump(mode="json") for n in view.nodes], indent=1))
         return 0
-    print(
-        f"{'node':14} {'address':15} {'status':8} {'beat':>6} {'group':>5} "
-        f"{'used':>10} {'budget':>10}"
-    )
-    for n in rows:
-        print(
-            f"{n['node_id'][:12]:14} {n['address'] or '-':15} {n['status']:8} "
-            f"{n['heartbeat_age']:6.2f} {n['group'] if n['group'] is not None else '-':>5} "
-            f"{format_size(n['used']):>10} {format_size(n['budget']):>10}"
-        )
+    _print_nodes(view)
     return 0
+
+
+def _print_nodes(view: Any) -> None:
+    print(
+        f"{'node':14} {'address':15} {'status':8} {'beat s':>6} {'group':>5} "
+        f"{'used':>10} {'budget':>10} {'data':>10} {'parity':>10}"
+    )
+    for n in view.nodes:
+        print(
+            f"{n.node_id[:12]:14} {n.address or '-':15} {n.status:8} {n.heartbeat_age:6.2f} "
+            f"{'-' if n.group is None else n.group:>5} {format_size(n.used_bytes):>10} "
+            f"{format_size(n.budget_bytes):>10} {format_size(n.data_bytes):>10} "
+            f"{format_size(n.parity_bytes):>10}"
+        )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Nodes, jobs with their redundancy, recent events: what the REST API serves.
+
+    The coordinator's snapshot goes through the REST server's own derivation
+    (:func:`server.views.build_view`), so this table and the API agree.
+    """
+    import time
+
+    from server.views import build_view
     from snapstore.lifecycle import connect
 
     store = connect(args.runtime_dir)
-    snap = store.status(events=args.events)
+    view = build_view(store.status(events=max(0, args.events)))
+    server = store.state.get("server") or {}
     if args.json:
-        snap["rest_url"] = (store.state.get("server") or {}).get("url")
-        print(json.dumps(snap, indent=1, default=str))
+        out = {
+            "store_id": view.store_id,
+            "time": view.time,
+            "config": dict(view.snapshot.get("config") or {}),
+            "rest_url": server.get("url"),
+            "rest_token_required": bool(server.get("token")),
+            "nodes": [n.model_dump(mode="json") for n in view.nodes],
+            "groups": view.groups,
+            "jobs": [
+                dict(
+                    jv.job.model_dump(mode="json"),
+                    snapshot=None if jv.committed is None else _jsonable(jv.committed),
+                )
+                for _, jv in sorted(view.jobs.items())
+            ],
+            "events": [e.model_dump(mode="json", exclude_none=True) for e in view.events],
+        }
+        print(json.dumps(out, indent=1))
         return 0
-    print(f"store {snap['store_id']}  k={snap['config']['k']} m={snap['config']['m']}")
-    _cmd_nodes(args)
+    cfg = view.snapshot.get("config") or {}
+    print(
+        f"store {view.store_id}  k={cfg.get('k')} m={cfg.get('m')}  "
+        f"{len(view.alive)}/{len(view.nodes)} nodes alive  "
+        f"REST {server.get('url') or 'not running'}"
+    )
     print()
-    for j in snap["jobs"]:
+    _print_nodes(view)
+    print()
+    if not view.jobs:
+        print("no jobs yet")
+    else:
         print(
-            f"job {j['job']}: world size {j['world_size']}, latest step {j['latest_step']}, "
-            f"{j['status']} {j['status_detail']}"
+            f"{'job':20} {'world':>5} {'step':>8} {'status':12} {'can lose':>8} "
+            f"{'stripes h/d/l':>13} {'pending':10} detail"
         )
-    print()
-    for e in snap["events"][-args.events :]:
-        print(f"  {e['kind']:14} {e['message']}")
+    for name, jv in sorted(view.jobs.items()):
+        j, r = jv.job, jv.job.redundancy
+        print(
+            f"{name[:20]:20} {j.world_size:>5} "
+            f"{'-' if j.latest_step is None else j.latest_step:>8} {j.status:12} "
+            f"{'-' if r is None else r.can_lose:>8} "
+            f"{'-' if r is None else f'{r.healthy}/{r.degraded}/{r.lost}':>13} "
+            f"{','.join(map(str, j.pending_steps)) or '-':10} {j.status_detail}"
+        )
+    if args.events > 0:
+        print()
+        print("recent events:")
+        for e in view.events[-args.events :]:
+            when = time.strftime("%H:%M:%S", time.localtime(e.time))
+            print(f"  {when} {e.kind:16} {e.message}")
     return 0
+
+
+def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
+    from server.models import SnapshotDetail
+
+    env: dict[str, Any] = {
+        "store_id": "",
+        "snapshot_time": 0.0,
+        "snapshot_age": 0.0,
+        "stale": False,
+    }
+    full = SnapshotDetail(**env, **detail).model_dump(mode="json")
+    return {k: v for k, v in full.items() if k not in env}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,12 +182,14 @@ def _parser() -> argparse.ArgumentParser:
     down.set_defaults(func=_cmd_down)
 
     nodes = sub.add_parser("nodes", help="list the store's nodes")
-    nodes.add_argument("--json", action="store_true")
+    nodes.add_argument("--json", action="store_true", help="print JSON, as GET /v1/nodes")
     nodes.set_defaults(func=_cmd_nodes)
 
     status = sub.add_parser("status", help="nodes, jobs, redundancy and recent events")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--events", type=int, default=10)
+    status.add_argument(
+        "--json", action="store_true", help="print JSON (with the REST URL) instead of tables"
+    )
+    status.add_argument("--events", type=int, default=10, help="recent events to show [10]")
     status.set_defaults(func=_cmd_status)
     return p
 

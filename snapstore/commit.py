@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from snapstore.placement import plan_parity
 from snapstore.record import RankEntry, StepRecord
 from snapstore.state import ALIVE, JobState, Pending
-from snapstore.tasks import parity_build_orders
+from snapstore.tasks import parity_build_orders, parity_delta_orders, same_geometry
 
 if TYPE_CHECKING:
     from snapstore.coordinator import Coordinator
@@ -64,8 +64,12 @@ def rank_staged(
     size: int,
     sums: list[int],
     world_size: int,
+    delta: dict[str, Any] | None = None,
+    client: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     js = _job(coord, job, world_size)
+    if client:
+        _count_client(coord, client)
     if world_size != js.world_size:
         if js.committed is None and not js.pending:
             js.world_size = world_size
@@ -92,10 +96,28 @@ def rank_staged(
     if p.committing:
         return {"ok": False, "error": f"step {step} of job {job!r} is already being committed"}
     p.staged[rank] = RankEntry(node, size, tuple(sums))
+    p.deltas[rank] = delta
     if len(p.staged) == world_size:
         p.committing = True
         coord.spawn(commit_step(coord, job, step))
     return {"ok": True}
+
+
+_CLIENT_COUNTERS = {
+    "waits": "save_waits_total",
+    "wait_seconds": "save_wait_seconds_total",
+    "skipped": "saves_skipped_total",
+    "bytes_copied": "staged_bytes_total",
+}
+
+
+def _count_client(coord: Coordinator, client: dict[str, Any]) -> None:
+    """Fold what a trainer's client measured since its last save into the store's counters."""
+    counters = coord.events.metrics.counters
+    for key, name in _CLIENT_COUNTERS.items():
+        value = client.get(key)
+        if isinstance(value, (int, float)) and value > 0:
+            counters[name] += value
 
 
 def abandon(coord: Coordinator, job: str, rank: int, step: int) -> dict[str, Any]:
@@ -147,8 +169,9 @@ async def commit_step(coord: Coordinator, job: str, step: int) -> None:
         if p is None:
             return
         t0 = time.time()
+        stats: dict[str, Any] = {}
         try:
-            record = await _build(coord, js, p)
+            record = await _build(coord, js, p, stats)
         except Exception as e:
             logger.warning("commit of %s step %d failed: %s", job, step, e)
             abort(coord, js, step, str(e))
@@ -184,11 +207,15 @@ async def commit_step(coord: Coordinator, job: str, step: int) -> None:
             step=step,
             latency=round(js.last_commit_latency, 4),
             unacked=missing or None,
+            **stats,
         )
-        js.resolve(step, {"status": "committed", "step": step})
+        counters = coord.events.metrics.counters
+        counters["committed_bytes_total"] += record.data_bytes()
+        counters["parity_network_bytes_total"] += stats.get("peer_bytes", 0)
+        js.resolve(step, {"status": "committed", "step": step, "stats": stats})
 
 
-async def _build(coord: Coordinator, js: JobState, p: Pending) -> StepRecord:
+async def _build(coord: Coordinator, js: JobState, p: Pending, stats: dict[str, Any]) -> StepRecord:
     cfg = coord.cfg
     for r, e in p.staged.items():
         ns = coord.nodes.get(e.node)
@@ -211,13 +238,40 @@ async def _build(coord: Coordinator, js: JobState, p: Pending) -> StepRecord:
         groups=groups,
         parity=tuple(plan_parity(p.staged, groups, cfg.k, cfg.m) if groups else ()),
     )
-    record = await build_parity(coord, record, PARITY_TIMEOUT)
+    base = js.committed
+    deltas = p.deltas
+    if (
+        base is not None
+        and record.parity
+        and all(d is not None and d.get("base_step") == base.step for d in deltas.values())
+        and len(deltas) == record.world_size
+        and not js.relocated
+        and same_geometry(record, base)
+    ):
+        orders = parity_delta_orders(record, base, deltas, coord.peers(), cfg.backend)  # type: ignore[arg-type]
+        stats["delta"] = True
+        stats["delta_bytes"] = sum(int(d["bytes"]) for d in deltas.values() if d)
+    else:
+        orders = parity_build_orders(record, coord.peers(), cfg.backend)
+        stats["delta"] = False
+    record = await build_parity(coord, record, PARITY_TIMEOUT, orders, stats)
     return record.replace(committed_at=time.time())
 
 
-async def build_parity(coord: Coordinator, record: StepRecord, timeout: float) -> StepRecord:
-    """Have every parity holder of ``record`` compute its chunks; return it with their sums."""
-    orders = parity_build_orders(record, coord.peers(), coord.cfg.backend)
+async def build_parity(
+    coord: Coordinator,
+    record: StepRecord,
+    timeout: float,
+    orders: dict[str, dict[str, Any]] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> StepRecord:
+    """Have every parity holder of ``record`` compute its chunks; return it with their sums.
+
+    ``orders`` default to computing parity from the data members; ``stats``
+    gets the bytes the holders read from other nodes (``peer_bytes``).
+    """
+    if orders is None:
+        orders = parity_build_orders(record, coord.peers(), coord.cfg.backend)
     nodes = list(orders)
     results = await asyncio.gather(
         *(asyncio.wait_for(coord.handle(n).build_parity.remote(orders[n]), timeout) for n in nodes),
@@ -231,6 +285,10 @@ async def build_parity(coord: Coordinator, record: StepRecord, timeout: float) -
         detail = "; ".join(f"node {n}: {_short(e)}" for n, e in failures.items())
         raise RuntimeError(f"parity failed ({detail})") from first
     sums = {n: list(r["sums"]) for n, r in zip(nodes, results, strict=True) if isinstance(r, dict)}
+    if stats is not None:
+        stats["peer_bytes"] = sum(
+            int(r.get("peer_bytes", 0)) for r in results if isinstance(r, dict)
+        )
     filled = []
     cursor: dict[str, int] = {}
     for pe in record.parity:

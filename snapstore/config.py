@@ -20,7 +20,7 @@ from snapstore.errors import ConfigError
 
 __all__ = ["JOB_NAME_RE", "StoreConfig", "check_job_name", "format_size", "parse_size"]
 
-JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+JOB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _UNITS = {
     "": 1,
@@ -42,6 +42,8 @@ _UNITS = {
 
 def parse_size(text: str | int, what: str = "size") -> int:
     """Parse ``"2GiB"``, ``"512M"``, ``"1.5g"`` or an int into bytes (K/M/G/T are binary)."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a size, got {text!r}")
     if isinstance(text, int):
         if text < 0:
             raise ConfigError(f"{what}: expected a non-negative size, got {text}")
@@ -66,7 +68,7 @@ def format_size(n: float) -> str:
 
 def check_job_name(job: str) -> str:
     """Job names become parts of shared-memory file names: keep them tame."""
-    if not isinstance(job, str) or not JOB_NAME_RE.match(job):
+    if not isinstance(job, str) or not JOB_NAME_RE.fullmatch(job):
         raise ConfigError(
             f"job name {job!r}: use 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -132,6 +134,14 @@ class StoreConfig:
             )
         if self.reprotect_delay < 0:
             raise ConfigError(f"reprotect_delay must be >= 0, got {self.reprotect_delay}")
+        if not self.save_timeout > 0:
+            raise ConfigError(f"save_timeout must be > 0, got {self.save_timeout}")
+        if self.backend == "liberasurecode_rs_vand":
+            # It codes 16-bit words; stripes are cut at any byte.
+            raise ConfigError(
+                "backend liberasurecode_rs_vand codes 2-byte words and cannot code the "
+                "store's byte-granular chunks; use isa_l_rs_vand or isa_l_rs_cauchy"
+            )
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None, **args: Any) -> StoreConfig:
@@ -171,6 +181,8 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
                 return 0
             return parse_size(value, name)
         if typ == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ConfigError(f"{name}: expected an integer, got {value!r}")
             return int(value)
         if typ == "float":
             return float(value)

@@ -284,9 +284,13 @@ class Coordinator:
         size: int,
         sums: list[int],
         world_size: int,
+        delta: dict[str, Any] | None = None,
+        client: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         await self._ensure_started()
-        return commit.rank_staged(self, job, step, rank, node, size, sums, world_size)
+        return commit.rank_staged(
+            self, job, step, rank, node, size, sums, world_size, delta, client
+        )
 
     async def abandon(self, job: str, rank: int, step: int) -> dict[str, Any]:
         await self._ensure_started()
@@ -314,9 +318,11 @@ class Coordinator:
 
     # -- restoring ------------------------------------------------------------
 
-    async def restore_plan(self, job: str, rank: int, node: str, timeout: float) -> dict[str, Any]:
+    async def restore_plan(
+        self, job: str, rank: int, node: str, timeout: float, restarted: bool = True
+    ) -> dict[str, Any]:
         await self._ensure_started()
-        return await recovery.restore_plan(self, job, rank, node, timeout)
+        return await recovery.restore_plan(self, job, rank, node, timeout, restarted)
 
     async def repair(self, job: str, rank: int, step: int, bad: list[int]) -> dict[str, Any]:
         await self._ensure_started()

@@ -46,7 +46,7 @@ from snapstore.manifest import (
 )
 from snapstore.tree import Flat, encode_tree, flatten, path_str, unsupported
 
-__all__ = ["Binding", "Layout", "as_byte_tensor", "plan"]
+__all__ = ["Binding", "Layout", "as_byte_tensor", "bind", "plan"]
 
 TORCH_DTYPE: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in TORCH_DTYPES if hasattr(torch, name)
@@ -77,6 +77,11 @@ class Layout:
     _refs: tuple[msgpack.ExtType, ...] = field(repr=False, compare=False)
     _gaps: tuple[tuple[int, int], ...] = field(repr=False, compare=False)
     """``(start, size)`` of the padding, zeroed on every copy so the data is deterministic."""
+
+    @property
+    def gaps(self) -> tuple[tuple[int, int], ...]:
+        """``(start, size)`` of the padding between regions (zero in every packed buffer)."""
+        return self._gaps
 
     def bind(self, state: object) -> Binding:
         """Resolve ``state``'s live tensors (FormatError if it no longer fits this layout)."""
@@ -173,6 +178,13 @@ class Binding:
     def manifest(self) -> bytes:
         """Manifest bytes for the state's current non-tensor values."""
         return self.layout._header + encode_tree(self.state, self._flat.index, self.layout._refs)
+
+
+def bind(state: object, previous: Layout | None = None) -> Binding:
+    """Plan (or reuse ``previous``) and bind in one walk of the state: the per-step entry point."""
+    flat = flatten(state)
+    layout = plan_flat(flat, describe(flat), previous)
+    return Binding(layout, state, flat)
 
 
 def plan(state: object, previous: Layout | None = None) -> Layout:

@@ -52,6 +52,22 @@ def piece_bounds(size: int, k: int, j: int) -> tuple[int, int]:
     return start, min(pl, size - start)
 
 
+_U64 = (1 << 64) - 1
+
+
+def _int(v: object) -> int:
+    """A record integer: a real int in [-(2**63), 2**64), nothing else (no floats, no bools)."""
+    if type(v) is not int or not -(1 << 63) <= v <= _U64:
+        raise ValueError(f"expected an integer, found {v!r}")
+    return v
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, found {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class RankEntry:
     """One rank's staged buffer: on ``node``, ``size`` bytes, k piece checksums."""
@@ -160,26 +176,26 @@ class StepRecord:
             raise FormatError(f"step record version {found!r}, expected {RECORD_VERSION}")
         try:
             ranks = {
-                int(r): RankEntry(str(n), int(s), tuple(int(x) for x in sums))
+                _int(r): RankEntry(_str(n), _int(s), tuple(_int(x) for x in sums))
                 for r, n, s, sums in doc["ranks"]
             }
             parity = tuple(
-                ParityEntry(int(g), int(s), int(i), str(n), int(o), int(ln), int(c))
+                ParityEntry(_int(g), _int(s), _int(i), _str(n), _int(o), _int(ln), _int(c))
                 for g, s, i, n, o, ln, c in doc["parity"]
             )
             rec = cls(
-                job=str(doc["job"]),
-                step=int(doc["step"]),
-                version=int(doc["version"]),
-                k=int(doc["k"]),
-                m=int(doc["m"]),
-                world_size=int(doc["world_size"]),
+                job=_str(doc["job"]),
+                step=_int(doc["step"]),
+                version=_int(doc["version"]),
+                k=_int(doc["k"]),
+                m=_int(doc["m"]),
+                world_size=_int(doc["world_size"]),
                 ranks=ranks,
-                groups=tuple(tuple(str(n) for n in g) for g in doc["groups"]),
+                groups=tuple(tuple(_str(n) for n in g) for g in doc["groups"]),
                 parity=parity,
                 committed_at=float(doc.get("committed_at", 0.0)),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"step record is malformed: {e!r}") from None
         rec.validate()
         return rec
@@ -197,11 +213,15 @@ class StepRecord:
         for g in self.groups:
             if len(g) < self.k + self.m:
                 raise FormatError(f"record group {list(g)} has fewer than k+m nodes")
+            if len(set(g)) != len(g):
+                raise FormatError(f"record group {list(g)} names a node twice")
             if seen & set(g):
                 raise FormatError("record groups overlap")
             seen.update(g)
         for p in self.parity:
             if not (0 <= p.group < len(self.groups)) or not self.k <= p.index < self.k + self.m:
                 raise FormatError(f"record parity entry out of range: {p}")
+            if not 0 <= p.stripe < len(self.groups[p.group]):
+                raise FormatError(f"record parity entry names stripe {p.stripe}: {p}")
             if p.offset < 0 or p.length < 0:
                 raise FormatError(f"record parity entry with negative extent: {p}")

@@ -64,12 +64,17 @@ def _lost_of(e: BaseException) -> list[str]:
 
 
 async def restore_plan(
-    coord: Coordinator, job: str, rank: int, node: str, timeout: float
+    coord: Coordinator, job: str, rank: int, node: str, timeout: float, restarted: bool = True
 ) -> dict[str, Any]:
-    """Where rank ``rank`` of ``job`` should read its last committed step from."""
+    """Where rank ``rank`` of ``job`` should read its last committed step from.
+
+    ``restarted``: the rank itself is restoring (not a peer reading its
+    buffer, as data-parallel restores do), so steps it staged before are
+    from a dead attempt and are aborted.
+    """
     deadline = time.monotonic() + timeout
     js = coord.jobs.get(job)
-    if js is not None:
+    if js is not None and restarted:
         # This rank restarted: whatever it staged before is from a dead attempt.
         for step, p in list(js.pending.items()):
             if rank in p.staged:

@@ -18,6 +18,9 @@ chunk without asking its SMP, and a restarted SMP re-adopts what it had:
 - ``d.<job>.r<rank>.s<step>.seg``: rank ``rank``'s staged buffer of ``step``
 - ``p.<job>.s<step>.v<version>.seg``: this node's parity chunks of a step
 - ``x.<job>.r<rank>.<n>.seg`` / ``x.<job>.p.<n>.seg``: spare, reusable slots
+- ``w.<job>.r<rank>.seg``: the slot a rank's trainer is leased to write next
+- ``z.<job>.r<rank>.<0|1>.seg``: XOR deltas of a rank's last save against its
+  previous step, for updating parity without moving unchanged bytes
 - ``rec.<job>.msgpack``: the last committed record of the job
 """
 
@@ -36,15 +39,21 @@ __all__ = [
     "Segment",
     "SegmentName",
     "data_name",
+    "delta_name",
+    "iter_dir",
     "parity_name",
     "parse_name",
     "record_name",
     "shm_root",
+    "spare_name",
+    "work_name",
 ]
 
-_DATA_RE = re.compile(r"^d\.(?P<job>[^/]+)\.r(?P<rank>\d+)\.s(?P<step>\d+)\.seg$")
-_PARITY_RE = re.compile(r"^p\.(?P<job>[^/]+)\.s(?P<step>\d+)\.v(?P<version>\d+)\.seg$")
-_SPARE_RE = re.compile(r"^x\.(?P<job>[^/]+)\.(?P<kind>r\d+|p)\.(?P<n>\d+)\.seg$")
+_DATA_RE = re.compile(r"^d\.(?P<job>[A-Za-z0-9._-]+)\.r(?P<rank>\d+)\.s(?P<step>\d+)\.seg$")
+_PARITY_RE = re.compile(r"^p\.(?P<job>[A-Za-z0-9._-]+)\.s(?P<step>\d+)\.v(?P<version>\d+)\.seg$")
+_SPARE_RE = re.compile(r"^x\.(?P<job>[A-Za-z0-9._-]+)\.(?P<kind>r\d+|p)\.(?P<n>\d+)\.seg$")
+_WORK_RE = re.compile(r"^w\.(?P<job>[A-Za-z0-9._-]+)\.r(?P<rank>\d+)\.seg$")
+_DELTA_RE = re.compile(r"^z\.(?P<job>[A-Za-z0-9._-]+)\.r(?P<rank>\d+)\.(?P<bit>[01])\.seg$")
 
 
 def shm_root() -> str:
@@ -72,13 +81,22 @@ def spare_name(job: str, rank: int | None, n: int) -> str:
     return f"x.{job}.{kind}.{n}.seg"
 
 
+def work_name(job: str, rank: int) -> str:
+    return f"w.{job}.r{rank}.seg"
+
+
+def delta_name(job: str, rank: int, bit: int) -> str:
+    """Two per rank, by step parity: a step's deltas stay intact while the next is staged."""
+    return f"z.{job}.r{rank}.{bit & 1}.seg"
+
+
 def record_name(job: str) -> str:
     return f"rec.{job}.msgpack"
 
 
 @dataclass(frozen=True)
 class SegmentName:
-    """What a segment file name says: kind "data", "parity" or "spare"."""
+    """What a segment file name says: kind "data", "parity", "spare", "work" or "delta"."""
 
     kind: str
     job: str
@@ -88,11 +106,15 @@ class SegmentName:
 
 
 def parse_name(name: str) -> SegmentName | None:
-    if m := _DATA_RE.match(name):
+    if m := _DATA_RE.fullmatch(name):
         return SegmentName("data", m["job"], rank=int(m["rank"]), step=int(m["step"]))
-    if m := _PARITY_RE.match(name):
+    if m := _PARITY_RE.fullmatch(name):
         return SegmentName("parity", m["job"], step=int(m["step"]), version=int(m["version"]))
-    if m := _SPARE_RE.match(name):
+    if m := _WORK_RE.fullmatch(name):
+        return SegmentName("work", m["job"], rank=int(m["rank"]))
+    if m := _DELTA_RE.fullmatch(name):
+        return SegmentName("delta", m["job"], rank=int(m["rank"]))
+    if m := _SPARE_RE.fullmatch(name):
         kind = m["kind"]
         return SegmentName("spare", m["job"], rank=None if kind == "p" else int(kind[1:]))
     return None

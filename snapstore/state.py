@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapstore.placement import chunk_length, stripe_members
+from snapstore.placement import chunk_extents, chunk_length, data_stripe, stripe_members
 from snapstore.record import RankEntry, StepRecord
 
 __all__ = [
@@ -76,6 +76,7 @@ class Pending:
     step: int
     world_size: int
     staged: dict[int, RankEntry] = field(default_factory=dict)
+    deltas: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     committing: bool = False
 
@@ -215,19 +216,41 @@ def stripe_health(record: StepRecord, alive: set[str]) -> list[dict[str, Any]]:
 
 
 def rank_restorable(record: StepRecord, rank: int, alive: set[str]) -> bool:
-    """Whether ``rank``'s buffer can be read or rebuilt with the nodes in ``alive``."""
+    """Whether ``rank``'s buffer can be read or rebuilt with the nodes in ``alive``.
+
+    Exact, per byte range: for each of the rank's pieces, the other members
+    of its stripe are counted as available when their node is alive or when
+    they hold no bytes in the piece's range (their zeros are known).
+    """
     entry = record.ranks[rank]
     if entry.node in alive:
         return True
     gi = record.group_of(entry.node)
     if gi is None:
         return False
-    health = {(h["group"], h["stripe"]): h for h in stripe_health(record, alive)}
     group = record.groups[gi]
-    q = group.index(entry.node)
-    for j in range(record.k):
-        s = (q - j) % len(group)
-        h = health.get((gi, s))
-        if h is not None and h["status"] == "lost":
+    k, m = record.k, record.m
+    parity = {(p.stripe, p.index): p for p in record.parity if p.group == gi}
+    for j in range(k):
+        mine = [e for e in chunk_extents(record.ranks, entry.node, j, k) if e.rank == rank]
+        if not mine:
+            continue
+        lo, hi = mine[0].chunk_offset, mine[0].chunk_offset + mine[0].length
+        s = data_stripe(group, entry.node, j)
+        available = 0
+        for mb in stripe_members(group, s, k, m):
+            if mb.node == entry.node:
+                continue
+            if mb.index < k:
+                has = any(
+                    e.chunk_offset < hi and lo < e.chunk_offset + e.length
+                    for e in chunk_extents(record.ranks, mb.node, mb.index, k)
+                )
+            else:
+                p = parity.get((s, mb.index))
+                has = p is not None and lo < p.length
+            if mb.node in alive or not has:
+                available += 1
+        if available < k:
             return False
     return True

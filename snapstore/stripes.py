@@ -26,7 +26,7 @@ from coding import ErasureCodec, checksum
 from snapstore.errors import UnrecoverableError
 from snapstore.transport import ChunkUnavailableError, PeerInfo, Transport
 
-__all__ = ["OrderResult", "codec_for", "run_order"]
+__all__ = ["OrderResult", "apply_deltas", "codec_for", "run_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class OrderResult:
     bad_sources: list[str] = field(default_factory=list)
     bytes_read: int = 0
     bytes_written: int = 0
+    peer_bytes: int = 0
+    """Bytes read from other nodes: what crosses the network between hosts."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,7 @@ class OrderResult:
             "bad_sources": self.bad_sources,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
+            "peer_bytes": self.peer_bytes,
         }
 
 
@@ -69,8 +72,12 @@ def run_order(
     order: dict[str, Any],
     transport: Transport,
     dest_view: Callable[[int, int], np.ndarray],
+    local_node: str | None = None,
 ) -> OrderResult:
     """Execute an order; ``dest_view(offset, length)`` gives the writable output range.
+
+    ``local_node`` is the executing node: bytes read from any other node
+    count as peer (network) bytes.
 
     Raises UnrecoverableError when fewer than k sources of an output are
     usable, naming every lost or corrupt one.
@@ -89,7 +96,9 @@ def run_order(
             raise UnrecoverableError(
                 f"cannot rebuild {what}: {len(good)} usable chunks of the stripe, need {k}", lost
             )
-        result.bytes_read += _code_range(codec, good, int(out["index"]), dest, transport)
+        read, peer = _code_range(codec, good, int(out["index"]), dest, transport, local_node)
+        result.bytes_read += read
+        result.peer_bytes += peer
         result.bytes_written += len(dest)
         s = checksum(dest)
         expect = out.get("expect")
@@ -148,11 +157,15 @@ def _code_range(
     out_index: int,
     dest: np.ndarray,
     transport: Transport,
-) -> int:
-    """Fill ``dest`` (the whole output range) with RS index ``out_index``; return bytes read."""
+    local_node: str | None,
+) -> tuple[int, int]:
+    """Fill ``dest`` (the whole output range) with RS index ``out_index``.
+
+    Returns (bytes read, of which from other nodes).
+    """
     length = len(dest)
     if length == 0:
-        return 0
+        return 0, 0
     peers = {
         i: (PeerInfo.from_dict(s["peer"]) if s.get("peer") else None) for i, s in enumerate(sources)
     }
@@ -167,7 +180,7 @@ def _code_range(
     starts = [[int(e[3]) for e in s["extents"]] for s in sources]
     scratch: dict[int, np.ndarray] = {}
     empty = np.zeros(0, dtype=np.uint8)
-    read = 0
+    read = peer_read = 0
     for a0, b0 in itertools.pairwise(points):
         for a in range(a0, b0, block):
             b = min(a + block, b0)
@@ -190,6 +203,63 @@ def _code_range(
                             transport.read_into(peer, name, src_off, v)
                         view = v
                         read += b - a
+                        if s.get("node") != local_node:
+                            peer_read += b - a
                 chunks[int(s["index"])] = view
             codec.reconstruct_into(chunks, {out_index: dest[a:b]})
-    return read
+    return read, peer_read
+
+
+def apply_deltas(
+    order: dict[str, Any],
+    transport: Transport,
+    dest_view: Callable[[int, int], np.ndarray],
+    local_node: str | None = None,
+) -> OrderResult:
+    """Fold data deltas into parity chunks that hold the previous step's parity.
+
+    Each output lists ``updates``: ``{"data_index": j, "node", "peer", "name",
+    "src": offset in the delta segment, "length": n, "at": offset in the
+    parity chunk}``, meaning data chunk j changed by XOR delta over those n
+    bytes. Parity row i gains ``g(i, j) * delta`` (for an all-ones row, the
+    delta itself). Returns the new checksums.
+    """
+    k, m = int(order["k"]), int(order["m"])
+    codec = codec_for(k, m, str(order["backend"]))
+    result = OrderResult()
+    empty = np.zeros(0, dtype=np.uint8)
+    scratch = np.empty(0, dtype=np.uint8)
+    coeff = np.empty(0, dtype=np.uint8)
+    for out in order["outputs"]:
+        index = int(out["index"])
+        dest = dest_view(int(out["offset"]), int(out["length"]))
+        for up in out["updates"]:
+            n, at, j = int(up["length"]), int(up["at"]), int(up["data_index"])
+            if at < 0 or n < 0 or at + n > len(dest):
+                raise UnrecoverableError(
+                    f"delta update [{at}, {at + n}) outside parity chunk of {len(dest)} bytes", []
+                )
+            peer = PeerInfo.from_dict(up["peer"])
+            for off in range(0, n, _SAME_HOST_BLOCK):
+                ln = min(_SAME_HOST_BLOCK, n - off)
+                view = transport.view(peer, up["name"], int(up["src"]) + off, ln)
+                if view is None:
+                    if len(scratch) < ln:
+                        scratch = np.empty(ln, dtype=np.uint8)
+                    view = scratch[:ln]
+                    transport.read_into(peer, up["name"], int(up["src"]) + off, view)
+                result.bytes_read += ln
+                if up.get("node") != local_node:
+                    result.peer_bytes += ln
+                target = dest[at + off : at + off + ln]
+                if codec.parity_is_xor:
+                    np.bitwise_xor(target, view, out=target)
+                    continue
+                if len(coeff) < ln:
+                    coeff = np.empty(ln, dtype=np.uint8)
+                chunks = {i: (view if i == j else empty) for i in range(k)}
+                codec.reconstruct_into(chunks, {index: coeff[:ln]})
+                np.bitwise_xor(target, coeff[:ln], out=target)
+            result.bytes_written += n
+        result.sums.append(checksum(dest))
+    return result

@@ -30,8 +30,10 @@ from snapstore.transport import PeerInfo
 
 __all__ = [
     "parity_build_orders",
+    "parity_delta_orders",
     "parity_rebuild_orders",
     "rank_rebuild_orders",
+    "same_geometry",
     "stripe_sources",
 ]
 
@@ -231,3 +233,72 @@ def parity_rebuild_orders(
         "target": node,
         "outputs": outputs,
     }
+
+
+def parity_delta_orders(
+    record: StepRecord,
+    base: StepRecord,
+    deltas: Mapping[int, dict[str, Any]],
+    peers: Mapping[str, PeerInfo],
+    backend: str,
+) -> dict[str, Order]:
+    """Parity of ``record`` as ``base``'s parity plus the data deltas of each rank.
+
+    Valid only when both records place the same bytes in the same stripes
+    (same homes, sizes, groups and parity layout; see :func:`same_geometry`)
+    and each rank's delta is against ``base``'s step.
+    """
+    base_name = parity_name(record.job, base.step, base.version)
+    orders: dict[str, Order] = {}
+    for p in record.parity:
+        group = record.groups[p.group]
+        updates: list[dict[str, Any]] = []
+        for mb in stripe_members(group, p.stripe, record.k, record.m)[: record.k]:
+            peer = peers[mb.node].to_dict()
+            for e in chunk_extents(record.ranks, mb.node, mb.index, record.k):
+                d = deltas[e.rank]
+                for off, ln, at in d["ranges"]:
+                    a, b = max(off, e.offset), min(off + ln, e.offset + e.length)
+                    if a >= b:
+                        continue
+                    updates.append(
+                        {
+                            "data_index": mb.index,
+                            "node": mb.node,
+                            "peer": peer,
+                            "name": d["file"],
+                            "src": at + (a - off),
+                            "length": b - a,
+                            "at": e.chunk_offset + (a - e.offset),
+                        }
+                    )
+        order = orders.setdefault(
+            p.node,
+            {
+                "mode": "delta",
+                "k": record.k,
+                "m": record.m,
+                "backend": backend,
+                "job": record.job,
+                "file": parity_name(record.job, record.step, record.version),
+                "file_size": record.parity_file_size(p.node),
+                "base": base_name,
+                "outputs": [],
+            },
+        )
+        order["outputs"].append(
+            {"index": p.index, "offset": p.offset, "length": p.length, "updates": updates}
+        )
+    return orders
+
+
+def same_geometry(a: StepRecord, b: StepRecord) -> bool:
+    """Whether two records put every byte in the same stripe at the same place."""
+    if (a.k, a.m, a.groups) != (b.k, b.m, b.groups) or a.ranks.keys() != b.ranks.keys():
+        return False
+    if any(
+        (a.ranks[r].node, a.ranks[r].size) != (b.ranks[r].node, b.ranks[r].size) for r in a.ranks
+    ):
+        return False
+    geo = [(p.group, p.stripe, p.index, p.node, p.offset, p.length) for p in a.parity]
+    return geo == [(p.group, p.stripe, p.index, p.node, p.offset, p.length) for p in b.parity]

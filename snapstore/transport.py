@@ -195,7 +195,7 @@ class Transport:
                 if dest is None or n > len(dest):
                     raise ChunkUnavailableError(f"node {peer.node_id[:12]}: unexpected payload")
                 _recv_exact_into(sock, dest.data[:n])
-        except (OSError, EOFError, ValueError) as e:
+        except (OSError, EOFError, ValueError, OverflowError, TypeError) as e:
             if sock is not None:
                 sock.close()
             raise ChunkUnavailableError(
@@ -243,11 +243,22 @@ class DataServer:
     def __init__(self, address: str, token: str, resolve: Callable[[str], np.ndarray]) -> None:
         self._token = token.encode()
         self._resolve = resolve
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        self._stopped = False
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                outer._serve(self.request)
+                with outer._conns_lock:
+                    if outer._stopped:
+                        return
+                    outer._conns.add(self.request)
+                try:
+                    outer._serve(self.request)
+                finally:
+                    with outer._conns_lock:
+                        outer._conns.discard(self.request)
 
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
@@ -257,7 +268,10 @@ class DataServer:
         self.address = address
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="snapstore-data-server", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="snapstore-data-server",
+            daemon=True,
         )
         self._thread.start()
 
@@ -300,6 +314,14 @@ class DataServer:
                 return
 
     def stop(self) -> None:
+        """Stop accepting, and close the connections being served."""
+        with self._conns_lock:
+            self._stopped = True
+            conns = list(self._conns)
         self._server.shutdown()
         with contextlib.suppress(OSError):
             self._server.server_close()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()

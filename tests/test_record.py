@@ -245,12 +245,6 @@ def test_k_or_m_below_one_is_a_format_error(k: int, m: int) -> None:
         StepRecord.from_bytes(_pack(doc))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_bytes calls int() on msgpack floats and catches only KeyError/TypeError/"
-    "ValueError; int(inf) raises OverflowError, which escapes (record.py from_bytes)",
-    raises=OverflowError,
-)
 @pytest.mark.parametrize("where", ["step", "rank-size", "parity-sum"])
 def test_infinite_float_in_an_int_field_is_a_format_error(where: str) -> None:
     doc = _good_doc()
@@ -264,12 +258,6 @@ def test_infinite_float_in_an_int_field_is_a_format_error(where: str) -> None:
         StepRecord.from_bytes(_pack(doc))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate() checks that groups do not overlap each other but not that a group "
-    "lists k+m distinct nodes; stripes of such a group put two chunks on one node",
-    raises=pytest.fail.Exception,
-)
 def test_node_listed_twice_in_one_group_is_a_format_error() -> None:
     doc = _good_doc()
     doc["groups"] = [["a", "b", "a", "d"]]
@@ -278,12 +266,6 @@ def test_node_listed_twice_in_one_group_is_a_format_error() -> None:
         StepRecord.from_bytes(_pack(doc))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate() range-checks a parity entry's group and index but not its stripe "
-    "(0 <= stripe < len(group)); readers then index stripes modulo the group size",
-    raises=pytest.fail.Exception,
-)
 def test_parity_stripe_outside_its_group_is_a_format_error() -> None:
     doc = _good_doc()
     doc["parity"][0][1] = 99
@@ -291,13 +273,6 @@ def test_parity_stripe_outside_its_group_is_a_format_error() -> None:
         StepRecord.from_bytes(_pack(doc))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_bytes coerces msgpack floats with int(): step=1.5 becomes 1, and "
-    "step=2.0**64 is accepted as 2**64, a record whose to_bytes() then raises "
-    "OverflowError (msgpack ints stop at 2**64 - 1)",
-    raises=pytest.fail.Exception,
-)
 @pytest.mark.parametrize("step", [1.5, 2.0**64], ids=["fraction", "2**64"])
 def test_float_in_an_int_field_is_a_format_error(step: float) -> None:
     doc = _good_doc()

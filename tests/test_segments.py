@@ -81,13 +81,6 @@ def test_other_names_do_not_parse(name: str) -> None:
     assert parse_name(name) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="segments.py name regexes end in '$', which matches before a final newline: "
-    "parse_name('d.j.r0.s0.seg\\n') is a data segment of rank 0, so transport._check_name "
-    "and iter_dir accept a name no *_name() function makes",
-    raises=AssertionError,
-)
 @pytest.mark.parametrize("name", ["d.j.r0.s0.seg\n", "p.j.s0.v0.seg\n", "x.j.p.1.seg\n"])
 def test_name_with_trailing_newline_does_not_parse(name: str) -> None:
     assert parse_name(name) is None

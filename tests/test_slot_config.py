@@ -266,24 +266,12 @@ def test_unknown_setting_is_named() -> None:
         StoreConfig.resolve(env={}, nope=1, bogus=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StoreConfig.__post_init__ does not check save_timeout: a negative or zero "
-    "timeout is accepted (a step would be aborted as soon as it is staged)",
-    raises=pytest.fail.Exception,
-)
 @pytest.mark.parametrize("value", [-1.0, 0.0])
 def test_save_timeout_must_be_positive(value: float) -> None:
     with pytest.raises(ConfigError, match="save_timeout"):
         StoreConfig.resolve(env={}, save_timeout=value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_coerce uses int(value) on arguments: k=3.5 is silently truncated to 3 while "
-    "SNAPSTORE_K=3.5 is a ConfigError",
-    raises=pytest.fail.Exception,
-)
 def test_fractional_integer_argument_is_refused() -> None:
     with pytest.raises(ConfigError, match="k"):
         StoreConfig.resolve(env={}, k=3.5)
@@ -306,12 +294,6 @@ def test_other_job_names_are_config_errors(job: Any) -> None:
         check_job_name(job)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JOB_NAME_RE ends in '$', which also matches before a final newline, and "
-    "check_job_name uses re.match: 'job\\n' passes and becomes part of segment file names",
-    raises=pytest.fail.Exception,
-)
 @pytest.mark.parametrize("job", ["job\n", "x" * 64 + "\n"])
 def test_job_name_with_trailing_newline_is_refused(job: str) -> None:
     with pytest.raises(ConfigError):

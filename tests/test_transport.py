@@ -238,13 +238,6 @@ def test_oversized_header_is_dropped(tcp: tuple[Transport, PeerInfo], payload: n
     _assert_still_serving(t, peer, payload)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Transport._request catches OSError/EOFError/ValueError only; msgpack.packb "
-    "raises OverflowError for an offset of 2**64 or more, which escapes instead of "
-    "ChunkUnavailableError",
-    raises=OverflowError,
-)
 def test_tcp_offset_beyond_64_bits_is_chunk_unavailable(
     tcp: tuple[Transport, PeerInfo],
 ) -> None:
@@ -253,13 +246,6 @@ def test_tcp_offset_beyond_64_bits_is_chunk_unavailable(
         t.checksum(peer, NAME, 1 << 64, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DataServer.stop() shuts the listener down but leaves handler threads of "
-    "established connections running: a peer's pooled connection is still served "
-    "after stop() (SMP.destroy documents 'stop serving')",
-    raises=pytest.fail.Exception,
-)
 def test_stopped_server_serves_no_pooled_connection(node_dir: Path) -> None:
     s = DataServer("127.0.0.1", TOKEN, _resolver(node_dir))
     t = Transport(host_key(), TOKEN, force_tcp=True)

@@ -1,0 +1,352 @@
+"""One node's segment table: which segment holds what, the memory budget, reuse rules.
+
+The SMP keeps its segments here (see :mod:`snapstore.segments` for the file
+names). Rules this table enforces:
+
+- A segment that holds a job's committed step (data of ranks homed here, the
+  parity of that step, data relocated here after a node loss) is never
+  handed out for writing, renamed or dropped until a newer record arrives.
+- A rank has at most two data slots here: its committed step and one more
+  (leased to its trainer, or holding a step in progress). Freed slots stay
+  mapped as *spares* and remember which step their bytes are from, so the
+  next lease can tell the trainer which tensors it need not copy again.
+- Nothing is created beyond the node's budget; spares are dropped first to
+  make room, and a request that cannot fit changes nothing.
+
+Pure bookkeeping and files: no Ray, so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from snapstore.errors import MemoryBudgetError, SnapstoreError
+from snapstore.record import StepRecord
+from snapstore.segments import (
+    Segment,
+    SegmentName,
+    data_name,
+    iter_dir,
+    parity_name,
+    parse_name,
+    record_name,
+    spare_name,
+    work_name,
+)
+
+__all__ = ["SlotTable"]
+
+logger = logging.getLogger(__name__)
+
+Abandon = Callable[[str, int, int], None]
+"""``abandon(job, rank, step)``: make sure ``step`` will not commit before its slot is reused."""
+
+
+class SlotTable:
+    """The segments of one node. Thread-safe: one re-entrant lock guards everything."""
+
+    def __init__(self, directory: str, node_id: str, budget: int) -> None:
+        self.dir = directory
+        self.node_id = node_id
+        self.budget = budget
+        self.lock = threading.RLock()
+        self._segments: dict[str, Segment] = {}
+        self._records: dict[str, StepRecord] = {}
+        self._pinned: dict[str, str] = {}  # name -> job: relocated data, see pin()
+        self._content: dict[str, int] = {}  # spare/work name -> step its bytes are from
+        self._seq = 0
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    # -- state --------------------------------------------------------------------
+
+    def adopt(self) -> int:
+        """After an SMP restart: map the segments and records the last incarnation left."""
+        for f in os.listdir(self.dir):
+            path = os.path.join(self.dir, f)
+            if f.endswith(".new"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            elif f.startswith("rec.") and f.endswith(".msgpack"):
+                try:
+                    with open(path, "rb") as fh:
+                        rec = StepRecord.from_bytes(fh.read())
+                    self._records[rec.job] = rec
+                except (OSError, SnapstoreError) as e:
+                    logger.warning("dropping unreadable record %s: %s", f, e)
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+        for name, _ in iter_dir(self.dir):
+            try:
+                self._segments[name] = Segment.open(os.path.join(self.dir, name), writable=True)
+            except OSError as e:
+                logger.warning("cannot re-adopt %s: %s", name, e)
+        return len(self._segments)
+
+    def get(self, name: str) -> Segment | None:
+        with self.lock:
+            return self._segments.get(name)
+
+    def record(self, job: str) -> StepRecord | None:
+        with self.lock:
+            return self._records.get(job)
+
+    def records(self) -> dict[str, StepRecord]:
+        with self.lock:
+            return dict(self._records)
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes held, by kind: used (all), data, parity, spare, work, delta."""
+        out = {"used": 0, "data": 0, "parity": 0, "spare": 0, "work": 0, "delta": 0}
+        with self.lock:
+            for name, seg in self._segments.items():
+                p = parse_name(name)
+                out["used"] += seg.size
+                if p is not None:
+                    out[p.kind] = out.get(p.kind, 0) + seg.size
+        return out
+
+    def _parsed(self, job: str) -> list[tuple[str, SegmentName]]:
+        out = []
+        for n in list(self._segments):
+            p = parse_name(n)
+            if p is not None and p.job == job:
+                out.append((n, p))
+        return out
+
+    def protected(self, job: str) -> set[str]:
+        """Names of segments holding the job's committed step (or relocated data)."""
+        with self.lock:
+            names = {n for n, j in self._pinned.items() if j == job}
+            rec = self._records.get(job)
+            if rec is not None:
+                names.update(data_name(job, r, rec.step) for r in rec.ranks_on(self.node_id))
+                names.add(parity_name(job, rec.step, rec.version))
+            return names
+
+    # -- saving -------------------------------------------------------------------
+
+    def lease(self, job: str, rank: int, nbytes: int, abandon: Abandon) -> dict[str, Any]:
+        """The slot ``rank``'s trainer writes its next step into, at least ``nbytes`` long.
+
+        Returns ``path``, ``capacity`` and ``holds``: the step whose bytes the
+        slot still holds (a trainer that wrote that step into it may skip
+        unchanged tensors), or None when unknown.
+        """
+        work = work_name(job, rank)
+        with self.lock:
+            seg = self._segments.get(work)
+            if seg is not None and seg.size >= nbytes:
+                return self._leased(work, seg)
+            candidates = self._reusable(job, rank)
+        # Slots of steps in progress are given up only once their step cannot commit.
+        for n in candidates:
+            p = parse_name(n)
+            if p is not None and p.kind == "data" and p.step is not None:
+                abandon(job, rank, p.step)
+        with self.lock:
+            protected = self.protected(job)
+            candidates = [n for n in candidates if n in self._segments and n not in protected]
+            fits = sorted(
+                (n for n in candidates if self._segments[n].size >= nbytes),
+                key=lambda n: (n != work, self._segments[n].size),
+            )
+            if fits:
+                chosen = fits[0]
+                seg = self._rename(chosen, work)
+                for n in candidates:
+                    if n != chosen:
+                        self._drop(n)
+            else:
+                self.check_budget(job, nbytes, freeable=candidates)
+                for n in candidates:
+                    self._drop(n)
+                seg = self._create(job, work, nbytes)
+            return self._leased(work, seg)
+
+    def _leased(self, name: str, seg: Segment) -> dict[str, Any]:
+        return {"path": seg.path, "capacity": seg.size, "holds": self._content.get(name)}
+
+    def _reusable(self, job: str, rank: int) -> list[str]:
+        protected = self.protected(job)
+        return [
+            n
+            for n, p in self._parsed(job)
+            if p.rank == rank and p.kind in ("data", "spare", "work") and n not in protected
+        ]
+
+    def stage(self, job: str, rank: int, step: int, size: int) -> Segment:
+        """The trainer wrote ``step`` into its leased slot: name the slot for that step."""
+        with self.lock:
+            rec = self._records.get(job)
+            if rec is not None and step <= rec.step:
+                raise SnapstoreError(
+                    f"job {job!r} already committed step {rec.step}; cannot save step {step} "
+                    "(steps must increase)"
+                )
+            work = work_name(job, rank)
+            seg = self._segments.get(work)
+            if seg is None:
+                raise SnapstoreError(
+                    f"job {job!r} rank {rank}: no leased slot on node {self.node_id[:12]} "
+                    f"for step {step} (lease one first)"
+                )
+            if seg.size < size:
+                raise SnapstoreError(
+                    f"job {job!r} rank {rank} step {step}: staged {size} bytes into a "
+                    f"{seg.size}-byte slot"
+                )
+            name = data_name(job, rank, step)
+            if name in self._segments:
+                self._drop(name)  # an earlier attempt at this step, already abandoned
+            self._content.pop(work, None)
+            return self._rename(work, name)
+
+    def output(self, job: str, name: str, size: int) -> Segment:
+        """Segment ``name`` with at least ``size`` bytes, reusing a spare of the job."""
+        with self.lock:
+            seg = self._segments.get(name)
+            if seg is not None and seg.size >= size:
+                return seg
+            if name in self.protected(job):
+                raise SnapstoreError(f"refusing to replace {name}: it holds a committed step")
+            if seg is not None:
+                self._drop(name)
+            want_parity = name.startswith("p.")
+            spares = sorted(
+                (
+                    n
+                    for n, p in self._parsed(job)
+                    if p.kind == "spare"
+                    and (p.rank is None) == want_parity
+                    and self._segments[n].size >= size
+                ),
+                key=lambda n: self._segments[n].size,
+            )
+            if spares:
+                return self._rename(spares[0], name)
+            return self._create(job, name, size)
+
+    def pin(self, job: str, name: str) -> None:
+        """Keep ``name`` (a rank's committed data rebuilt here) until a newer record arrives."""
+        with self.lock:
+            self._pinned[name] = job
+
+    def commit(self, rec: StepRecord, record_bytes: bytes) -> bool:
+        """A step is committed: remember its record, free what is older. False if stale."""
+        with self.lock:
+            old = self._records.get(rec.job)
+            if old is not None and (old.step, old.version) >= (rec.step, rec.version):
+                return False
+            for n in [n for n, j in self._pinned.items() if j == rec.job]:
+                del self._pinned[n]
+            tmp = os.path.join(self.dir, record_name(rec.job) + ".new")
+            with open(tmp, "wb") as f:
+                f.write(record_bytes)
+            os.replace(tmp, os.path.join(self.dir, record_name(rec.job)))
+            self._records[rec.job] = rec
+            for n, p in self._parsed(rec.job):
+                if p.kind not in ("data", "parity") or p.step is None or p.step > rec.step:
+                    continue  # spares, leases, deltas, and newer steps in progress stay
+                if p.kind == "data":
+                    home = rec.ranks.get(p.rank) if p.rank is not None else None
+                    keep = p.step == rec.step and home is not None and home.node == self.node_id
+                else:
+                    keep = (p.step, p.version) == (rec.step, rec.version)
+                if not keep:
+                    self._retire(n, p)
+            return True
+
+    def abort(self, job: str, step: int) -> None:
+        """A step will not commit: its slots become spares."""
+        with self.lock:
+            protected = self.protected(job)
+            for n, p in self._parsed(job):
+                if p.step == step and p.kind in ("data", "parity") and n not in protected:
+                    self._retire(n, p)
+
+    def drop_job(self, job: str) -> None:
+        with self.lock:
+            for n, _ in self._parsed(job):
+                self._drop(n)
+            self._records.pop(job, None)
+            for n in [n for n, j in self._pinned.items() if j == job]:
+                del self._pinned[n]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.dir, record_name(job)))
+
+    def destroy(self) -> None:
+        """Delete every segment and record of this node, and the directory."""
+        with self.lock:
+            for n in list(self._segments):
+                self._drop(n)
+            self._records.clear()
+            with contextlib.suppress(OSError):
+                for f in os.listdir(self.dir):
+                    os.unlink(os.path.join(self.dir, f))
+                os.rmdir(self.dir)
+
+    # -- memory -------------------------------------------------------------------
+
+    def used(self) -> int:
+        with self.lock:
+            return sum(s.size for s in self._segments.values())
+
+    def check_budget(self, job: str, size: int, freeable: list[str]) -> None:
+        """MemoryBudgetError, changing nothing, if ``size`` more bytes cannot fit even
+        after dropping ``freeable`` segments and every spare."""
+        with self.lock:
+            drop = set(freeable) | {n for n in self._segments if n.startswith("x.")}
+            used = self.used()
+            after = used - sum(self._segments[n].size for n in drop if n in self._segments)
+            if after + size > self.budget:
+                raise MemoryBudgetError(job, self.node_id[:12], size, used, self.budget)
+
+    def _create(self, job: str, name: str, size: int) -> Segment:
+        """Create a segment within the budget, dropping spares first if that makes room."""
+        if self.used() + size > self.budget:
+            for n in sorted(self._segments, key=lambda n: -self._segments[n].size):
+                if n.startswith("x."):
+                    self._drop(n)
+                    if self.used() + size <= self.budget:
+                        break
+        used = self.used()
+        if used + size > self.budget:
+            raise MemoryBudgetError(job, self.node_id[:12], size, used, self.budget)
+        try:
+            seg = Segment.create(os.path.join(self.dir, name), size)
+        except MemoryError as e:
+            raise MemoryBudgetError(job, self.node_id[:12], size, used, self.budget) from e
+        self._segments[name] = seg
+        return seg
+
+    def _rename(self, old: str, new: str) -> Segment:
+        seg = self._segments.pop(old)
+        seg.rename(os.path.join(self.dir, new))
+        self._segments[new] = seg
+        if old in self._content:
+            self._content[new] = self._content.pop(old)
+        return seg
+
+    def _retire(self, name: str, p: SegmentName) -> None:
+        """Turn a segment into its job's spare (one spare per rank, one for parity)."""
+        rank = p.rank if p.kind == "data" else None
+        have = [n for n, q in self._parsed(p.job) if q.kind == "spare" and q.rank == rank]
+        if have:
+            self._drop(name)
+            return
+        self._seq += 1
+        new = spare_name(p.job, rank, self._seq)
+        self._rename(name, new)
+        if p.step is not None:
+            self._content[new] = p.step
+
+    def _drop(self, name: str) -> None:
+        seg = self._segments.pop(name, None)
+        self._content.pop(name, None)
+        if seg is not None:
+            seg.unlink()
