@@ -143,6 +143,32 @@ function renderJobs(jobsResp, details) {
   document.querySelector("#jobs tbody").replaceChildren(...rows);
 }
 
+// One table per job: its latest step's stripes (columns) by node (rows), each
+// cell the node's role in that stripe (D<i> data, P<i> parity).
+function renderStripes(details) {
+  const out = details.map((d) => {
+    const nodes = [...new Set(d.stripes.flatMap((s) => s.members.map((m) => m.node)))];
+    const head = el("tr", {}, el("th", {}, "node"),
+      ...d.stripes.map((s) => el("th", { title: "can lose " + s.can_lose + " more" },
+        "g" + s.group + "/s" + s.stripe)));
+    const rows = nodes.map((node) => el("tr", {},
+      el("td", { class: "node", title: node }, short(node)),
+      ...d.stripes.map((s) => {
+        const m = s.members.find((x) => x.node === node);
+        if (!m) return el("td", { class: "cell none" }, "");
+        const cls = m.alive ? s.status : "down";
+        return el("td", { class: "cell " + cls, "data-stripe-status": s.status },
+          (m.role === "data" ? "D" : "P") + m.index);
+      })));
+    const r = d.redundancy;
+    return el("div", { class: "stripes", "data-job": d.job },
+      el("h3", {}, d.job + " step " + d.step + " (v" + d.version + "): " + r.status +
+        ", can lose " + r.can_lose + " more node" + (r.can_lose === 1 ? "" : "s")),
+      el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows)));
+  });
+  document.getElementById("stripes").replaceChildren(...out);
+}
+
 function renderEvents(eventsResp) {
   const items = eventsResp.events.slice().reverse().map((e) =>
     el("li", { "data-kind": e.kind, value: e.seq },
@@ -181,6 +207,7 @@ async function poll() {
     renderHealth(health);
     renderGrid(nodesResp, details.filter((d) => d));
     renderJobs(jobsResp, details.filter((d) => d));
+    renderStripes(details.filter((d) => d));
     renderEvents(eventsResp);
     showError(nodesResp.stale ? "the coordinator is not answering: showing its last snapshot" : "");
     polls += 1;
