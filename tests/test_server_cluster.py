@@ -11,6 +11,7 @@ the DevTools pipe so the test watches the live page turn degraded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -72,7 +73,7 @@ def job(store: Any, api: httpx.Client) -> dict[str, Any]:
     for step in (1, 2):
         ray.get([r.save.remote(step) for r in ranks], timeout=120)
     wait_for(
-        lambda: api.get("/v1/jobs").json()["jobs"][0]["latest_step"] == 2,
+        lambda: [j["latest_step"] for j in api.get("/v1/jobs").json()["jobs"]] == [2],
         10,
         "the server to show step 2",
     )
@@ -260,25 +261,30 @@ class Browser:
     def __init__(self, exe: str, profile: str) -> None:
         to_r, self._to_w = os.pipe()  # we write, Chromium reads fd 3
         self._from_r, from_w = os.pipe()  # Chromium writes fd 4, we read
-
-        def fds() -> None:
-            os.dup2(to_r, 3)
-            os.dup2(from_w, 4)
-
+        # Move the child's ends above 9, then let a tiny exec shim put them on
+        # 3 and 4 (no preexec_fn: this process has threads).
+        cr = fcntl.fcntl(to_r, fcntl.F_DUPFD_CLOEXEC, 10)
+        cw = fcntl.fcntl(from_w, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(to_r)
+        os.close(from_w)
         args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"]
         args += ["--no-first-run", "--disable-background-networking"]
         args += ["--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
         args += [f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+        shim = (
+            "import os, sys; r, w = int(sys.argv[1]), int(sys.argv[2]); "
+            "os.dup2(r, 3); os.dup2(w, 4); os.close(r); os.close(w); "
+            "os.execv(sys.argv[3], sys.argv[3:])"
+        )
         self.proc = subprocess.Popen(
-            args,
-            preexec_fn=fds,
-            close_fds=False,
+            [sys.executable, "-c", shim, str(cr), str(cw), *args],
+            pass_fds=(cr, cw),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        os.close(to_r)
-        os.close(from_w)
+        os.close(cr)
+        os.close(cw)
         self._buf = b""
         self._id = 0
         self.session: str | None = None
