@@ -1,8 +1,9 @@
 """The FastAPI app: endpoints over the poller's cached snapshot, auth, dashboard files.
 
 Every handler reads :meth:`server.poller.Poller.state` (one attribute read)
-and wraps the prepared view: no handler awaits the store, so a slow or dead
-coordinator, SMP or save never delays a response. JSON answers carry the
+and wraps the prepared view. Handlers are coroutines that await nothing: they
+run on the event loop without a thread hop, and a slow or dead coordinator,
+SMP or save never delays a response. JSON answers carry the
 snapshot's age (``snapshot_age``, ``stale``, and the ``X-Snapshot-Age``
 header) so a reader can tell old data from fresh.
 
@@ -83,7 +84,7 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
         auto_error=False, description="the server's token (`snapstore up` prints it)"
     )
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:
         assert token is not None
         if not check_bearer(request.headers.get("authorization"), token):
             raise HTTPException(
@@ -133,7 +134,7 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
     }
 
     @api.get("/healthz", response_model=Health, responses=health_responses, tags=["health"])
-    def healthz(response: Response) -> Any:
+    async def healthz(response: Response) -> Any:
         """Coordinator reachability and snapshot age, SMPs by status, jobs protected or not."""
         st = poller.state()
         view = st.view
@@ -176,13 +177,13 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
         return body
 
     @api.get("/v1/nodes", response_model=NodeList, tags=["store"])
-    def nodes(response: Response) -> Any:
+    async def nodes(response: Response) -> Any:
         """Per node: id, address, alive, heartbeat age, memory used and budget, bytes, group."""
         view, st = current()
         return NodeList(**envelope(view, st, response), nodes=view.nodes, groups=view.groups)
 
     @api.get("/v1/jobs", response_model=JobList, tags=["store"])
-    def jobs(response: Response) -> Any:
+    async def jobs(response: Response) -> Any:
         """Jobs with world size, latest committed step and redundancy state."""
         view, st = current()
         return JobList(
@@ -198,7 +199,7 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
         responses=not_found,
         tags=["store"],
     )
-    def snapshots(
+    async def snapshots(
         response: Response, job: Annotated[str, Path(pattern=_JOB_PATTERN, description="job name")]
     ) -> Any:
         """The job's latest committed step and its steps in progress (older steps are gone)."""
@@ -224,7 +225,7 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
         responses=not_found,
         tags=["store"],
     )
-    def snapshot(
+    async def snapshot(
         response: Response,
         job: Annotated[str, Path(pattern=_JOB_PATTERN, description="job name")],
         step: Annotated[
@@ -241,7 +242,7 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
     @api.get(
         "/v1/events", response_model=EventList, response_model_exclude_none=True, tags=["store"]
     )
-    def events(
+    async def events(
         response: Response,
         limit: Annotated[
             int, Query(ge=1, le=EVENTS_KEPT, description="newest events to return")
@@ -282,7 +283,7 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
     }
 
     @api.get("/metrics", response_class=Response, responses=metrics_doc, tags=["health"])
-    def metrics() -> Response:
+    async def metrics() -> Response:
         """Prometheus metrics of the last snapshot (see server.metrics for the families)."""
         return Response(
             generate_latest(registry),
@@ -300,16 +301,16 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
         )
 
     @app.get("/", response_class=HTMLResponse, tags=["dashboard"])
-    def dashboard() -> Response:
+    async def dashboard() -> Response:
         """The dashboard page (static; it polls this API, with the token from `#token=`)."""
         return asset("index.html")
 
     @app.get("/dashboard.js", include_in_schema=False)
-    def dashboard_js() -> Response:
+    async def dashboard_js() -> Response:
         return asset("dashboard.js")
 
     @app.get("/dashboard.css", include_in_schema=False)
-    def dashboard_css() -> Response:
+    async def dashboard_css() -> Response:
         return asset("dashboard.css")
 
     return app
