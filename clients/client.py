@@ -415,6 +415,22 @@ class Client:
         )
         return step, state
 
+    def peek(self, rank: int | None = None, *, timeout: float | None = None) -> tuple[int, Any]:
+        """``(step, state)`` of a rank of this job at its last committed step, read-only.
+
+        Does not restore this rank: nothing it staged is aborted, and the
+        returned tensors view the mapped snapshot (no copy; do not write to
+        them). Used by data-parallel restores and the DCP reader.
+        """
+        self._check_open()
+        from snapstore.format import unpack
+
+        timeout = self.timeout if timeout is None else timeout
+        rank = self.rank if rank is None else rank
+        step, seg, size, _ = self._open(rank, time.monotonic() + timeout, restarted=False)
+        framed = read_frame(seg.array, size)
+        return step, unpack(framed.manifest, framed.data, copy=False)
+
     def _open(self, rank: int, deadline: float, restarted: bool) -> tuple[int, Any, int, str]:
         """Map rank ``rank``'s committed buffer on this node (fetched or rebuilt if needed)."""
         coord = self.store.coordinator()

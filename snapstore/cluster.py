@@ -26,6 +26,9 @@ __all__ = ["EmbeddedNode", "kill_tree", "start_head", "start_worker"]
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+STORE_NODE_RESOURCE = "snapstore_node"
+"""A custom resource on every embedded worker raylet: ask for a little of it
+(e.g. ``{"snapstore_node": 0.01}``) to place trainers on store nodes."""
 
 
 @dataclass
@@ -111,6 +114,7 @@ def start_worker(gcs_address: str, temp_dir: str, object_store: int, cpus: int) 
         gcs_address=gcs_address,
         include_log_monitor=False,
         node_manager_port=0,
+        resources={STORE_NODE_RESOURCE: 1000.0},
     )
     # Each raylet of one machine needs its own agent port; let Ray choose.
     params.dashboard_agent_listen_port = None

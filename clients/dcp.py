@@ -1,0 +1,302 @@
+"""torch.distributed.checkpoint (DCP) storage backed by snapstore.
+
+``dcp.save``, ``dcp.async_save`` and ``dcp.load`` work unchanged::
+
+    client = Client("job", rank=dist.get_rank(), world_size=dist.get_world_size())
+    dcp.save(state_dict, storage_writer=SnapstoreWriter(client))
+    dcp.load(state_dict, storage_reader=SnapstoreReader(client))
+
+Each ``dcp.save`` is one snapstore step of the client's job (the step is
+taken from ``checkpoint_id`` when it is an int or ends in ``-<int>``,
+otherwise it is the last committed step plus one). Every rank stores the
+write items of its plan; the coordinator rank also stores the checkpoint's
+metadata (which items exist and which rank holds each), so a step carries
+everything a load needs and appears atomically when snapstore commits it.
+Metadata is encoded with msgpack: DCP's own pickled ``.metadata`` file is
+not used. ``dcp.load`` reads the last committed step.
+
+Call protocol (DCP's): set_up -> prepare_local_plan -> prepare_global_plan
+(coordinator) -> write_data (every rank; returns once the step is
+committed) -> finish (coordinator). Reading: read_metadata (coordinator, or
+every rank) -> set_up_storage_reader -> prepare plans -> read_data.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from typing import Any
+
+import msgpack
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from clients.client import Client
+from snapstore.errors import FormatError, SnapshotNotFoundError
+
+__all__ = ["SnapstoreReader", "SnapstoreWriter"]
+
+_META_VERSION = 1
+
+
+def _key(index: MetadataIndex) -> str:
+    if index.offset is None:
+        return index.fqn
+    return f"{index.fqn}@{','.join(str(int(o)) for o in index.offset)}"
+
+
+def _step_of(checkpoint_id: str | os.PathLike[str] | None) -> int | None:
+    if checkpoint_id is None:
+        return None
+    m = re.search(r"(\d+)$", str(checkpoint_id))
+    return int(m.group(1)) if m else None
+
+
+def _encode_metadata(plans: list[SavePlan], planner_data: Any, version: Any) -> bytes:
+    sdm: dict[str, Any] = {}
+    storage: list[list[Any]] = []
+    for rank, plan in enumerate(plans):
+        for item in plan.items:
+            idx = item.index
+            storage.append([idx.fqn, None if idx.offset is None else list(idx.offset), rank])
+            if item.type == WriteItemType.BYTE_IO:
+                sdm[idx.fqn] = {"kind": "bytes"}
+                continue
+            td = item.tensor_data
+            assert td is not None
+            entry = sdm.setdefault(
+                idx.fqn,
+                {
+                    "kind": "tensor",
+                    "dtype": str(td.properties.dtype).removeprefix("torch."),
+                    "size": list(td.size),
+                    "chunks": [],
+                },
+            )
+            entry["chunks"].append([list(td.chunk.offsets), list(td.chunk.sizes)])
+    doc = {
+        "v": _META_VERSION,
+        "state_dict_metadata": sdm,
+        "storage": storage,
+        "planner_data": _plain(planner_data),
+        "version": version,
+    }
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def _plain(obj: Any) -> Any:
+    """planner_data is fqn -> tuple path; msgpack keeps tuples as lists (restored on read)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool, bytes)):
+        return obj
+    return str(obj)
+
+
+def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
+    try:
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        if not isinstance(doc, dict) or doc.get("v") != _META_VERSION:
+            raise ValueError(f"version {doc.get('v') if isinstance(doc, dict) else None!r}")
+        sdm: dict[str, Any] = {}
+        for fqn, e in doc["state_dict_metadata"].items():
+            if e["kind"] == "bytes":
+                sdm[fqn] = BytesStorageMetadata()
+                continue
+            dtype = getattr(torch, str(e["dtype"]))
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {e['dtype']!r}")
+            chunks = [
+                ChunkStorageMetadata(torch.Size(off), torch.Size(sz)) for off, sz in e["chunks"]
+            ]
+            sdm[fqn] = TensorStorageMetadata(
+                TensorProperties(dtype=dtype), torch.Size(e["size"]), chunks
+            )
+        where = {}
+        storage_data = {}
+        for fqn, off, rank in doc["storage"]:
+            idx = MetadataIndex(fqn, off)
+            storage_data[idx] = int(rank)
+            where[_key(idx)] = int(rank)
+        pd = doc.get("planner_data")
+        if isinstance(pd, dict):
+            pd = {k: tuple(v) if isinstance(v, list) else v for k, v in pd.items()}
+        meta = Metadata(
+            state_dict_metadata=sdm,
+            planner_data=pd,
+            storage_data=storage_data,
+            storage_meta=StorageMeta(),
+            version=doc.get("version"),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"snapstore DCP metadata is malformed: {e}") from None
+    return meta, where
+
+
+class SnapstoreWriter(StorageWriter):
+    """A DCP StorageWriter that saves each rank's write items as one snapstore step."""
+
+    def __init__(self, client: Client, step: int | None = None, timeout: float | None = None):
+        super().__init__()
+        self.client = client
+        self.step = step
+        self.timeout = timeout
+        self.checkpoint_id: str | None = None
+        self._plans: list[SavePlan] | None = None
+        self.is_coordinator = False
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.checkpoint_id = None if checkpoint_id is None else str(checkpoint_id)
+        step = _step_of(checkpoint_id)
+        if step is not None:
+            self.step = step
+        self._plans = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _step_of(checkpoint_id) is not None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self._plans = list(plans)
+        return plans
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id)
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        items: dict[str, Any] = {}
+        results = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            if isinstance(data, io.BytesIO):
+                value: Any = data.getvalue()
+                size = len(value)
+            else:
+                value = data.detach()
+                size = value.numel() * value.element_size()
+            items[_key(item.index)] = value
+            results.append(WriteResult(item.index, size, self.client.rank))
+        state: dict[str, Any] = {"items": items}
+        if self.is_coordinator and self._plans is not None:
+            meta = getattr(planner, "metadata", None)
+            state["metadata"] = _encode_metadata(
+                self._plans,
+                getattr(meta, "planner_data", None),
+                getattr(meta, "version", None),
+            )
+        step = self.step
+        if step is None:
+            latest = self.client.latest_step()
+            step = 0 if latest is None else latest + 1
+        self.client.save(step, state).result(self.timeout or self.client.timeout)
+        self.step = step + 1 if self.checkpoint_id is None else step
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        # The metadata went into the coordinator rank's step, committed with it.
+        return None
+
+
+class SnapstoreReader(StorageReader):
+    """A DCP StorageReader over the last committed snapstore step of the client's job."""
+
+    def __init__(self, client: Client, coordinator_rank: int = 0):
+        super().__init__()
+        self.client = client
+        self.coordinator_rank = coordinator_rank
+        self._where: dict[str, int] = {}
+        self._states: dict[int, Any] = {}
+        self._step: int | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self._states.clear()
+        self._where.clear()
+        self._step = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _step_of(checkpoint_id) is not None
+
+    def _state(self, rank: int) -> Any:
+        if rank not in self._states:
+            step, state = self.client.peek(rank)
+            if self._step is not None and step != self._step:
+                raise SnapshotNotFoundError(
+                    f"rank {rank} holds step {step}, not {self._step}: a save committed "
+                    "during the load; load again"
+                )
+            self._step = step
+            self._states[rank] = state
+        return self._states[rank]
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        state = self._state(self.coordinator_rank)
+        data = state.get("metadata") if isinstance(state, dict) else None
+        if not isinstance(data, bytes):
+            raise SnapshotNotFoundError(
+                f"job {self.client.job!r}: the last committed step holds no DCP metadata "
+                "(it was not saved through SnapstoreWriter)"
+            )
+        meta, self._where = _decode_metadata(data)
+        return meta
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        if not self._where and metadata.storage_data:
+            self._where = {_key(idx): int(r) for idx, r in metadata.storage_data.items()}
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for item in plan.items:
+            key = _key(item.storage_index)
+            rank = self._where.get(key)
+            if rank is None:
+                raise SnapshotNotFoundError(f"no rank holds {key} in the snapstore step")
+            value = self._state(rank)["items"][key]
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(value))
+                continue
+            src = value
+            for dim, (off, ln) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
+                src = src.narrow(dim, int(off), int(ln))
+            target = planner.resolve_tensor(item).detach()
+            target.copy_(src)
+            planner.commit_tensor(item, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
