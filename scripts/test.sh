@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+
+# The dashboard test drives Debian's headless chromium; install it when missing
+# (root only; without it that one test skips and says why).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium for the dashboard test" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+        || echo "setup: could not install chromium; the dashboard test will skip" >&2
+fi
 V=.venv/bin
 
 echo "== ruff check" >&2

@@ -30,6 +30,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         memory_per_node=parse_size(args.memory_per_node) if args.memory_per_node else None,
         address=None if args.address in (None, "") else args.address,
         rundir=args.runtime_dir,
+        rest=not args.no_rest,
+        rest_host=args.host,
+        rest_port=args.port,
+        rest_token=args.token or os.environ.get("SNAPSTORE_REST_TOKEN") or None,
     )
     cfg = store.config
     where = "embedded cluster on 127.0.0.1" if store.embedded else f"Ray cluster {store.address}"
@@ -176,6 +180,15 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--m", type=int, default=None, help="parity chunks per stripe [1]")
     up.add_argument("--memory-per-node", default=None, help="SMP budget, e.g. 4GiB [auto]")
     up.add_argument("--address", default=None, help="attach to a Ray cluster: auto or HOST:PORT")
+    up.add_argument("--host", default="127.0.0.1", help="REST server address [127.0.0.1]")
+    up.add_argument("--port", type=int, default=8470, help="REST server port [8470]")
+    up.add_argument(
+        "--token",
+        default=None,
+        help="bearer token the REST server requires [$SNAPSTORE_REST_TOKEN; generated "
+        "when --host is not loopback]",
+    )
+    up.add_argument("--no-rest", action="store_true", help="do not start the REST server")
     up.set_defaults(func=_cmd_up)
 
     down = sub.add_parser("down", help="stop what `up` started")

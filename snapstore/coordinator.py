@@ -153,9 +153,13 @@ class Coordinator:
                 f"node {node_id[:12]} heartbeats again after {gap:.1f} s",
                 node=node_id,
             )
-            if ns.status == LOST:
-                self.regroup(reason=f"node {node_id[:12]} is back")
+            was_lost = ns.status == LOST
             ns.status = ALIVE
+            if was_lost:
+                self.regroup(reason=f"node {node_id[:12]} is back")
+            for job in list(self.jobs.values()):
+                if job.committed is not None and job.status == "degraded":
+                    self.spawn(recovery.reprotect(self, job.name))
         ns.info = info
         ns.last_beat, ns.last_beat_wall = now, time.time()
         return {"ok": True}
@@ -216,6 +220,14 @@ class Coordinator:
                     )
                     for job in self.jobs.values():
                         commit.abort_pending_on(self, job, ns.node_id, "node stopped heartbeating")
+                        rec = job.committed
+                        if (
+                            rec is not None
+                            and ns.node_id in rec.nodes()
+                            and job.status == "protected"
+                        ):
+                            job.status = "degraded"
+                            job.status_detail = f"node {ns.node_id[:12]} is silent"
                 elif (
                     ns.status == SUSPECT
                     and age > self.cfg.failure_timeout + self.cfg.reprotect_delay
@@ -372,6 +384,17 @@ class Coordinator:
                 "last_commit_latency": js.last_commit_latency,
                 "protected_at": js.protected_at,
                 "unrecoverable": {str(r): v for r, v in js.unrecoverable.items()},
+                "relocated": {str(r): n for r, n in js.relocated.items()},
+                "pending": [
+                    {
+                        "step": p.step,
+                        "staged": sorted(p.staged),
+                        "world_size": p.world_size,
+                        "started_at": p.started_at,
+                        "committing": p.committing,
+                    }
+                    for p in sorted(js.pending.values(), key=lambda p: p.step)
+                ],
             }
             if rec is not None:
                 j["record"] = _record_summary(rec, alive)
