@@ -99,6 +99,23 @@ class StoreConfig:
     namespace: the Ray namespace of snapstore's actors ["snapstore"].
     object_store_memory: Ray object store per embedded raylet [100 MiB];
         snapstore moves its own bytes through shared memory and TCP.
+    persist_dir: where committed steps are flushed to disk, one directory per
+        job (see docs/persistence.md). "" means: ``<runtime dir>/persist`` when
+        the store's runtime directory was chosen explicitly (``--runtime-dir``
+        or ``$SNAPSTORE_RUNTIME_DIR``), else ``$XDG_STATE_HOME/snapstore/persist``
+        (``~/.local/state/...``), a disk location that outlives a reboot, where
+        the default runtime directory may be RAM (tmpfs) [""]. ``up`` records
+        the absolute path it chose. On a multi-host cluster it must be a
+        directory every node mounts at the same path.
+    persist_every: flush a job's committed step to ``persist_dir`` whenever its
+        step crosses a multiple of this many steps; 0 turns periodic flushing
+        off (``Client.persist()`` still works) [100].
+    persist_keep: complete persisted steps kept per job; older ones are deleted
+        after a newer one is complete [3].
+    persist_bandwidth: bytes per second each node may write while flushing
+        (a token bucket per SMP); 0 means unlimited [256 MiB].
+    persist_timeout: seconds a flush may take before it is abandoned and the
+        memory slots it holds are released [600].
     """
 
     k: int = 3
@@ -114,6 +131,11 @@ class StoreConfig:
     namespace: str = "snapstore"
     object_store_memory: int = 100 << 20
     cpus_per_node: int = 2
+    persist_dir: str = ""
+    persist_every: int = 100
+    persist_keep: int = 3
+    persist_bandwidth: int = 256 << 20
+    persist_timeout: float = 600.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,6 +158,25 @@ class StoreConfig:
             raise ConfigError(f"reprotect_delay must be >= 0, got {self.reprotect_delay}")
         if not self.save_timeout > 0:
             raise ConfigError(f"save_timeout must be > 0, got {self.save_timeout}")
+        if self.persist_every < 0:
+            raise ConfigError(
+                f"persist_every must be >= 0 (0 turns periodic flushing off), "
+                f"got {self.persist_every}"
+            )
+        if self.persist_keep < 1:
+            raise ConfigError(f"persist_keep must be >= 1, got {self.persist_keep}")
+        if self.persist_bandwidth < 0:
+            raise ConfigError(
+                f"persist_bandwidth must be >= 0 bytes/s (0 = unlimited), "
+                f"got {self.persist_bandwidth}"
+            )
+        if not self.persist_timeout > 0:
+            raise ConfigError(f"persist_timeout must be > 0, got {self.persist_timeout}")
+        if "://" in self.persist_dir:
+            raise ConfigError(
+                f"persist_dir {self.persist_dir!r}: URLs are not supported yet; give a "
+                "directory (on a multi-host cluster, one every node mounts at the same path)"
+            )
         if self.backend == "liberasurecode_rs_vand":
             # It codes 16-bit words; stripes are cut at any byte.
             raise ConfigError(
@@ -176,8 +217,8 @@ class StoreConfig:
 def _coerce(name: str, typ: Any, value: Any) -> Any:
     typ = str(typ)
     try:
-        if name in ("memory_per_node", "object_store_memory"):
-            if isinstance(value, str) and value.strip().lower() == "auto":
+        if name in ("memory_per_node", "object_store_memory", "persist_bandwidth"):
+            if isinstance(value, str) and value.strip().lower() in ("auto", "unlimited"):
                 return 0
             return parse_size(value, name)
         if typ == "int":

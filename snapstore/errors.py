@@ -27,6 +27,8 @@ __all__ = [
     "FormatError",
     "InsufficientChunksError",
     "MemoryBudgetError",
+    "PersistFailedError",
+    "PersistedStepCorruptError",
     "SaveFailedError",
     "SnapshotNotFoundError",
     "SnapstoreError",
@@ -136,3 +138,35 @@ class SaveFailedError(SnapstoreError):
 
 class FaultInjectionError(SnapstoreError):
     """A fault was refused: it would act on a cluster ``snapstore up`` did not start."""
+
+
+class PersistFailedError(SnapstoreError):
+    """A flush of a committed step to the persist directory did not complete.
+
+    ``failures`` maps each party (a node, a rank, the manifest) to its error.
+    The previous persisted step is intact; the in-memory step is unaffected.
+    """
+
+    def __init__(self, message: str, failures: Mapping[str, str] | None = None) -> None:
+        self.message = message
+        self.failures = dict(failures or {})
+        detail = "; ".join(f"{who}: {why}" for who, why in self.failures.items())
+        super().__init__(f"{message} ({detail})" if detail else message)
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.message, self.failures))
+
+
+class PersistedStepCorruptError(SnapstoreError):
+    """A persisted step's file is missing, truncated or fails its checksum.
+
+    ``path`` names the file or directory; the step must not be restored.
+    """
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.path, self.detail))

@@ -192,6 +192,11 @@ def test_every_field_can_come_from_the_environment() -> None:
         "SNAPSTORE_NAMESPACE": "ns",
         "SNAPSTORE_OBJECT_STORE_MEMORY": "200M",
         "SNAPSTORE_CPUS_PER_NODE": "3",
+        "SNAPSTORE_PERSIST_DIR": "/srv/ckpt",
+        "SNAPSTORE_PERSIST_EVERY": "50",
+        "SNAPSTORE_PERSIST_KEEP": "2",
+        "SNAPSTORE_PERSIST_BANDWIDTH": "64MiB",
+        "SNAPSTORE_PERSIST_TIMEOUT": "120",
         "SNAPSTORE_UNRELATED": "ignored",
         "SNAPSTORE_EXTRA": "not a field one can set",
     }
@@ -210,6 +215,11 @@ def test_every_field_can_come_from_the_environment() -> None:
         "namespace": "ns",
         "object_store_memory": 200 << 20,
         "cpus_per_node": 3,
+        "persist_dir": "/srv/ckpt",
+        "persist_every": 50,
+        "persist_keep": 2,
+        "persist_bandwidth": 64 << 20,
+        "persist_timeout": 120.0,
         "extra": {},
     }
     assert StoreConfig.from_dict({**cfg.to_dict(), "future_field": 1}) == cfg
@@ -248,6 +258,11 @@ def test_memory_auto_means_zero(value: str) -> None:
         ("env", {"SNAPSTORE_HEARTBEAT_INTERVAL": "nan"}, "heartbeat_interval"),
         ("arg", {"reprotect_delay": -1}, "reprotect_delay"),
         ("arg", {"cpus_per_node": "many"}, "cpus_per_node"),
+        ("arg", {"persist_every": -1}, "persist_every"),
+        ("arg", {"persist_keep": 0}, "persist_keep"),
+        ("env", {"SNAPSTORE_PERSIST_BANDWIDTH": "fast"}, "persist_bandwidth"),
+        ("arg", {"persist_timeout": 0}, "persist_timeout"),
+        ("arg", {"persist_dir": "s3://bucket/x"}, "persist_dir"),
     ],
 )
 def test_invalid_values_are_config_errors_naming_the_field(
