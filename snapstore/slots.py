@@ -12,6 +12,13 @@ names). Rules this table enforces:
   next lease can tell the trainer which tensors it need not copy again.
 - Nothing is created beyond the node's budget; spares are dropped first to
   make room, and a request that cannot fit changes nothing.
+- A *held* segment (a committed step a flush to disk is reading, see
+  :meth:`SlotTable.hold`) is neither retired, renamed, dropped nor handed out
+  until every hold on it is released or expires. A retire (or drop) asked
+  for meanwhile is deferred and happens at release. Commits never wait for
+  a hold: the rank's next slot is allocated beside it, within the budget;
+  only a lease that cannot fit waits (bounded) for holds of its job, and
+  marks them *wanted* so the flush stops pacing itself and finishes.
 
 Pure bookkeeping and files: no Ray, so it is tested on its own.
 """
@@ -22,6 +29,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +68,10 @@ class SlotTable:
         self._pinned: dict[str, str] = {}  # name -> job: relocated data, see pin()
         self._content: dict[str, int] = {}  # spare/work name -> step its bytes are from
         self._seq = 0
+        self._holds: dict[str, dict[str, float]] = {}  # name -> {token: expiry (monotonic)}
+        self._deferred: dict[str, str] = {}  # held name -> "retire" | "drop", done at release
+        self._wanted: set[str] = set()  # hold tokens whose memory a lease waits for
+        self._released = threading.Condition(self.lock)
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
     # -- state --------------------------------------------------------------------
@@ -119,9 +131,11 @@ class SlotTable:
         return out
 
     def protected(self, job: str) -> set[str]:
-        """Names of segments holding the job's committed step (or relocated data)."""
+        """Names of segments holding the job's committed step (or relocated data), or held."""
         with self.lock:
+            self._expire()
             names = {n for n, j in self._pinned.items() if j == job}
+            names.update(n for n in self._holds if (p := parse_name(n)) and p.job == job)
             rec = self._records.get(job)
             if rec is not None:
                 names.update(data_name(job, r, rec.step) for r in rec.ranks_on(self.node_id))
@@ -130,13 +144,38 @@ class SlotTable:
 
     # -- saving -------------------------------------------------------------------
 
-    def lease(self, job: str, rank: int, nbytes: int, abandon: Abandon) -> dict[str, Any]:
+    def lease(
+        self, job: str, rank: int, nbytes: int, abandon: Abandon, hold_wait: float = 0.0
+    ) -> dict[str, Any]:
         """The slot ``rank``'s trainer writes its next step into, at least ``nbytes`` long.
 
         Returns ``path``, ``capacity`` and ``holds``: the step whose bytes the
         slot still holds (a trainer that wrote that step into it may skip
         unchanged tensors), or None when unknown.
+
+        When the budget is short while a flush holds slots of the job, waits
+        up to ``hold_wait`` seconds for them to be released (the flush is
+        told to hurry), then raises MemoryBudgetError as usual.
         """
+        deadline = time.monotonic() + hold_wait
+        while True:
+            try:
+                return self._lease_once(job, rank, nbytes, abandon)
+            except MemoryBudgetError:
+                with self.lock:
+                    tokens = self._job_hold_tokens(job)
+                    left = deadline - time.monotonic()
+                    if not tokens or left <= 0:
+                        raise
+                    self._wanted.update(tokens)
+                    logger.info(
+                        "lease of %d bytes waits for a flush to release its slots",
+                        nbytes,
+                        extra={"job": job, "rank": rank, "node": self.node_id},
+                    )
+                    self._released.wait(min(left, 1.0))
+
+    def _lease_once(self, job: str, rank: int, nbytes: int, abandon: Abandon) -> dict[str, Any]:
         work = work_name(job, rank)
         with self.lock:
             seg = self._segments.get(work)
@@ -201,6 +240,11 @@ class SlotTable:
                     f"{seg.size}-byte slot"
                 )
             name = data_name(job, rank, step)
+            if name in self._holds:
+                raise SnapstoreError(
+                    f"job {job!r} rank {rank}: step {step}'s slot is being flushed to disk; "
+                    "save a newer step"
+                )
             if name in self._segments:
                 self._drop(name)  # an earlier attempt at this step, already abandoned
             self._content.pop(work, None)
@@ -272,16 +316,115 @@ class SlotTable:
     def drop_job(self, job: str) -> None:
         with self.lock:
             for n, _ in self._parsed(job):
-                self._drop(n)
+                if n in self._holds:
+                    self._deferred[n] = "drop"
+                else:
+                    self._drop(n)
             self._records.pop(job, None)
             for n in [n for n, j in self._pinned.items() if j == job]:
                 del self._pinned[n]
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.dir, record_name(job)))
 
+    def forget(self, job: str) -> None:
+        """The job's committed step is abandoned (it restores from disk instead):
+        drop its record and turn its data and parity into spares."""
+        with self.lock:
+            self._records.pop(job, None)
+            for n in [n for n, j in self._pinned.items() if j == job]:
+                del self._pinned[n]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.dir, record_name(job)))
+            for n, p in self._parsed(job):
+                if p.kind in ("data", "parity"):
+                    self._retire(n, p)
+
+    # -- holds (flushes reading committed slots) ------------------------------------
+
+    def hold(
+        self, job: str, step: int, token: str, ttl: float, ranks: list[int] | None = None
+    ) -> list[int]:
+        """Hold this node's data slots of ``step`` (of ``ranks``, or all it has) for a reader.
+
+        Until :meth:`release` (or ``ttl`` seconds pass) they are not retired,
+        renamed, dropped or handed out. Returns the ranks held.
+        """
+        with self.lock:
+            self._expire()
+            expiry = time.monotonic() + ttl
+            held = []
+            for n, p in self._parsed(job):
+                if p.kind != "data" or p.step != step or p.rank is None:
+                    continue
+                if ranks is not None and p.rank not in ranks:
+                    continue
+                self._holds.setdefault(n, {})[token] = expiry
+                held.append(p.rank)
+            return sorted(held)
+
+    def release(self, token: str) -> None:
+        """End a hold; deferred retires and drops of segments no longer held happen now."""
+        with self.lock:
+            self._wanted.discard(token)
+            for n in [n for n, tokens in self._holds.items() if token in tokens]:
+                del self._holds[n][token]
+                if not self._holds[n]:
+                    self._unhold(n)
+            self._released.notify_all()
+
+    def holding(self, token: str) -> bool:
+        """Whether ``token`` still holds something (False once released or expired)."""
+        with self.lock:
+            self._expire()
+            return any(token in tokens for tokens in self._holds.values())
+
+    def wanted(self, token: str) -> bool:
+        """Whether a lease waits for the memory ``token`` holds (the reader should hurry)."""
+        with self.lock:
+            return token in self._wanted
+
+    def held(self) -> dict[str, list[str]]:
+        """Held segment names and their tokens (for info and tests)."""
+        with self.lock:
+            self._expire()
+            return {n: sorted(t) for n, t in self._holds.items()}
+
+    def _job_hold_tokens(self, job: str) -> set[str]:
+        self._expire()
+        out: set[str] = set()
+        for n, tokens in self._holds.items():
+            p = parse_name(n)
+            if p is not None and p.job == job:
+                out.update(tokens)
+        return out
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for n in list(self._holds):
+            tokens = self._holds[n]
+            for t in [t for t, exp in tokens.items() if exp <= now]:
+                logger.warning("hold %s on %s expired", t, n, extra={"node": self.node_id})
+                del tokens[t]
+                self._wanted.discard(t)
+            if not tokens:
+                self._unhold(n)
+                self._released.notify_all()
+
+    def _unhold(self, name: str) -> None:
+        self._holds.pop(name, None)
+        action = self._deferred.pop(name, None)
+        if action == "drop":
+            self._drop(name)
+        elif action == "retire":
+            p = parse_name(name)
+            if p is not None and name in self._segments:
+                self._retire(name, p)
+
     def destroy(self) -> None:
         """Delete every segment and record of this node, and the directory."""
         with self.lock:
+            self._holds.clear()
+            self._deferred.clear()
             for n in list(self._segments):
                 self._drop(n)
             self._records.clear()
@@ -333,7 +476,13 @@ class SlotTable:
         return seg
 
     def _retire(self, name: str, p: SegmentName) -> None:
-        """Turn a segment into its job's spare (one spare per rank, one for parity)."""
+        """Turn a segment into its job's spare (one spare per rank, one for parity).
+
+        A held segment keeps its name until released; the retire happens then.
+        """
+        if name in self._holds:
+            self._deferred.setdefault(name, "retire")
+            return
         rank = p.rank if p.kind == "data" else None
         have = [n for n, q in self._parsed(p.job) if q.kind == "spare" and q.rank == rank]
         if have:
@@ -346,6 +495,9 @@ class SlotTable:
             self._content[new] = p.step
 
     def _drop(self, name: str) -> None:
+        if name in self._holds:
+            self._deferred[name] = "drop"
+            return
         seg = self._segments.pop(name, None)
         self._content.pop(name, None)
         if seg is not None:
