@@ -1,0 +1,543 @@
+"""The persisted tier on disk: layout, manifest, atomic publication, retention, verified reads.
+
+Pure files (no Ray, no torch), so it is tested on its own and read with no
+running store (``snapstore export``). Layout under the persist directory::
+
+    <root>/<job>/step-<N>/MANIFEST.msgpack   the step's manifest (written last)
+    <root>/<job>/step-<N>/rank-<r>.bin       rank r's staged buffer, byte for byte
+    <root>/<job>/step-<N>.partial/           a flush in progress, or one that died
+    <root>/<job>/step-<N>.trash/             a step being deleted by retention
+
+A rank file is exactly the buffer the rank staged in memory (tensor data,
+its msgpack manifest, the 32-byte trailer of :mod:`snapstore.slot`), so it
+unpacks with :func:`snapstore.format.unpack` after :func:`snapstore.slot.read_frame`.
+
+Protocol of one flush (see :mod:`snapstore.flush` for who calls what):
+
+1. :func:`write_rank` for each rank into ``step-<N>.partial/``: chunked
+   writes through a token bucket, each of the k pieces hashed (XXH3-64) as it
+   is written, fsync at the end.
+2. :func:`publish_step`: ``MANIFEST.msgpack`` (format version, job, step,
+   world size, per rank its file, size and piece checksums) written and
+   fsynced into the partial directory, which is then renamed to
+   ``step-<N>`` and its parent fsynced. A step is visible (complete) only
+   after this rename: a crash at any earlier point leaves a ``.partial``
+   directory that readers ignore and :func:`clean_leftovers` removes.
+3. :func:`retain` removes the oldest complete steps beyond K, each first
+   renamed to ``.trash`` so that a half-deleted step is never mistaken for
+   a complete one.
+
+Reads verify every piece against the manifest (:func:`read_rank`,
+:func:`verify_rank`) and raise :class:`PersistedStepCorruptError` naming the
+file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import xxhash
+
+from snapstore.config import JOB_NAME_RE
+from snapstore.errors import FormatError, PersistedStepCorruptError, PersistFailedError
+from snapstore.record import piece_bounds
+from snapstore.throttle import TokenBucket
+
+__all__ = [
+    "MANIFEST_NAME",
+    "PERSIST_VERSION",
+    "PersistManifest",
+    "PersistedRank",
+    "PersistedStep",
+    "clean_leftovers",
+    "job_dir",
+    "list_jobs",
+    "list_steps",
+    "newest_first",
+    "partial_dir",
+    "publish_step",
+    "rank_file",
+    "read_manifest",
+    "read_rank",
+    "retain",
+    "step_dir",
+    "verify_rank",
+    "write_rank",
+]
+
+PERSIST_VERSION = 1
+MANIFEST_NAME = "MANIFEST.msgpack"
+CHECKSUM_NAME = "xxh3_64"
+_KIND = "snapstore-persisted-step"
+PARTIAL = ".partial"
+TRASH = ".trash"
+CHUNK = 8 << 20
+# Written bytes are forced to disk and dropped from the page cache this often:
+# the flush must not fill the node's memory with dirty pages of a copy of
+# what is already in memory, nor leave a long fsync for the end.
+SYNC_EVERY = 64 << 20
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_LEFTOVER_RE = re.compile(r"^step-(\d+)\.(partial|trash)$")
+_ALIGN = 64
+
+
+def job_dir(root: str, job: str) -> str:
+    return os.path.join(root, job)
+
+
+def step_dir(root: str, job: str, step: int) -> str:
+    return os.path.join(root, job, f"step-{step}")
+
+
+def partial_dir(root: str, job: str, step: int) -> str:
+    return step_dir(root, job, step) + PARTIAL
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank}.bin"
+
+
+# -- manifest -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PersistedRank:
+    """One rank's file: ``size`` bytes, k piece checksums (pieces as in :func:`piece_bounds`)."""
+
+    rank: int
+    file: str
+    size: int
+    sums: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PersistManifest:
+    """Everything needed to find and verify a persisted step; msgpack at rest."""
+
+    job: str
+    step: int
+    world_size: int
+    k: int
+    ranks: Mapping[int, PersistedRank]
+    created_at: float = 0.0
+    committed_at: float = 0.0
+    store_id: str = ""
+    record_version: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def data_bytes(self) -> int:
+        return sum(r.size for r in self.ranks.values())
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "v": PERSIST_VERSION,
+            "kind": _KIND,
+            "checksum": CHECKSUM_NAME,
+            "job": self.job,
+            "step": self.step,
+            "world_size": self.world_size,
+            "k": self.k,
+            "ranks": [
+                [e.rank, e.file, e.size, list(e.sums)] for _, e in sorted(self.ranks.items())
+            ],
+            "created_at": self.created_at,
+            "committed_at": self.committed_at,
+            "store_id": self.store_id,
+            "record_version": self.record_version,
+            "extra": dict(self.extra),
+        }
+        return msgpack.packb(doc, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PersistManifest:
+        """Decode and validate; FormatError naming the first problem."""
+        try:
+            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as e:
+            raise FormatError(f"persisted manifest is not valid msgpack: {e}") from None
+        if not isinstance(doc, dict) or doc.get("kind") != _KIND:
+            raise FormatError("not a snapstore persisted-step manifest")
+        if doc.get("v") != PERSIST_VERSION:
+            raise FormatError(
+                f"persisted manifest version {doc.get('v')!r}, this snapstore reads "
+                f"{PERSIST_VERSION}"
+            )
+        if doc.get("checksum") != CHECKSUM_NAME:
+            raise FormatError(f"persisted manifest checksum {doc.get('checksum')!r} is unknown")
+        try:
+            ranks = {}
+            for r, f, size, sums in doc["ranks"]:
+                entry = PersistedRank(_int(r), _str(f), _int(size), tuple(_int(x) for x in sums))
+                if entry.rank in ranks:
+                    raise ValueError(f"rank {entry.rank} listed twice")
+                ranks[entry.rank] = entry
+            man = cls(
+                job=_str(doc["job"]),
+                step=_int(doc["step"]),
+                world_size=_int(doc["world_size"]),
+                k=_int(doc["k"]),
+                ranks=ranks,
+                created_at=float(doc.get("created_at", 0.0)),
+                committed_at=float(doc.get("committed_at", 0.0)),
+                store_id=_str(doc.get("store_id", "")),
+                record_version=_int(doc.get("record_version", 0)),
+                extra=dict(doc.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"persisted manifest is malformed: {e}") from None
+        man.validate()
+        return man
+
+    def validate(self) -> None:
+        if not JOB_NAME_RE.fullmatch(self.job):
+            raise FormatError(f"persisted manifest names job {self.job!r}, not a job name")
+        if self.k < 1 or self.step < 0 or self.world_size < 1:
+            raise FormatError(
+                f"persisted manifest k={self.k}, step={self.step}, world_size={self.world_size}"
+            )
+        if sorted(self.ranks) != list(range(self.world_size)):
+            raise FormatError(
+                f"persisted manifest lists ranks {sorted(self.ranks)}, expected 0.."
+                f"{self.world_size - 1}"
+            )
+        for r, e in self.ranks.items():
+            if e.file != rank_file(r) or e.size < 0 or len(e.sums) != self.k:
+                raise FormatError(
+                    f"persisted manifest rank {r}: file {e.file!r}, size {e.size}, "
+                    f"{len(e.sums)} sums for k={self.k}"
+                )
+
+
+def _int(v: object) -> int:
+    if type(v) is not int or not 0 <= v < 1 << 64:
+        raise ValueError(f"expected a non-negative integer, found {v!r}")
+    return v
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, found {v!r}")
+    return v
+
+
+# -- writing ----------------------------------------------------------------------
+
+
+def _write_all(fd: int, buf: Any) -> None:
+    view = memoryview(buf).cast("B")
+    while view.nbytes:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_rank(
+    path: str,
+    src: np.ndarray,
+    k: int,
+    bucket: TokenBucket | None = None,
+    *,
+    hurry: Callable[[], bool] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    after_chunk: Callable[[int], None] | None = None,
+    chunk: int = CHUNK,
+) -> tuple[int, ...]:
+    """Write ``src`` (a rank's whole buffer) to ``path``, fsynced; return its k piece sums.
+
+    Each piece is hashed as it is written, from the very bytes written.
+    ``bucket`` paces the writes; while ``hurry()`` is true the pace is
+    ignored (training waits for the memory being read). ``cancelled()``
+    true stops the write with PersistFailedError. ``after_chunk(written)``
+    is called after each chunk (failure injection: it may raise or stall).
+    """
+    size = len(src)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        sums = []
+        written = synced = 0
+        for j in range(k):
+            off, length = piece_bounds(size, k, j)
+            h = xxhash.xxh3_64()
+            pos, end = off, off + length
+            while pos < end:
+                if cancelled is not None and cancelled():
+                    raise PersistFailedError(f"writing {path} was cancelled after {written} bytes")
+                n = min(chunk, end - pos)
+                if bucket is not None and not (hurry is not None and hurry()):
+                    bucket.take(n, interrupt=hurry)
+                view = src[pos : pos + n]
+                h.update(view.data)
+                _write_all(fd, view)
+                pos += n
+                written += n
+                if after_chunk is not None:
+                    after_chunk(written)
+                if written - synced >= SYNC_EVERY:
+                    os.fdatasync(fd)
+                    _drop_cache(fd, synced, written - synced)
+                    synced = written
+            sums.append(h.intdigest())
+        os.fsync(fd)
+        _drop_cache(fd, synced, written - synced)
+        return tuple(sums)
+    finally:
+        os.close(fd)
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    if length > 0 and hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def publish_step(root: str, manifest: PersistManifest) -> str:
+    """Write the manifest into the step's partial directory and make the step visible.
+
+    Every rank file must already be written and fsynced. Returns the step's
+    directory. An older copy of the same step, if any, is replaced.
+    """
+    partial = partial_dir(root, manifest.job, manifest.step)
+    final = step_dir(root, manifest.job, manifest.step)
+    for r, e in manifest.ranks.items():
+        path = os.path.join(partial, e.file)
+        try:
+            got = os.stat(path).st_size
+        except OSError as ex:
+            raise PersistFailedError(f"cannot publish step {manifest.step}: rank {r}: {ex}") from ex
+        if got != e.size:
+            raise PersistFailedError(
+                f"cannot publish step {manifest.step}: {path} holds {got} bytes, "
+                f"the manifest says {e.size}"
+            )
+    tmp = os.path.join(partial, MANIFEST_NAME + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, manifest.to_bytes())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(partial, MANIFEST_NAME))
+    fsync_dir(partial)
+    parent = job_dir(root, manifest.job)
+    if os.path.exists(final):
+        _trash(final)
+    os.rename(partial, final)
+    fsync_dir(parent)
+    return final
+
+
+def _trash(path: str) -> None:
+    """Rename a step directory out of sight (atomic), then delete it."""
+    trash = path + TRASH
+    if os.path.exists(trash):
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    fsync_dir(os.path.dirname(path))
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- listing, retention, cleanup -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PersistedStep:
+    """A complete persisted step, as listed: its directory, when it was written, its bytes."""
+
+    step: int
+    path: str
+    time: float
+    bytes: int
+    world_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "path": self.path,
+            "time": self.time,
+            "bytes": self.bytes,
+            "world_size": self.world_size,
+        }
+
+
+def list_jobs(root: str) -> list[str]:
+    """Jobs with a directory under ``root`` (complete steps or not)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(n for n in names if JOB_NAME_RE.fullmatch(n) and os.path.isdir(job_dir(root, n)))
+
+
+def _complete_dirs(root: str, job: str) -> list[tuple[int, str]]:
+    base = job_dir(root, job)
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    out = []
+    for n in names:
+        m = _STEP_RE.fullmatch(n)
+        if m and os.path.isfile(os.path.join(base, n, MANIFEST_NAME)):
+            out.append((int(m.group(1)), os.path.join(base, n)))
+    return sorted(out)
+
+
+def list_steps(root: str, job: str) -> list[PersistedStep]:
+    """The job's complete persisted steps, oldest first (a step with an unreadable
+    manifest is listed with 0 bytes: it exists, and reading it will say why it fails)."""
+    out = []
+    for step, path in _complete_dirs(root, job):
+        mpath = os.path.join(path, MANIFEST_NAME)
+        try:
+            st = os.stat(mpath)
+            with open(mpath, "rb") as f:
+                man = PersistManifest.from_bytes(f.read())
+            out.append(PersistedStep(step, path, st.st_mtime, man.data_bytes(), man.world_size))
+        except (OSError, FormatError):
+            out.append(PersistedStep(step, path, 0.0, 0, 0))
+    return out
+
+
+def retain(root: str, job: str, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` complete steps; return the steps deleted."""
+    steps = _complete_dirs(root, job)
+    doomed = steps[: max(0, len(steps) - keep)]
+    for _, path in doomed:
+        _trash(path)
+    return [s for s, _ in doomed]
+
+
+def clean_leftovers(root: str, job: str, keep: str | None = None) -> list[str]:
+    """Delete ``.partial`` and ``.trash`` directories of a job (a flush or deletion
+    that died), except ``keep`` (the partial directory of a flush in progress)."""
+    base = job_dir(root, job)
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    removed = []
+    for n in names:
+        path = os.path.join(base, n)
+        if _LEFTOVER_RE.fullmatch(n) and path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(n)
+    return sorted(removed)
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+def read_manifest(path: str) -> PersistManifest:
+    """The manifest of the step directory ``path``; PersistedStepCorruptError if unusable."""
+    mpath = os.path.join(path, MANIFEST_NAME)
+    try:
+        with open(mpath, "rb") as f:
+            return PersistManifest.from_bytes(f.read())
+    except OSError as e:
+        raise PersistedStepCorruptError(mpath, f"cannot read the manifest: {e.strerror}") from None
+    except FormatError as e:
+        raise PersistedStepCorruptError(mpath, str(e)) from None
+
+
+def _open_rank(path: str, man: PersistManifest, rank: int) -> tuple[Any, PersistedRank, str]:
+    entry = man.ranks.get(rank)
+    if entry is None:
+        raise PersistedStepCorruptError(
+            path, f"step {man.step} has no rank {rank} (world size {man.world_size})"
+        )
+    fpath = os.path.join(path, entry.file)
+    try:
+        f = open(fpath, "rb")  # noqa: SIM115 -- closed by the callers' with
+    except OSError as e:
+        raise PersistedStepCorruptError(fpath, f"cannot open: {e.strerror}") from None
+    size = os.fstat(f.fileno()).st_size
+    if size != entry.size:
+        f.close()
+        raise PersistedStepCorruptError(
+            fpath, f"holds {size} bytes, the manifest says {entry.size} (truncated or replaced)"
+        )
+    return f, entry, fpath
+
+
+def _check_pieces(buf: np.ndarray, entry: PersistedRank, k: int, fpath: str) -> None:
+    for j in range(k):
+        off, length = piece_bounds(entry.size, k, j)
+        got = xxhash.xxh3_64_intdigest(buf[off : off + length].data)
+        if got != entry.sums[j]:
+            raise PersistedStepCorruptError(
+                fpath,
+                f"piece {j} (bytes {off}..{off + length}) fails its checksum: expected "
+                f"{entry.sums[j]:#018x}, found {got:#018x}",
+            )
+
+
+def read_rank(path: str, rank: int, manifest: PersistManifest | None = None) -> np.ndarray:
+    """Rank ``rank``'s buffer of the step directory ``path``, every piece verified.
+
+    Returns a new 64-byte-aligned uint8 array of the rank's size.
+    """
+    man = manifest or read_manifest(path)
+    f, entry, fpath = _open_rank(path, man, rank)
+    with f:
+        raw = np.empty(entry.size + _ALIGN, dtype=np.uint8)
+        skip = -raw.ctypes.data % _ALIGN
+        buf = raw[skip : skip + entry.size]
+        view = buf.data
+        got = 0
+        while got < entry.size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise PersistedStepCorruptError(fpath, f"ends after {got} of {entry.size} bytes")
+            got += n
+    _check_pieces(buf, entry, man.k, fpath)
+    return buf
+
+
+def verify_rank(path: str, rank: int, manifest: PersistManifest | None = None) -> int:
+    """Check rank ``rank``'s file of a step directory without keeping it; return its size."""
+    man = manifest or read_manifest(path)
+    f, entry, fpath = _open_rank(path, man, rank)
+    block = np.empty(CHUNK, dtype=np.uint8)
+    with f:
+        for j in range(man.k):
+            off, length = piece_bounds(entry.size, man.k, j)
+            h = xxhash.xxh3_64()
+            f.seek(off)
+            left = length
+            while left:
+                n = f.readinto(block.data[: min(CHUNK, left)])
+                if not n:
+                    raise PersistedStepCorruptError(fpath, f"ends inside piece {j}")
+                h.update(block[:n].data)
+                left -= n
+            if h.intdigest() != entry.sums[j]:
+                raise PersistedStepCorruptError(
+                    fpath,
+                    f"piece {j} (bytes {off}..{off + length}) fails its checksum: expected "
+                    f"{entry.sums[j]:#018x}, found {h.intdigest():#018x}",
+                )
+    return entry.size
+
+
+def newest_first(root: str, job: str, step: int | None = None) -> list[tuple[int, str]]:
+    """(step, directory) of complete steps to try, newest first; only ``step`` if given."""
+    steps = _complete_dirs(root, job)
+    if step is not None:
+        steps = [(s, p) for s, p in steps if s == step]
+    return list(reversed(steps))
