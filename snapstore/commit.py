@@ -178,8 +178,10 @@ async def commit_step(coord: Coordinator, job: str, step: int) -> None:
             return
         if js.pending.get(step) is not p:
             return  # aborted while parity was computed
+        # A step due for flushing to disk is held by the SMPs as they commit it.
+        hold = coord.flusher.hold_for(js, record)
         # The commit point: every SMP learns the record before anyone is told.
-        missing = await publish(coord, record)
+        missing = await publish(coord, record, hold)
         js.pending.pop(step, None)
         for older in [s for s in js.pending if s < step]:
             abort(coord, js, older, f"step {step} committed first")
@@ -199,6 +201,9 @@ async def commit_step(coord: Coordinator, job: str, step: int) -> None:
         js.relocated.clear()
         js.preferred_home.clear()
         js.data_ready.set()
+        coord.flusher.on_commit(job)
+        if hold is not None:
+            coord.flusher.start(record, hold)
         coord.events.add(
             "commit",
             f"job {job!r} committed step {step} ({record.data_bytes()} data bytes, "
@@ -298,13 +303,19 @@ async def build_parity(
     return record.replace(parity=tuple(filled))
 
 
-async def publish(coord: Coordinator, record: StepRecord) -> list[str]:
-    """Send a record to every alive SMP; return the nodes that did not acknowledge it."""
+async def publish(
+    coord: Coordinator, record: StepRecord, hold: dict[str, Any] | None = None
+) -> list[str]:
+    """Send a record to every alive SMP; return the nodes that did not acknowledge it.
+
+    ``hold`` (see :mod:`snapstore.flush`): the SMPs also hold their data
+    slots of the step for a flush, atomically with committing it.
+    """
     data = record.to_bytes()
     targets = coord.alive()
     acks = await asyncio.gather(
         *(
-            asyncio.wait_for(coord.handle(n).commit.remote(data), COMMIT_ACK_TIMEOUT)
+            asyncio.wait_for(coord.handle(n).commit.remote(data, hold), COMMIT_ACK_TIMEOUT)
             for n in targets
         ),
         return_exceptions=True,

@@ -12,7 +12,10 @@ Call protocol:
   a new SMP, or notices a restarted one) and :meth:`rank_staged` when a
   trainer staged a step; :meth:`abandon` before reusing an uncommitted slot.
 - Clients call :meth:`wait_commit`, :meth:`latest`, :meth:`restore_plan`,
-  :meth:`repair`; tools call :meth:`snapshot`, :meth:`nodes`.
+  :meth:`repair`, :meth:`persist`, :meth:`persisted_plan`; tools call
+  :meth:`snapshot`, :meth:`nodes`.
+- Committed steps are flushed to disk in the background (see
+  :mod:`snapstore.flush`); the persist directory is listed every few seconds.
 - A background task checks heartbeat ages every 100 ms and deploys SMPs on
   Ray nodes that have none; commits, re-protection and reconciliation run as
   tasks serialised per job by the job's lock (see :mod:`snapstore.commit` and
@@ -33,9 +36,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from snapstore import commit, recovery
+from snapstore import commit, fallback, recovery
 from snapstore.config import StoreConfig
 from snapstore.errors import ConfigError
+from snapstore.flush import Flusher
 from snapstore.placement import form_groups, regroup
 from snapstore.record import StepRecord
 from snapstore.smp import COORDINATOR_NAME, SMP, smp_name
@@ -67,6 +71,7 @@ class Coordinator:
         self._ready: asyncio.Event | None = None
         self._deploying: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.flusher = Flusher(self)
 
     # -- startup and recovery -------------------------------------------------
 
@@ -78,6 +83,7 @@ class Coordinator:
             except Exception as e:
                 logger.exception("recovery from SMPs failed")
                 self.events.add("error", f"recovery from SMPs failed: {e}")
+            await self.flusher.open()
             self._ready.set()
             self._bg.append(asyncio.create_task(self._monitor()))
             self._bg.append(asyncio.create_task(self._watch_ray_nodes()))
@@ -341,6 +347,7 @@ class Coordinator:
         return await recovery.repair(self, job, rank, step, bad)
 
     async def note_restore(self, job: str, rank: int, info: dict[str, Any]) -> None:
+        fallback.note_restore(self, job, rank, info)
         self.events.add(
             "restore",
             f"job {job!r} rank {rank} restored step {info.get('step')} from {info.get('source')}",
@@ -348,6 +355,31 @@ class Coordinator:
             rank=rank,
             **info,
         )
+
+    # -- the persisted tier (see snapstore.flush) ---------------------------------
+
+    async def persist(self, job: str, timeout: float) -> dict[str, Any]:
+        """Flush the job's committed step to the persist directory now; wait up to ``timeout``."""
+        await self._ensure_started()
+        return await self.flusher.persist(job, timeout)
+
+    async def persisted_plan(
+        self, job: str, rank: int, reason: str, restarted: bool, timeout: float
+    ) -> dict[str, Any]:
+        """The persisted step every rank restores from when memory cannot serve the job."""
+        await self._ensure_started()
+        return await fallback.restore_plan(self, job, rank, reason, restarted, timeout)
+
+    async def persisted_bad(self, job: str, path: str, problem: str) -> None:
+        """A rank found a file of a planned persisted step corrupt."""
+        await self._ensure_started()
+        fallback.mark_bad(self, job, path, problem)
+
+    async def persisted(self, job: str) -> list[dict[str, Any]]:
+        """The job's complete persisted steps, oldest first (as last listed)."""
+        await self._ensure_started()
+        await self.flusher.refresh(job)
+        return list(self.flusher.job(job).steps)
 
     # -- observing ------------------------------------------------------------
 
@@ -398,7 +430,9 @@ class Coordinator:
             }
             if rec is not None:
                 j["record"] = _record_summary(rec, alive)
+            j.update(self.flusher.job_entry(js.name))
             jobs.append(j)
+        jobs.extend(self.flusher.disk_only_jobs(set(self.jobs)))
         return {
             "store_id": self.store_id,
             "time": time.time(),

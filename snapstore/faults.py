@@ -4,7 +4,8 @@ Tests, benchmarks and the demo use these to cause real failures: a killed
 node's raylet and every process on it die by SIGKILL and its shared memory is
 removed (its memory is gone, as on a real machine); a killed SMP is a real
 process killed, which Ray restarts; a corrupted chunk is a real byte flipped
-in a segment file.
+in a segment file (or in a persisted step's file); a failing flush is the
+SMP's real writer raising an I/O error mid-file.
 
 Every function refuses to act on a store that ``snapstore up`` did not start
 as an embedded cluster (``FaultInjectionError``): it never touches processes
@@ -31,6 +32,8 @@ from snapstore.smp import node_dir, smp_name
 __all__ = [
     "add_node",
     "corrupt_chunk",
+    "corrupt_persisted",
+    "fail_persist",
     "kill_node",
     "kill_nodes",
     "kill_smp",
@@ -206,3 +209,45 @@ def corrupt_chunk(
         f.seek(at + offset)
         f.write(bytes([b[0] ^ 0xFF]))
     return {"node_id": node, "file": name, "offset": at + offset, "step": rec.step}
+
+
+def fail_persist(
+    node_id: str,
+    after_bytes: int | None = None,
+    stall: tuple[int, float] | None = None,
+    store: Store | None = None,
+) -> None:
+    """Make the node's SMP fail or stall its next flushes to disk (None, None: clear both).
+
+    ``after_bytes``: each rank file it writes fails with an I/O error once
+    that many bytes are written. ``stall`` (bytes, seconds): it stops that
+    long once that many bytes are written, so a test can kill it mid-flush.
+    """
+    import ray
+
+    store = _embedded(store)
+    store.connect_ray()
+    handle = ray.get_actor(smp_name(node_id), namespace=store.namespace)
+    ray.get(handle.set_fault.remote("persist_fail_after", after_bytes), timeout=30)
+    ray.get(handle.set_fault.remote("persist_stall_after", stall), timeout=30)
+
+
+def corrupt_persisted(
+    job: str, step: int, rank: int, offset: int = 0, store: Store | None = None
+) -> dict[str, Any]:
+    """Flip one byte of rank ``rank``'s file of a complete persisted step of the store."""
+    from snapstore.persist import rank_file, step_dir
+
+    store = _embedded(store)
+    path = os.path.join(step_dir(store.config.persist_dir, job, step), rank_file(rank))
+    if not os.path.isfile(path):
+        raise FaultInjectionError(f"job {job!r} has no persisted file {path}")
+    size = os.path.getsize(path)
+    if not 0 <= offset < size:
+        raise FaultInjectionError(f"offset {offset} outside {path} of {size} bytes")
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return {"path": path, "offset": offset, "step": step}

@@ -10,6 +10,7 @@ CLI and ``down`` find the store through it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,16 @@ from snapstore.config import StoreConfig
 from snapstore.errors import ClusterError, ConfigError, StoreNotRunningError
 from snapstore.segments import shm_root
 
-__all__ = ["Store", "connect", "down", "nodes", "runtime_dir", "state_path", "up"]
+__all__ = [
+    "Store",
+    "connect",
+    "default_persist_dir",
+    "down",
+    "nodes",
+    "runtime_dir",
+    "state_path",
+    "up",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,22 @@ def runtime_dir(override: str | None = None) -> str:
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "snapstore")
     return os.path.join("/tmp", f"snapstore-{os.getuid()}")
+
+
+def default_persist_dir(rundir: str | None = None) -> str:
+    """Where steps are flushed when ``persist_dir`` is not set (see StoreConfig).
+
+    Under the runtime directory when that was chosen explicitly (a private
+    store: tests, several stores on one machine); otherwise in the user's
+    state directory on disk, because the default runtime directory may be
+    RAM (``$XDG_RUNTIME_DIR`` is a tmpfs) and cleared at reboot.
+    """
+    if rundir or os.environ.get("SNAPSTORE_RUNTIME_DIR"):
+        return os.path.abspath(os.path.join(runtime_dir(rundir), "persist"))
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.abspath(os.path.join(state, "snapstore", "persist"))
 
 
 def state_path(rundir: str | None = None) -> str:
@@ -206,6 +232,15 @@ def up(
     ``rest_port=0`` picks a free port.
     """
     cfg = StoreConfig.resolve(nodes=nodes, k=k, m=m, memory_per_node=memory_per_node, **settings)
+    persist_dir = os.path.abspath(cfg.persist_dir or default_persist_dir(rundir))
+    try:
+        os.makedirs(persist_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"persist_dir {persist_dir}: cannot create it ({e.strerror}); choose another "
+            "with --persist-dir"
+        ) from None
+    cfg = dataclasses.replace(cfg, persist_dir=persist_dir)
     path = state_path(rundir)
     if os.path.exists(path):
         raise ClusterError(

@@ -22,6 +22,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from snapstore import fallback
 from snapstore.commit import abort, build_parity, publish
 from snapstore.errors import UnrecoverableError
 from snapstore.placement import plan_parity
@@ -94,6 +95,16 @@ async def restore_plan(
                 f"rank {rank} of job {job!r} step {rec.step} cannot be rebuilt",
                 lost=js.unrecoverable[rank],
             )
+        if fallback.must_fall_back(coord, js):
+            # Some rank cannot be rebuilt: all ranks must restore one step, from disk.
+            bad = fallback.unservable_ranks(coord, js)
+            return _error(
+                "unrecoverable",
+                f"job {job!r} step {rec.step}: ranks {bad} can be neither read nor rebuilt "
+                "from memory; the job restores from its persisted step",
+                lost=[f"node {n[:12]} (lost)" for n in sorted(rec.nodes() - set(coord.alive()))],
+                fallback=True,
+            )
         entry = rec.ranks[rank]
         where = js.relocated.get(rank, entry.node)
         home = coord.nodes.get(where)
@@ -150,6 +161,9 @@ async def repair(
             coord.events.add(
                 "error", f"repair of job {job!r} rank {rank} failed: {_root(e)}", job=job
             )
+            if isinstance(_root(e), UnrecoverableError):
+                # Memory cannot serve this rank's step (the job may fall back to disk).
+                js.unrecoverable[rank] = _lost_of(e)
             return _error("unrecoverable", str(_root(e)), lost=_lost_of(e))
         coord.events.add(
             "repaired",

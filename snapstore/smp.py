@@ -23,6 +23,11 @@ Call protocol (who calls what):
 5. restore: :meth:`open_committed` (verify and return the local slot),
    :meth:`fetch` (copy a rank's buffer from another node), :meth:`rebuild`
    (decode lost pieces or parity on the coordinator's order).
+6. flush to disk (see :mod:`snapstore.flush`): the coordinator holds a
+   committed step's data slots (with the record in :meth:`commit`, or by
+   :meth:`hold`), then :meth:`persist` writes them into the step's partial
+   directory and releases them; :meth:`release` ends a hold early.
+   :meth:`verify_persisted` checks persisted files before a restore uses them.
 
 Methods run on Ray's thread pool (a threaded actor); the slot table has its
 own lock, and byte work runs outside it.
@@ -41,12 +46,14 @@ import numpy as np
 import ray
 
 from coding import checksum
+from snapstore import persist
 from snapstore.config import StoreConfig, check_job_name
-from snapstore.errors import SnapstoreError
+from snapstore.errors import PersistFailedError, SnapstoreError
 from snapstore.record import StepRecord, piece_bounds
 from snapstore.segments import data_name, delta_name, parity_name
 from snapstore.slots import SlotTable
 from snapstore.stripes import apply_deltas, run_order
+from snapstore.throttle import TokenBucket
 from snapstore.transport import ChunkUnavailableError, DataServer, PeerInfo, Transport, host_key
 
 __all__ = ["COORDINATOR_NAME", "SMP", "node_dir", "smp_name"]
@@ -54,6 +61,8 @@ __all__ = ["COORDINATOR_NAME", "SMP", "node_dir", "smp_name"]
 logger = logging.getLogger(__name__)
 
 COORDINATOR_NAME = "snapstore-coordinator"
+# How long a lease short of memory waits for a flush to release its held slots.
+LEASE_HOLD_WAIT = 60.0
 
 
 def smp_name(node_id: str) -> str:
@@ -101,7 +110,11 @@ class SMP:
             "peer_bytes_read": 0,
             "rebuilt_bytes": 0,
             "fetches": 0,
+            "persisted_bytes": 0,
+            "persist_throttled_seconds": 0,
         }
+        self._bucket = TokenBucket(self.cfg.persist_bandwidth)
+        self._faults: dict[str, Any] = {}
         address = ray.util.get_node_ip_address()
         self.transport = Transport(host_key(), token, force_tcp=self.cfg.transport == "tcp")
         self.server = DataServer(address, token, self._resolve)
@@ -133,6 +146,7 @@ class SMP:
             "data_bytes": sizes["data"],
             "parity_bytes": sizes["parity"],
             "spare_bytes": sizes["spare"] + sizes["work"] + sizes["delta"],
+            "held": len(self.slots.held()),
             "counters": dict(self._counters),
         }
 
@@ -153,7 +167,7 @@ class SMP:
         step, so parity is never computed over bytes being overwritten.
         """
         check_job_name(job)
-        return self.slots.lease(job, rank, nbytes, self._abandon)
+        return self.slots.lease(job, rank, nbytes, self._abandon, hold_wait=LEASE_HOLD_WAIT)
 
     def staged(
         self,
@@ -240,10 +254,19 @@ class SMP:
         self._counters["peer_bytes_read"] += result.peer_bytes
         return result.to_dict()
 
-    def commit(self, record_bytes: bytes) -> None:
-        """A step is committed: keep its slots, free older ones, remember the record."""
+    def commit(self, record_bytes: bytes, hold: dict[str, Any] | None = None) -> list[int]:
+        """A step is committed: keep its slots, free older ones, remember the record.
+
+        ``hold`` (``token``, ``ttl``): the step is to be flushed to disk; hold
+        its data slots here in the same breath, so that no later commit can
+        reuse them before :meth:`persist` has read them. Returns the ranks held.
+        """
         rec = StepRecord.from_bytes(record_bytes)
-        self.slots.commit(rec, record_bytes)
+        with self.slots.lock:
+            self.slots.commit(rec, record_bytes)
+            if hold is None:
+                return []
+            return self.slots.hold(rec.job, rec.step, str(hold["token"]), float(hold["ttl"]))
 
     def abort(self, job: str, step: int) -> None:
         """A step will not commit: free its slots (they stay mapped as spares)."""
@@ -319,6 +342,122 @@ class SMP:
     def drop_job(self, job: str) -> None:
         """Forget a job: delete its segments and record."""
         self.slots.drop_job(job)
+
+    def forget(self, job: str) -> None:
+        """The job restores from disk instead: drop its record, keep its slots as spares."""
+        self.slots.forget(job)
+
+    # -- flushing to disk -------------------------------------------------------
+
+    def hold(self, job: str, step: int, token: str, ttl: float) -> list[int]:
+        """Hold this node's data slots of a committed step for a flush; the ranks held."""
+        return self.slots.hold(job, step, token, ttl)
+
+    def release(self, token: str) -> None:
+        """End a hold (the flush failed or was abandoned); the slots may be reused."""
+        self.slots.release(token)
+
+    def persist(self, order: dict[str, Any]) -> dict[str, Any]:
+        """Write held ranks of a committed step into its partial directory, then release.
+
+        ``order``: ``job``, ``step``, ``k``, ``dir`` (the partial directory),
+        ``token`` (the hold), ``ranks`` ([[rank, size, sums], ...]). Each file
+        is written in chunks paced by this node's token bucket, hashed as it
+        is written and fsynced; a rank whose bytes do not hash to the record's
+        sums is refused (memory went bad; the step must not reach disk).
+        Returns per rank its ``sums``, ``bytes`` and ``seconds``.
+        """
+        job, step, token = str(order["job"]), int(order["step"]), str(order["token"])
+        k, directory = int(order["k"]), str(order["dir"])
+        out: dict[str, Any] = {}
+        failures: dict[str, str] = {}
+        t0 = time.monotonic()
+        try:
+            os.makedirs(directory, exist_ok=True)
+            for rank, size, sums in order["ranks"]:
+                rank, size = int(rank), int(size)
+                name = data_name(job, rank, step)
+                seg = self.slots.get(name)
+                if seg is None or seg.size < size or name not in self.slots.held():
+                    failures[f"rank {rank}"] = (
+                        f"slot {name} is not held on node {self.node_id[:12]} "
+                        "(released, expired, or the SMP restarted)"
+                    )
+                    continue
+                t1 = time.monotonic()
+                got = persist.write_rank(
+                    os.path.join(directory, persist.rank_file(rank)),
+                    seg.view(0, size),
+                    k,
+                    self._bucket,
+                    hurry=lambda: self.slots.wanted(token),
+                    cancelled=lambda: self._stop.is_set() or not self.slots.holding(token),
+                    after_chunk=self._fault_hook(),
+                )
+                if list(got) != [int(x) for x in sums]:
+                    bad = [j for j, (a, b) in enumerate(zip(got, sums, strict=True)) if a != b]
+                    failures[f"rank {rank}"] = (
+                        f"its in-memory bytes fail the record's checksums (pieces {bad}); "
+                        "not persisted (restore repairs them from parity)"
+                    )
+                    continue
+                self._counters["persisted_bytes"] += size
+                out[str(rank)] = {
+                    "sums": list(got),
+                    "bytes": size,
+                    "seconds": round(time.monotonic() - t1, 4),
+                }
+        except (OSError, SnapstoreError) as e:
+            failures[f"node {self.node_id[:12]}"] = f"{type(e).__name__}: {e}"
+        finally:
+            self.slots.release(token)
+        if failures:
+            raise PersistFailedError(
+                f"node {self.node_id[:12]} could not persist job {job!r} step {step}", failures
+            )
+        return {"ranks": out, "seconds": round(time.monotonic() - t0, 4)}
+
+    def verify_persisted(self, path: str, ranks: list[int]) -> dict[str, str | None]:
+        """Check persisted rank files of a step directory; per rank None or what is wrong."""
+        out: dict[str, str | None] = {}
+        try:
+            man = persist.read_manifest(path)
+        except SnapstoreError as e:
+            return {str(r): str(e) for r in ranks}
+        for r in ranks:
+            try:
+                persist.verify_rank(path, int(r), man)
+                out[str(r)] = None
+            except SnapstoreError as e:
+                out[str(r)] = str(e)
+        return out
+
+    def set_fault(self, name: str, value: Any) -> None:
+        """Failure injection (see :mod:`snapstore.faults`): ``persist_fail_after`` (bytes
+        written before an I/O error), ``persist_stall_after`` ([bytes, seconds]: stop
+        writing that long once that many bytes are written), or None to clear."""
+        if name not in ("persist_fail_after", "persist_stall_after"):
+            raise SnapstoreError(f"unknown fault {name!r}")
+        if value is None:
+            self._faults.pop(name, None)
+        else:
+            self._faults[name] = value
+
+    def _fault_hook(self) -> Any:
+        fail_after = self._faults.get("persist_fail_after")
+        stall = self._faults.get("persist_stall_after")
+        if fail_after is None and stall is None:
+            return None
+
+        def hook(written: int) -> None:
+            if stall is not None and written >= int(stall[0]):
+                end = time.monotonic() + float(stall[1])
+                while time.monotonic() < end and not self._stop.is_set():
+                    time.sleep(0.05)
+            if fail_after is not None and written >= int(fail_after):
+                raise OSError(5, f"injected write failure after {written} bytes")
+
+        return hook
 
     def destroy(self) -> None:
         """Delete every segment of this node and stop serving (``snapstore down``)."""

@@ -119,6 +119,7 @@ _TIMED = {
     "rebuild": ("duration", "rebuild_seconds"),
     "reprotected": ("duration", "reprotect_seconds"),
     "node_silent": ("detection_latency", "detection_seconds"),
+    "persisted": ("duration", "persist_seconds"),
 }
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -149,6 +150,8 @@ class Metrics:
         self.counters[f"events_total:{ev['kind']}"] += 1
         if ev["kind"] in ("rebuild", "repaired") and isinstance(ev.get("bytes"), int):
             self.counters["rebuilt_bytes_total"] += ev["bytes"]
+        if ev["kind"] == "persisted" and isinstance(ev.get("bytes"), int):
+            self.counters["persisted_bytes_total"] += ev["bytes"]
         timed = _TIMED.get(ev["kind"])
         if timed is not None and isinstance(ev.get(timed[0]), (int, float)):
             self.observe(timed[1], float(ev[timed[0]]))
