@@ -13,6 +13,13 @@
 
     step, state = client.restore(into=state)  # after a crash: the last committed step
 
+When memory cannot serve the job (more than m nodes of a stripe group lost,
+or the store was restarted), ``restore`` falls back to the newest complete
+step flushed to the store's persist directory; ``client.last_restore`` says
+which source and step it used. ``client.persist()`` flushes the last
+committed step now; ``Client(..., persist_on_sigterm=True)`` does so when
+the process receives SIGTERM, before it dies as it would have.
+
 ``save`` copies each tensor once into a shared-memory slot of the trainer's
 node (owned by that node's SMP) and returns a :class:`SaveFuture`; the SMP
 checksums it, the coordinator has parity computed across nodes and commits
@@ -30,15 +37,26 @@ Client is used from one training thread.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from typing import Any
 
 from clients.dp import DPGroup, fill, localize, placeholders, shard
+from clients.persisted import (
+    Opened,
+    install_sigterm,
+    open_persisted,
+    persist_now,
+    read_persisted,
+    still_intact,
+    uninstall_sigterm,
+)
 from clients.staging import Stager
 from snapstore.config import check_job_name
 from snapstore.errors import (
+    FormatError,
     SaveFailedError,
     SnapshotNotFoundError,
     SnapstoreError,
@@ -133,6 +151,11 @@ class Client:
     once per DP group. ``deltas=False`` copies everything every step (for
     code that changes tensors behind their version counter, e.g. via
     ``.data``). Every call takes a timeout.
+
+    ``persist_on_sigterm=True`` (create the client on the main thread)
+    installs a SIGTERM handler that flushes the job's last committed step
+    to disk (bounded by ``sigterm_timeout`` seconds), then lets the signal
+    take its course: the previous handler runs, or the process dies of it.
     """
 
     def __init__(
@@ -150,6 +173,8 @@ class Client:
         dp: Any = None,
         replicated: tuple[str, ...] | list[str] | None = None,
         threads: int | None = None,
+        persist_on_sigterm: bool = False,
+        sigterm_timeout: float = 30.0,
     ) -> None:
         check_job_name(job)
         if not 0 <= rank < world_size:
@@ -192,7 +217,14 @@ class Client:
             "bytes_copied": 0,
             "bytes_staged": 0,
         }
+        self.last_restore: dict[str, Any] | None = None
+        """Where the last :meth:`restore` came from: ``source`` ("memory" or
+        "persisted"), ``step``, ``path`` (the persisted step's directory),
+        ``read_from`` ("local", "node <id>", "persisted"), ``skipped``."""
         self._closed = False
+        self._sigterm: Any = None
+        if persist_on_sigterm:
+            self._sigterm = install_sigterm(self, sigterm_timeout)
 
     # -- saving ---------------------------------------------------------------
 
@@ -302,6 +334,15 @@ class Client:
         deadline = time.monotonic() + timeout
         try:
             call(staged_ref, timeout, "SMP.staged")
+        except SnapstoreError as e:
+            # The step cannot commit without this rank: say so, so that the
+            # other ranks' waits end now instead of at their timeout.
+            with contextlib.suppress(Exception):
+                coord = self.store.coordinator()
+                call(coord.abandon.remote(self.job, self.rank, fut.step), 10.0, "abandon")
+            fut._fail(e)
+            return
+        try:
             coord = self.store.coordinator()
             while True:
                 left = deadline - time.monotonic()
@@ -371,9 +412,18 @@ class Client:
         ``into=`` a live state (same structure as saved) restores in place:
         its tensors are overwritten and returned, no new allocation. Every
         piece is checked against its checksum; a corrupt or lost piece is
-        rebuilt from its stripe group first. Raises SnapshotNotFoundError
-        when the job has no committed step, UnrecoverableError when more
-        than m chunks of a stripe are lost.
+        rebuilt from its stripe group first.
+
+        When memory cannot serve the job -- more than m chunks of a stripe
+        lost, or no committed step in memory (the store was restarted) --
+        the newest complete persisted step whose files verify is restored
+        instead (every rank of the job gets the same one), and the job goes
+        on saving after it. :attr:`last_restore` says which source and step
+        were used. Raises SnapshotNotFoundError when there is neither,
+        UnrecoverableError when memory lost the step and nothing is
+        persisted, PersistedStepCorruptError when the persisted file of this
+        rank fails its checksum after the step was chosen (restore again:
+        the step is marked bad and an older one is used).
         """
         self._check_open()
         from snapstore.format import unpack
@@ -383,17 +433,30 @@ class Client:
         t0 = time.monotonic()
         self.wait_staged(timeout)
         live = localize(into) if into is not None else None
-        step, seg, size, source = self._open(self.rank, deadline, restarted=True)
-        framed = read_frame(seg.array, size)
-        state = unpack(framed.manifest, framed.data, into=live)
+        opened = self._open_any(self.rank, deadline, restarted=True)
+        step = opened.step
+        framed = read_frame(opened.buf, opened.size)
+        if framed.step != step:
+            raise FormatError(
+                f"job {self.job!r} rank {self.rank}: the buffer of step {step} says step "
+                f"{framed.step} in its trailer"
+            )
+        # A buffer read from disk is ours alone: tensors may view it, no second copy.
+        state = unpack(framed.manifest, framed.data, into=live, copy=opened.tier == "memory")
         holes = placeholders(state) if self.dp else {}
         for owner in sorted(set(holes.values())):
-            ostep, oseg, osize, _ = self._open(owner, deadline, restarted=False)
+            if opened.tier == "persisted":
+                assert opened.path is not None
+                obuf = read_persisted(self, opened.path, owner)
+                ostep, osize = step, len(obuf)
+            else:
+                ostep, oseg, osize, _, _ = self._open(owner, deadline, restarted=False)
+                obuf = oseg.array
             if ostep != step:
                 raise SnapstoreError(
                     f"rank {owner}'s committed step {ostep} differs from {step}; retry restore"
                 )
-            oframed = read_frame(oseg.array, osize)
+            oframed = read_frame(obuf, osize)
             theirs = unpack(oframed.manifest, oframed.data, copy=False)
             wanted = {p: _get(theirs, p) for p, o in holes.items() if o == owner}
             fill(state, wanted, into=live)
@@ -401,37 +464,74 @@ class Client:
         with self._lease_lock:
             self._lease = None
         self._last_step = step
-        self._committed_step = step
+        self._committed_step = step if opened.tier == "memory" else None
         self._inflight = None
-        self.store.coordinator().note_restore.remote(
-            self.job,
-            self.rank,
-            {
-                "step": step,
-                "source": source,
-                "seconds": round(time.monotonic() - t0, 4),
-                "node": self.node_id,
-            },
-        )
+        self.last_restore = {
+            "source": opened.tier,
+            "step": step,
+            "path": opened.path,
+            "read_from": opened.source,
+            "skipped": opened.skipped,
+        }
+        info: dict[str, Any] = {
+            "step": step,
+            "source": opened.source,
+            "tier": opened.tier,
+            "seconds": round(time.monotonic() - t0, 4),
+            "node": self.node_id,
+        }
+        if opened.path is not None:
+            info["path"] = opened.path
+        self.store.coordinator().note_restore.remote(self.job, self.rank, info)
         return step, state
 
-    def peek(self, rank: int | None = None, *, timeout: float | None = None) -> tuple[int, Any]:
+    def peek(
+        self, rank: int | None = None, *, timeout: float | None = None, copy: bool = False
+    ) -> tuple[int, Any]:
         """``(step, state)`` of a rank of this job at its last committed step, read-only.
 
-        Does not restore this rank: nothing it staged is aborted, and the
-        returned tensors view the mapped snapshot (no copy; do not write to
-        them). Used by data-parallel restores and the DCP reader.
+        Does not restore this rank: nothing it staged is aborted. Without
+        ``copy`` the returned tensors view the mapped snapshot (no copy; do
+        not write to them; valid until the job commits two more steps).
+        ``copy=True`` returns tensors of their own, checked against the
+        record's checksums after the copy, so the state stays right however
+        long it is kept (``snapstore export``).
+        When memory cannot serve the job, the persisted step is read instead.
+        Used by data-parallel restores, the DCP reader and export.
         """
         self._check_open()
         from snapstore.format import unpack
 
         timeout = self.timeout if timeout is None else timeout
         rank = self.rank if rank is None else rank
-        step, seg, size, _ = self._open(rank, time.monotonic() + timeout, restarted=False)
-        framed = read_frame(seg.array, size)
-        return step, unpack(framed.manifest, framed.data, copy=False)
+        deadline = time.monotonic() + timeout
+        for _attempt in range(3):
+            opened = self._open_any(rank, deadline, restarted=False)
+            framed = read_frame(opened.buf, opened.size)
+            state = unpack(framed.manifest, framed.data, copy=copy)
+            if copy and opened.tier == "memory" and not still_intact(opened):
+                continue  # the slot was reused while it was copied: read the new step
+            return opened.step, state
+        raise SnapstoreError(
+            f"job {self.job!r} rank {rank}: the committed step kept changing while it was copied"
+        )
 
-    def _open(self, rank: int, deadline: float, restarted: bool) -> tuple[int, Any, int, str]:
+    def _open_any(self, rank: int, deadline: float, restarted: bool) -> Opened:
+        """Open rank ``rank``'s committed buffer from memory, else from the persisted tier."""
+        for attempt in range(2):
+            try:
+                step, seg, size, source, sums = self._open(rank, deadline, restarted)
+                return Opened(step, seg.array, size, "memory", source, None, sums, [])
+            except (UnrecoverableError, SnapshotNotFoundError) as e:
+                opened = open_persisted(self, rank, e, deadline, restarted, retry=attempt == 0)
+            if opened is not None:
+                return opened
+            # None: the coordinator says memory serves the job (its nodes came back): retry.
+        raise SnapstoreError(f"job {self.job!r} rank {rank}: restore kept failing")
+
+    def _open(
+        self, rank: int, deadline: float, restarted: bool
+    ) -> tuple[int, Any, int, str, list[int]]:
         """Map rank ``rank``'s committed buffer on this node (fetched or rebuilt if needed)."""
         coord = self.store.coordinator()
         for _attempt in range(4):
@@ -453,7 +553,7 @@ class Client:
             res = call(ref, left, "SMP.open_committed" if plan["local"] else "SMP.fetch")
             if res["path"] and not res["bad"]:
                 seg, _ = self._stager.maps.get(res["path"], writable=False)
-                return step, seg, size, source
+                return step, seg, size, source, [int(x) for x in sums]
             rep = call(
                 coord.repair.remote(self.job, rank, step, res["bad"]),
                 left,
@@ -467,6 +567,20 @@ class Client:
                 )
         raise SnapstoreError(f"job {self.job!r} rank {rank}: restore kept failing")
 
+    # -- the persisted tier ------------------------------------------------------
+
+    def persist(self, timeout: float | None = None) -> int:
+        """Flush the job's last committed step to the persist directory now; return it.
+
+        Returns once the step is complete on disk (data, checksums, manifest,
+        rename), or at once if it already is. Raises SnapshotNotFoundError
+        when the job has nothing committed, PersistFailedError when the
+        flush failed (the previous persisted step is intact),
+        StoreTimeoutError after ``timeout`` (the flush goes on).
+        """
+        self._check_open()
+        return persist_now(self, self.timeout if timeout is None else timeout)
+
     # -- lifecycle -------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -477,6 +591,9 @@ class Client:
         """Wait for the last copy, stop the helper threads, unmap the slots."""
         if self._closed:
             return
+        if self._sigterm is not None:
+            uninstall_sigterm(self._sigterm)
+            self._sigterm = None
         try:
             self.wait_staged(timeout)
         finally:
