@@ -34,12 +34,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
         rest_host=args.host,
         rest_port=args.port,
         rest_token=args.token or os.environ.get("SNAPSTORE_REST_TOKEN") or None,
+        persist_dir=args.persist_dir,
+        persist_every=args.persist_every,
+        persist_keep=args.persist_keep,
+        persist_bandwidth=args.persist_bandwidth,
     )
     cfg = store.config
     where = "embedded cluster on 127.0.0.1" if store.embedded else f"Ray cluster {store.address}"
     print(f"snapstore {store.store_id} is up on the {where}")
     print(f"  Ray address:  {store.address}  (namespace {store.namespace})")
     print(f"  redundancy:   k={cfg.k} data + m={cfg.m} parity chunks per stripe")
+    every = f"every {cfg.persist_every} steps" if cfg.persist_every else "on demand only"
+    print(f"  persisted to: {cfg.persist_dir}  ({every}, last {cfg.persist_keep} kept)")
     print(f"  state file:   {store.path}")
     print("  clients:      clients.Client(job, rank, world_size) finds it through the state file")
     server = store.state.get("server")
@@ -196,6 +202,26 @@ def _parser() -> argparse.ArgumentParser:
 
     nodes = sub.add_parser("nodes", help="list the store's nodes")
     nodes.add_argument("--json", action="store_true", help="print JSON, as GET /v1/nodes")
+    up.add_argument(
+        "--persist-dir",
+        default=None,
+        help="directory committed steps are flushed to [<runtime dir>/persist if the runtime "
+        "dir is explicit, else $XDG_STATE_HOME/snapstore/persist]",
+    )
+    up.add_argument(
+        "--persist-every",
+        type=int,
+        default=None,
+        help="flush a job's step every this many steps; 0 = only on demand [100]",
+    )
+    up.add_argument(
+        "--persist-keep", type=int, default=None, help="persisted steps kept per job [3]"
+    )
+    up.add_argument(
+        "--persist-bandwidth",
+        default=None,
+        help="bytes/s each node may write while flushing, e.g. 128MiB; 0 = unlimited [256MiB]",
+    )
     nodes.set_defaults(func=_cmd_nodes)
 
     status = sub.add_parser("status", help="nodes, jobs, redundancy and recent events")
@@ -219,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("snapstore: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+    from snapstore import cli_export
+
+    cli_export.add_parser(sub)
 
 
 if __name__ == "__main__":
