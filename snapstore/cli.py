@@ -1,4 +1,4 @@
-"""The ``snapstore`` command: up, down, status, nodes, demo, bench.
+"""The ``snapstore`` command: up, down, status, nodes, export, demo, bench.
 
 The CLI is the one face of the project that may import every layer (it
 starts the REST server and runs the demo from ``bench``); the rest of
