@@ -202,16 +202,21 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
     async def snapshots(
         response: Response, job: Annotated[str, Path(pattern=_JOB_PATTERN, description="job name")]
     ) -> Any:
-        """The job's latest committed step and its steps in progress (older steps are gone)."""
+        """The job's latest committed step, its steps in progress, and its persisted steps."""
         view, st = current()
         jv = job_of(view, job)
         summary_fields = set(SnapshotSummary.model_fields)
         items = []
         if jv.committed is not None:
-            items.append(SnapshotSummary(**{k: jv.committed[k] for k in summary_fields}))
+            items.append(
+                SnapshotSummary(**{k: jv.committed[k] for k in summary_fields if k in jv.committed})
+            )
         for step in sorted(jv.in_progress):
             d = jv.in_progress[step]
-            items.append(SnapshotSummary(**{k: d[k] for k in summary_fields}))
+            items.append(SnapshotSummary(**{k: d[k] for k in summary_fields if k in d}))
+        for step in sorted(jv.persisted):
+            d = jv.persisted[step]
+            items.append(SnapshotSummary(**{k: d[k] for k in summary_fields if k in d}))
         return SnapshotList(
             **envelope(view, st, response),
             job=job,
@@ -233,7 +238,7 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
             Path(pattern=_STEP_PATTERN, description="a step number, or `latest` (committed)"),
         ],
     ) -> Any:
-        """One step: committed or in progress, ranks, bytes, stripe redundancy, restore sources."""
+        """One step: committed, in progress or persisted; ranks, bytes, redundancy, sources."""
         view, st = current()
         jv = job_of(view, job)
         detail = _find_step(jv, job, step)
@@ -323,6 +328,8 @@ def _find_step(jv: JobView, job: str, step: str) -> dict[str, Any]:
         "the store keeps only the latest committed step "
         f"({'none' if latest is None else latest}) and steps in progress ({pending})"
     )
+    if jv.persisted:
+        kept += f" in memory, and persisted steps {sorted(jv.persisted)} on disk"
     if step == "latest":
         if jv.committed is None:
             raise HTTPException(404, f"job {job!r} has no committed step yet; {kept}")
@@ -332,6 +339,8 @@ def _find_step(jv: JobView, job: str, step: str) -> dict[str, Any]:
         return jv.committed
     if n in jv.in_progress:
         return jv.in_progress[n]
+    if n in jv.persisted:
+        return jv.persisted[n]
     if latest is not None and n < latest:
         raise HTTPException(404, f"step {n} of job {job!r} is no longer kept: {kept}")
     raise HTTPException(

@@ -70,6 +70,10 @@ _HISTOGRAMS = {
         "snapstore_failure_detection_seconds",
         "Seconds from a node's last heartbeat to the coordinator noticing its silence.",
     ),
+    "persist_seconds": (
+        "snapstore_persist_seconds",
+        "Seconds a flush of a committed step to the persist directory took.",
+    ),
 }
 _JOB_STATUSES = ("protected", "degraded", "unprotected", "lost", "none")
 _NODE_STATUSES = ("alive", "suspect", "lost")
@@ -123,6 +127,26 @@ def _counters(metrics: Mapping[str, Any]) -> Iterator[Metric]:
         "snapstore_rebuilt_bytes",
         "Bytes rebuilt from stripe groups (lost nodes, corrupt chunks).",
         "rebuilt_bytes_total",
+    )
+    yield counter(
+        "snapstore_persisted_steps",
+        "Steps flushed to the persist directory (complete on disk).",
+        "events_total:persisted",
+    )
+    yield counter(
+        "snapstore_persist_failures",
+        "Flushes to the persist directory that failed (the previous persisted step is intact).",
+        "events_total:persist_failed",
+    )
+    yield counter(
+        "snapstore_persisted_bytes",
+        "Bytes flushed to the persist directory.",
+        "persisted_bytes_total",
+    )
+    yield counter(
+        "snapstore_disk_fallbacks",
+        "Jobs restored from a persisted step because memory could not serve them.",
+        "events_total:fallback",
     )
     yield counter(
         "snapstore_save_waits",

@@ -23,9 +23,11 @@ __all__ = [
     "HealthSmps",
     "Job",
     "JobList",
+    "LastRestore",
     "LostChunk",
     "Node",
     "NodeList",
+    "PersistedStep",
     "RankInfo",
     "Redundancy",
     "RestoreSource",
@@ -39,7 +41,7 @@ __all__ = [
 NodeStatus = Literal["alive", "suspect", "lost"]
 JobStatus = Literal["protected", "degraded", "unprotected", "lost", "none"]
 StripeStatus = Literal["healthy", "degraded", "lost"]
-SnapshotState = Literal["committed", "in_progress"]
+SnapshotState = Literal["committed", "in_progress", "persisted"]
 HealthStatus = Literal["ok", "degraded", "unavailable"]
 
 
@@ -110,6 +112,29 @@ class Redundancy(_Model):
     )
 
 
+class PersistedStep(_Model):
+    """A complete step in the store's persist directory (it survives a store restart)."""
+
+    step: int = Field(ge=0)
+    time: float = Field(description="when it became complete (Unix s)")
+    bytes: int = Field(ge=0, description="data bytes of all its ranks")
+    path: str = Field(description="its directory")
+
+
+class LastRestore(_Model):
+    """Where the job's last restore (of any rank) read its step from."""
+
+    source: Literal["memory", "persisted"] = Field(
+        description="memory: the in-memory tier; persisted: the persist directory, because "
+        "memory could not serve the job (too many losses, or the store was restarted)"
+    )
+    step: int | None
+    rank: int | None
+    time: float | None
+    path: str | None = Field(description="persisted: the step's directory")
+    read_from: str | None = Field(description="local, node <id>, or persisted")
+
+
 class Job(_Model):
     job: str
     world_size: int = Field(ge=0)
@@ -124,6 +149,16 @@ class Job(_Model):
     last_commit_latency: float | None = Field(description="seconds from first stage to commit")
     protected_at: float | None
     redundancy: Redundancy | None = Field(description="null before the first commit")
+    persisted: list[PersistedStep] = Field(
+        default_factory=list, description="complete persisted steps, oldest first"
+    )
+    persisting: int | None = Field(default=None, description="step being flushed to disk now")
+    persist_error: str | None = Field(
+        default=None, description="why the last flush failed; null after a success"
+    )
+    last_restore: LastRestore | None = Field(
+        default=None, description="where the last restore came from; null before one"
+    )
 
 
 class JobList(Envelope):
@@ -179,13 +214,15 @@ class SnapshotSummary(_Model):
     data_bytes: int | None
     parity_bytes: int | None
     redundancy: Redundancy | None
+    path: str | None = Field(default=None, description="persisted: the step's directory")
 
 
 class SnapshotList(Envelope):
     job: str
     latest_step: int | None
     snapshots: list[SnapshotSummary] = Field(
-        description="the latest committed step, then steps in progress; older steps are gone"
+        description="the latest committed step, then steps in progress (older steps are gone "
+        "from memory), then the persisted steps on disk, oldest first"
     )
 
 

@@ -19,8 +19,10 @@ from pydantic import ValidationError
 from server.models import (
     Event,
     Job,
+    LastRestore,
     LostChunk,
     Node,
+    PersistedStep,
     RankInfo,
     Redundancy,
     RestoreSource,
@@ -42,13 +44,14 @@ class SnapshotFormatError(Exception):
 class JobView:
     """One job: its summary, and the detail of its committed step and steps in progress.
 
-    ``committed`` and each ``in_progress`` value are keyword arguments for
-    :class:`server.models.SnapshotDetail` without the envelope fields.
+    ``committed`` and each ``in_progress`` and ``persisted`` value are keyword
+    arguments for :class:`server.models.SnapshotDetail` without the envelope fields.
     """
 
     job: Job
     committed: dict[str, Any] | None
     in_progress: dict[int, dict[str, Any]]
+    persisted: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ def _job(j: Mapping[str, Any], alive: frozenset[str]) -> JobView:
             f"{bad} of {red.stripes} stripes have chunks on nodes that are not alive; "
             "re-protection has not started yet"
         )
+    persisted = [PersistedStep.model_validate(p) for p in j.get("persisted") or []]
+    restore = j.get("last_restore")
     job = Job(
         job=j["job"],
         world_size=j["world_size"],
@@ -294,8 +299,34 @@ def _job(j: Mapping[str, Any], alive: frozenset[str]) -> JobView:
         last_commit_latency=_opt_float(j.get("last_commit_latency")),
         protected_at=_opt_float(j.get("protected_at")),
         redundancy=red,
+        persisted=persisted,
+        persisting=j.get("persisting"),
+        persist_error=j.get("persist_error"),
+        last_restore=None if restore is None else LastRestore.model_validate(restore),
     )
-    return JobView(job, committed, {s: _in_progress(j, s) for s in pending})
+    on_disk = {p.step: _persisted(j, p) for p in persisted}
+    return JobView(job, committed, {s: _in_progress(j, s) for s in pending}, on_disk)
+
+
+def _persisted(j: Mapping[str, Any], p: PersistedStep) -> dict[str, Any]:
+    return {
+        "job": str(j["job"]),
+        "step": p.step,
+        "state": "persisted",
+        "version": None,
+        "committed_at": None,
+        "data_bytes": p.bytes,
+        "parity_bytes": None,
+        "redundancy": None,
+        "path": p.path,
+        "world_size": int(j["world_size"]),
+        "k": None,
+        "m": None,
+        "groups": [],
+        "ranks": [],
+        "stripes": [],
+        "staged_ranks": None,
+    }
 
 
 _EVENT_BASE = ("seq", "time", "kind", "message")

@@ -513,9 +513,61 @@ def test_bind_port_zero_and_ready_file(tmp_path: Any) -> None:
     assert os.listdir(tmp_path) == ["ready.json"]
 
 
+# -- the persisted tier ------------------------------------------------------------------------
+
+_PERSISTED = {
+    "persisted": [
+        {"step": 4, "time": T0 + 1, "bytes": 4000, "path": f"/p/{JOB}/step-4"},
+        {"step": 6, "time": T0 + 2, "bytes": 4100, "path": f"/p/{JOB}/step-6"},
+    ],
+    "persisting": 7,
+    "persist_error": None,
+    "last_restore": {
+        "source": "persisted",
+        "step": 6,
+        "rank": 1,
+        "time": T0 + 3,
+        "path": f"/p/{JOB}/step-6",
+        "read_from": "persisted",
+    },
+}
+
+
+def test_persisted_steps_and_the_last_restore_are_served() -> None:
+    client = _app(make_snapshot(extra_job=_PERSISTED))[0]
+    (job,) = client.get("/v1/jobs").json()["jobs"]
+    assert [(p["step"], p["bytes"]) for p in job["persisted"]] == [(4, 4000), (6, 4100)]
+    assert job["persisting"] == 7 and job["persist_error"] is None
+    assert job["last_restore"] == _PERSISTED["last_restore"]
+    snaps = client.get(f"/v1/jobs/{JOB}/snapshots").json()["snapshots"]
+    assert [(s["step"], s["state"]) for s in snaps] == [
+        (7, "committed"),
+        (8, "in_progress"),
+        (4, "persisted"),
+        (6, "persisted"),
+    ]
+    one = client.get(f"/v1/jobs/{JOB}/snapshots/4").json()
+    assert one["state"] == "persisted" and one["path"] == f"/p/{JOB}/step-4"
+    assert one["data_bytes"] == 4000 and one["ranks"] == [] and one["redundancy"] is None
+    gone = client.get(f"/v1/jobs/{JOB}/snapshots/3")
+    assert gone.status_code == 404 and "persisted steps [4, 6] on disk" in gone.json()["detail"]
+
+
+def test_a_job_only_on_disk_is_listed_without_a_step_in_memory() -> None:
+    # After `down` and `up`: the coordinator knows the job from the persist directory only.
+    snap = make_snapshot(step=None, pending=(), status="none", extra_job=_PERSISTED)
+    client = _app(snap)[0]
+    (job,) = client.get("/v1/jobs").json()["jobs"]
+    assert job["latest_step"] is None and [p["step"] for p in job["persisted"]] == [4, 6]
+    assert client.get("/healthz").json()["jobs"] == {"total": 1, "protected": 0, "unprotected": 0}
+    latest = client.get(f"/v1/jobs/{JOB}/snapshots/latest")
+    assert latest.status_code == 404
+    assert client.get(f"/v1/jobs/{JOB}/snapshots/6").json()["state"] == "persisted"
+
+
 # -- schemathesis: every operation, bounded examples, in-process --------------------------------
 
-_SCHEMA_APP = _app(make_snapshot(down={NODES[1]: "suspect"}))[0].app
+_SCHEMA_APP = _app(make_snapshot(down={NODES[1]: "suspect"}, extra_job=_PERSISTED))[0].app
 schema = schemathesis.openapi.from_asgi("/openapi.json", _SCHEMA_APP)
 
 
