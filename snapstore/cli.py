@@ -175,6 +175,13 @@ def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in env}
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bench.demo import run_demo
+
+    result = run_demo(args)
+    return 0 if result["bitwise_equal"] else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapstore", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-dir", default=None, help="where the store's state file lives")
@@ -195,13 +202,6 @@ def _parser() -> argparse.ArgumentParser:
         "when --host is not loopback]",
     )
     up.add_argument("--no-rest", action="store_true", help="do not start the REST server")
-    up.set_defaults(func=_cmd_up)
-
-    down = sub.add_parser("down", help="stop what `up` started")
-    down.set_defaults(func=_cmd_down)
-
-    nodes = sub.add_parser("nodes", help="list the store's nodes")
-    nodes.add_argument("--json", action="store_true", help="print JSON, as GET /v1/nodes")
     up.add_argument(
         "--persist-dir",
         default=None,
@@ -222,6 +222,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="bytes/s each node may write while flushing, e.g. 128MiB; 0 = unlimited [256MiB]",
     )
+    up.set_defaults(func=_cmd_up)
+
+    from bench.demo import add_arguments as demo_arguments
+
+    demo = sub.add_parser(
+        "demo", help="train a small GPT through injected failures on an embedded cluster"
+    )
+    demo_arguments(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    down = sub.add_parser("down", help="stop what `up` started")
+    down.set_defaults(func=_cmd_down)
+
+    nodes = sub.add_parser("nodes", help="list the store's nodes")
+    nodes.add_argument("--json", action="store_true", help="print JSON, as GET /v1/nodes")
     nodes.set_defaults(func=_cmd_nodes)
 
     status = sub.add_parser("status", help="nodes, jobs, redundancy and recent events")
@@ -230,6 +245,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--events", type=int, default=10, help="recent events to show [10]")
     status.set_defaults(func=_cmd_status)
+
+    from snapstore import cli_export
+
+    cli_export.add_parser(sub)
     return p
 
 
@@ -245,10 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("snapstore: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
-
-    from snapstore import cli_export
-
-    cli_export.add_parser(sub)
 
 
 if __name__ == "__main__":

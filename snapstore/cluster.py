@@ -121,7 +121,10 @@ def start_worker(gcs_address: str, temp_dir: str, object_store: int, cpus: int) 
     try:
         node = Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
     except Exception as e:
-        raise ClusterError(f"cannot start a Ray worker node on {LOOPBACK}: {e}") from e
+        # Ray gives a raylet 30 s to register; a heavily loaded machine can miss it.
+        raise ClusterError(
+            f"cannot start a Ray worker node on {LOOPBACK}: {e} (is the machine overloaded?)"
+        ) from e
     return EmbeddedNode(str(node.node_id), _pids(node))
 
 

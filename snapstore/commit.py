@@ -89,10 +89,17 @@ def rank_staged(
         }
     for older in [s for s, p in js.pending.items() if s < step and rank in p.staged]:
         abort(coord, js, older, f"rank {rank} moved on to step {step}")
+    if step in js.failed:
+        # A rank late to a step the others gave up on: staging it would start a
+        # step that can never complete. It is tried again only after a restore.
+        return {
+            "ok": False,
+            "error": f"step {step} of job {job!r} was aborted ({js.failed[step]}); "
+            "save the next step",
+        }
     p = js.pending.get(step)
     if p is None:
         p = js.pending[step] = Pending(step, world_size)
-        js.failed.pop(step, None)  # a new attempt at a step that failed before
     if p.committing:
         return {"ok": False, "error": f"step {step} of job {job!r} is already being committed"}
     p.staged[rank] = RankEntry(node, size, tuple(sums))

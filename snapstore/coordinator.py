@@ -148,6 +148,13 @@ class Coordinator:
                 f"SMP on node {node_id[:12]} restarted (was {previous})",
                 node=node_id,
             )
+            # Trainers on that node could not stage while it was down: steps in
+            # progress of jobs living there will not complete.
+            for job in self.jobs.values():
+                rec = job.committed
+                if rec is not None and node_id in rec.nodes():
+                    for step in list(job.pending):
+                        commit.abort(self, job, step, f"the SMP on node {node_id[:12]} restarted")
             if previous == LOST:
                 self.regroup(reason=f"node {node_id[:12]} is back, empty")
             else:

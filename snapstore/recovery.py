@@ -80,6 +80,8 @@ async def restore_plan(
         for step, p in list(js.pending.items()):
             if rank in p.staged:
                 abort(coord, js, step, f"rank {rank} restarted and restored instead")
+        # The job restarts from its committed step: failed steps may be saved again.
+        js.failed.clear()
     while True:
         js = coord.jobs.get(job)
         if js is None or js.committed is None:

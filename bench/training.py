@@ -1,0 +1,513 @@
+"""Data-parallel GPT training on the embedded cluster, with failures injected and recovered.
+
+:class:`GPTRank` is one rank: a Ray actor pinned to a store node that trains
+the small GPT of :mod:`bench.gpt` with DDP over gloo and saves a snapshot
+every step (lazily: the copy overlaps the next forward and backward). The
+optimizer state and parameters are replicated across ranks, so each rank
+stores only its share of them (data-parallel de-duplication).
+
+:func:`run` is the job controller (what torchelastic or Ray Train would be):
+it starts the ranks, injects failures at set steps (a trainer process killed,
+an SMP killed, a whole node killed), notices, restarts the ranks, has every
+rank restore the last committed step, and trains on. It measures, per
+failure, the time to detect, to restore, and the steps of work lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Failure", "GPTRank", "RunReport", "run"]
+
+
+@dataclass
+class Failure:
+    """A failure to inject when rank 0 reaches ``at_step``: "trainer", "smp" or "node"."""
+
+    kind: str
+    at_step: int
+    rank: int = 1
+    # Filled in when it happens:
+    injected_at: float = 0.0
+    injected_perf: float = field(default=0.0, repr=False)
+    step_reached: int = 0
+    detect_seconds: float | None = None
+    store_detect_seconds: float | None = None
+    restart_seconds: float | None = None
+    restore_seconds: float | None = None
+    resumed_step: int | None = None
+    steps_lost: int = 0
+    bytes_rebuilt: int = 0
+    downtime_seconds: float | None = None
+    note: str = ""
+
+
+@dataclass
+class RunReport:
+    job: str
+    steps: int
+    world: int
+    seconds: float = 0.0
+    losses: dict[int, float] = field(default_factory=dict)
+    digests: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    saves_failed: int = 0
+    step_seconds: float | None = None
+    state_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["losses"] = {str(k): v for k, v in sorted(self.losses.items())}
+        return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GPTRank:
+    """One data-parallel rank. Threaded actor: ``progress`` answers while ``train`` runs."""
+
+    def __init__(
+        self,
+        job: str,
+        rank: int,
+        world: int,
+        master_port: int,
+        rundir: str | None,
+        cfg: dict[str, Any],
+        snapshot: bool = True,
+        ballast_bytes: int = 0,
+    ) -> None:
+        import torch
+
+        from bench.gpt import GPTConfig, make_model
+
+        torch.set_num_threads(1)  # several ranks share two cores
+        self.rank, self.world = rank, world
+        self.cfg = GPTConfig(**cfg)
+        self.join(master_port)
+        self.model, self.opt = make_model(self.cfg, seed=0)
+        # Extra state standing for a bigger model's bytes (not trained).
+        self.ballast = torch.zeros(ballast_bytes // 4) if ballast_bytes else None
+        self.client: Any = None
+        if snapshot:
+            from clients import Client, DPGroup
+
+            dp = DPGroup(rank, tuple(range(world)), replicated=("model/*", "optim/*"))
+            self.client = Client(job, rank, world, rundir=rundir, dp=dp, timeout=120)
+        self.step = 0
+        self.losses: dict[int, float] = {}
+        self.saves_failed = 0
+        self.step_times: list[float] = []
+
+    def join(self, master_port: int) -> None:
+        """(Re)join the data-parallel group: after a peer died, survivors join a new one."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{master_port}",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=timedelta(seconds=60),
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+    def progress(self) -> int:
+        return self.step
+
+    def _state(self) -> dict[str, Any]:
+        import torch
+
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optim": self.opt.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": self.step,
+            "data_position": self.step,  # batches are a function of the step
+        }
+        if self.ballast is not None:
+            state["ballast"] = self.ballast
+        return state
+
+    def restore(self) -> dict[str, Any]:
+        """Restore the last committed step in place; continue after it."""
+        import torch
+
+        from snapstore.errors import SnapshotNotFoundError
+
+        t0 = time.perf_counter()
+        try:
+            step, state = self.client.restore(into=self._state())
+        except SnapshotNotFoundError:
+            return {"step": None, "seconds": time.perf_counter() - t0}
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.opt.zero_grad(set_to_none=True)  # an interrupted step may have left gradients
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["data_position"]) + 1
+        return {"step": step, "seconds": time.perf_counter() - t0}
+
+    def train(self, until: int) -> dict[str, Any]:
+        from bench.gpt import batch
+        from snapstore.errors import SnapstoreError
+
+        while self.step < until:
+            t0 = time.perf_counter()
+            x, y = batch(self.cfg, self.step, self.rank)
+            loss = self._loss(x, y)
+            loss.backward()
+            self._average_gradients()
+            if self.client is not None:
+                with contextlib.suppress(SnapstoreError):
+                    self.client.wait_staged()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.losses[self.step] = float(loss.item())
+            if self.client is not None:
+                try:
+                    self.client.save(self.step, self._state(), lazy=True)
+                except SnapstoreError:
+                    self.saves_failed += 1  # e.g. the SMP is restarting; the next step saves
+            self.step += 1
+            self.step_times.append(time.perf_counter() - t0)
+        if self.client is not None:
+            with contextlib.suppress(SnapstoreError):
+                self.client.wait_staged()
+        return {"step": self.step, "losses": self.losses, "saves_failed": self.saves_failed}
+
+    def _loss(self, x: Any, y: Any) -> Any:
+        return self.model.loss(x, y)
+
+    def _average_gradients(self) -> None:
+        """All-reduce gradients as one flat buffer in parameter order.
+
+        Not DDP: DDP re-buckets gradients after its first iteration, and a
+        restarted job's first iteration would then sum in another order than
+        the uninterrupted run did; one fixed buffer keeps the arithmetic,
+        and so the result, bitwise the same across restarts.
+        """
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        at = 0
+        for g in grads:
+            g.copy_(flat[at : at + g.numel()].view_as(g))
+            at += g.numel()
+
+    def train_losses(self) -> list[tuple[int, float]]:
+        return sorted(self.losses.items())
+
+    def wait_committed(self, timeout: float = 60.0) -> int | None:
+        """Wait until the last save is committed; return the job's latest step."""
+        if self.client is None:
+            return None
+        fut = self.client._inflight
+        if fut is not None:
+            with contextlib.suppress(Exception):
+                fut.result(timeout)
+        return self.client.latest_step()
+
+    def digest(self) -> str:
+        """SHA-256 over parameters and optimizer state, bitwise."""
+        import torch
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for pid, st in sorted(self.opt.state_dict()["state"].items()):
+            for name, t in sorted(st.items()):
+                h.update(f"{pid}.{name}".encode())
+                if isinstance(t, torch.Tensor):
+                    h.update(t.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def timing(self) -> list[float]:
+        return list(self.step_times)
+
+    def state_bytes(self) -> int:
+        if self.client is None or self.client._layout is None:
+            return 0
+        return int(self.client._layout.nbytes)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close(timeout=30)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _start_rank(
+    rank: int,
+    node: str,
+    world: int,
+    port: int,
+    job: str,
+    rundir: str | None,
+    cfg: dict[str, Any],
+    snapshot: bool,
+    ballast: int,
+) -> Any:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return (
+        ray.remote(GPTRank)
+        .options(
+            num_cpus=0,
+            max_concurrency=2,
+            max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        )
+        .remote(job, rank, world, port, rundir, cfg, snapshot, ballast)
+    )
+
+
+def _start_ranks(
+    placement: list[str],
+    job: str,
+    rundir: str | None,
+    cfg: dict[str, Any],
+    snapshot: bool,
+    ballast: int,
+) -> list[Any]:
+    port = _free_port()
+    return [
+        _start_rank(r, node, len(placement), port, job, rundir, cfg, snapshot, ballast)
+        for r, node in enumerate(placement)
+    ]
+
+
+def _stop(ranks: list[Any]) -> None:
+    import ray
+
+    for r in ranks:
+        with contextlib.suppress(Exception):
+            ray.kill(r, no_restart=True)
+
+
+def run(
+    store: Any,
+    job: str,
+    steps: int,
+    failures: list[Failure],
+    cfg: dict[str, Any],
+    world: int = 4,
+    snapshot: bool = True,
+    ballast_bytes: int = 0,
+    on_progress: Callable[[int, str], None] | None = None,
+) -> RunReport:
+    """Train ``steps`` steps on ``world`` ranks (one per store node), injecting ``failures``.
+
+    Recovery follows the surviving-ranks model (as torchft does): the failed
+    rank's process is replaced (on a replacement node if its node died), the
+    surviving processes stay, every rank joins a new process group and
+    restores the last committed step in place, and training goes on.
+    """
+    import ray
+
+    from snapstore import faults
+
+    report = RunReport(job, steps, world)
+    nodes = faults.store_nodes(store)
+    if len(nodes) < world:
+        raise RuntimeError(f"{world} ranks need {world} store nodes, found {len(nodes)}")
+    placement = nodes[:world]
+    pending = sorted(failures, key=lambda f: f.at_step)
+    t_start = time.perf_counter()
+    ranks = _start_ranks(placement, job, store.rundir, cfg, snapshot, ballast_bytes)
+    try:
+        while True:
+            refs = [r.train.remote(steps) for r in ranks]
+            failure = _watch(ranks, refs, pending, store, placement, on_progress)
+            if failure is None:
+                results = ray.get(refs)
+                report.losses.update({int(k): v for k, v in results[0]["losses"].items()})
+                report.saves_failed += sum(r["saves_failed"] for r in results)
+                break
+            with contextlib.suppress(Exception):
+                report.losses.update(dict(ray.get(ranks[0].train_losses.remote(), timeout=5)))
+            _drain(refs)
+            _recover(store, job, ranks, placement, failure, cfg, snapshot, ballast_bytes)
+            resumed = failure.resumed_step or 0
+            if on_progress is not None:
+                on_progress(resumed, f"resumed at step {resumed} after {failure.kind} failure")
+        report.digests = ray.get([r.digest.remote() for r in ranks], timeout=60)
+        times = ray.get(ranks[0].timing.remote(), timeout=30)
+        if times:
+            times = sorted(times[len(times) // 10 :])  # drop warm-up
+            report.step_seconds = times[len(times) // 2]
+        report.state_bytes = int(ray.get(ranks[0].state_bytes.remote(), timeout=30))
+        if snapshot:
+            ray.get([r.wait_committed.remote() for r in ranks], timeout=120)
+        ray.get([r.shutdown.remote() for r in ranks], timeout=60)
+    finally:
+        _stop(ranks)
+    report.failures = failures
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _drain(refs: list[Any], timeout: float = 10.0) -> None:
+    """Collect the outcome of every rank's interrupted train call (errors expected)."""
+    import ray
+
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in ready:
+        with contextlib.suppress(Exception):
+            ray.get(ref, timeout=0)
+
+
+def _recover(
+    store: Any,
+    job: str,
+    ranks: list[Any],
+    placement: list[str],
+    failure: Failure,
+    cfg: dict[str, Any],
+    snapshot: bool,
+    ballast: int,
+) -> None:
+    """Replace the failed rank, regroup every rank, restore the last committed step."""
+    import ray
+
+    from snapstore import faults
+
+    f = failure.rank
+    with contextlib.suppress(Exception):
+        ray.kill(ranks[f], no_restart=True)
+    t0 = time.perf_counter()
+    if failure.kind == "node":
+        placement[f] = faults.add_node(store)  # a replacement node joins the store
+    port = _free_port()
+    joins = [r.join.remote(port) for i, r in enumerate(ranks) if i != f]
+    ranks[f] = _start_rank(
+        f, placement[f], len(ranks), port, job, store.rundir, cfg, snapshot, ballast
+    )
+    ray.get([*joins, ranks[f].pid.remote()], timeout=300)
+    failure.restart_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    restored = ray.get([r.restore.remote() for r in ranks], timeout=300)
+    failure.restore_seconds = time.perf_counter() - t1
+    first = restored[0]["step"]
+    failure.resumed_step = 0 if first is None else first + 1
+    failure.steps_lost = max(0, failure.step_reached - failure.resumed_step)
+    failure.downtime_seconds = time.perf_counter() - failure.injected_perf
+    _collect_store_view(store, job, failure)
+
+
+def _watch(
+    ranks: list[Any],
+    refs: list[Any],
+    pending: list[Failure],
+    store: Any,
+    placement: list[str],
+    on_progress: Callable[[int, str], None] | None,
+) -> Failure | None:
+    """Poll progress; inject the next failure when due; return it once it is noticed."""
+    import ray
+
+    from snapstore import faults
+
+    injected: Failure | None = None
+    last = -1
+    while True:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05)
+        errors = []
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception as e:  # a rank died
+                errors.append(e)
+        if errors:
+            if injected is None:
+                raise RuntimeError(f"a rank failed with no failure injected: {errors[0]}")
+            injected.detect_seconds = time.perf_counter() - injected.injected_perf
+            return injected
+        if len(done) == len(refs) and injected is None:
+            return None
+        try:
+            step = ray.get(ranks[0].progress.remote(), timeout=10)
+        except Exception:
+            step = last
+        if step != last and on_progress is not None:
+            on_progress(step, "")
+        last = step
+        if injected is None and pending and step >= pending[0].at_step:
+            f = pending.pop(0)
+            f.step_reached = step
+            f.injected_at = time.time()
+            f.injected_perf = time.perf_counter()
+            if on_progress is not None:
+                on_progress(step, f"injecting {f.kind} failure at step {step}")
+            if f.kind == "trainer":
+                faults.kill_trainer(ray.get(ranks[f.rank].pid.remote(), timeout=10), store)
+            elif f.kind == "node":
+                faults.kill_node(placement[f.rank], store)
+            elif f.kind == "smp":
+                info = faults.kill_smp(placement[f.rank], store=store)
+                _wait_smp_back(store, placement[f.rank], info["incarnation"], f)
+                continue  # trainers keep going: nothing to restart
+            else:
+                raise ValueError(f"unknown failure kind {f.kind!r}")
+            injected = f
+
+
+def _wait_smp_back(store: Any, node: str, old: str, f: Failure, timeout: float = 60.0) -> None:
+    """An SMP crash does not stop training: record how long the store took to notice and recover."""
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    while time.perf_counter() < deadline:
+        for n in store.nodes():
+            if n["node_id"] == node and n["incarnation"] != old and n["alive"]:
+                f.detect_seconds = time.perf_counter() - t0
+                f.restore_seconds = 0.0
+                f.downtime_seconds = 0.0
+                f.steps_lost = 0
+                f.note = "trainers kept training; the restarted SMP re-adopted its segments"
+                _collect_store_view(store, "", f)
+                return
+        time.sleep(0.05)
+    f.note = "the SMP did not come back in time"
+
+
+def _collect_store_view(store: Any, job: str, f: Failure) -> None:
+    """The store's own account: when it noticed the failure, and bytes it rebuilt."""
+    with contextlib.suppress(Exception):
+        for e in store.status(events=500)["events"]:
+            if e["time"] < f.injected_at:
+                continue
+            if e["kind"] in ("node_silent", "smp_restarted") and f.store_detect_seconds is None:
+                f.store_detect_seconds = round(e["time"] - f.injected_at, 3)
+            if e["kind"] in ("rebuild", "repaired") and isinstance(e.get("bytes"), int):
+                f.bytes_rebuilt += e["bytes"]

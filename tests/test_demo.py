@@ -1,0 +1,49 @@
+"""The README's first command: `snapstore demo`, run for real (fewer steps), end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def test_demo_trains_through_failures_and_ends_bitwise_equal(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snapstore.cli",
+            "demo",
+            "--steps",
+            "60",
+            "--failures",
+            "trainer@15,smp@30,node@45",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bitwise equal" in proc.stdout
+    report = json.loads((out / "demo-report.json").read_text())
+    assert report["bitwise_equal"] is True
+    kinds = [f["kind"] for f in report["run"]["failures"]]
+    assert kinds == ["trainer", "smp", "node"]
+    node = report["run"]["failures"][2]
+    assert node["bytes_rebuilt"] > 0 and node["resumed_step"] is not None
+    assert (out / "demo-report.png").stat().st_size > 10_000
+    # Nothing left running: the demo's private store is gone.
+    assert not any(
+        p.name.startswith("ss-demo-") for p in Path("/tmp").iterdir() if (p / "store.json").exists()
+    )
