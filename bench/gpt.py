@@ -79,8 +79,9 @@ class GPT(nn.Module):
         for mod in self.modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(mod.weight, std=0.02)
-                if getattr(mod, "bias", None) is not None:
-                    nn.init.zeros_(mod.bias)
+                bias = getattr(mod, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]

@@ -18,22 +18,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Failure", "GPTRank", "RunReport", "run"]
+__all__ = ["KINDS", "Failure", "GPTRank", "RankSpec", "RunReport", "run"]
+
+
+KINDS = ("trainer", "smp", "node", "nodes", "corrupt")
 
 
 @dataclass
 class Failure:
-    """A failure to inject when rank 0 reaches ``at_step``: "trainer", "smp" or "node"."""
+    """A failure to inject when rank 0 reaches ``at_step``.
+
+    Kinds: ``trainer`` (SIGKILL rank ``rank``'s process), ``smp`` (SIGKILL the
+    SMP of its node; Ray restarts it), ``node`` (SIGKILL its whole node;
+    the rank restarts on a replacement node), ``nodes`` (``count`` nodes at
+    once, ranks ``rank`` .. ``rank + count - 1``), ``corrupt`` (flip a byte of
+    the rank's last committed snapshot, then kill its trainer, so the
+    restore must detect and repair it).
+    """
 
     kind: str
     at_step: int
     rank: int = 1
+    count: int = 1
     # Filled in when it happens:
     injected_at: float = 0.0
     injected_perf: float = field(default=0.0, repr=False)
@@ -61,6 +73,7 @@ class RunReport:
     saves_failed: int = 0
     step_seconds: float | None = None
     state_bytes: int = 0
+    baseline: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -68,60 +81,86 @@ class RunReport:
         return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank of a run is given: where to save and how big its state is."""
+
+    job: str
+    rundir: str | None
+    cfg: dict[str, Any] = field(default_factory=dict)
+    snapshot: bool = True
+    ballast_bytes: int = 0
+    baseline: dict[str, Any] | None = None
+
+
+def _rendezvous(spec: RankSpec) -> str:
+    """A fresh file rendezvous for one process group of the run.
+
+    A file, not a TCP port: a port chosen free can be taken by another
+    process before rank 0 binds it. The ranks share this host's /tmp (the
+    embedded cluster); across hosts, use a TCP or etcd rendezvous instead.
+    """
+    import uuid
+
+    base = os.path.join(spec.rundir or "/tmp", "rendezvous")
+    os.makedirs(base, exist_ok=True)
+    return "file://" + os.path.join(base, uuid.uuid4().hex)
 
 
 class GPTRank:
     """One data-parallel rank. Threaded actor: ``progress`` answers while ``train`` runs."""
 
-    def __init__(
-        self,
-        job: str,
-        rank: int,
-        world: int,
-        master_port: int,
-        rundir: str | None,
-        cfg: dict[str, Any],
-        snapshot: bool = True,
-        ballast_bytes: int = 0,
-    ) -> None:
+    def __init__(self, rank: int, world: int, rendezvous: str, spec: RankSpec) -> None:
         import torch
 
         from bench.gpt import GPTConfig, make_model
 
         torch.set_num_threads(1)  # several ranks share two cores
         self.rank, self.world = rank, world
-        self.cfg = GPTConfig(**cfg)
-        self.join(master_port)
+        self._epoch = 0
+        self._training = threading.Lock()
+        self.cfg = GPTConfig(**spec.cfg)
+        self.join(rendezvous)
         self.model, self.opt = make_model(self.cfg, seed=0)
-        # Extra state standing for a bigger model's bytes (not trained).
-        self.ballast = torch.zeros(ballast_bytes // 4) if ballast_bytes else None
+        # Per-rank state standing for a bigger model's bytes: touched every step,
+        # so every step's snapshot must carry it.
+        n = spec.ballast_bytes // 4
+        self.ballast = torch.full((n,), float(rank)) if n else None
         self.client: Any = None
-        if snapshot:
+        if spec.snapshot:
             from clients import Client, DPGroup
 
             dp = DPGroup(rank, tuple(range(world)), replicated=("model/*", "optim/*"))
-            self.client = Client(job, rank, world, rundir=rundir, dp=dp, timeout=120)
+            self.client = Client(spec.job, rank, world, rundir=spec.rundir, dp=dp, timeout=120)
         self.step = 0
         self.losses: dict[int, float] = {}
         self.saves_failed = 0
         self.step_times: list[float] = []
+        # A checkpointing baseline instead of snapstore: {"kind": "torch" | "dcp",
+        # "every": N, "dir": where}. torch.save goes to this node's own disk.
+        self.baseline = spec.baseline
+        self.stalls: list[float] = []
+        self.protected_after: list[float] = []
+        self._dcp_future: Any = None
 
-    def join(self, master_port: int) -> None:
-        """(Re)join the data-parallel group: after a peer died, survivors join a new one."""
+    def join(self, rendezvous: str) -> None:
+        """(Re)join the data-parallel group: after a peer died, survivors join a new one.
+
+        An interrupted ``train`` call may still be blocked in a collective of
+        the old group: destroying the group ends it, and the epoch stops it
+        from touching the model again.
+        """
         from datetime import timedelta
 
         import torch.distributed as dist
 
+        self._epoch += 1
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{master_port}",
+            init_method=rendezvous,
             rank=self.rank,
             world_size=self.world,
             timeout=timedelta(seconds=60),
@@ -129,6 +168,9 @@ class GPTRank:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def job_name(self) -> str:
+        return str(self.client.job) if self.client is not None else ""
 
     def node(self) -> str:
         import ray
@@ -159,6 +201,10 @@ class GPTRank:
         from snapstore.errors import SnapshotNotFoundError
 
         t0 = time.perf_counter()
+        # The interrupted train call must be out before the state is replaced.
+        if not self._training.acquire(timeout=90):
+            raise RuntimeError("the interrupted training step did not end")
+        self._training.release()
         try:
             step, state = self.client.restore(into=self._state())
         except SnapshotNotFoundError:
@@ -171,32 +217,106 @@ class GPTRank:
         return {"step": step, "seconds": time.perf_counter() - t0}
 
     def train(self, until: int) -> dict[str, Any]:
+        """Train up to step ``until``; return early when the rank is regrouped (see join)."""
+        with self._training:
+            return self._train(until, self._epoch)
+
+    def _train(self, until: int, epoch: int) -> dict[str, Any]:
         from bench.gpt import batch
         from snapstore.errors import SnapstoreError
 
-        while self.step < until:
+        while self.step < until and epoch == self._epoch:
             t0 = time.perf_counter()
             x, y = batch(self.cfg, self.step, self.rank)
             loss = self._loss(x, y)
             loss.backward()
             self._average_gradients()
+            if epoch != self._epoch:
+                break  # regrouped while reducing: this step's gradients are void
             if self.client is not None:
                 with contextlib.suppress(SnapstoreError):
                     self.client.wait_staged()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.ballast is not None:
+                self.ballast[self.step % len(self.ballast)] += 1.0  # changes every step
             self.losses[self.step] = float(loss.item())
             if self.client is not None:
                 try:
                     self.client.save(self.step, self._state(), lazy=True)
                 except SnapstoreError:
                     self.saves_failed += 1  # e.g. the SMP is restarting; the next step saves
+            elif self.baseline is not None and self.step % int(self.baseline["every"]) == 0:
+                self._baseline_save()
             self.step += 1
             self.step_times.append(time.perf_counter() - t0)
         if self.client is not None:
             with contextlib.suppress(SnapstoreError):
                 self.client.wait_staged()
         return {"step": self.step, "losses": self.losses, "saves_failed": self.saves_failed}
+
+    def _baseline_save(self) -> None:
+        """torch.save (with fsync) to this node's disk, or dcp.async_save, every N steps."""
+        import torch
+
+        assert self.baseline is not None
+        t0 = time.perf_counter()
+        if self.baseline["kind"] == "torch":
+            d = os.path.join(self.baseline["dir"], self.node()[:12])
+            os.makedirs(d, exist_ok=True)
+            path = os.path.join(d, f"rank{self.rank}-step{self.step}.pt")
+            with open(path + ".tmp", "wb") as f:
+                torch.save(self._state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+            self.stalls.append(time.perf_counter() - t0)
+            self.protected_after.append(time.perf_counter() - t0)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            if self._dcp_future is not None:
+                self._dcp_future.result()  # one checkpoint in flight at a time
+            ckpt = os.path.join(self.baseline["dir"], f"step-{self.step}")
+            fut: Any = dcp.async_save(self._dcp_state(), checkpoint_id=ckpt)
+            self.stalls.append(time.perf_counter() - t0)
+
+            def protected(_f: Any, t: float = t0) -> None:
+                self.protected_after.append(time.perf_counter() - t)
+
+            fut.add_done_callback(protected)
+            self._dcp_future = fut
+
+    def _dcp_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+        if self.ballast is not None:
+            state["ballast"] = self.ballast
+        return state
+
+    def baseline_restore_seconds(self, step: int) -> float:
+        """Time to load this rank's baseline checkpoint of ``step`` (the baseline's restore)."""
+        import torch
+
+        assert self.baseline is not None
+        t0 = time.perf_counter()
+        if self.baseline["kind"] == "torch":
+            d = os.path.join(self.baseline["dir"], self.node()[:12])
+            torch.load(os.path.join(d, f"rank{self.rank}-step{step}.pt"), weights_only=True)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            if self._dcp_future is not None:
+                self._dcp_future.result()
+            dcp.load(
+                self._dcp_state(), checkpoint_id=os.path.join(self.baseline["dir"], f"step-{step}")
+            )
+        return time.perf_counter() - t0
+
+    def baseline_stats(self) -> dict[str, Any]:
+        if self._dcp_future is not None:
+            with contextlib.suppress(Exception):
+                self._dcp_future.result()
+        return {"stalls": list(self.stalls), "protected_after": list(self.protected_after)}
 
     def _loss(self, x: Any, y: Any) -> Any:
         return self.model.loss(x, y)
@@ -267,17 +387,7 @@ class GPTRank:
             dist.destroy_process_group()
 
 
-def _start_rank(
-    rank: int,
-    node: str,
-    world: int,
-    port: int,
-    job: str,
-    rundir: str | None,
-    cfg: dict[str, Any],
-    snapshot: bool,
-    ballast: int,
-) -> Any:
+def _start_rank(rank: int, node: str, world: int, rendezvous: str, spec: RankSpec) -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -289,23 +399,8 @@ def _start_rank(
             max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         )
-        .remote(job, rank, world, port, rundir, cfg, snapshot, ballast)
+        .remote(rank, world, rendezvous, spec)
     )
-
-
-def _start_ranks(
-    placement: list[str],
-    job: str,
-    rundir: str | None,
-    cfg: dict[str, Any],
-    snapshot: bool,
-    ballast: int,
-) -> list[Any]:
-    port = _free_port()
-    return [
-        _start_rank(r, node, len(placement), port, job, rundir, cfg, snapshot, ballast)
-        for r, node in enumerate(placement)
-    ]
 
 
 def _stop(ranks: list[Any]) -> None:
@@ -325,19 +420,21 @@ def run(
     world: int = 4,
     snapshot: bool = True,
     ballast_bytes: int = 0,
+    baseline: dict[str, Any] | None = None,
     on_progress: Callable[[int, str], None] | None = None,
 ) -> RunReport:
     """Train ``steps`` steps on ``world`` ranks (one per store node), injecting ``failures``.
 
-    Recovery follows the surviving-ranks model (as torchft does): the failed
-    rank's process is replaced (on a replacement node if its node died), the
-    surviving processes stay, every rank joins a new process group and
+    Recovery follows the surviving-ranks model (as torchft does): failed
+    ranks' processes are replaced (on replacement nodes if their nodes died),
+    the surviving processes stay, every rank joins a new process group and
     restores the last committed step in place, and training goes on.
     """
     import ray
 
     from snapstore import faults
 
+    spec = RankSpec(job, getattr(store, "rundir", None), cfg, snapshot, ballast_bytes, baseline)
     report = RunReport(job, steps, world)
     nodes = faults.store_nodes(store)
     if len(nodes) < world:
@@ -345,7 +442,8 @@ def run(
     placement = nodes[:world]
     pending = sorted(failures, key=lambda f: f.at_step)
     t_start = time.perf_counter()
-    ranks = _start_ranks(placement, job, store.rundir, cfg, snapshot, ballast_bytes)
+    rdv = _rendezvous(spec)
+    ranks = [_start_rank(r, n, world, rdv, spec) for r, n in enumerate(placement)]
     try:
         while True:
             refs = [r.train.remote(steps) for r in ranks]
@@ -357,8 +455,12 @@ def run(
                 break
             with contextlib.suppress(Exception):
                 report.losses.update(dict(ray.get(ranks[0].train_losses.remote(), timeout=5)))
+            if snapshot:
+                # Survivors may wait on a step the failed rank never staged.
+                with contextlib.suppress(Exception):
+                    store.call("abort_pending", job, f"{failure.kind} failure: job restarting")
             _drain(refs)
-            _recover(store, job, ranks, placement, failure, cfg, snapshot, ballast_bytes)
+            _recover(store, ranks, placement, failure, spec)
             resumed = failure.resumed_step or 0
             if on_progress is not None:
                 on_progress(resumed, f"resumed at step {resumed} after {failure.kind} failure")
@@ -370,6 +472,8 @@ def run(
         report.state_bytes = int(ray.get(ranks[0].state_bytes.remote(), timeout=30))
         if snapshot:
             ray.get([r.wait_committed.remote() for r in ranks], timeout=120)
+        if baseline is not None:
+            report.baseline = _baseline_report(ranks, baseline)
         ray.get([r.shutdown.remote() for r in ranks], timeout=60)
     finally:
         _stop(ranks)
@@ -378,8 +482,32 @@ def run(
     return report
 
 
-def _drain(refs: list[Any], timeout: float = 10.0) -> None:
-    """Collect the outcome of every rank's interrupted train call (errors expected)."""
+def _baseline_report(ranks: list[Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    stats = ray.get([r.baseline_stats.remote() for r in ranks], timeout=300)
+    stalls = sorted(x for s in stats for x in s["stalls"])
+    protected = sorted(x for s in stats for x in s["protected_after"])
+    last = int(ray.get(ranks[0].progress.remote(), timeout=30))
+    every = int(baseline["every"])
+    last_ckpt = ((last - 1) // every) * every  # the newest step a checkpoint was taken at
+    loads = ray.get([r.baseline_restore_seconds.remote(last_ckpt) for r in ranks], timeout=600)
+    return {
+        "kind": baseline["kind"],
+        "every": every,
+        "stall_median": stalls[len(stalls) // 2] if stalls else None,
+        "protected_median": protected[len(protected) // 2] if protected else None,
+        "restore_seconds": max(loads),
+        "saves": len(stalls) // max(1, len(ranks)),
+    }
+
+
+def _drain(refs: list[Any], timeout: float = 1.0) -> None:
+    """Collect the outcome of rank train calls that already ended (errors expected).
+
+    Survivors may still be blocked in a collective of the old group; they
+    are released when they join the new one, so this does not wait for them.
+    """
     import ray
 
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
@@ -388,33 +516,31 @@ def _drain(refs: list[Any], timeout: float = 10.0) -> None:
             ray.get(ref, timeout=0)
 
 
+def _victims(failure: Failure) -> list[int]:
+    return list(range(failure.rank, failure.rank + failure.count))
+
+
 def _recover(
-    store: Any,
-    job: str,
-    ranks: list[Any],
-    placement: list[str],
-    failure: Failure,
-    cfg: dict[str, Any],
-    snapshot: bool,
-    ballast: int,
+    store: Any, ranks: list[Any], placement: list[str], failure: Failure, spec: RankSpec
 ) -> None:
-    """Replace the failed rank, regroup every rank, restore the last committed step."""
+    """Replace the failed ranks, regroup every rank, restore the last committed step."""
     import ray
 
     from snapstore import faults
 
-    f = failure.rank
-    with contextlib.suppress(Exception):
-        ray.kill(ranks[f], no_restart=True)
+    victims = _victims(failure)
+    for f in victims:
+        with contextlib.suppress(Exception):
+            ray.kill(ranks[f], no_restart=True)
     t0 = time.perf_counter()
-    if failure.kind == "node":
-        placement[f] = faults.add_node(store)  # a replacement node joins the store
-    port = _free_port()
-    joins = [r.join.remote(port) for i, r in enumerate(ranks) if i != f]
-    ranks[f] = _start_rank(
-        f, placement[f], len(ranks), port, job, store.rundir, cfg, snapshot, ballast
-    )
-    ray.get([*joins, ranks[f].pid.remote()], timeout=300)
+    if failure.kind in ("node", "nodes"):
+        for f in victims:
+            placement[f] = faults.add_node(store)  # replacement nodes join the store
+    rdv = _rendezvous(spec)
+    joins = [r.join.remote(rdv) for i, r in enumerate(ranks) if i not in victims]
+    for f in victims:
+        ranks[f] = _start_rank(f, placement[f], len(ranks), rdv, spec)
+    ray.get([*joins, *(ranks[f].pid.remote() for f in victims)], timeout=300)
     failure.restart_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     restored = ray.get([r.restore.remote() for r in ranks], timeout=300)
@@ -423,7 +549,7 @@ def _recover(
     failure.resumed_step = 0 if first is None else first + 1
     failure.steps_lost = max(0, failure.step_reached - failure.resumed_step)
     failure.downtime_seconds = time.perf_counter() - failure.injected_perf
-    _collect_store_view(store, job, failure)
+    _collect_store_view(store, spec.job, failure)
 
 
 def _watch(
@@ -472,8 +598,17 @@ def _watch(
                 on_progress(step, f"injecting {f.kind} failure at step {step}")
             if f.kind == "trainer":
                 faults.kill_trainer(ray.get(ranks[f.rank].pid.remote(), timeout=10), store)
+            elif f.kind == "corrupt":
+                # Stop the rank (no newer step can commit without it), damage its
+                # last committed snapshot, and let recovery find out.
+                job = ray.get(ranks[f.rank].job_name.remote(), timeout=10)
+                faults.kill_trainer(ray.get(ranks[f.rank].pid.remote(), timeout=10), store)
+                time.sleep(0.2)  # a commit already under way finishes first
+                faults.corrupt_chunk(job, rank=f.rank, piece=0, offset=7, store=store)
             elif f.kind == "node":
                 faults.kill_node(placement[f.rank], store)
+            elif f.kind == "nodes":
+                faults.kill_nodes([placement[r] for r in _victims(f)], store)
             elif f.kind == "smp":
                 info = faults.kill_smp(placement[f.rank], store=store)
                 _wait_smp_back(store, placement[f.rank], info["incarnation"], f)

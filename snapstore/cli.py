@@ -182,6 +182,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["bitwise_equal"] else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.failures import run_cli
+
+    return run_cli(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapstore", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-dir", default=None, help="where the store's state file lives")
@@ -231,6 +237,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    from bench.failures import add_arguments as bench_arguments
+
+    bench = sub.add_parser(
+        "bench", help="failure-injection benchmark matrix with checkpoint baselines"
+    )
+    bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
 
     down = sub.add_parser("down", help="stop what `up` started")
     down.set_defaults(func=_cmd_down)

@@ -163,9 +163,12 @@ def abort(coord: Coordinator, js: JobState, step: int, reason: str) -> None:
 
 
 def abort_pending_on(coord: Coordinator, js: JobState, node: str, reason: str) -> None:
-    """Abort every step in progress that has data on ``node`` (or will need it)."""
+    """Abort every step in progress that has data on ``node`` or awaits a rank living there."""
+    lives_there = js.committed is not None and any(
+        e.node == node for e in js.committed.ranks.values()
+    )
     for step, p in list(js.pending.items()):
-        if any(e.node == node for e in p.staged.values()) or p.committing:
+        if lives_there or p.committing or any(e.node == node for e in p.staged.values()):
             abort(coord, js, step, f"{reason} (node {node[:12]})")
 
 

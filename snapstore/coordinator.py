@@ -325,6 +325,21 @@ class Coordinator:
         await self._ensure_started()
         return await commit.wait_commit(self, job, step, timeout)
 
+    async def abort_pending(self, job: str, reason: str) -> list[int]:
+        """A job controller restarts the job: abort every step in progress now.
+
+        Ranks waiting for those steps' commits get SaveFailedError at once
+        instead of waiting for a rank that is gone.
+        """
+        await self._ensure_started()
+        js = self.jobs.get(job)
+        if js is None:
+            return []
+        steps = sorted(js.pending)
+        for step in steps:
+            commit.abort(self, js, step, reason)
+        return steps
+
     async def latest(self, job: str) -> int | None:
         await self._ensure_started()
         js = self.jobs.get(job)
