@@ -84,8 +84,14 @@ def _pids(node: Any) -> list[int]:
     return out
 
 
-def start_head(temp_dir: str, object_store: int, cpus: int = 1) -> tuple[str, EmbeddedNode]:
-    """Start a head node on loopback; return its GCS address and the node."""
+def start_head(
+    temp_dir: str, object_store: int, cpus: int = 1, control: bool = True
+) -> tuple[str, EmbeddedNode]:
+    """Start a head node on loopback; return its GCS address and the node.
+
+    ``control``: mark it as snapstore's control node (the coordinator's,
+    with no SMP), as the embedded cluster does.
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray._private.node import Node
 
@@ -93,7 +99,9 @@ def start_head(temp_dir: str, object_store: int, cpus: int = 1) -> tuple[str, Em
 
     try:
         node = Node(
-            _params(temp_dir, cpus, object_store, resources={CONTROL_RESOURCE: 1.0}),
+            _params(
+                temp_dir, cpus, object_store, resources={CONTROL_RESOURCE: 1.0} if control else {}
+            ),
             head=True,
             shutdown_at_exit=False,
             spawn_reaper=False,
