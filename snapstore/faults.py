@@ -221,7 +221,8 @@ def fail_persist(
 
     ``after_bytes``: each rank file it writes fails with an I/O error once
     that many bytes are written. ``stall`` (bytes, seconds): it stops that
-    long once that many bytes are written, so a test can kill it mid-flush.
+    long once that many bytes are written (or until the faults are cleared),
+    so a test can act while a flush holds its slots, or kill it mid-flush.
     """
     import ray
 

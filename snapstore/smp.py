@@ -435,7 +435,8 @@ class SMP:
     def set_fault(self, name: str, value: Any) -> None:
         """Failure injection (see :mod:`snapstore.faults`): ``persist_fail_after`` (bytes
         written before an I/O error), ``persist_stall_after`` ([bytes, seconds]: stop
-        writing that long once that many bytes are written), or None to clear."""
+        writing that long once that many bytes are written, or until cleared), or None
+        to clear."""
         if name not in ("persist_fail_after", "persist_stall_after"):
             raise SnapstoreError(f"unknown fault {name!r}")
         if value is None:
@@ -452,7 +453,12 @@ class SMP:
         def hook(written: int) -> None:
             if stall is not None and written >= int(stall[0]):
                 end = time.monotonic() + float(stall[1])
-                while time.monotonic() < end and not self._stop.is_set():
+                # Until the time is up, the SMP stops, or the fault is cleared.
+                while (
+                    time.monotonic() < end
+                    and not self._stop.is_set()
+                    and self._faults.get("persist_stall_after") is not None
+                ):
                     time.sleep(0.05)
             if fail_after is not None and written >= int(fail_after):
                 raise OSError(5, f"injected write failure after {written} bytes")
