@@ -37,6 +37,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -251,15 +253,15 @@ class Flusher:
         t0 = time.monotonic()
 
         def prepare() -> None:
-            import os
-            import shutil
-
             os.makedirs(persist.job_dir(root, job), exist_ok=True)
-            persist.clean_leftovers(root, job)
+            persist.clean_leftovers(root, job)  # of flushes that died: none runs now
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
 
-        await self.in_thread(prepare)
+        try:
+            await self.in_thread(prepare)
+        except OSError as e:
+            return _fail("persist_failed", f"cannot create {partial}: {e.strerror}")
         nodes = list(homes)
         calls = []
         for n in nodes:
@@ -287,15 +289,13 @@ class Flusher:
                 continue
             for r, info in res["ranks"].items():
                 written[int(r)] = [int(x) for x in info["sums"]]
-        for r, e in record.ranks.items():
-            if r in written and written[r] != list(e.sums):
+        for r, entry in record.ranks.items():
+            if r not in written and not failures:
+                failures[f"rank {r}"] = "no node wrote it"
+            elif r in written and written[r] != list(entry.sums):
                 failures[f"rank {r}"] = "written bytes do not hash to the record's checksums"
         if failures:
-            return _fail(
-                "persist_failed",
-                f"{len(failures)} of {len(nodes)} nodes or ranks failed",
-                failures=failures,
-            )
+            return _fail("persist_failed", "writing the rank files failed", failures=failures)
         manifest = persist.PersistManifest(
             job=job,
             step=step,
