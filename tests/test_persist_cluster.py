@@ -253,7 +253,9 @@ def test_sigterm_persists_the_last_committed_step_then_dies(
         assert _steps(pdir, "sj") == []
         os.kill(proc.pid, 15)
         proc.join(60)
-        assert proc.exitcode is not None and proc.exitcode != 0
+        # It died of the signal as before: through Ray's driver handler (sys.exit(15)),
+        # or by the default action when there is none.
+        assert proc.exitcode in (15, -15), proc.exitcode
     finally:
         if proc.is_alive():
             proc.kill()
