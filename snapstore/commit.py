@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from snapstore.placement import plan_parity
 from snapstore.record import RankEntry, StepRecord
+from snapstore.rpc import describe
 from snapstore.state import ALIVE, JobState, Pending
 from snapstore.tasks import parity_build_orders, parity_delta_orders, same_geometry
 
@@ -297,7 +298,7 @@ async def build_parity(
     }
     if failures:
         first = next(iter(failures.values()))
-        detail = "; ".join(f"node {n}: {_short(e)}" for n, e in failures.items())
+        detail = "; ".join(f"node {n}: {describe(e)}" for n, e in failures.items())
         raise RuntimeError(f"parity failed ({detail})") from first
     sums = {n: list(r["sums"]) for n, r in zip(nodes, results, strict=True) if isinstance(r, dict)}
     if stats is not None:
@@ -331,11 +332,6 @@ async def publish(
         return_exceptions=True,
     )
     return [n[:12] for n, a in zip(targets, acks, strict=True) if isinstance(a, BaseException)]
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
 
 
 async def wait_commit(coord: Coordinator, job: str, step: int, timeout: float) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from snapstore import persist
 from snapstore.commit import abort
+from snapstore.rpc import describe
 from snapstore.state import JobState, rank_restorable
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ async def _verify(coord: Coordinator, path: str) -> str | None:
     problems = []
     for n, res in zip(nodes, results, strict=True):
         if isinstance(res, BaseException):
-            problems.append(f"node {n[:12]} could not verify: {_last_line(res)}")
+            problems.append(f"node {n[:12]} could not verify: {describe(res)}")
         else:
             problems.extend(str(v) for v in res.values() if v)
     return "; ".join(problems) if problems else None
@@ -240,16 +241,3 @@ def note_restore(coord: Coordinator, job: str, rank: int, info: dict[str, Any]) 
         "path": info.get("path"),
         "read_from": info.get("source"),
     }
-
-
-def _last_line(e: BaseException) -> str:
-    root: BaseException = e
-    for _ in range(8):
-        cause = getattr(root, "cause", None)
-        if cause is None:
-            break
-        root = cause
-    if isinstance(root, asyncio.TimeoutError):
-        return "timed out"
-    text = str(root).strip().splitlines()
-    return text[-1] if text else type(root).__name__

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapstore import persist
 from snapstore.record import StepRecord
+from snapstore.rpc import describe
 from snapstore.state import JobState
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ class Flusher:
         written: dict[int, list[int]] = {}
         for n, res in zip(nodes, results, strict=True):
             if isinstance(res, BaseException):
-                failures[f"node {n[:12]}"] = _short(res)
+                failures[f"node {n[:12]}"] = describe(res)
                 continue
             for r, info in res["ranks"].items():
                 written[int(r)] = [int(x) for x in info["sums"]]
@@ -402,7 +403,7 @@ class Flusher:
             missing = {}
             for n, res in zip(nodes, results, strict=True):
                 if isinstance(res, BaseException):
-                    missing[f"node {n[:12]}"] = _short(res)
+                    missing[f"node {n[:12]}"] = describe(res)
                 elif sorted(res) != sorted(homes[n]):
                     lost = sorted(set(homes[n]) - set(res))
                     missing[f"node {n[:12]}"] = f"does not hold ranks {lost} of step {rec.step}"
@@ -471,16 +472,3 @@ async def _wait(task: asyncio.Task[dict[str, Any]], timeout: float) -> dict[str,
 
 async def _missing(node: str) -> dict[str, Any]:
     raise RuntimeError(f"node {node[:12]} is not a node of this store")
-
-
-def _short(e: BaseException) -> str:
-    root: BaseException = e
-    for _ in range(8):
-        cause = getattr(root, "cause", None)
-        if cause is None:
-            break
-        root = cause
-    if isinstance(root, asyncio.TimeoutError):
-        return "timed out"
-    text = str(root).strip().splitlines()
-    return text[-1] if text else type(root).__name__

@@ -27,6 +27,7 @@ from snapstore.commit import abort, build_parity, publish
 from snapstore.errors import UnrecoverableError
 from snapstore.placement import plan_parity
 from snapstore.record import RankEntry, StepRecord
+from snapstore.rpc import describe, root_cause
 from snapstore.smp import smp_name
 from snapstore.state import ALIVE, JobState, NodeState, rank_restorable
 from snapstore.tasks import parity_rebuild_orders, rank_rebuild_orders
@@ -45,20 +46,11 @@ def _error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"ok": False, "error": kind, "message": message, **extra}
 
 
-def _root(e: BaseException) -> BaseException:
-    """The exception an actor raised, unwrapped from Ray's RayTaskError."""
-    seen = 0
-    while getattr(e, "cause", None) is not None and seen < 8:
-        e = e.cause  # type: ignore[attr-defined]
-        seen += 1
-    return e
-
-
 def _lost_of(e: BaseException) -> list[str]:
-    root = _root(e)
+    root = root_cause(e)
     if isinstance(root, UnrecoverableError):
         return list(root.lost)
-    return [str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__]
+    return [describe(root)]
 
 
 # -- restore ------------------------------------------------------------------
@@ -161,12 +153,12 @@ async def repair(
             res = await asyncio.wait_for(coord.handle(where).rebuild.remote(order), REBUILD_TIMEOUT)
         except Exception as e:
             coord.events.add(
-                "error", f"repair of job {job!r} rank {rank} failed: {_root(e)}", job=job
+                "error", f"repair of job {job!r} rank {rank} failed: {root_cause(e)}", job=job
             )
-            if isinstance(_root(e), UnrecoverableError):
+            if isinstance(root_cause(e), UnrecoverableError):
                 # Memory cannot serve this rank's step (the job may fall back to disk).
                 js.unrecoverable[rank] = _lost_of(e)
-            return _error("unrecoverable", str(_root(e)), lost=_lost_of(e))
+            return _error("unrecoverable", str(root_cause(e)), lost=_lost_of(e))
         coord.events.add(
             "repaired",
             f"job {job!r} rank {rank} step {step}: pieces {bad} failed their checksum "
@@ -273,7 +265,7 @@ async def _relocate(coord: Coordinator, js: JobState, rec: StepRecord, alive: se
     retry = False
     for (r, target), res in zip(plan, results, strict=True):
         if isinstance(res, BaseException):
-            if isinstance(_root(res), UnrecoverableError):
+            if isinstance(root_cause(res), UnrecoverableError):
                 home = rec.ranks[r].node
                 js.unrecoverable[r] = [
                     f"rank {r}'s home node {home[:12]} is lost",
@@ -347,7 +339,7 @@ async def _reprotect_parity(
     try:
         new = await build_parity(coord, new, REBUILD_TIMEOUT)
     except Exception as e:
-        js.status, js.status_detail = "degraded", f"re-protection failed: {_root(e)}"
+        js.status, js.status_detail = "degraded", f"re-protection failed: {root_cause(e)}"
         coord.events.add("error", f"job {js.name!r}: {js.status_detail}", job=js.name)
         return
     await publish(coord, new)
@@ -382,7 +374,9 @@ async def reconcile_node(coord: Coordinator, node: str) -> None:
                     coord.handle(node).verify.remote(rec.to_bytes()), REBUILD_TIMEOUT
                 )
             except Exception as e:
-                coord.events.add("error", f"cannot verify node {node[:12]}: {_root(e)}", node=node)
+                coord.events.add(
+                    "error", f"cannot verify node {node[:12]}: {root_cause(e)}", node=node
+                )
                 continue
             bad_pieces = {int(r): v for r, v in report["bad_pieces"].items()}
             if not bad_pieces and not report["bad_parity"]:
@@ -415,7 +409,7 @@ async def reconcile_node(coord: Coordinator, node: str) -> None:
                 js.status, js.status_detail = "degraded", f"rebuild on {node[:12]} failed"
                 coord.events.add(
                     "error",
-                    f"rebuild of node {node[:12]} for job {job!r} failed: {_root(e)}",
+                    f"rebuild of node {node[:12]} for job {job!r} failed: {root_cause(e)}",
                     node=node,
                     job=job,
                     lost=_lost_of(e),

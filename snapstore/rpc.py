@@ -11,7 +11,7 @@ from typing import Any
 
 from snapstore.errors import ActorUnavailableError, SnapstoreError, StoreTimeoutError
 
-__all__ = ["call"]
+__all__ = ["call", "describe", "root_cause"]
 
 
 def call(ref: Any, timeout: float | None, what: str) -> Any:
@@ -32,11 +32,27 @@ def call(ref: Any, timeout: float | None, what: str) -> Any:
         cause = getattr(e, "cause", None)
         if isinstance(cause, SnapstoreError):
             raise cause from None
-        raise SnapstoreError(f"{what} failed: {_last_line(cause or e)}") from None
+        raise SnapstoreError(f"{what} failed: {describe(cause or e)}") from None
     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-        raise ActorUnavailableError(f"{what}: actor unavailable ({_last_line(e)})") from None
+        raise ActorUnavailableError(f"{what}: actor unavailable ({describe(e)})") from None
 
 
-def _last_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+def root_cause(e: BaseException) -> BaseException:
+    """The exception an actor raised, unwrapped from Ray's RayTaskError chain."""
+    for _ in range(8):
+        cause = getattr(e, "cause", None)
+        if cause is None:
+            break
+        e = cause
+    return e
+
+
+def describe(e: BaseException) -> str:
+    """One line saying what went wrong: the root cause's last line ("timed out" for timeouts)."""
+    import asyncio
+
+    root = root_cause(e)
+    if isinstance(root, (asyncio.TimeoutError, TimeoutError)) and not str(root).strip():
+        return "timed out"
+    lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(root).__name__
