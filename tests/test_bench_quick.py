@@ -1,0 +1,104 @@
+"""Smoke tests of the store benchmarks: each runs with --quick, for real, and prints its tables.
+
+Every benchmark starts (and stops) its own embedded store, so they run as
+subprocesses, one after another (four stores of five raylets at once would
+crowd a 2-core machine until raylets miss Ray's registration deadline; in
+turn they take about 20-45 s each). The tests check that each finished,
+printed its tables, wrote its JSON, and left no store behind; the numbers
+themselves are for docs/performance-store.md, not for asserts.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+BENCHES = {
+    "save": ["| 4 MiB |", "client.save, sync (blocking)", "dcp.async_save, blocking part"],
+    "restore": ["| 4 MiB |", "node loss", "bitwise OK"],
+    "overhead": ["| lazy |", "| sync |", "blocked in save + wait_staged"],
+    "delta": ["with deltas", "fraction of full", "bitwise OK"],
+}
+TIMEOUT = 240.0
+"""Seconds one benchmark may take."""
+
+
+@pytest.fixture(scope="module")
+def runs() -> Iterator[dict[str, dict[str, Any]]]:
+    """Run every benchmark with --quick, one at a time; collect output, exit code, JSON."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = set(glob.glob("/tmp/ssb-*"))
+    out_dir = tempfile.mkdtemp(prefix="bench-quick-")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    results: dict[str, dict[str, Any]] = {}
+    for name in BENCHES:
+        path = os.path.join(out_dir, f"{name}.json")
+        cmd = [sys.executable, "-m", f"bench.{name}", "--quick", "--json", path]
+        started = time.monotonic()
+        with open(os.path.join(out_dir, f"{name}.log"), "w+") as log:
+            proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.terminate()  # the benchmark's finally stops its store
+                try:
+                    rc = proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rc = proc.wait()
+            log.seek(0)
+            output = log.read()
+        data = None
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+        results[name] = {
+            "rc": rc,
+            "output": output,
+            "json": data,
+            "seconds": time.monotonic() - started,
+        }
+    results["_dirs_before"] = {"dirs": before}
+    yield results
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", list(BENCHES))
+def test_quick_run_completes_and_prints_tables(runs: dict[str, Any], name: str) -> None:
+    r = runs[name]
+    assert r["rc"] == 0, f"bench.{name} exited {r['rc']}:\n{r['output'][-4000:]}"
+    for text in BENCHES[name]:
+        assert text in r["output"], f"bench.{name} did not print {text!r}:\n{r['output']}"
+    assert "| --- |" in r["output"]
+    assert r["json"] is not None and r["json"]["info"]["bench"] == f"bench.{name}"
+
+
+def test_no_store_left_behind(runs: dict[str, Any]) -> None:
+    """Each benchmark stops its store: its runtime dir is gone and none of its processes run."""
+    import psutil
+
+    before = runs["_dirs_before"]["dirs"]
+    assert all("store up in" in runs[name]["output"] for name in BENCHES)
+    new_dirs = set(glob.glob("/tmp/ssb-*")) - before
+    assert not new_dirs, f"benchmark runtime dirs left behind: {sorted(new_dirs)}"
+    leftovers = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        for arg in p.info["cmdline"] or ():
+            m = re.search(r"/tmp/ssb-[A-Za-z0-9_]+", arg)
+            if m and m.group(0) not in before:
+                leftovers.append(p.info["pid"])
+                break
+    assert not leftovers, f"processes of a benchmark store still running: {leftovers}"
