@@ -31,26 +31,12 @@ import numpy as np
 import numpy.typing as npt
 
 import coding
+from bench._common import human, parse_size
 from coding.isal import load as load_isal
 
 U8 = npt.NDArray[np.uint8]
 
 LAYOUTS: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (4, 2), (8, 2))
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in _UNITS:
-        return int(float(text[:-1]) * _UNITS[text[-1]])
-    return int(text)
-
-
-def human(n: int) -> str:
-    for unit in ("G", "M", "K"):
-        if n >= _UNITS[unit]:
-            return f"{n / _UNITS[unit]:.0f} {unit}iB"
-    return f"{n} B"
 
 
 def median_seconds(fn: Callable[[], object], reps: int) -> float:

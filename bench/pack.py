@@ -33,16 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench._common import parse_size
 from snapstore.format import pack, plan, unpack
-
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in _UNITS:
-        return int(float(text[:-1]) * _UNITS[text[-1]])
-    return int(text)
 
 
 def medians(fns: Sequence[Callable[[], object]], reps: int) -> list[float]:

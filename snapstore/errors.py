@@ -120,11 +120,8 @@ class UnrecoverableError(SnapstoreError):
         return (type(self), (self.message, self.lost))
 
 
-class SaveFailedError(SnapstoreError):
-    """A step could not be committed; ``failures`` maps each party to its error.
-
-    The previous committed step is intact and is what restore returns.
-    """
+class _PartiesError(SnapstoreError):
+    """An operation several parties took part in failed; ``failures`` maps each to its error."""
 
     def __init__(self, message: str, failures: Mapping[str, str] | None = None) -> None:
         self.message = message
@@ -134,27 +131,25 @@ class SaveFailedError(SnapstoreError):
 
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.message, self.failures))
+
+
+class SaveFailedError(_PartiesError):
+    """A step could not be committed; ``failures`` maps each party to its error.
+
+    The previous committed step is intact and is what restore returns.
+    """
 
 
 class FaultInjectionError(SnapstoreError):
     """A fault was refused: it would act on a cluster ``snapstore up`` did not start."""
 
 
-class PersistFailedError(SnapstoreError):
+class PersistFailedError(_PartiesError):
     """A flush of a committed step to the persist directory did not complete.
 
     ``failures`` maps each party (a node, a rank, the manifest) to its error.
     The previous persisted step is intact; the in-memory step is unaffected.
     """
-
-    def __init__(self, message: str, failures: Mapping[str, str] | None = None) -> None:
-        self.message = message
-        self.failures = dict(failures or {})
-        detail = "; ".join(f"{who}: {why}" for who, why in self.failures.items())
-        super().__init__(f"{message} ({detail})" if detail else message)
-
-    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
-        return (type(self), (self.message, self.failures))
 
 
 class PersistedStepCorruptError(SnapstoreError):
