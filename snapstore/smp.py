@@ -63,6 +63,14 @@ logger = logging.getLogger(__name__)
 COORDINATOR_NAME = "snapstore-coordinator"
 # How long a lease short of memory waits for a flush to release its held slots.
 LEASE_HOLD_WAIT = 60.0
+DELTA_MAX_FRACTION = 0.5
+"""Above this fraction of a rank's bytes changed, parity is re-encoded in full.
+
+Updating parity from deltas costs an XOR of old and new data here, a copy of
+the old parity and a read of the delta by each parity holder: about twice
+the memory traffic of encoding from the data, for the same bytes. It pays
+when few bytes changed (the delta crosses nodes instead of the data) and
+not when most did, as after every full optimizer step."""
 
 
 def smp_name(node_id: str) -> str:
@@ -226,6 +234,8 @@ class SMP:
             total += ln
         if any(off + ln > base.size for off, ln, _ in ranges):
             return None  # the buffer grew: the parity is rebuilt in full
+        if total > DELTA_MAX_FRACTION * size:
+            return None  # most bytes changed: encoding in full is cheaper
         name = delta_name(job, rank, step % 2)
         out = self.slots.output(job, name, max(total, 1))
         for off, ln, at in ranges:

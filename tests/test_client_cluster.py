@@ -226,11 +226,23 @@ def test_delta_moves_few_bytes_and_parity_stays_right(store: Any, nodes: list[st
             assert futs[0].stats["delta"], futs[0].stats
             # Full snapshot: stage everything, send everything to m=1 parity holder.
             assert copied + network <= 0.15 * (2 * total), (copied, network, total)
+    # Every tensor changed: parity is encoded in full (cheaper than from
+    # deltas), yet the next step goes back to deltas against this one.
+    for step in (6, 7):
+        futs = []
+        for r, c in enumerate(clients):
+            for i in range(20) if step == 6 else (r,):
+                states[r][f"t{i}"].add_(1.0)
+            states[r]["step"] = step
+            futs.append(c.save(step, states[r]))
+        for f in futs:
+            f.result(60)
+        assert futs[0].stats["delta"] is (step == 7), (step, futs[0].stats)
     # Parity built from deltas must rebuild a lost node bitwise.
     faults.kill_node(nodes[1], store)
     c = _client(store, nodes[2], "delta", 1, world)
     step, got = c.restore(timeout=60)
-    assert step == 5
+    assert step == 7
     for k, v in states[1].items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(got[k], v), k
