@@ -7,7 +7,8 @@
 - :mod:`clients.ray_train` saves and restores from a Ray Train loop.
 """
 
-from clients.client import Client, SaveFuture
+from clients.client import Client
 from clients.dp import DPGroup
+from clients.future import SaveFuture
 
 __all__ = ["Client", "DPGroup", "SaveFuture"]

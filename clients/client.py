@@ -44,6 +44,7 @@ import time
 from typing import Any
 
 from clients.dp import DPGroup, fill, localize, placeholders, shard
+from clients.future import DEFAULT_TIMEOUT, SaveFuture
 from clients.persisted import (
     Opened,
     install_sigterm,
@@ -57,7 +58,6 @@ from clients.staging import Stager
 from snapstore.config import check_job_name
 from snapstore.errors import (
     FormatError,
-    SaveFailedError,
     SnapshotNotFoundError,
     SnapstoreError,
     StoreTimeoutError,
@@ -72,72 +72,7 @@ __all__ = ["Client", "SaveFuture"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 120.0
 POLICIES = ("wait", "skip")
-
-
-class SaveFuture:
-    """The commit of one saved step.
-
-    ``result(timeout)`` waits until the step is committed and returns it, or
-    raises SaveFailedError (the step will never commit; the previous one is
-    intact) or StoreTimeoutError. ``stats`` says what the save moved.
-    """
-
-    def __init__(self, client: Client, step: int, skipped: bool = False) -> None:
-        self.client = client
-        self.step = step
-        self.skipped = skipped
-        self.stats: dict[str, Any] = {}
-        self._staged = threading.Event()
-        self._done = threading.Event()
-        self._ready_next = threading.Event()
-        self._error: BaseException | None = None
-        self._outcome: dict[str, Any] | None = None
-        if skipped:
-            self._outcome = {"status": "skipped"}
-            for e in (self._staged, self._done, self._ready_next):
-                e.set()
-
-    def staged(self) -> bool:
-        """Whether the staging copy is done (always true for a synchronous save)."""
-        return self._staged.is_set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = DEFAULT_TIMEOUT) -> int:
-        if not self._done.wait(timeout):
-            raise StoreTimeoutError(
-                f"job {self.client.job!r} step {self.step} not committed within {timeout} s"
-            )
-        if self._error is not None:
-            raise self._error
-        assert self._outcome is not None
-        if self._outcome["status"] == "skipped":
-            raise SaveFailedError(
-                f"job {self.client.job!r} step {self.step} was skipped: the previous save was "
-                "still committing (policy 'skip')"
-            )
-        if self._outcome["status"] != "committed":
-            raise SaveFailedError(
-                f"job {self.client.job!r} step {self.step} was not committed: "
-                f"{self._outcome.get('reason', self._outcome['status'])}; "
-                "the previous committed step is intact"
-            )
-        return self.step
-
-    # -- set by the client's threads --
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        self._staged.set()
-        self._done.set()
-        self._ready_next.set()
-
-    def _resolve(self, outcome: dict[str, Any]) -> None:
-        self._outcome = outcome
-        self._done.set()
 
 
 class Client:
@@ -247,7 +182,7 @@ class Client:
         if prev is not None and not prev._ready_next.is_set():
             if self.policy == "skip":
                 self._count(skipped=1)
-                return SaveFuture(self, step, skipped=True)
+                return SaveFuture(self.job, step, skipped=True)
             t0 = time.monotonic()
             if not prev._ready_next.wait(timeout):
                 raise StoreTimeoutError(
@@ -275,7 +210,7 @@ class Client:
         plan = self._stager.plan(binding, slot, lease.get("holds"), self._committed_step)
         if plan.changed is not None:
             plan.changed.append([binding.layout.nbytes, size - binding.layout.nbytes])
-        fut = SaveFuture(self, step)
+        fut = SaveFuture(self.job, step)
         fut.stats.update(bytes_total=size, bytes_copied=plan.copy_bytes, delta_copy=not plan.full)
         self._last_step = step
         self._inflight = fut
