@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from snapstore.bytecopy import copy_many
-from snapstore.segments import Segment
+from snapstore.segments import MappingCache, Segment
 
 __all__ = ["CopyPlan", "SlotMaps", "Stager", "region_keys"]
 
@@ -80,46 +79,28 @@ class SlotMaps:
     """Mappings of this rank's slots, keyed by inode; at most a few at a time."""
 
     def __init__(self, keep: int = 4) -> None:
-        self._maps: dict[tuple[int, int], Segment] = {}
-        self._keep = keep
+        self._cache = MappingCache(keep, on_close=self._unpin)
         self._pinned: set[tuple[int, int]] = set()
 
     def get(self, path: str, writable: bool) -> tuple[Segment, tuple[int, int]]:
-        st = os.stat(path)
-        key = (st.st_dev, st.st_ino)
-        seg = self._maps.get(key)
-        if seg is not None and seg.size == st.st_size and (seg.writable or not writable):
-            seg.path = path
-            return seg, key
-        if seg is not None:
-            self._close(key)
-        seg = Segment.open(path, writable=writable)
-        self._maps[key] = seg
-        while len(self._maps) > self._keep:
-            self._close(next(iter(self._maps)))
-        return seg, key
+        return self._cache.get(path, writable)
 
-    def register_pinned(self, key: tuple[int, int]) -> None:
+    def register_pinned(self, key: tuple[int, int], seg: Segment) -> None:
         """Page-lock a mapped slot for asynchronous device-to-host copies (CUDA only)."""
         if key in self._pinned or not torch.cuda.is_available():
             return
-        seg = self._maps[key]
-        ptr = seg.array.ctypes.data
-        err = torch.cuda.cudart().cudaHostRegister(ptr, seg.size, 0)
+        err = torch.cuda.cudart().cudaHostRegister(seg.array.ctypes.data, seg.size, 0)
         if int(err) == 0:
             self._pinned.add(key)
 
-    def _close(self, key: tuple[int, int]) -> None:
-        seg = self._maps.pop(key)
+    def _unpin(self, key: tuple[int, int], seg: Segment) -> None:
         if key in self._pinned:
             self._pinned.discard(key)
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(seg.array.ctypes.data)
-        seg.close()
 
     def close(self) -> None:
-        for key in list(self._maps):
-            self._close(key)
+        self._cache.close()
 
 
 class Stager:
@@ -206,7 +187,7 @@ class Stager:
 
     def _copy_device(self, binding: Any, regions: list[int], seg: Segment, slot: Any) -> Any:
         """Device regions: non-blocking copies on a side stream into pinned shared memory."""
-        self.maps.register_pinned(slot)
+        self.maps.register_pinned(slot, seg)
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         dst = torch.from_numpy(seg.array)

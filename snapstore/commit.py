@@ -180,7 +180,7 @@ async def commit_step(coord: Coordinator, job: str, step: int) -> None:
         if p is None:
             return
         t0 = time.time()
-        stats: dict[str, Any] = {}
+        stats: dict[str, Any] = {"wait_ranks_seconds": round(t0 - p.started_at, 6)}
         try:
             record = await _build(coord, js, p, stats)
         except Exception as e:
@@ -191,8 +191,11 @@ async def commit_step(coord: Coordinator, job: str, step: int) -> None:
             return  # aborted while parity was computed
         # A step due for flushing to disk is held by the SMPs as they commit it.
         hold = coord.flusher.hold_for(js, record)
+        stats["parity_seconds"] = round(time.time() - t0, 6)
         # The commit point: every SMP learns the record before anyone is told.
+        t1 = time.time()
         missing = await publish(coord, record, hold)
+        stats["publish_seconds"] = round(time.time() - t1, 6)
         js.pending.pop(step, None)
         for older in [s for s in js.pending if s < step]:
             abort(coord, js, older, f"step {step} committed first")

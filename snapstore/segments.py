@@ -30,12 +30,14 @@ import contextlib
 import mmap
 import os
 import re
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "MappingCache",
     "Segment",
     "SegmentName",
     "data_name",
@@ -206,6 +208,80 @@ class Segment:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+FileKey = tuple[int, int]
+"""A file's identity, (device, inode): it survives renames."""
+
+
+class MappingCache:
+    """Mappings of segment files, keyed by file identity; the least recently used go first.
+
+    A slot keeps its inode when it is renamed from step to step (work ->
+    data -> spare -> work), so one mapping serves every step the slot is
+    reused for: a fresh mapping of a large segment costs page-table work
+    for every page (``MAP_POPULATE``), each time. At most ``keep`` mappings
+    stay; a file its owner has deleted is unmapped at the next miss, so a
+    dropped slot's memory is not kept alive by a reader. ``on_close`` is
+    called with each segment before it is unmapped. Not thread-safe.
+    """
+
+    def __init__(self, keep: int, on_close: Callable[[FileKey, Segment], None] | None = None):
+        self._keep = keep
+        self._on_close = on_close
+        self._maps: OrderedDict[FileKey, tuple[Segment, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def get(self, path: str, writable: bool = False) -> tuple[Segment, FileKey]:
+        """The mapping of the file ``path`` names now (OSError if it names none)."""
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        hit = self._maps.get(key)
+        if hit is not None:
+            seg, _ = hit
+            if seg.size == st.st_size and (seg.writable or not writable):
+                seg.path = path
+                self._maps.move_to_end(key)
+                return seg, key
+            self.drop(key)
+        self._prune()
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            seg = Segment(path, _map(fd, st.st_size, writable), st.st_size, writable=writable)
+        except BaseException:
+            os.close(fd)
+            raise
+        seg.ident = (st.st_dev, st.st_ino)  # of what was opened, even if since renamed
+        # The fd stays open (one per mapping) to tell when the file is deleted.
+        self._maps[seg.ident] = (seg, fd)
+        while len(self._maps) > self._keep:
+            self.drop(next(iter(self._maps)))
+        return seg, seg.ident
+
+    def drop(self, key: FileKey) -> None:
+        seg, fd = self._maps.pop(key)
+        try:
+            if self._on_close is not None:
+                self._on_close(key, seg)
+        finally:
+            seg.close()
+            os.close(fd)
+
+    def drop_under(self, directory: str) -> None:
+        """Unmap every file mapped from ``directory`` (its node was lost)."""
+        for key in [k for k, (s, _) in self._maps.items() if s.path.startswith(directory + os.sep)]:
+            self.drop(key)
+
+    def close(self) -> None:
+        for key in list(self._maps):
+            self.drop(key)
+
+    def _prune(self) -> None:
+        for key in [k for k, (_, fd) in self._maps.items() if os.fstat(fd).st_nlink == 0]:
+            self.drop(key)
 
 
 def _map(fd: int, size: int, writable: bool) -> mmap.mmap:

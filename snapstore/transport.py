@@ -33,7 +33,7 @@ import numpy as np
 
 from coding import checksum
 from snapstore.errors import SnapstoreError
-from snapstore.segments import Segment, parse_name
+from snapstore.segments import MappingCache, parse_name
 
 __all__ = ["ChunkUnavailableError", "DataServer", "PeerInfo", "Transport", "host_key"]
 
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 _HDR = struct.Struct("!I")
 _MAX_HEADER = 1 << 16
 _IO_BLOCK = 8 << 20
+MAPPINGS_KEPT = 64
+"""Peers' segments a Transport keeps mapped (a few per rank and parity holder it reads)."""
 
 
 class ChunkUnavailableError(SnapstoreError):
@@ -101,7 +103,7 @@ class Transport:
         self._token = token
         self._force_tcp = force_tcp
         self._lock = threading.Lock()
-        self._maps: dict[str, Segment] = {}
+        self._maps = MappingCache(MAPPINGS_KEPT)
         self._conns: dict[tuple[str, int], list[socket.socket]] = {}
 
     def same_host(self, peer: PeerInfo) -> bool:
@@ -115,19 +117,13 @@ class Transport:
             return None
         _check_name(name)
         path = os.path.join(peer.directory, name)
-        with self._lock:
-            seg = self._maps.get(path)
-            if seg is not None and not seg.still_current():
-                seg.close()
-                seg = None
-            if seg is None:
-                try:
-                    seg = Segment.open(path, writable=False)
-                except OSError as e:
-                    raise ChunkUnavailableError(
-                        f"node {peer.node_id[:12]}: cannot map {name}: {e.strerror}"
-                    ) from None
-                self._maps[path] = seg
+        try:
+            with self._lock:
+                seg, _ = self._maps.get(path)
+        except OSError as e:
+            raise ChunkUnavailableError(
+                f"node {peer.node_id[:12]}: cannot map {name}: {e.strerror}"
+            ) from None
         try:
             return seg.view(offset, length)
         except ValueError as e:
@@ -156,14 +152,11 @@ class Transport:
     def forget(self, directory: str) -> None:
         """Drop cached mappings of a peer's directory (its node was lost)."""
         with self._lock:
-            for path in [p for p in self._maps if p.startswith(directory + os.sep)]:
-                self._maps.pop(path).close()
+            self._maps.drop_under(directory)
 
     def close(self) -> None:
         with self._lock:
-            for seg in self._maps.values():
-                seg.close()
-            self._maps.clear()
+            self._maps.close()
             for socks in self._conns.values():
                 for s in socks:
                     s.close()

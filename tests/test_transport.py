@@ -361,3 +361,45 @@ def test_a_file_gone_is_unavailable_even_when_mapped_before(
     (node_dir / NAME).write_bytes(payload[::-1].tobytes())
     assert t.checksum(peer, NAME, 0, 10) == checksum(payload[::-1][:10].copy())
     t.close()
+
+
+def test_a_slot_renamed_from_step_to_step_stays_one_mapping(node_dir: Path) -> None:
+    """A peer reads the same slot under a new name each step: no new mapping, no growth."""
+    t = Transport(host_key(), TOKEN)
+    peer = _peer(node_dir)
+    first = t.view(peer, NAME, 0, 8)
+    assert first is not None
+    for step in range(4, 200):
+        name = data_name("job", 0, step)
+        os.rename(node_dir / data_name("job", 0, step - 1), node_dir / name)
+        v = t.view(peer, name, 0, 8)
+        # The same memory as the first view: the mapping was reused, not redone.
+        assert v is not None and v.ctypes.data == first.ctypes.data
+    assert len(t._maps) == 1
+    t.close()
+
+
+def test_mappings_are_bounded_and_a_deleted_file_is_unmapped(node_dir: Path) -> None:
+    """Readers must not keep a dropped slot's memory alive, nor map without bound."""
+    from snapstore.segments import MappingCache
+
+    closed: list[tuple[int, int]] = []
+    cache = MappingCache(3, on_close=lambda key, seg: closed.append(key))
+    paths = []
+    for i in range(5):
+        p = node_dir / data_name("job", 1, i)
+        p.write_bytes(bytes([i]) * 64)
+        paths.append(str(p))
+        cache.get(paths[-1])
+    assert len(cache) == 3 and len(closed) == 2  # the two least recently used went
+    seg, key = cache.get(paths[2])  # a hit moves it to the back
+    _, deleted = cache.get(paths[3])
+    os.unlink(paths[3])
+    cache.get(paths[0])  # a miss: the deleted file's mapping goes first
+    assert closed[2:] == [deleted]
+    assert len(cache) == 3 and key not in closed
+    assert seg.array[0] == 2
+    with pytest.raises(FileNotFoundError):
+        cache.get(paths[3])
+    cache.close()
+    assert len(cache) == 0
