@@ -19,6 +19,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -40,7 +41,9 @@ __all__ = [
     "prefaulted",
     "private_store",
     "ratio",
+    "rearm_sigterm",
     "release",
+    "sigterm_as_interrupt",
     "state_digest",
     "state_nbytes",
     "store_events",
@@ -213,6 +216,36 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+_armed = 0
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM raises KeyboardInterrupt, so ``finally`` blocks stop what was started.
+
+    Also a decorator. A no-op off the main thread, where signals cannot be
+    handled. ``ray.init`` installs a SIGTERM handler of its own that ends
+    the process at once: call :func:`rearm_sigterm` after connecting to Ray.
+    """
+    global _armed
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    _armed += 1
+    try:
+        yield
+    finally:
+        _armed -= 1
+        signal.signal(signal.SIGTERM, previous)
+
+
+def rearm_sigterm() -> None:
+    """Inside :func:`sigterm_as_interrupt`: take SIGTERM back from a handler Ray installed."""
+    if _armed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 @contextlib.contextmanager
 def private_store(**settings: Any) -> Iterator[Any]:
     """Start an embedded store in a private, short runtime dir; stop it whatever happens.
@@ -225,7 +258,8 @@ def private_store(**settings: Any) -> Iterator[Any]:
     import snapstore
 
     rundir = tempfile.mkdtemp(prefix="ssb-", dir="/tmp")
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    stack = contextlib.ExitStack()
+    stack.enter_context(sigterm_as_interrupt())
     settings.setdefault("rest", False)
     settings.setdefault("failure_timeout", 1.0)
     t0 = time.perf_counter()
@@ -233,6 +267,7 @@ def private_store(**settings: Any) -> Iterator[Any]:
         for attempt in (1, 2):
             try:
                 store = snapstore.up(rundir=rundir, **settings)
+                rearm_sigterm()
                 break
             except snapstore.ClusterError as e:
                 # A raylet that misses Ray's registration deadline on a loaded
@@ -241,7 +276,7 @@ def private_store(**settings: Any) -> Iterator[Any]:
                     raise
                 print(f"store did not start ({e}); retrying once", flush=True)
                 _kill_leftovers(rundir)
-        store.rundir = rundir
+        store.rundir = rundir  # type: ignore[attr-defined]
         print(f"store up in {time.perf_counter() - t0:.1f} s", flush=True)
         yield store
     finally:
@@ -254,7 +289,7 @@ def private_store(**settings: Any) -> Iterator[Any]:
             else:
                 shutil.rmtree(rundir, ignore_errors=True)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            stack.close()
 
 
 def _kill_leftovers(rundir: str) -> None:

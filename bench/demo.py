@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._common import rearm_sigterm, sigterm_as_interrupt
+
 __all__ = ["main", "parse_failures"]
 
 DEFAULT_FAILURES = "trainer@60,smp@110,node@160"
@@ -82,6 +84,7 @@ def _progress(console: Any, total: int, label: str) -> tuple[Any, Any]:
     return progress, task
 
 
+@sigterm_as_interrupt()
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
@@ -115,6 +118,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             reprotect_delay=1.0,
         )
         store.rundir = rundir  # type: ignore[attr-defined]
+        rearm_sigterm()  # ray.init took SIGTERM over
         console.print(f"store up in {time.perf_counter() - t0:.1f} s ({store.store_id})")
 
         key = _cache_key(cfg, args.steps, world)

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._common import rearm_sigterm, sigterm_as_interrupt
+
 __all__ = ["main"]
 
 # What survives each failure kind, by where the checkpoint lives.
@@ -80,6 +82,7 @@ def _layouts(text: str) -> list[tuple[int, int]]:
     return out
 
 
+@sigterm_as_interrupt()
 def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
@@ -114,6 +117,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                         reprotect_delay=1.0,
                     )
                     store.rundir = rundir  # type: ignore[attr-defined]
+                    rearm_sigterm()  # ray.init took SIGTERM over
                     console.print(f"[bold]{label}[/]")
                     none = run(
                         store,

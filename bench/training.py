@@ -146,9 +146,10 @@ class GPTRank:
     def join(self, rendezvous: str) -> None:
         """(Re)join the data-parallel group: after a peer died, survivors join a new one.
 
-        An interrupted ``train`` call may still be blocked in a collective of
-        the old group: destroying the group ends it, and the epoch stops it
-        from touching the model again.
+        An interrupted ``train`` call that returns late (its collective
+        failed) finds the epoch changed and leaves the model alone; one
+        still blocked in a collective of the old group cannot be ended from
+        here, and the driver replaces that process (see ``_recover``).
         """
         from datetime import timedelta
 
@@ -460,7 +461,12 @@ def run(
                 with contextlib.suppress(Exception):
                     store.call("abort_pending", job, f"{failure.kind} failure: job restarting")
             _drain(refs)
-            _recover(store, ranks, placement, failure, spec)
+            stuck = [
+                i
+                for i, ref in enumerate(refs)
+                if i not in _victims(failure) and not ray.wait([ref], timeout=0)[0]
+            ]
+            _recover(store, ranks, placement, failure, spec, stuck)
             resumed = failure.resumed_step or 0
             if on_progress is not None:
                 on_progress(resumed, f"resumed at step {resumed} after {failure.kind} failure")
@@ -521,26 +527,45 @@ def _victims(failure: Failure) -> list[int]:
 
 
 def _recover(
-    store: Any, ranks: list[Any], placement: list[str], failure: Failure, spec: RankSpec
+    store: Any,
+    ranks: list[Any],
+    placement: list[str],
+    failure: Failure,
+    spec: RankSpec,
+    stuck: list[int],
 ) -> None:
-    """Replace the failed ranks, regroup every rank, restore the last committed step."""
+    """Replace the failed ranks, regroup every rank, restore the last committed step.
+
+    ``stuck`` are surviving ranks still blocked in a collective of the old
+    group. A gloo collective cannot be interrupted (neither destroying nor
+    aborting its group ends a pending receive before the group's timeout):
+    a survivor whose ring neighbour left the collective alive waits for a
+    message that never comes. Those processes are replaced as well, on
+    their own nodes, and restore from their node's memory like the rest.
+    """
     import ray
 
     from snapstore import faults
 
     victims = _victims(failure)
-    for f in victims:
+    replaced = victims + [i for i in stuck if i not in victims]
+    for f in replaced:
         with contextlib.suppress(Exception):
             ray.kill(ranks[f], no_restart=True)
+    if stuck:
+        failure.note = (
+            f"{len(stuck)} surviving rank(s) blocked in the old group's all-reduce "
+            "were restarted too"
+        )
     t0 = time.perf_counter()
     if failure.kind in ("node", "nodes"):
         for f in victims:
             placement[f] = faults.add_node(store)  # replacement nodes join the store
     rdv = _rendezvous(spec)
-    joins = [r.join.remote(rdv) for i, r in enumerate(ranks) if i not in victims]
-    for f in victims:
+    joins = [r.join.remote(rdv) for i, r in enumerate(ranks) if i not in replaced]
+    for f in replaced:
         ranks[f] = _start_rank(f, placement[f], len(ranks), rdv, spec)
-    ray.get([*joins, *(ranks[f].pid.remote() for f in victims)], timeout=300)
+    ray.get([*joins, *(ranks[f].pid.remote() for f in replaced)], timeout=300)
     failure.restart_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     restored = ray.get([r.restore.remote() for r in ranks], timeout=300)

@@ -33,3 +33,43 @@ def test_failure_benchmark_quick(tmp_path: Path) -> None:
     assert base["kind"] == "torch" and base["every"] >= 1 and base["stall_median"] > 0
     assert "| node |" in (out / "failures.md").read_text()
     assert (out / "failures.png").stat().st_size > 5_000
+
+
+def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path: Path) -> None:
+    """A benchmark killed with SIGTERM (a CI timeout, `kill`) still stops its store."""
+    import glob
+    import signal
+    import time
+
+    import psutil
+
+    before = set(glob.glob("/tmp/ss-bench-*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "bench.failures", "--quick", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        seen = ""
+        assert proc.stdout is not None
+        while "4 nodes k=3" not in seen:  # the store is up and training started
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, f"store never came up:\n{seen}"
+            seen += line
+        (rundir,) = set(glob.glob("/tmp/ss-bench-*")) - before
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert not Path(rundir).exists()
+    left = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(rundir in a for a in p.info["cmdline"] or ())
+    ]
+    assert not left, f"processes of the killed benchmark's store still run: {left}"
