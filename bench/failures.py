@@ -138,7 +138,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                         world=nodes,
                         ballast_bytes=ballast,
                     )
-                    used = [n["used"] for n in store.nodes() if n["alive"]]
+                    used = snap.memory_used
                     overhead = (snap.step_seconds or 0) - (none.step_seconds or 0)
                     base = {
                         "nodes": nodes,

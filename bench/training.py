@@ -74,6 +74,8 @@ class RunReport:
     step_seconds: float | None = None
     state_bytes: int = 0
     baseline: dict[str, Any] | None = None
+    memory_used: list[int] = field(default_factory=list)
+    """Bytes each alive store node held once the run's last step committed."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -478,11 +480,16 @@ def run(
         report.state_bytes = int(ray.get(ranks[0].state_bytes.remote(), timeout=30))
         if snapshot:
             ray.get([r.wait_committed.remote() for r in ranks], timeout=120)
+            report.memory_used = [int(n["used"]) for n in store.nodes() if n["alive"]]
         if baseline is not None:
             report.baseline = _baseline_report(ranks, baseline)
         ray.get([r.shutdown.remote() for r in ranks], timeout=60)
     finally:
         _stop(ranks)
+        if snapshot:
+            # The run is over: free its memory for the next run on this store.
+            with contextlib.suppress(Exception):
+                store.call("drop_job", job)
     report.failures = failures
     report.seconds = time.perf_counter() - t_start
     return report
