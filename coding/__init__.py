@@ -9,7 +9,7 @@ fallback. :func:`checksum` guards every chunk.
 """
 
 from coding.backends import BACKENDS, DEFAULT_BACKEND, available_backends
-from coding.checksum import CHECKSUM_NAME, checksum, verify_chunks
+from coding.checksum import CHECKSUM_NAME, Checksummer, checksum, verify_chunks
 from coding.codec import MAX_CHUNKS, ErasureCodec
 from coding.errors import (
     BackendUnavailableError,
@@ -27,6 +27,7 @@ __all__ = [
     "MAX_CHUNKS",
     "BackendUnavailableError",
     "ChecksumMismatchError",
+    "Checksummer",
     "CodingError",
     "ErasureCodec",
     "InsufficientChunksError",

@@ -17,7 +17,7 @@ import xxhash
 from coding._buffers import U8, Buffer, as_u8
 from coding.errors import ChecksumMismatchError, CodingError
 
-__all__ = ["CHECKSUM_NAME", "check", "checksum", "verify_chunks"]
+__all__ = ["CHECKSUM_NAME", "Checksummer", "check", "checksum", "verify_chunks"]
 
 CHECKSUM_NAME = "xxh3_64"
 """Name of the checksum function, to record next to the values (manifests)."""
@@ -27,6 +27,25 @@ def checksum(buf: Buffer) -> int:
     """XXH3-64 of the bytes of ``buf`` (any C-contiguous buffer; read in place)."""
     digest: int = xxhash.xxh3_64_intdigest(as_u8(buf, "checksummed buffer").data)
     return digest
+
+
+class Checksummer:
+    """:func:`checksum` of bytes fed in order, piece by piece.
+
+    ``update`` the pieces in order; ``value()`` then equals ``checksum`` of
+    their concatenation. For checking bytes while they are read for
+    something else, instead of in a pass of their own.
+    """
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_64()
+
+    def update(self, buf: Buffer) -> None:
+        self._h.update(as_u8(buf, "checksummed buffer").data)
+
+    def value(self) -> int:
+        digest: int = self._h.intdigest()
+        return digest
 
 
 def check(buf: Buffer, expected: int, what: str) -> None:

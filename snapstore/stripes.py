@@ -8,6 +8,12 @@ Sources are verified before they are used (their checksums, computed where
 the bytes are), the first k that pass are used, and the output is verified
 against its recorded checksum when there is one. A restore therefore never
 hands out bytes that fail their checksum: a failing source counts as lost.
+
+An order marked ``"verify": "inline"`` (parity of a new step, whose sources
+are exactly the stripe's k data members: there is no choice to make) checks
+each source while it is read for coding instead of in a read of its own,
+and fails, naming every bad source, if one does not match: the same
+guarantee for one read of the data instead of two.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from coding import ErasureCodec, checksum
+from coding import Checksummer, ErasureCodec, checksum
 from snapstore.errors import UnrecoverableError
 from snapstore.transport import ChunkUnavailableError, PeerInfo, Transport
 
@@ -84,19 +90,28 @@ def run_order(
     """
     k, m = int(order["k"]), int(order["m"])
     codec = codec_for(k, m, str(order["backend"]))
+    inline = order.get("verify") == "inline"
     result = OrderResult()
     verified: dict[tuple[Any, ...], str] = {}
     for out in order["outputs"]:
         dest = dest_view(int(out["offset"]), int(out["length"]))
         what = str(out.get("what", f"index {out['index']}"))
-        good, bad = _pick_sources(out["sources"], k, transport, verified)
+        sources = [_defer_checks(s) for s in out["sources"]] if inline else out["sources"]
+        good, bad = _pick_sources(sources, k, transport, verified)
         result.bad_sources.extend(f"{what}: {b}" for b in bad)
         if len(good) < k:
             lost = [f"{what}: {b}" for b in bad] or [f"{what}: only {len(good)} of {k} members"]
             raise UnrecoverableError(
                 f"cannot rebuild {what}: {len(good)} usable chunks of the stripe, need {k}", lost
             )
-        read, peer = _code_range(codec, good, int(out["index"]), dest, transport, local_node)
+        read, peer, failed = _code_range(
+            codec, good, int(out["index"]), dest, transport, local_node
+        )
+        if failed:
+            raise UnrecoverableError(
+                f"cannot build {what}: {len(failed)} of its sources fail their checksum",
+                [f"{what}: {f}" for f in failed],
+            )
         result.bytes_read += read
         result.peer_bytes += peer
         result.bytes_written += len(dest)
@@ -110,6 +125,20 @@ def run_order(
             )
         result.sums.append(s)
     return result
+
+
+def _defer_checks(src: dict[str, Any]) -> dict[str, Any]:
+    """``src`` with each check that covers exactly one of its extents moved to ``inline``.
+
+    Those are done while the extent is read for coding; the others stay in
+    ``checks``, done before the source is used.
+    """
+    spans = {(str(n), int(o), int(ln)) for n, o, ln, _ in src.get("extents", [])}
+    now: list[Any] = []
+    later: list[Any] = []
+    for c in src.get("checks", []):
+        (later if (str(c[0]), int(c[1]), int(c[2])) in spans else now).append(c)
+    return {**src, "checks": now, "inline": later}
 
 
 def _pick_sources(
@@ -158,14 +187,21 @@ def _code_range(
     dest: np.ndarray,
     transport: Transport,
     local_node: str | None,
-) -> tuple[int, int]:
+) -> tuple[int, int, list[str]]:
     """Fill ``dest`` (the whole output range) with RS index ``out_index``.
 
-    Returns (bytes read, of which from other nodes).
+    Returns (bytes read, of which from other nodes, problems): the problems
+    name each source extent whose ``inline`` check failed (its bytes were
+    checksummed as they were read).
     """
     length = len(dest)
     if length == 0:
-        return 0, 0
+        return 0, 0, []
+    sums: dict[tuple[int, int], Checksummer] = {}
+    inline = [
+        {(str(n), int(o), int(ln)): int(want) for n, o, ln, want in s.get("inline", [])}
+        for s in sources
+    ]
     peers = {
         i: (PeerInfo.from_dict(s["peer"]) if s.get("peer") else None) for i, s in enumerate(sources)
     }
@@ -201,13 +237,30 @@ def _code_range(
                                 buf = scratch[i] = np.empty(block, dtype=np.uint8)
                             v = buf[: b - a]
                             transport.read_into(peer, name, src_off, v)
+                        if (str(name), int(off), int(ln)) in inline[i]:
+                            sums.setdefault((i, idx), Checksummer()).update(v)
                         view = v
                         read += b - a
                         if s.get("node") != local_node:
                             peer_read += b - a
                 chunks[int(s["index"])] = view
             codec.reconstruct_into(chunks, {out_index: dest[a:b]})
-    return read, peer_read
+    problems = []
+    for i, src in enumerate(sources):
+        kind = "data" if int(src["index"]) < codec.k else "parity"
+        node = str(src.get("node", "?"))[:12]
+        for idx, (name, off, ln, _) in enumerate(src["extents"]):
+            want = inline[i].get((str(name), int(off), int(ln)))
+            if want is None:
+                continue
+            h = sums.get((i, idx))
+            if h is None or h.value() != want:
+                why = "was not read whole" if h is None else "fails its checksum"
+                problems.append(
+                    f"{kind} chunk {src['index']} on node {node} {why} "
+                    f"({name} [{off}, {int(off) + int(ln)}))"
+                )
+    return read, peer_read, problems
 
 
 def apply_deltas(

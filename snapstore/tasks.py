@@ -128,6 +128,9 @@ def parity_build_orders(
                 "file": parity_name(record.job, record.step, record.version),
                 "file_size": record.parity_file_size(p.node),
                 "job": record.job,
+                # The k data members are the only sources: check each as it is
+                # read for coding (stripes.run_order), not in a read of its own.
+                "verify": "inline",
                 "outputs": [],
             },
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import mmap
 
 import numpy as np
@@ -81,3 +82,16 @@ def test_corrupt_chunks_are_treated_as_lost(k: int, m: int, seed: int, data: st.
         assert info.value.corrupt == bad
         assert info.value.missing == bad
         assert "failed their checksum" in str(info.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=5000), cuts=st.lists(st.integers(0, 5000), max_size=6))
+def test_checksummer_fed_in_pieces_equals_the_checksum_of_the_whole(
+    data: bytes, cuts: list[int]
+) -> None:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
+    h = coding.Checksummer()
+    for a, b in itertools.pairwise(bounds):
+        h.update(arr[a:b])
+    assert h.value() == coding.checksum(data)

@@ -265,6 +265,69 @@ def test_parity_equals_an_independent_encode_of_the_stripe(store: FakeStore) -> 
         assert checksum(np.frombuffer(got, np.uint8)) == p.sum
 
 
+class _CountingTransport:
+    """A transport that counts the separate checksum reads it is asked for."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.checksums = 0
+
+    def checksum(self, *args: Any) -> int:
+        self.checksums += 1
+        return self.inner.checksum(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_parity_build_checks_its_sources_in_the_read_that_codes_them(store: FakeStore) -> None:
+    """Parity of a new step reads each data source once: checked while coded, same parity."""
+    rec = store.record
+    counting = _CountingTransport(store.transport)
+    for node, order in parity_build_orders(rec, store.peers, store.backend).items():
+        assert order["verify"] == "inline"
+        path = store.root / "again" / node / order["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seg = Segment.create(str(path), int(order["file_size"]))
+        try:
+            result = run_order(order, counting, seg.view)  # type: ignore[arg-type]
+            assert seg.array.tobytes() == store.parity[node]
+        finally:
+            seg.unlink()
+        assert result.sums == [p.sum for p in rec.parity_on(node)]
+    assert counting.checksums == 0
+
+
+def test_parity_build_from_a_corrupt_data_source_fails_naming_it(store: FakeStore) -> None:
+    """A data piece that changed after it was checksummed: no parity is built over it."""
+    rec = store.record
+    rank, e = next((r, e) for r, e in rec.ranks.items() if e.size)
+    name = data_name(JOB, rank, STEP)
+    failed = 0
+    with flipped(store, e.node, name, e.size - 1):
+        for node, order in parity_build_orders(rec, store.peers, store.backend).items():
+            reads = [
+                s
+                for out in order["outputs"]
+                for s in out["sources"]
+                if any(x[0] == name for x in s["extents"])
+            ]
+            try:
+                store.run(order, store.root / "bad" / node / order["file"])
+            except UnrecoverableError as err:
+                assert reads, f"{node} failed without reading {name}"
+                assert "fail their checksum" in str(err)
+                assert any(
+                    f"on node {e.node} fails its checksum ({name} [" in t for t in err.lost
+                ), err.lost
+                failed += 1
+            else:
+                assert not any(
+                    x[0] == name and x[1] + x[2] >= e.size for s in reads for x in s["extents"]
+                ), f"{node} built parity over the corrupt byte of {name}"
+    assert failed >= 1
+
+
 # -- rebuilds after losses ------------------------------------------------------
 
 
