@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,7 +92,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import snapstore
     from bench.training import RunReport, run
 
-    console = Console()
+    # A terminal sets its own width; piped output (a log, CI) gets room for the table.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     cfg: dict[str, Any] = {}
     world = args.nodes
     failures = parse_failures(args.failures, world)

@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(args: argparse.Namespace) -> int:
     if args.quick:
         args.nodes, args.km, args.sizes = "4", "3:1", "1M"
-        args.kinds, args.steps, args.at, args.baselines = "node,corrupt", 20, 10, "torch"
+        args.kinds, args.steps, args.at, args.baselines = "node,corrupt", 20, 10, "torch,dcp"
     results = run_matrix(args)
     print_tables(results)
     out = Path(args.out)

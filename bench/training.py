@@ -122,6 +122,9 @@ class GPTRank:
         self._epoch = 0
         self._training = threading.Lock()
         self.cfg = GPTConfig(**spec.cfg)
+        # A checkpointing baseline instead of snapstore: {"kind": "torch" | "dcp",
+        # "every": N, "dir": where}. torch.save goes to this node's own disk.
+        self.baseline = spec.baseline
         self.join(rendezvous)
         self.model, self.opt = make_model(self.cfg, seed=0)
         # Per-rank state standing for a bigger model's bytes: touched every step,
@@ -138,9 +141,6 @@ class GPTRank:
         self.losses: dict[int, float] = {}
         self.saves_failed = 0
         self.step_times: list[float] = []
-        # A checkpointing baseline instead of snapstore: {"kind": "torch" | "dcp",
-        # "every": N, "dir": where}. torch.save goes to this node's own disk.
-        self.baseline = spec.baseline
         self.stalls: list[float] = []
         self.protected_after: list[float] = []
         self._dcp_future: Any = None
@@ -168,6 +168,9 @@ class GPTRank:
             world_size=self.world,
             timeout=timedelta(seconds=60),
         )
+        # dcp.async_save runs collectives from its own thread while training
+        # all-reduces: on one gloo group their messages would interleave.
+        self._dcp_group = dist.new_group(backend="gloo") if self._uses_dcp() else None
 
     def pid(self) -> int:
         return os.getpid()
@@ -281,7 +284,9 @@ class GPTRank:
             if self._dcp_future is not None:
                 self._dcp_future.result()  # one checkpoint in flight at a time
             ckpt = os.path.join(self.baseline["dir"], f"step-{self.step}")
-            fut: Any = dcp.async_save(self._dcp_state(), checkpoint_id=ckpt)
+            fut: Any = dcp.async_save(
+                self._dcp_state(), checkpoint_id=ckpt, process_group=self._dcp_group
+            )
             self.stalls.append(time.perf_counter() - t0)
 
             def protected(_f: Any, t: float = t0) -> None:
@@ -289,6 +294,9 @@ class GPTRank:
 
             fut.add_done_callback(protected)
             self._dcp_future = fut
+
+    def _uses_dcp(self) -> bool:
+        return self.baseline is not None and self.baseline["kind"] == "dcp"
 
     def _dcp_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
@@ -311,7 +319,9 @@ class GPTRank:
             if self._dcp_future is not None:
                 self._dcp_future.result()
             dcp.load(
-                self._dcp_state(), checkpoint_id=os.path.join(self.baseline["dir"], f"step-{step}")
+                self._dcp_state(),
+                checkpoint_id=os.path.join(self.baseline["dir"], f"step-{step}"),
+                process_group=self._dcp_group,
             )
         return time.perf_counter() - t0
 

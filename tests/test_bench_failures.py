@@ -29,8 +29,11 @@ def test_failure_benchmark_quick(tmp_path: Path) -> None:
         assert r["restore_seconds"] is not None and r["detect_seconds"] is not None
     node = next(r for r in results["runs"] if r["kind"] == "node")
     assert node["bytes_rebuilt"] > 0
-    (base,) = results["baselines"]
-    assert base["kind"] == "torch" and base["every"] >= 1 and base["stall_median"] > 0
+    # dcp.async_save checkpoints from its own thread while the ranks all-reduce.
+    assert [b["kind"] for b in results["baselines"]] == ["torch", "dcp"]
+    for base in results["baselines"]:
+        assert base["every"] >= 1 and base["stall_median"] > 0, base
+        assert base["restore_seconds"] is not None and base["restore_seconds"] > 0, base
     assert "| node |" in (out / "failures.md").read_text()
     assert (out / "failures.png").stat().st_size > 5_000
 
