@@ -145,6 +145,16 @@ def snapstore_saves(
         time.sleep(GAP)
         return [t1 - t0, t2 - t0, t3 - t0], fut
 
+    def timed_saves(lazy: bool) -> tuple[list[tuple[list[float], Any]], int]:
+        """``reps`` committed saves, and how many of them waited for the previous commit."""
+        waits = client.metrics["waits"]
+        got: list[tuple[list[float], Any]] = []
+        while len(got) < reps and out["failed"] < reps:
+            saved = one(lazy)
+            if saved is not None:
+                got.append(saved)
+        return got, client.metrics["waits"] - waits
+
     try:
         t0 = time.perf_counter()
         fut = client.save(step, state)
@@ -154,28 +164,18 @@ def snapstore_saves(
         out["bytes_total"] = fut.stats["bytes_total"]
         for _ in range(warmup):
             one(lazy=False)
-        waits = client.metrics["waits"]
-        while len(out["save"]) < reps and out["failed"] < reps:
-            got = one(lazy=False)
-            if got is None:
-                continue
-            (returned, _, committed), fut = got
+        sync, out["sync_waits"] = timed_saves(lazy=False)
+        for (returned, _, committed), fut in sync:
             out["save"].append(returned)
             out["committed"].append(committed)
             out["delta_commits"] += bool(fut.stats.get("delta"))
             out["bytes_copied"] = fut.stats["bytes_copied"]
             out["peer_bytes"] = fut.stats.get("peer_bytes")
-        out["sync_waits"] = client.metrics["waits"] - waits
-        waits = client.metrics["waits"]
-        while len(out["lazy_return"]) < reps and out["failed"] < reps:
-            got = one(lazy=True)
-            if got is None:
-                continue
-            (returned, staged, committed), _ = got
+        lazy, out["lazy_waits"] = timed_saves(lazy=True)
+        for (returned, staged, committed), _ in lazy:
             out["lazy_return"].append(returned)
             out["lazy_staged"].append(staged)
             out["lazy_committed"].append(committed)
-        out["lazy_waits"] = client.metrics["waits"] - waits
     finally:
         client.close()
         with contextlib.suppress(Exception):
