@@ -31,6 +31,7 @@ BENCHES = {
     "restore": ["| 4 MiB |", "node loss", "bitwise OK"],
     "overhead": ["| lazy |", "| sync |", "blocked in save + wait_staged"],
     "delta": ["with deltas", "fraction of full", "bitwise OK"],
+    "peers": ["| lm-resiliency GEMINI", "| snapstore client.save, parity on other nodes"],
 }
 TIMEOUT = 240.0
 """Seconds one benchmark may take."""
