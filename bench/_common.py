@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 __all__ = [
     "Table",
+    "add_disk_budget",
     "bench_header",
     "disk_dir",
     "human",
@@ -43,6 +44,7 @@ __all__ = [
     "ratio",
     "rearm_sigterm",
     "release",
+    "report",
     "sigterm_as_interrupt",
     "state_digest",
     "state_nbytes",
@@ -202,6 +204,18 @@ class Table:
 
     def as_dict(self) -> dict[str, Any]:
         return {"title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+def add_disk_budget(parser: Any, meaning: str) -> None:
+    """``--disk-budget SECONDS`` (default 60): how much a slow shared disk may cost a run."""
+    parser.add_argument("--disk-budget", type=float, default=60.0, help=f"{meaning} (60)")
+
+
+def report(tables: Sequence[Table], path: str | None, **payload: Any) -> None:
+    """Print the tables, then write them with ``payload`` to ``path`` as JSON (if given)."""
+    for t in tables:
+        t.print()
+    write_json(path, {**payload, "tables": [t.as_dict() for t in tables]})
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

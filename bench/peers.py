@@ -258,28 +258,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         align="lrrrrl",
     )
     snap = results["snapstore"]
-    if "gemini" in results:
-        g = results["gemini"]
-        ret, ret_x = _ratios(g, "returns")
-        prot, prot_x = _ratios(g, "protected")
-        t.add(
+    systems = [
+        (
+            "gemini",
             "lm-resiliency GEMINI, save_tensors + replication to a peer",
+            "a full replica of the peer's state (1x), 4 slots",
+        ),
+        (
+            "snapstore",
+            "snapstore client.save, parity on other nodes",
+            "m/k of the state as parity (1/3), 2 slots",
+        ),
+    ]
+    for key, name, memory in systems:
+        if key not in results:
+            continue
+        ret, ret_x = _ratios(results[key], "returns")
+        prot, prot_x = _ratios(results[key], "protected")
+        t.add(
+            name,
             f"{ret * 1e3:.1f} ms",
             f"{ret_x:.2f}x",
             f"{prot * 1e3:.1f} ms",
             f"{prot_x:.2f}x",
-            "a full replica of the peer's state (1x), 4 slots",
+            memory,
         )
-    ret, ret_x = _ratios(snap, "returns")
-    prot, prot_x = _ratios(snap, "protected")
-    t.add(
-        "snapstore client.save, parity on other nodes",
-        f"{ret * 1e3:.1f} ms",
-        f"{ret_x:.2f}x",
-        f"{prot * 1e3:.1f} ms",
-        f"{prot_x:.2f}x",
-        "m/k of the state as parity (1/3), 2 slots",
-    )
     mc = median([x for r in snap for x in r["memcpy"]])
     t.add("memcpy, np.copyto (snapstore run)", f"{mc * 1e3:.1f} ms", "1.00x", "-", "-", "-")
     t.print()

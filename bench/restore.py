@@ -56,6 +56,7 @@ from typing import Any
 
 from bench._common import (
     Table,
+    add_disk_budget,
     bench_header,
     disk_dir,
     human,
@@ -64,12 +65,12 @@ from bench._common import (
     median,
     parse_sizes,
     private_store,
+    report,
     state_digest,
     store_events,
     tensors_of,
     training_state,
     wait_until,
-    write_json,
 )
 
 WORLD = 4
@@ -593,12 +594,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cycles", type=int, default=3, help="node losses per size and mode (median)"
     )
-    parser.add_argument(
-        "--disk-budget",
-        type=float,
-        default=60.0,
-        help="time torch.load cold only where writing the files through to disk should take "
-        "under this many seconds (60)",
+    add_disk_budget(
+        parser,
+        "time torch.load cold only where writing the files through to disk should take "
+        "under this many seconds",
     )
     parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
     args = parser.parse_args(argv)
@@ -626,10 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(this.run_size(store, size, i, reps, cycles, disk, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    out = tables(results)
-    for t in out:
-        t.print()
-    write_json(args.json, {"info": info, "results": results, "tables": [t.as_dict() for t in out]})
+    report(tables(results), args.json, info=info, results=results)
     return 0
 
 

@@ -54,6 +54,7 @@ from typing import Any
 
 from bench._common import (
     Table,
+    add_disk_budget,
     bench_header,
     disk_dir,
     human,
@@ -62,11 +63,11 @@ from bench._common import (
     parse_sizes,
     private_store,
     release,
+    report,
     state_nbytes,
     tensors_of,
     touch,
     training_state,
-    write_json,
 )
 
 DEFAULT_SIZES = "64M,256M,512M,2G"
@@ -400,11 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--disk-reps", type=int, default=3, help="torch.save / DCP runs per size (at most)"
     )
-    parser.add_argument(
-        "--disk-budget",
-        type=float,
-        default=60.0,
-        help="seconds after which no further torch.save / DCP run starts (at least one runs)",
+    add_disk_budget(
+        parser, "seconds after which no further torch.save / DCP run starts (at least one runs)"
     )
     parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
     args = parser.parse_args(argv)
@@ -441,10 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, size in enumerate(sizes):
             print(f"... {human(size)}", flush=True)
             results.append(run_size(store, node, size, reps, disk_reps, disk, i))
-    out = tables(results)
-    for t in out:
-        t.print()
-    write_json(args.json, {"info": info, "results": results, "tables": [t.as_dict() for t in out]})
+    report(tables(results), args.json, info=info, results=results)
     return 0
 
 
