@@ -261,9 +261,11 @@ def rearm_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def private_store(**settings: Any) -> Iterator[Any]:
+def private_store(prefix: str = "ssb-", **settings: Any) -> Iterator[Any]:
     """Start an embedded store in a private, short runtime dir; stop it whatever happens.
 
+    The dir is ``/tmp/<prefix>...``; ``settings`` go to ``snapstore.up``. The
+    demo, the benchmarks and their trainers all start stores through this.
     SIGTERM is turned into KeyboardInterrupt for the duration, so a killed
     benchmark still runs its ``finally`` and takes its Ray processes and
     shared memory with it.
@@ -271,7 +273,7 @@ def private_store(**settings: Any) -> Iterator[Any]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import snapstore
 
-    rundir = tempfile.mkdtemp(prefix="ssb-", dir="/tmp")
+    rundir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     stack = contextlib.ExitStack()
     stack.enter_context(sigterm_as_interrupt())
     settings.setdefault("rest", False)
@@ -291,7 +293,7 @@ def private_store(**settings: Any) -> Iterator[Any]:
                 print(f"store did not start ({e}); retrying once", flush=True)
                 _kill_leftovers(rundir)
         store.rundir = rundir  # type: ignore[attr-defined]
-        print(f"store up in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"store up in {time.perf_counter() - t0:.1f} s ({store.store_id})", flush=True)
         yield store
     finally:
         try:

@@ -22,14 +22,12 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import rearm_sigterm, sigterm_as_interrupt
+from bench._common import private_store
 
 __all__ = ["main", "parse_failures"]
 
@@ -85,11 +83,9 @@ def _progress(console: Any, total: int, label: str) -> tuple[Any, Any]:
     return progress, task
 
 
-@sigterm_as_interrupt()
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
-    import snapstore
     from bench.training import RunReport, run
 
     # A terminal sets its own width; piped output (a log, CI) gets room for the table.
@@ -99,30 +95,20 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     failures = parse_failures(args.failures, world)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rundir = tempfile.mkdtemp(prefix="ss-demo-", dir="/tmp")
     t_all = time.perf_counter()
     console.print(
         f"[bold]snapstore demo[/]: {world} nodes on 127.0.0.1, k={args.k} m={args.m}, "
         f"{args.steps} steps of a small GPT ({world}-way data parallel over gloo), "
         f"failures: {args.failures}"
     )
-    store = None
-    try:
-        t0 = time.perf_counter()
-        store = snapstore.up(
-            nodes=args.nodes,
-            k=args.k,
-            m=args.m,
-            memory_per_node="512MiB",
-            rundir=rundir,
-            rest=False,
-            failure_timeout=1.0,
-            reprotect_delay=1.0,
-        )
-        store.rundir = rundir  # type: ignore[attr-defined]
-        rearm_sigterm()  # ray.init took SIGTERM over
-        console.print(f"store up in {time.perf_counter() - t0:.1f} s ({store.store_id})")
-
+    with private_store(
+        prefix="ss-demo-",
+        nodes=args.nodes,
+        k=args.k,
+        m=args.m,
+        memory_per_node="512MiB",
+        reprotect_delay=1.0,
+    ) as store:
         key = _cache_key(cfg, args.steps, world)
         cache = _cache_dir() / f"demo-reference-{key}.json"
         reference: dict[str, Any] | None = None
@@ -193,11 +179,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         console.print(f"report: {json_path}\nfigure: {png_path}")
         console.print(f"demo took {time.perf_counter() - t_all:.0f} s")
         return result
-    finally:
-        if store is not None or os.path.exists(os.path.join(rundir, "store.json")):
-            with contextlib.suppress(Exception):
-                snapstore.down(rundir=rundir)
-        shutil.rmtree(rundir, ignore_errors=True)
 
 
 def _fmt(x: float | None) -> str:
