@@ -24,7 +24,6 @@ Writes a JSON file and a PNG with the results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import shutil
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import rearm_sigterm, sigterm_as_interrupt
+from bench._common import private_store
 
 __all__ = ["main"]
 
@@ -82,12 +81,10 @@ def _layouts(text: str) -> list[tuple[int, int]]:
     return out
 
 
-@sigterm_as_interrupt()
 def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
     from bench.training import Failure, run
-    from snapstore import down, up
 
     console = Console()
     cfg: dict[str, Any] = {}
@@ -101,23 +98,15 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
             for k, m in _layouts(args.km):
                 if k + m > nodes:
                     continue
-                rundir = tempfile.mkdtemp(prefix="ss-bench-", dir="/tmp")
-                store = None
                 label = f"{nodes} nodes k={k} m={m} state {size_text}/rank"
-                try:
-                    budget = max(256 << 20, 8 * (ballast + (8 << 20)))
-                    store = up(
-                        nodes=nodes,
-                        k=k,
-                        m=m,
-                        memory_per_node=budget,
-                        rundir=rundir,
-                        rest=False,
-                        failure_timeout=1.0,
-                        reprotect_delay=1.0,
-                    )
-                    store.rundir = rundir  # type: ignore[attr-defined]
-                    rearm_sigterm()  # ray.init took SIGTERM over
+                with private_store(
+                    prefix="ss-bench-",
+                    nodes=nodes,
+                    k=k,
+                    m=m,
+                    memory_per_node=max(256 << 20, 8 * (ballast + (8 << 20))),
+                    reprotect_delay=1.0,
+                ) as store:
                     console.print(f"[bold]{label}[/]")
                     none = run(
                         store,
@@ -193,11 +182,6 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                             _baselines(store, args, cfg, nodes, ballast, overhead, console)
                         )
                         baselines_done = True
-                finally:
-                    if store is not None:
-                        with contextlib.suppress(Exception):
-                            down(rundir=rundir)
-                    shutil.rmtree(rundir, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t_all
     return results
 
@@ -268,99 +252,101 @@ def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}s"
 
 
+RUN_COLUMNS = (
+    "nodes",
+    "k,m",
+    "state/rank",
+    "failure",
+    "detect",
+    "restart",
+    "restore",
+    "training again after",
+    "steps lost",
+    "rebuilt",
+    "overhead/step",
+    "memory/node",
+    "bitwise",
+)
+BASELINE_COLUMNS = (
+    "baseline",
+    "every N steps",
+    "stall",
+    "protected after",
+    "restore",
+    "steps lost at failure",
+    "survives node loss",
+    "survives corruption",
+)
+
+
+def _run_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        str(r["nodes"]),
+        f"{r['k']},{r['m']}",
+        _mb(r["state_bytes_per_rank"]),
+        r["kind"],
+        _s(r["detect_seconds"]),
+        _s(r["restart_seconds"]),
+        _s(r["restore_seconds"]),
+        _s(r["downtime_seconds"]),
+        str(r["steps_lost"]),
+        _mb(r["bytes_rebuilt"]),
+        _ms(r["overhead_per_step"]),
+        _mb(r["memory_per_node_median"]),
+        "yes" if r["equal_to_reference"] else "NO",
+    ]
+
+
+def _baseline_cells(b: dict[str, Any]) -> list[str]:
+    return [
+        b["kind"],
+        str(b["every"]),
+        _s(b.get("stall_median")),
+        _s(b.get("protected_median")),
+        _s(b.get("restore_seconds")),
+        str(b["steps_lost_at_failure"]),
+        b["survives"]["node"],
+        b["survives"]["corrupt"],
+    ]
+
+
 def print_tables(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=max(Console().width, 150))
-    t = Table(title="snapstore recovery (seconds; one rank per node)")
-    for col in (
-        "nodes",
-        "k,m",
-        "state/rank",
-        "kind",
-        "detect",
-        "restart",
-        "restore",
-        "down",
-        "lost",
-        "rebuilt",
-        "overhead/step",
-        "mem/node",
-        "bitwise",
-    ):
-        t.add_column(col, justify="right", no_wrap=True)
-    for r in results["runs"]:
-        t.add_row(
-            str(r["nodes"]),
-            f"{r['k']},{r['m']}",
-            _mb(r["state_bytes_per_rank"]),
-            r["kind"],
-            _s(r["detect_seconds"]),
-            _s(r["restart_seconds"]),
-            _s(r["restore_seconds"]),
-            _s(r["downtime_seconds"]),
-            str(r["steps_lost"]),
-            _mb(r["bytes_rebuilt"]),
-            _ms(r["overhead_per_step"]),
-            _mb(r["memory_per_node_median"]),
-            "yes" if r["equal_to_reference"] else "NO",
-        )
-    console.print(t)
+
+    def show(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
+        t = Table(title=title)
+        for col in columns:
+            t.add_column(col, justify="right", no_wrap=True)
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+
+    show(
+        "snapstore recovery (seconds; one rank per node)",
+        RUN_COLUMNS,
+        [_run_cells(r) for r in results["runs"]],
+    )
     if results["baselines"]:
-        b = Table(title="checkpoint baselines, same model and data")
-        for col in (
-            "baseline",
-            "every N",
-            "stall",
-            "protected after",
-            "restore",
-            "lost at failure",
-            "node loss survives",
-        ):
-            b.add_column(col, justify="right", no_wrap=True)
-        for r in results["baselines"]:
-            b.add_row(
-                r["kind"],
-                str(r["every"]),
-                _s(r.get("stall_median")),
-                _s(r.get("protected_median")),
-                _s(r.get("restore_seconds")),
-                str(r["steps_lost_at_failure"]),
-                r["survives"]["node"],
-            )
-        console.print(b)
+        show(
+            "checkpoint baselines, same model and data",
+            BASELINE_COLUMNS,
+            [_baseline_cells(b) for b in results["baselines"]],
+        )
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown tables (for the README)."""
-    lines = [
-        "| nodes | k,m | state/rank | failure | detect | restart | restore | training again "
-        "after | steps lost | rebuilt | overhead/step | memory/node | bitwise |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["runs"]:
-        lines.append(
-            f"| {r['nodes']} | {r['k']},{r['m']} | {_mb(r['state_bytes_per_rank'])} | "
-            f"{r['kind']} | {_s(r['detect_seconds'])} | {_s(r['restart_seconds'])} | "
-            f"{_s(r['restore_seconds'])} | {_s(r['downtime_seconds'])} | {r['steps_lost']} | "
-            f"{_mb(r['bytes_rebuilt'])} | {_ms(r['overhead_per_step'])} | "
-            f"{_mb(r['memory_per_node_median'])} | {'yes' if r['equal_to_reference'] else 'NO'} |"
-        )
+
+    def table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+        head = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return head + ["| " + " | ".join(row) + " |" for row in rows]
+
+    lines = table(RUN_COLUMNS, [_run_cells(r) for r in results["runs"]])
     if results["baselines"]:
-        lines += [
-            "",
-            "| baseline | every N steps | stall | protected after | restore | steps lost at "
-            "failure | survives node loss | survives corruption |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for b in results["baselines"]:
-            lines.append(
-                f"| {b['kind']} | {b['every']} | {_s(b.get('stall_median'))} | "
-                f"{_s(b.get('protected_median'))} | {_s(b.get('restore_seconds'))} | "
-                f"{b['steps_lost_at_failure']} | {b['survives']['node']} | "
-                f"{b['survives']['corrupt']} |"
-            )
+        lines += ["", *table(BASELINE_COLUMNS, [_baseline_cells(b) for b in results["baselines"]])]
     return "\n".join(lines) + "\n"
 
 
