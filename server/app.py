@@ -206,17 +206,10 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
         view, st = current()
         jv = job_of(view, job)
         summary_fields = set(SnapshotSummary.model_fields)
-        items = []
-        if jv.committed is not None:
-            items.append(
-                SnapshotSummary(**{k: jv.committed[k] for k in summary_fields if k in jv.committed})
-            )
-        for step in sorted(jv.in_progress):
-            d = jv.in_progress[step]
-            items.append(SnapshotSummary(**{k: d[k] for k in summary_fields if k in d}))
-        for step in sorted(jv.persisted):
-            d = jv.persisted[step]
-            items.append(SnapshotSummary(**{k: d[k] for k in summary_fields if k in d}))
+        views = [] if jv.committed is None else [jv.committed]
+        views += [jv.in_progress[s] for s in sorted(jv.in_progress)]
+        views += [jv.persisted[s] for s in sorted(jv.persisted)]
+        items = [SnapshotSummary(**{k: d[k] for k in summary_fields if k in d}) for d in views]
         return SnapshotList(
             **envelope(view, st, response),
             job=job,

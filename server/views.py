@@ -251,10 +251,15 @@ def _in_progress(j: Mapping[str, Any], step: int) -> dict[str, Any]:
         None,
     )
     staged = None if detail is None else sorted(int(r) for r in detail.get("staged", []))
-    return {
+    return _uncommitted(j, step, "in_progress", staged_ranks=staged)
+
+
+def _uncommitted(j: Mapping[str, Any], step: int, state: str, **known: Any) -> dict[str, Any]:
+    """A snapshot view of a step with no record in memory: only ``known`` fields are set."""
+    view = {
         "job": str(j["job"]),
         "step": step,
-        "state": "in_progress",
+        "state": state,
         "version": None,
         "committed_at": None,
         "data_bytes": None,
@@ -266,8 +271,10 @@ def _in_progress(j: Mapping[str, Any], step: int) -> dict[str, Any]:
         "groups": [],
         "ranks": [],
         "stripes": [],
-        "staged_ranks": staged,
+        "staged_ranks": None,
     }
+    view.update(known)
+    return view
 
 
 def _job(j: Mapping[str, Any], alive: frozenset[str]) -> JobView:
@@ -309,24 +316,7 @@ def _job(j: Mapping[str, Any], alive: frozenset[str]) -> JobView:
 
 
 def _persisted(j: Mapping[str, Any], p: PersistedStep) -> dict[str, Any]:
-    return {
-        "job": str(j["job"]),
-        "step": p.step,
-        "state": "persisted",
-        "version": None,
-        "committed_at": None,
-        "data_bytes": p.bytes,
-        "parity_bytes": None,
-        "redundancy": None,
-        "path": p.path,
-        "world_size": int(j["world_size"]),
-        "k": None,
-        "m": None,
-        "groups": [],
-        "ranks": [],
-        "stripes": [],
-        "staged_ranks": None,
-    }
+    return _uncommitted(j, p.step, "persisted", data_bytes=p.bytes, path=p.path)
 
 
 _EVENT_BASE = ("seq", "time", "kind", "message")
