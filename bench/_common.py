@@ -42,10 +42,8 @@ __all__ = [
     "prefaulted",
     "private_store",
     "ratio",
-    "rearm_sigterm",
     "release",
     "report",
-    "sigterm_as_interrupt",
     "state_digest",
     "state_nbytes",
     "store_events",
@@ -230,34 +228,20 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-_armed = 0
-
-
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt() -> Iterator[None]:
     """Within: SIGTERM raises KeyboardInterrupt, so ``finally`` blocks stop what was started.
 
-    Also a decorator. A no-op off the main thread, where signals cannot be
-    handled. ``ray.init`` installs a SIGTERM handler of its own that ends
-    the process at once: call :func:`rearm_sigterm` after connecting to Ray.
+    A no-op off the main thread, where signals cannot be handled.
     """
-    global _armed
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    _armed += 1
     try:
         yield
     finally:
-        _armed -= 1
         signal.signal(signal.SIGTERM, previous)
-
-
-def rearm_sigterm() -> None:
-    """Inside :func:`sigterm_as_interrupt`: take SIGTERM back from a handler Ray installed."""
-    if _armed and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 @contextlib.contextmanager
@@ -275,7 +259,7 @@ def private_store(prefix: str = "ssb-", **settings: Any) -> Iterator[Any]:
 
     rundir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     stack = contextlib.ExitStack()
-    stack.enter_context(sigterm_as_interrupt())
+    stack.enter_context(_sigterm_as_interrupt())
     settings.setdefault("rest", False)
     settings.setdefault("failure_timeout", 1.0)
     t0 = time.perf_counter()
@@ -283,7 +267,10 @@ def private_store(prefix: str = "ssb-", **settings: Any) -> Iterator[Any]:
         for attempt in (1, 2):
             try:
                 store = snapstore.up(rundir=rundir, **settings)
-                rearm_sigterm()
+                # ray.init replaced our SIGTERM handler with one that ends the
+                # process at once: take it back.
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, _raise_interrupt)
                 break
             except snapstore.ClusterError as e:
                 # A raylet that misses Ray's registration deadline on a loaded
