@@ -231,6 +231,7 @@ async def commit_step(coord: Coordinator, job: str, step: int) -> None:
         counters = coord.events.metrics.counters
         counters["committed_bytes_total"] += record.data_bytes()
         counters["parity_network_bytes_total"] += stats.get("peer_bytes", 0)
+        js.committed_stats = stats
         js.resolve(step, {"status": "committed", "step": step, "stats": stats})
 
 
@@ -342,7 +343,10 @@ async def wait_commit(coord: Coordinator, job: str, step: int, timeout: float) -
     if js is None:
         return {"status": "unknown", "reason": f"no job {job!r} (was the coordinator restarted?)"}
     if js.committed is not None and js.committed.step >= step:
-        return {"status": "committed", "step": js.committed.step}
+        # A rank that asks after the commit gets the same answer (stats
+        # included) as one that was already waiting.
+        stats = js.committed_stats if js.committed.step == step else {}
+        return {"status": "committed", "step": js.committed.step, "stats": stats}
     if step not in js.pending and step in js.failed:
         return {"status": "failed", "reason": js.failed[step], "step": step}
     if step not in js.pending:

@@ -101,6 +101,7 @@ class JobState:
     relocated: dict[int, str] = field(default_factory=dict)
     data_ready: asyncio.Event = field(default_factory=asyncio.Event)
     commits: int = 0
+    committed_stats: dict[str, Any] = field(default_factory=dict)
     last_commit_latency: float | None = None
     protected_at: float | None = None
 
