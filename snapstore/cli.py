@@ -211,8 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--persist-dir",
         default=None,
-        help="directory committed steps are flushed to [<runtime dir>/persist if the runtime "
-        "dir is explicit, else $XDG_STATE_HOME/snapstore/persist]",
+        help="directory or fsspec URL (s3://bucket/prefix ...) committed steps are flushed "
+        "to [<runtime dir>/persist if the runtime dir is explicit, else "
+        "$XDG_STATE_HOME/snapstore/persist]",
     )
     up.add_argument(
         "--persist-every",

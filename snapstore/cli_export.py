@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--persist-dir",
         default=None,
-        help="persist directory to read [the running store's, else the default one]",
+        help="persist directory or fsspec URL to read [the running store's, else the default one]",
     )
     p.add_argument(
         "--node",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,7 +107,10 @@ class StoreConfig:
         (``~/.local/state/...``), a disk location that outlives a reboot, where
         the default runtime directory may be RAM (tmpfs) [""]. ``up`` records
         the absolute path it chose. On a multi-host cluster it must be a
-        directory every node mounts at the same path.
+        directory every node mounts at the same path, or a URL. An fsspec URL
+        (``s3://bucket/prefix``, ``file:///path``...) is flushed to through
+        fsspec (snapstore.objstore); it must not carry a password (status
+        shows it) nor name a one-process filesystem (``memory://``).
     persist_every: flush a job's committed step to ``persist_dir`` whenever its
         step crosses a multiple of this many steps; 0 turns periodic flushing
         off (``Client.persist()`` still works) [100].
@@ -173,10 +177,7 @@ class StoreConfig:
         if not self.persist_timeout > 0:
             raise ConfigError(f"persist_timeout must be > 0, got {self.persist_timeout}")
         if "://" in self.persist_dir:
-            raise ConfigError(
-                f"persist_dir {self.persist_dir!r}: URLs are not supported yet; give a "
-                "directory (on a multi-host cluster, one every node mounts at the same path)"
-            )
+            _check_persist_url(self.persist_dir)
         if self.backend == "liberasurecode_rs_vand":
             # It codes 16-bit words; stripes are cut at any byte.
             raise ConfigError(
@@ -232,3 +233,28 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{name}: cannot use {value!r}: {e}") from None
+
+
+# fsspec filesystems whose contents live inside one process: the SMPs, the
+# coordinator and readers are separate processes, each would see its own.
+_PROCESS_LOCAL_SCHEMES = ("memory",)
+
+
+def _check_persist_url(url: str) -> None:
+    """What can be said of a persist URL without its driver (see snapstore.objstore)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        raise ConfigError(
+            f"persist_dir {parts.scheme}://...: the URL carries a password, which status and "
+            "the REST server would show; give credentials through fsspec's configuration "
+            "(FSSPEC_<PROTOCOL>_<OPTION> environment variables or its config file)"
+        )
+    schemes = parts.scheme.split("::")
+    if not parts.scheme or not all(schemes):
+        raise ConfigError(f"persist_dir {url!r} is not a URL (scheme://path) nor a directory")
+    if set(schemes) & set(_PROCESS_LOCAL_SCHEMES):
+        raise ConfigError(
+            f"persist_dir {url!r}: that filesystem lives inside one process, and the store's "
+            "SMPs, coordinator and readers are separate processes; use a directory, a "
+            "file:// URL or an object store URL"
+        )

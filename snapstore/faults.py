@@ -237,10 +237,13 @@ def corrupt_persisted(
     job: str, step: int, rank: int, offset: int = 0, store: Store | None = None
 ) -> dict[str, Any]:
     """Flip one byte of rank ``rank``'s file of a complete persisted step of the store."""
-    from snapstore.persist import rank_file, step_dir
+    from snapstore.persist import is_url, rank_file, step_dir
 
     store = _embedded(store)
     path = os.path.join(step_dir(store.config.persist_dir, job, step), rank_file(rank))
+    if is_url(path):
+        _flip_object(path, offset)
+        return {"path": path, "offset": offset, "step": step}
     if not os.path.isfile(path):
         raise FaultInjectionError(f"job {job!r} has no persisted file {path}")
     size = os.path.getsize(path)
@@ -252,3 +255,17 @@ def corrupt_persisted(
         f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
     return {"path": path, "offset": offset, "step": step}
+
+
+def _flip_object(url: str, offset: int) -> None:
+    """Flip one byte of an object (no in-place writes there: read, flip, write back)."""
+    import fsspec
+
+    fs, where = fsspec.core.url_to_fs(url)
+    if not fs.isfile(where):
+        raise FaultInjectionError(f"no persisted object {url}")
+    data = bytearray(fs.cat_file(where))
+    if not 0 <= offset < len(data):
+        raise FaultInjectionError(f"offset {offset} outside {url} of {len(data)} bytes")
+    data[offset] ^= 0xFF
+    fs.pipe_file(where, bytes(data))

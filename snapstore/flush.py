@@ -37,8 +37,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -46,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapstore import persist
+from snapstore.errors import SnapstoreError
 from snapstore.record import StepRecord
 from snapstore.rpc import describe
 from snapstore.state import JobState
@@ -140,9 +139,16 @@ class Flusher:
             if steps:
                 jp.world_size = steps[-1].world_size
 
-    def newest(self, job: str) -> int | None:
+    def newest(self, job: str, intact: bool = False) -> int | None:
+        """The job's newest complete persisted step; with ``intact``, the newest
+        not found corrupt by a restore (a corrupt one is flushed again)."""
         jp = self.jobs.get(job)
-        return jp.steps[-1]["step"] if jp is not None and jp.steps else None
+        if jp is None:
+            return None
+        for s in reversed(jp.steps):
+            if not intact or jp.verdicts.get(s["path"]) is None:
+                return int(s["step"])
+        return None
 
     # -- periodic flushes --------------------------------------------------------------
 
@@ -216,6 +222,7 @@ class Flusher:
         if result["ok"]:
             jp.error = None
             jp.last = result
+            jp.verdicts.pop(result["path"], None)  # a corrupt copy was replaced
             self.coord.events.add(
                 "persisted",
                 f"job {job!r} step {step} persisted to {result['path']} "
@@ -250,19 +257,13 @@ class Flusher:
     ) -> dict[str, Any]:
         job, step = record.job, record.step
         root = self.root
-        partial = persist.partial_dir(root, job, step)
         t0 = time.monotonic()
-
-        def prepare() -> None:
-            os.makedirs(persist.job_dir(root, job), exist_ok=True)
-            persist.clean_leftovers(root, job)  # of flushes that died: none runs now
-            shutil.rmtree(partial, ignore_errors=True)
-            os.makedirs(partial)
-
         try:
-            await self.in_thread(prepare)
-        except OSError as e:
-            return _fail("persist_failed", f"cannot create {partial}: {e.strerror}")
+            # No flush of the job runs now: leftovers of ones that died go too.
+            partial = await self.in_thread(persist.begin_step, root, job, step)
+        except (OSError, SnapstoreError) as e:
+            where = persist.step_dir(root, job, step)
+            return _fail("persist_failed", f"cannot prepare {where}: {e}")
         nodes = list(homes)
         calls = []
         for n in nodes:
@@ -353,7 +354,7 @@ class Flusher:
             if js is None or js.committed is None:
                 return _fail("not_found", f"job {job!r} has no committed step in memory")
             target = js.committed.step
-            newest = self.newest(job)
+            newest = self.newest(job, intact=True)
             if newest is not None and newest >= target:
                 path = persist.step_dir(self.root, job, newest)
                 return {"ok": True, "step": newest, "path": path}

@@ -26,6 +26,7 @@ from typing import Any
 from snapstore.cluster import EmbeddedNode, kill_tree, start_head, start_worker, wait_node_alive
 from snapstore.config import StoreConfig
 from snapstore.errors import ClusterError, ConfigError, StoreNotRunningError
+from snapstore.persist import is_url
 from snapstore.segments import shm_root
 
 __all__ = [
@@ -232,14 +233,20 @@ def up(
     ``rest_port=0`` picks a free port.
     """
     cfg = StoreConfig.resolve(nodes=nodes, k=k, m=m, memory_per_node=memory_per_node, **settings)
-    persist_dir = os.path.abspath(cfg.persist_dir or default_persist_dir(rundir))
-    try:
-        os.makedirs(persist_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"persist_dir {persist_dir}: cannot create it ({e.strerror}); choose another "
-            "with --persist-dir"
-        ) from None
+    persist_dir = cfg.persist_dir or default_persist_dir(rundir)
+    if is_url(persist_dir):
+        from snapstore import objstore
+
+        objstore.reach(persist_dir)
+    else:
+        persist_dir = os.path.abspath(persist_dir)
+        try:
+            os.makedirs(persist_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"persist_dir {persist_dir}: cannot create it ({e.strerror}); choose another "
+                "with --persist-dir"
+            ) from None
     cfg = dataclasses.replace(cfg, persist_dir=persist_dir)
     path = state_path(rundir)
     if os.path.exists(path):

@@ -1,7 +1,11 @@
-"""The persisted tier on disk: layout, manifest, atomic publication, retention, verified reads.
+"""The persisted tier: layout, manifest, atomic publication, retention, verified reads.
 
 Pure files (no Ray, no torch), so it is tested on its own and read with no
-running store (``snapstore export``). Layout under the persist directory::
+running store (``snapstore export``). The root is a directory (local disk or
+a mount every node shares) or an fsspec URL (object storage); a URL is
+handled by :mod:`snapstore.objstore` with the same layout and manifest but
+its own publication protocol (no directory renames there: a step is
+complete when its manifest, written last, exists). Layout under a directory::
 
     <root>/<job>/step-<N>/MANIFEST.msgpack   the step's manifest (written last)
     <root>/<job>/step-<N>/rank-<r>.bin       rank r's staged buffer, byte for byte
@@ -26,6 +30,10 @@ Protocol of one flush (see :mod:`snapstore.flush` for who calls what):
 3. :func:`retain` removes the oldest complete steps beyond K, each first
    renamed to ``.trash`` so that a half-deleted step is never mistaken for
    a complete one.
+
+The protocol of a URL root differs in steps 1-3 only: rank objects go
+straight into ``step-<N>/``, the manifest is written last, and deletion
+removes the manifest first (see :mod:`snapstore.objstore`).
 
 Reads verify every piece against the manifest (:func:`read_rank`,
 :func:`verify_rank`) and raise :class:`PersistedStepCorruptError` naming the
@@ -57,12 +65,15 @@ __all__ = [
     "PersistManifest",
     "PersistedRank",
     "PersistedStep",
+    "begin_step",
     "clean_leftovers",
+    "is_url",
     "job_dir",
     "list_jobs",
     "list_steps",
     "newest_first",
     "partial_dir",
+    "prepare_dir",
     "publish_step",
     "rank_file",
     "read_manifest",
@@ -87,6 +98,11 @@ SYNC_EVERY = 64 << 20
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _LEFTOVER_RE = re.compile(r"^step-(\d+)\.(partial|trash)$")
 _ALIGN = 64
+
+
+def is_url(root: str) -> bool:
+    """Whether ``root`` is an fsspec URL (object storage, ``file://``) rather than a directory."""
+    return "://" in root
 
 
 def job_dir(root: str, job: str) -> str:
@@ -247,6 +263,40 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _FileSink:
+    """A rank file on a local or mounted filesystem: synced to disk and dropped from
+    the page cache as it grows, fsynced at the end."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self.written = self.synced = 0
+
+    def write(self, view: np.ndarray) -> None:
+        _write_all(self.fd, view)
+        self.written += len(view)
+        if self.written - self.synced >= SYNC_EVERY:
+            os.fdatasync(self.fd)
+            _drop_cache(self.fd, self.synced, self.written - self.synced)
+            self.synced = self.written
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        _drop_cache(self.fd, self.synced, self.written - self.synced)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def prepare_dir(path: str) -> None:
+    """Create the directory ``path`` (on an object store: nothing to create)."""
+    if is_url(path):
+        from snapstore import objstore
+
+        objstore.prepare_dir(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
 def write_rank(
     path: str,
     src: np.ndarray,
@@ -258,7 +308,9 @@ def write_rank(
     after_chunk: Callable[[int], None] | None = None,
     chunk: int = CHUNK,
 ) -> tuple[int, ...]:
-    """Write ``src`` (a rank's whole buffer) to ``path``, fsynced; return its k piece sums.
+    """Write ``src`` (a rank's whole buffer) to ``path``, durably; return its k piece sums.
+
+    A path is fsynced; a URL's object exists once it is completely uploaded.
 
     Each piece is hashed as it is written, from the very bytes written.
     ``bucket`` paces the writes; while ``hurry()`` is true the pace is
@@ -267,10 +319,15 @@ def write_rank(
     is called after each chunk (failure injection: it may raise or stall).
     """
     size = len(src)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    if is_url(path):
+        from snapstore import objstore
+
+        out: _FileSink | objstore.Sink = objstore.Sink(path)
+    else:
+        out = _FileSink(path)
     try:
         sums = []
-        written = synced = 0
+        written = 0
         for j in range(k):
             off, length = piece_bounds(size, k, j)
             h = xxhash.xxh3_64()
@@ -283,21 +340,16 @@ def write_rank(
                     bucket.take(n, interrupt=hurry)
                 view = src[pos : pos + n]
                 h.update(view.data)
-                _write_all(fd, view)
+                out.write(view)
                 pos += n
                 written += n
                 if after_chunk is not None:
                     after_chunk(written)
-                if written - synced >= SYNC_EVERY:
-                    os.fdatasync(fd)
-                    _drop_cache(fd, synced, written - synced)
-                    synced = written
             sums.append(h.intdigest())
-        os.fsync(fd)
-        _drop_cache(fd, synced, written - synced)
+        out.finish()
         return tuple(sums)
     finally:
-        os.close(fd)
+        out.close()
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
@@ -306,12 +358,41 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def publish_step(root: str, manifest: PersistManifest) -> str:
-    """Write the manifest into the step's partial directory and make the step visible.
+def begin_step(root: str, job: str, step: int) -> str:
+    """Ready a flush of ``step`` (none of the job's flushes runs): return where rank files go.
 
-    Every rank file must already be written and fsynced. Returns the step's
-    directory. An older copy of the same step, if any, is replaced.
+    Leftovers of flushes that died are removed first. In a directory the
+    ranks go to ``step-<N>.partial`` (renamed at publication; an older copy
+    of the step stays readable until then); at a URL straight to
+    ``step-<N>``, an older copy of the step being deleted first.
     """
+    if is_url(root):
+        from snapstore import objstore
+
+        return objstore.begin_step(job_dir(root, job), step_dir(root, job, step))
+    partial = partial_dir(root, job, step)
+    os.makedirs(job_dir(root, job), exist_ok=True)
+    clean_leftovers(root, job)
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    return partial
+
+
+def publish_step(root: str, manifest: PersistManifest) -> str:
+    """Write the manifest of a step whose rank files are written and make the step visible.
+
+    Every rank file must already be written durably (in the directory
+    :func:`begin_step` returned). Returns the step's directory. An older
+    copy of the same step, if any, is replaced.
+    """
+    if is_url(root):
+        from snapstore import objstore
+
+        final = step_dir(root, manifest.job, manifest.step)
+        objstore.publish(
+            final, {e.file: e.size for e in manifest.ranks.values()}, manifest.to_bytes()
+        )
+        return final
     partial = partial_dir(root, manifest.job, manifest.step)
     final = step_dir(root, manifest.job, manifest.step)
     for r, e in manifest.ranks.items():
@@ -377,6 +458,10 @@ class PersistedStep:
 
 def list_jobs(root: str) -> list[str]:
     """Jobs with a directory under ``root`` (complete steps or not)."""
+    if is_url(root):
+        from snapstore import objstore
+
+        return objstore.list_jobs(root)
     try:
         names = os.listdir(root)
     except OSError:
@@ -385,6 +470,10 @@ def list_jobs(root: str) -> list[str]:
 
 
 def _complete_dirs(root: str, job: str) -> list[tuple[int, str]]:
+    if is_url(root):
+        from snapstore import objstore
+
+        return [(s, step_dir(root, job, s)) for s in objstore.complete_steps(job_dir(root, job))]
     base = job_dir(root, job)
     try:
         names = os.listdir(base)
@@ -403,12 +492,9 @@ def list_steps(root: str, job: str) -> list[PersistedStep]:
     manifest is listed with 0 bytes: it exists, and reading it will say why it fails)."""
     out = []
     for step, path in _complete_dirs(root, job):
-        mpath = os.path.join(path, MANIFEST_NAME)
         try:
-            st = os.stat(mpath)
-            with open(mpath, "rb") as f:
-                man = PersistManifest.from_bytes(f.read())
-            out.append(PersistedStep(step, path, st.st_mtime, man.data_bytes(), man.world_size))
+            man = PersistManifest.from_bytes(_read_bytes(os.path.join(path, MANIFEST_NAME)))
+            out.append(PersistedStep(step, path, man.created_at, man.data_bytes(), man.world_size))
         except (OSError, FormatError):
             out.append(PersistedStep(step, path, 0.0, 0, 0))
     return out
@@ -419,13 +505,23 @@ def retain(root: str, job: str, keep: int) -> list[int]:
     steps = _complete_dirs(root, job)
     doomed = steps[: max(0, len(steps) - keep)]
     for _, path in doomed:
-        _trash(path)
+        if is_url(root):
+            from snapstore import objstore
+
+            objstore.remove_step(path)
+        else:
+            _trash(path)
     return [s for s, _ in doomed]
 
 
 def clean_leftovers(root: str, job: str, keep: str | None = None) -> list[str]:
     """Delete ``.partial`` and ``.trash`` directories of a job (a flush or deletion
-    that died), except ``keep`` (the partial directory of a flush in progress)."""
+    that died), except ``keep`` (the partial directory of a flush in progress).
+    At a URL: step directories without a manifest."""
+    if is_url(root):
+        from snapstore import objstore
+
+        return objstore.clean_leftovers(job_dir(root, job), keep)
     base = job_dir(root, job)
     try:
         names = os.listdir(base)
@@ -443,14 +539,26 @@ def clean_leftovers(root: str, job: str, keep: str | None = None) -> list[str]:
 # -- reading --------------------------------------------------------------------------
 
 
+def _read_bytes(path: str) -> bytes:
+    if is_url(path):
+        from snapstore import objstore
+
+        return objstore.read_bytes(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
 def read_manifest(path: str) -> PersistManifest:
     """The manifest of the step directory ``path``; PersistedStepCorruptError if unusable."""
     mpath = os.path.join(path, MANIFEST_NAME)
     try:
-        with open(mpath, "rb") as f:
-            return PersistManifest.from_bytes(f.read())
+        return PersistManifest.from_bytes(_read_bytes(mpath))
     except OSError as e:
-        raise PersistedStepCorruptError(mpath, f"cannot read the manifest: {e.strerror}") from None
+        raise PersistedStepCorruptError(mpath, f"cannot read the manifest: {_why(e)}") from None
     except FormatError as e:
         raise PersistedStepCorruptError(mpath, str(e)) from None
 
@@ -463,10 +571,15 @@ def _open_rank(path: str, man: PersistManifest, rank: int) -> tuple[Any, Persist
         )
     fpath = os.path.join(path, entry.file)
     try:
-        f = open(fpath, "rb")  # noqa: SIM115 -- closed by the callers' with
+        if is_url(fpath):
+            from snapstore import objstore
+
+            f, size = objstore.open_read(fpath)
+        else:
+            f = open(fpath, "rb")  # noqa: SIM115 -- closed by the callers' with
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise PersistedStepCorruptError(fpath, f"cannot open: {e.strerror}") from None
-    size = os.fstat(f.fileno()).st_size
+        raise PersistedStepCorruptError(fpath, f"cannot open: {_why(e)}") from None
     if size != entry.size:
         f.close()
         raise PersistedStepCorruptError(

@@ -383,7 +383,7 @@ class SMP:
         failures: dict[str, str] = {}
         t0 = time.monotonic()
         try:
-            os.makedirs(directory, exist_ok=True)
+            persist.prepare_dir(directory)
             for rank, size, sums in order["ranks"]:
                 rank, size = int(rank), int(size)
                 name = data_name(job, rank, step)

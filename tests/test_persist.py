@@ -4,6 +4,9 @@ retention, verified reads, the token bucket, and export of a persisted step.
 A persisted step is visible only once its manifest is written and its
 directory renamed; everything before that (a crash, a failed write) leaves
 a ``.partial`` directory that no reader lists and the next flush removes.
+At an fsspec URL (object storage; ``file://`` here, which goes through the
+same code as ``s3://``) there is no rename: a step is visible once its
+manifest, written last, exists. Tests taking ``root`` run on both.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import os
 import threading
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coding import checksum
 from snapstore import persist
 from snapstore.errors import (
+    ConfigError,
     FormatError,
     PersistedStepCorruptError,
     PersistFailedError,
@@ -44,12 +50,23 @@ def _sums(buf: np.ndarray, k: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+@pytest.fixture(params=["dir", "url"])
+def root(request: Any, tmp_path: Any) -> str:
+    """A persist root: a directory, or the same place as an fsspec ``file://`` URL."""
+    return str(tmp_path) if request.param == "dir" else "file://" + str(tmp_path)
+
+
+def _local(path: str) -> str:
+    """The local path of a persisted file, to damage it behind the tier's back."""
+    return path.removeprefix("file://")
+
+
 def _persist_step(
     root: str, step: int, bufs: list[np.ndarray], k: int = 3
 ) -> persist.PersistManifest:
     """A whole flush of ``bufs`` (one per rank), as the SMPs and the coordinator do it."""
-    partial = persist.partial_dir(root, JOB, step)
-    os.makedirs(partial)
+    partial = persist.begin_step(root, JOB, step)
+    persist.prepare_dir(partial)  # what each SMP does before writing
     ranks = {}
     for r, b in enumerate(bufs):
         sums = persist.write_rank(os.path.join(partial, persist.rank_file(r)), b, k)
@@ -100,20 +117,25 @@ def test_malformed_manifests_are_format_errors(change: dict[str, Any], match: st
 
 
 @settings(max_examples=60, deadline=None)
-@given(size=st.integers(0, 5000), k=st.integers(1, 6), chunk=st.sampled_from([1, 7, 64, 4096]))
-def test_written_sums_are_the_record_piece_sums(size: int, k: int, chunk: int) -> None:
+@given(
+    size=st.integers(0, 5000),
+    k=st.integers(1, 6),
+    chunk=st.sampled_from([1, 7, 64, 4096]),
+    url=st.booleans(),
+)
+def test_written_sums_are_the_record_piece_sums(size: int, k: int, chunk: int, url: bool) -> None:
     import tempfile
 
     buf = _buf(size, seed=size)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "f")
-        assert persist.write_rank(path, buf, k, chunk=chunk) == _sums(buf, k)
+        target = "file://" + path if url else path
+        assert persist.write_rank(target, buf, k, chunk=chunk) == _sums(buf, k)
         with open(path, "rb") as f:
             assert f.read() == buf.tobytes()
 
 
-def test_read_and_verify_a_published_step(tmp_path: Any) -> None:
-    root = str(tmp_path)
+def test_read_and_verify_a_published_step(root: str) -> None:
     bufs = [_buf(10_000 + 77 * r, seed=r) for r in range(3)]
     man = _persist_step(root, 5, bufs)
     path = persist.step_dir(root, JOB, 5)
@@ -125,13 +147,12 @@ def test_read_and_verify_a_published_step(tmp_path: Any) -> None:
         assert persist.verify_rank(path, r) == len(b)
 
 
-def test_a_flipped_byte_names_the_file_and_piece(tmp_path: Any) -> None:
-    root = str(tmp_path)
+def test_a_flipped_byte_names_the_file_and_piece(root: str) -> None:
     _persist_step(root, 5, [_buf(9000, seed=1)], k=3)
     path = persist.step_dir(root, JOB, 5)
     f = os.path.join(path, "rank-0.bin")
     off, _ = piece_bounds(9000, 3, 1)
-    with open(f, "r+b") as fh:
+    with open(_local(f), "r+b") as fh:
         fh.seek(off + 10)
         b = fh.read(1)
         fh.seek(off + 10)
@@ -142,19 +163,19 @@ def test_a_flipped_byte_names_the_file_and_piece(tmp_path: Any) -> None:
         assert info.value.path == f
 
 
-def test_a_truncated_or_missing_file_is_refused(tmp_path: Any) -> None:
-    root = str(tmp_path)
+def test_a_truncated_or_missing_file_is_refused(root: str) -> None:
     _persist_step(root, 5, [_buf(5000), _buf(5000, 1)])
     path = persist.step_dir(root, JOB, 5)
-    os.truncate(os.path.join(path, "rank-0.bin"), 4000)
+    local = _local(path)
+    os.truncate(os.path.join(local, "rank-0.bin"), 4000)
     with pytest.raises(PersistedStepCorruptError, match="4000 bytes, the manifest says 5000"):
         persist.read_rank(path, 0)
-    os.unlink(os.path.join(path, "rank-1.bin"))
+    os.unlink(os.path.join(local, "rank-1.bin"))
     with pytest.raises(PersistedStepCorruptError, match="cannot open"):
         persist.verify_rank(path, 1)
     with pytest.raises(PersistedStepCorruptError, match="no rank 9"):
         persist.read_rank(path, 9)
-    os.unlink(os.path.join(path, persist.MANIFEST_NAME + ""))
+    os.unlink(os.path.join(local, persist.MANIFEST_NAME))
     with pytest.raises(PersistedStepCorruptError, match="manifest"):
         persist.read_manifest(path)
 
@@ -231,34 +252,129 @@ def test_a_write_that_fails_midway_leaves_the_previous_step_intact(tmp_path: Any
     assert persist.read_rank(persist.step_dir(root, JOB, 1), 0).tobytes() == _buf(5000).tobytes()
 
 
-def test_retention_keeps_the_newest_complete_steps(tmp_path: Any) -> None:
-    root = str(tmp_path)
+def test_retention_keeps_the_newest_complete_steps(root: str) -> None:
     for step in (10, 20, 30, 40):
         _persist_step(root, step, [_buf(64, step)])
     assert persist.retain(root, JOB, 2) == [10, 20]
     assert [s.step for s in persist.list_steps(root, JOB)] == [30, 40]
+    assert sorted(os.listdir(_local(persist.job_dir(root, JOB)))) == ["step-30", "step-40"]
     assert persist.retain(root, JOB, 2) == []
+
+
+def test_retention_in_a_directory_cleans_a_deletion_that_died(tmp_path: Any) -> None:
+    root = str(tmp_path)
+    _persist_step(root, 30, [_buf(64, 30)])
     # A deletion that died after its rename is not a step, and is cleaned up.
     os.makedirs(persist.step_dir(root, JOB, 5) + ".trash")
-    assert [s.step for s in persist.list_steps(root, JOB)] == [30, 40]
+    assert [s.step for s in persist.list_steps(root, JOB)] == [30]
     assert persist.clean_leftovers(root, JOB) == ["step-5.trash"]
 
 
-def test_republishing_a_step_replaces_it(tmp_path: Any) -> None:
-    root = str(tmp_path)
+def test_republishing_a_step_replaces_it(root: str) -> None:
     _persist_step(root, 3, [_buf(64, 1)])
     _persist_step(root, 3, [_buf(64, 2)])
     assert persist.read_rank(persist.step_dir(root, JOB, 3), 0).tobytes() == _buf(64, 2).tobytes()
-    assert sorted(os.listdir(persist.job_dir(root, JOB))) == ["step-3"]
+    assert sorted(os.listdir(_local(persist.job_dir(root, JOB)))) == ["step-3"]
 
 
-def test_list_jobs_ignores_foreign_names(tmp_path: Any) -> None:
-    root = str(tmp_path)
+def test_list_jobs_ignores_foreign_names(root: str, tmp_path: Any) -> None:
     _persist_step(root, 1, [_buf(8)])
-    os.makedirs(os.path.join(root, ".hidden"))
+    os.makedirs(os.path.join(tmp_path, ".hidden"))
     (tmp_path / "file").write_text("x")
     assert persist.list_jobs(root) == [JOB]
-    assert persist.list_jobs(str(tmp_path / "absent")) == []
+    assert persist.list_jobs(os.path.join(root, "absent")) == []
+    assert persist.list_steps(os.path.join(root, "absent"), JOB) == []
+
+
+# -- at a URL: publication without renames ----------------------------------------------
+
+
+def _url(tmp_path: Any) -> str:
+    return "file://" + str(tmp_path)
+
+
+def test_at_a_url_a_step_without_its_manifest_is_invisible_and_cleaned(tmp_path: Any) -> None:
+    root = _url(tmp_path)
+    _persist_step(root, 1, [_buf(100)])
+    # A flush that died: its rank object is there, its manifest is not.
+    where = persist.begin_step(root, JOB, 2)
+    assert where == persist.step_dir(root, JOB, 2)
+    persist.write_rank(os.path.join(where, "rank-0.bin"), _buf(100, 2), 3)
+    assert [s.step for s in persist.list_steps(root, JOB)] == [1]
+    assert [s for s, _ in persist.newest_first(root, JOB)] == [1]
+    assert persist.clean_leftovers(root, JOB, keep=where) == []
+    assert persist.clean_leftovers(root, JOB) == ["step-2"]
+    assert sorted(os.listdir(tmp_path / JOB)) == ["step-1"]
+    # The next flush cleans them up by itself.
+    persist.begin_step(root, JOB, 2)
+    persist.write_rank(os.path.join(where, "rank-0.bin"), _buf(100, 2), 3)
+    persist.begin_step(root, JOB, 3)
+    assert sorted(os.listdir(tmp_path / JOB)) == ["step-1", "step-3"]
+
+
+def test_at_a_url_publish_checks_the_rank_objects_first(tmp_path: Any) -> None:
+    root = _url(tmp_path)
+    where = persist.begin_step(root, JOB, 4)
+    sums = persist.write_rank(os.path.join(where, "rank-0.bin"), _buf(100), 2)
+    ranks = {
+        0: persist.PersistedRank(0, "rank-0.bin", 100, sums),
+        1: persist.PersistedRank(1, "rank-1.bin", 100, sums),
+    }
+    with pytest.raises(PersistFailedError, match=r"rank-1\.bin is missing"):
+        persist.publish_step(root, persist.PersistManifest(JOB, 4, 2, 2, ranks))
+    ranks = {0: persist.PersistedRank(0, "rank-0.bin", 101, sums)}
+    with pytest.raises(PersistFailedError, match="holds 100 bytes"):
+        persist.publish_step(root, persist.PersistManifest(JOB, 4, 1, 2, ranks))
+    assert persist.list_steps(root, JOB) == []
+    assert sorted(os.listdir(tmp_path / JOB / "step-4")) == ["rank-0.bin"]
+
+
+def test_at_a_url_a_step_being_replaced_is_not_a_step_until_republished(tmp_path: Any) -> None:
+    root = _url(tmp_path)
+    _persist_step(root, 3, [_buf(64, 1)])
+    where = persist.begin_step(root, JOB, 3)
+    # Its old manifest went first: no reader can pair it with new bytes.
+    assert persist.list_steps(root, JOB) == []
+    assert os.listdir(_local(where)) == []
+
+
+def test_at_a_url_a_deletion_that_died_leaves_no_step(tmp_path: Any) -> None:
+    root = _url(tmp_path)
+    for step in (1, 2):
+        _persist_step(root, step, [_buf(64, step)])
+    # Retention removes the manifest first; a crash right after leaves this.
+    os.unlink(tmp_path / JOB / "step-1" / persist.MANIFEST_NAME)
+    assert [s.step for s in persist.list_steps(root, JOB)] == [2]
+    assert persist.retain(root, JOB, 1) == []
+    assert persist.clean_leftovers(root, JOB) == ["step-1"]
+
+
+class _FailingWrites(MemoryFileSystem):
+    """An fsspec driver that fails its uploads with its own exception type."""
+
+    protocol = "snapstore-test-failing"
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if "w" in mode:
+            raise RuntimeError("upload refused by the service")
+        return super()._open(path, mode, **kwargs)
+
+
+def test_a_driver_error_is_a_persist_failure_naming_the_object() -> None:
+    fsspec.register_implementation(_FailingWrites.protocol, _FailingWrites, clobber=True)
+    url = f"{_FailingWrites.protocol}://bucket/{JOB}/step-1/rank-0.bin"
+    with pytest.raises(PersistFailedError, match=r"rank-0\.bin.*upload refused") as info:
+        persist.write_rank(url, _buf(10), 1)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_reaching_a_url_names_what_is_wrong(tmp_path: Any) -> None:
+    from snapstore import objstore
+
+    with pytest.raises(ConfigError, match="no-such-protocol"):
+        objstore.reach("no-such-protocol://bucket/x")
+    objstore.reach(_url(tmp_path / "made"))
+    assert (tmp_path / "made").is_dir()
 
 
 # -- the token bucket -------------------------------------------------------------------------

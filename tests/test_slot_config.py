@@ -262,7 +262,9 @@ def test_memory_auto_means_zero(value: str) -> None:
         ("arg", {"persist_keep": 0}, "persist_keep"),
         ("env", {"SNAPSTORE_PERSIST_BANDWIDTH": "fast"}, "persist_bandwidth"),
         ("arg", {"persist_timeout": 0}, "persist_timeout"),
-        ("arg", {"persist_dir": "s3://bucket/x"}, "persist_dir"),
+        ("arg", {"persist_dir": "s3://key:secret@bucket/x"}, "persist_dir"),
+        ("arg", {"persist_dir": "memory://x"}, "persist_dir"),
+        ("arg", {"persist_dir": "://x"}, "persist_dir"),
     ],
 )
 def test_invalid_values_are_config_errors_naming_the_field(

@@ -1,0 +1,250 @@
+"""The persisted tier on an fsspec URL (object storage): same layout, no directory renames.
+
+:mod:`snapstore.persist` calls these when its root is a URL (``s3://``,
+``gs://``, ``abfs://``, ``file://`` ...); everything else (the manifest,
+the checksums, who calls what) is shared with the directory tier. Object
+stores have no atomic rename of a directory, and a ``mv`` there is a copy,
+so publication works by the order of writes instead::
+
+    <root>/<job>/step-<N>/rank-<r>.bin       written first, one object per rank
+    <root>/<job>/step-<N>/MANIFEST.msgpack   written last (one PUT: whole or absent)
+
+A step is complete exactly when its manifest exists; readers never look at
+a step without one, whatever rank objects it holds (a flush that died, or
+one in progress). Deleting (retention, or re-flushing a step) removes the
+manifest first, so a half-deleted step is never taken for a complete one.
+:func:`clean_leftovers` removes steps without a manifest at the start of
+the job's next flush, when none of its flushes runs.
+
+Credentials and options are fsspec's own: its configuration file or
+``FSSPEC_<PROTOCOL>_<OPTION>`` environment variables, set wherever an SMP,
+the coordinator or a reader runs. Never in the URL: the URL is shown by
+``snapstore status`` and the REST server (:func:`check_url` refuses a
+password there: :class:`snapstore.config.StoreConfig` does). A filesystem
+that lives in one process (``memory://``) is refused there too: the SMPs,
+the coordinator and readers are separate processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.spec import AbstractFileSystem
+
+from snapstore.config import JOB_NAME_RE
+from snapstore.errors import ConfigError, PersistFailedError, SnapstoreError
+
+__all__ = [
+    "Sink",
+    "begin_step",
+    "clean_leftovers",
+    "complete_steps",
+    "list_jobs",
+    "open_read",
+    "prepare_dir",
+    "publish",
+    "reach",
+    "read_bytes",
+    "remove_step",
+]
+
+MANIFEST_NAME = "MANIFEST.msgpack"  # the same name as snapstore.persist's
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def _fs(url: str) -> tuple[AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def reach(url: str) -> None:
+    """ConfigError unless ``url``'s filesystem driver is installed and its root can be made."""
+    protocol = urllib.parse.urlsplit(url).scheme.split("::")[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+        prepare_dir(url)
+    except (ValueError, ImportError, OSError, PersistFailedError) as e:
+        raise ConfigError(f"persist_dir {url!r}: {e}") from None
+
+
+@contextlib.contextmanager
+def _failing_as(kind: type[Exception], what: str) -> Iterator[None]:
+    """Re-raise what a driver raises (its own exception types) as ``kind``, naming ``what``.
+
+    OSError passes through: callers already handle it as an I/O failure (and
+    reads ask for OSError: a reader treats a file it cannot read as damaged).
+    """
+    try:
+        yield
+    except (OSError, SnapstoreError):
+        raise
+    except Exception as e:
+        raise kind(f"{what}: {type(e).__name__}: {e}") from e
+
+
+def prepare_dir(url: str) -> None:
+    """Create ``url`` as a directory where the filesystem has them (a no-op on object stores)."""
+    fs, path = _fs(url)
+    with _failing_as(PersistFailedError, f"creating {url}"):
+        fs.makedirs(path, exist_ok=True)
+
+
+def _has_manifest(fs: AbstractFileSystem, step_path: str) -> bool:
+    return bool(fs.exists(posixpath.join(step_path, MANIFEST_NAME)))
+
+
+def begin_step(job_url: str, step_url: str) -> str:
+    """Ready ``step_url`` for a flush (no flush of the job runs): return where ranks go.
+
+    Leftovers of flushes that died are removed; an existing copy of the same
+    step is removed manifest first (it stops being a step before any of its
+    files is overwritten).
+    """
+    prepare_dir(job_url)
+    clean_leftovers(job_url)
+    fs, path = _fs(step_url)
+    with _failing_as(PersistFailedError, f"clearing {step_url}"):
+        if fs.exists(path):
+            remove_step(step_url)
+        fs.makedirs(path, exist_ok=True)
+    return step_url
+
+
+class Sink:
+    """One rank object being written: the object store sees it whole when it is closed.
+
+    Large objects go up in parts as the buffer fills (multipart upload); the
+    object exists only after :meth:`finish`. A failed write leaves at most an
+    object in a step without a manifest, which no reader lists.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        fs, path = _fs(url)
+        with _failing_as(PersistFailedError, f"opening {url} for writing"):
+            self._f = fs.open(path, "wb")
+
+    def write(self, view: np.ndarray) -> None:
+        with _failing_as(PersistFailedError, f"writing {self.url}"):
+            self._f.write(view.data)
+
+    def finish(self) -> None:
+        with _failing_as(PersistFailedError, f"completing {self.url}"):
+            self._f.close()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            with contextlib.suppress(Exception):
+                self._f.close()
+
+
+def publish(step_url: str, files: dict[str, int], manifest: bytes) -> None:
+    """Check the rank objects (name -> size) are all there, then write the manifest.
+
+    The manifest goes up under a temporary name and is moved into place, so
+    that also a filesystem whose writes are not atomic (``file://``) shows
+    it whole or not at all.
+    """
+    fs, path = _fs(step_url)
+    with _failing_as(PersistFailedError, f"listing {step_url}"):
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            entries = []
+    have = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in entries}
+    for name, size in files.items():
+        if name not in have:
+            raise PersistFailedError(f"cannot publish {step_url}: {name} is missing")
+        if have[name] != size:
+            raise PersistFailedError(
+                f"cannot publish {step_url}: {name} holds {have[name]} bytes, the manifest "
+                f"says {size}"
+            )
+    tmp = posixpath.join(path, MANIFEST_NAME + ".new")
+    with _failing_as(PersistFailedError, f"writing the manifest of {step_url}"):
+        fs.pipe_file(tmp, manifest)
+        fs.mv(tmp, posixpath.join(path, MANIFEST_NAME))
+
+
+def remove_step(step_url: str) -> None:
+    """Delete a step: its manifest first (it is no step from then on), then the rest."""
+    fs, path = _fs(step_url)
+    with _failing_as(PersistFailedError, f"deleting {step_url}"):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(posixpath.join(path, MANIFEST_NAME))
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+
+
+def _step_names(job_url: str) -> tuple[AbstractFileSystem, str, list[str]]:
+    fs, path = _fs(job_url)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return fs, path, []
+    names = [posixpath.basename(str(e).rstrip("/")) for e in entries]
+    return fs, path, [n for n in names if _STEP_RE.fullmatch(n)]
+
+
+def complete_steps(job_url: str) -> list[int]:
+    """Steps of the job that have a manifest, oldest first."""
+    fs, path = _fs(job_url)
+    try:
+        found = fs.glob(posixpath.join(path, "step-*", MANIFEST_NAME))
+    except FileNotFoundError:
+        return []
+    steps = []
+    for p in found:
+        m = _STEP_RE.fullmatch(posixpath.basename(posixpath.dirname(str(p))))
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def clean_leftovers(job_url: str, keep: str | None = None) -> list[str]:
+    """Delete step directories without a manifest (flushes or deletions that died)."""
+    fs, path, names = _step_names(job_url)
+    complete = {f"step-{s}" for s in complete_steps(job_url)}
+    removed = []
+    for n in names:
+        url = posixpath.join(job_url, n)
+        if n in complete or url == keep:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(posixpath.join(path, n), recursive=True)
+        removed.append(n)
+    return sorted(removed)
+
+
+def list_jobs(root_url: str) -> list[str]:
+    fs, path = _fs(root_url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = [
+        posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"
+    ]
+    return sorted(n for n in names if JOB_NAME_RE.fullmatch(n))
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    with _failing_as(OSError, f"reading {url}"):
+        return bytes(fs.cat_file(path))
+
+
+def open_read(url: str) -> tuple[Any, int]:
+    """A binary file object for ``url`` (seek, readinto) and the object's size."""
+    fs, path = _fs(url)
+    with _failing_as(OSError, f"opening {url}"):
+        f = fs.open(path, "rb", cache_type="none")
+        size = getattr(f, "size", None)
+        return f, int(fs.size(path) if size is None else size)
