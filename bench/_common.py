@@ -9,6 +9,7 @@ the same process and run, because the machine may be shared.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -151,6 +152,18 @@ def load_average() -> str:
     with contextlib.suppress(OSError):
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
     return "?"
+
+
+def bench_parser(name: str, doc: str | None, quick: str) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: ``--quick`` (a smoke run;
+    ``quick`` says what it runs) and ``--json FILE``; the module docstring's first
+    line is the description."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{name}", description=(doc or "").splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
+    return parser
 
 
 def bench_header(name: str, extra: str = "") -> dict[str, Any]:

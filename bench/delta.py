@@ -25,7 +25,6 @@ on another node from the parity built from deltas, bitwise.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from bench._common import (
     Table,
     bench_header,
+    bench_parser,
     human,
     median,
     private_store,
@@ -191,13 +191,10 @@ def tables(full: list[dict[str, Any]], delta: list[dict[str, Any]], steady: int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    summary = (__doc__ or "").splitlines()[0]
-    parser = argparse.ArgumentParser(prog="python -m bench.delta", description=summary)
+    parser = bench_parser("delta", __doc__, "small states, few steps")
     parser.add_argument("--tensors", type=int, default=200, help="tensors per rank (200)")
     parser.add_argument("--tensor-kib", type=int, default=256, help="KiB per tensor (256)")
     parser.add_argument("--steps", type=int, default=10, help="steps per job (10)")
-    parser.add_argument("--quick", action="store_true", help="small states, few steps")
-    parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
     args = parser.parse_args(argv)
     tensors = 40 if args.quick else max(10, args.tensors)
     tbytes = (16 if args.quick else args.tensor_kib) << 10

@@ -31,7 +31,6 @@ buffers), timed in the same processes between rounds.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import socket
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 from bench._common import (
     Table,
     bench_header,
+    bench_parser,
     human,
     median,
     private_store,
@@ -350,13 +350,10 @@ def cpu_table(res: dict[str, Any]) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    summary = (__doc__ or "").splitlines()[0]
-    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=summary)
+    parser = bench_parser("overhead", __doc__, "tiny model, a few steps")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per mode (60)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds the steps are split in")
-    parser.add_argument("--quick", action="store_true", help="tiny model, a few steps")
     parser.add_argument("--no-dedup", action="store_true", help="each rank stores its whole state")
-    parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
     args = parser.parse_args(argv)
     from bench.gpt import GPTConfig
 

@@ -28,7 +28,6 @@ repetitions. Both systems run two ranks on the same two cores.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -42,6 +41,7 @@ from typing import Any
 from bench._common import (
     Table,
     bench_header,
+    bench_parser,
     human,
     median,
     memcpy_seconds,
@@ -221,12 +221,9 @@ def _ratios(ranks: list[dict[str, Any]], key: str) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    summary = (__doc__ or "").splitlines()[0]
-    parser = argparse.ArgumentParser(prog="python -m bench.peers", description=summary)
+    parser = bench_parser("peers", __doc__, "16 MiB per rank, 3 saves")
     parser.add_argument("--size", default="256M", help="state per rank (256M)")
     parser.add_argument("--reps", type=int, default=5, help="timed saves per rank (median)")
-    parser.add_argument("--quick", action="store_true", help="16 MiB per rank, 3 saves")
-    parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
     args = parser.parse_args(argv)
     nbytes = parse_size("16M" if args.quick else args.size)
     reps = 3 if args.quick else args.reps

@@ -44,7 +44,6 @@ fails because of one is retried once the job is protected again.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -58,6 +57,7 @@ from bench._common import (
     Table,
     add_disk_budget,
     bench_header,
+    bench_parser,
     disk_dir,
     human,
     job_status,
@@ -584,12 +584,10 @@ def _ms(seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    summary = (__doc__ or "").splitlines()[0]
-    parser = argparse.ArgumentParser(prog="python -m bench.restore", description=summary)
+    parser = bench_parser("restore", __doc__, f"{QUICK_SIZES} only, one loss")
     parser.add_argument(
         "--sizes", default=DEFAULT_SIZES, help=f"total state of the 4 ranks ({DEFAULT_SIZES})"
     )
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SIZES} only, one loss")
     parser.add_argument("--reps", type=int, default=5, help="runs of each baseline (median)")
     parser.add_argument(
         "--cycles", type=int, default=3, help="node losses per size and mode (median)"
@@ -599,7 +597,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "time torch.load cold only where writing the files through to disk should take "
         "under this many seconds",
     )
-    parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
     args = parser.parse_args(argv)
     sizes = parse_sizes(QUICK_SIZES if args.quick else args.sizes)
     reps = 2 if args.quick else max(3, args.reps)

@@ -41,7 +41,6 @@ previous commit are counted in the table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -56,6 +55,7 @@ from bench._common import (
     Table,
     add_disk_budget,
     bench_header,
+    bench_parser,
     disk_dir,
     human,
     median,
@@ -393,10 +393,8 @@ def _rate(nbytes: int, seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    summary = (__doc__ or "").splitlines()[0]
-    parser = argparse.ArgumentParser(prog="python -m bench.save", description=summary)
+    parser = bench_parser("save", __doc__, f"{QUICK_SIZES} only, few runs")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"state sizes ({DEFAULT_SIZES})")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SIZES} only, few runs")
     parser.add_argument("--reps", type=int, default=7, help="timed saves per mode (median)")
     parser.add_argument(
         "--disk-reps", type=int, default=3, help="torch.save / DCP runs per size (at most)"
@@ -404,7 +402,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_disk_budget(
         parser, "seconds after which no further torch.save / DCP run starts (at least one runs)"
     )
-    parser.add_argument("--json", metavar="FILE", help="write every sample as JSON")
     args = parser.parse_args(argv)
     sizes = parse_sizes(QUICK_SIZES if args.quick else args.sizes)
     reps = 3 if args.quick else max(3, args.reps)

@@ -32,9 +32,16 @@ BENCHES = {
     "overhead": ["| lazy |", "| sync |", "blocked in save + wait_staged"],
     "delta": ["with deltas", "fraction of full", "bitwise OK"],
     "peers": ["| lm-resiliency GEMINI", "| snapstore client.save, parity on other nodes"],
+    "persist": ["to a directory |", "to a file:// URL |", "every piece checked, file:// URL"],
 }
 TIMEOUT = 240.0
 """Seconds one benchmark may take."""
+
+
+def _scratch_glob() -> str:
+    from bench._common import disk_dir
+
+    return os.path.join(disk_dir(), "bench-persist-*")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +49,7 @@ def runs() -> Iterator[dict[str, dict[str, Any]]]:
     """Run every benchmark with --quick, one at a time; collect output, exit code, JSON."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     before = set(glob.glob("/tmp/ssb-*"))
+    scratch_before = set(glob.glob(_scratch_glob()))
     out_dir = tempfile.mkdtemp(prefix="bench-quick-")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     results: dict[str, dict[str, Any]] = {}
@@ -72,7 +80,7 @@ def runs() -> Iterator[dict[str, dict[str, Any]]]:
             "json": data,
             "seconds": time.monotonic() - started,
         }
-    results["_dirs_before"] = {"dirs": before}
+    results["_dirs_before"] = {"dirs": before, "scratch": scratch_before}
     yield results
     shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -95,6 +103,8 @@ def test_no_store_left_behind(runs: dict[str, Any]) -> None:
     assert all("store up in" in runs[name]["output"] for name in BENCHES)
     new_dirs = set(glob.glob("/tmp/ssb-*")) - before
     assert not new_dirs, f"benchmark runtime dirs left behind: {sorted(new_dirs)}"
+    scratch = set(glob.glob(_scratch_glob())) - runs["_dirs_before"]["scratch"]
+    assert not scratch, f"bench.persist left its files behind: {sorted(scratch)}"
     leftovers = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         for arg in p.info["cmdline"] or ():
