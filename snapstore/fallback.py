@@ -113,7 +113,11 @@ async def restore_plan(
 
 async def _choose(coord: Coordinator, job: str) -> dict[str, Any]:
     fl = coord.flusher
-    candidates = await fl.in_thread(persist.newest_first, fl.root, job)
+    try:
+        candidates = await fl.in_thread(persist.newest_first, fl.root, job)
+    except OSError as e:  # an unreachable mount or object store
+        where = persist.job_dir(fl.root, job)
+        return _fail("not_found", f"cannot list persisted steps in {where}: {e}")
     jp = fl.job(job)
     skipped: list[dict[str, Any]] = []
     for step, path in candidates:

@@ -55,7 +55,7 @@ __all__ = [
     "remove_step",
 ]
 
-MANIFEST_NAME = "MANIFEST.msgpack"  # the same name as snapstore.persist's
+MANIFEST_NAME = "MANIFEST.msgpack"  # of every step, at a URL or in a directory
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -96,10 +96,6 @@ def prepare_dir(url: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
-def _has_manifest(fs: AbstractFileSystem, step_path: str) -> bool:
-    return bool(fs.exists(posixpath.join(step_path, MANIFEST_NAME)))
-
-
 def begin_step(job_url: str, step_url: str) -> str:
     """Ready ``step_url`` for a flush (no flush of the job runs): return where ranks go.
 
@@ -109,11 +105,10 @@ def begin_step(job_url: str, step_url: str) -> str:
     """
     prepare_dir(job_url)
     clean_leftovers(job_url)
-    fs, path = _fs(step_url)
-    with _failing_as(PersistFailedError, f"clearing {step_url}"):
-        if fs.exists(path):
-            remove_step(step_url)
-        fs.makedirs(path, exist_ok=True)
+    # Unconditionally: fsspec's exists() says False on any error, and a
+    # complete step taken for absent would get new bytes under its old manifest.
+    remove_step(step_url)
+    prepare_dir(step_url)
     return step_url
 
 
@@ -153,12 +148,13 @@ def publish(step_url: str, files: dict[str, int], manifest: bytes) -> None:
     it whole or not at all.
     """
     fs, path = _fs(step_url)
-    with _failing_as(PersistFailedError, f"listing {step_url}"):
-        try:
-            entries = fs.ls(path, detail=True)
-        except FileNotFoundError:
-            entries = []
-    have = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in entries}
+    try:
+        entries = _listing(fs, path, step_url, detail=True)
+    except FileNotFoundError:
+        entries = []
+    except OSError as e:
+        raise PersistFailedError(f"cannot publish {step_url}: {e}") from e
+    have = {_name(e["name"]): e.get("size") for e in entries}
     for name, size in files.items():
         if name not in have:
             raise PersistFailedError(f"cannot publish {step_url}: {name} is missing")
@@ -183,55 +179,73 @@ def remove_step(step_url: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def _step_names(job_url: str) -> tuple[AbstractFileSystem, str, list[str]]:
+def _listing(fs: AbstractFileSystem, path: str, url: str, detail: bool = False) -> list[Any]:
+    """``fs.ls`` as written by other processes just now, driver errors as OSError.
+
+    Listings are read fresh (drivers such as s3fs cache them, and the rank
+    objects are written by the SMPs, not by this process); FileNotFoundError
+    means there is nothing there.
+    """
+    with _failing_as(OSError, f"listing {url}"):
+        fs.invalidate_cache(path)
+        return list(fs.ls(path, detail=detail))
+
+
+def _name(entry: Any) -> str:
+    return posixpath.basename(str(entry).rstrip("/"))
+
+
+def _steps(job_url: str) -> tuple[AbstractFileSystem, str, dict[str, bool]]:
+    """The job's step directories and whether each has its manifest.
+
+    Listed directory by directory, never with glob: a glob leaves out what it
+    cannot list, and a complete step missed here would be deleted as a
+    leftover.
+    """
     fs, path = _fs(job_url)
     try:
-        entries = fs.ls(path, detail=False)
+        names = [_name(e) for e in _listing(fs, path, job_url)]
     except FileNotFoundError:
-        return fs, path, []
-    names = [posixpath.basename(str(e).rstrip("/")) for e in entries]
-    return fs, path, [n for n in names if _STEP_RE.fullmatch(n)]
+        return fs, path, {}
+    out = {}
+    for n in names:
+        if not _STEP_RE.fullmatch(n):
+            continue
+        try:
+            inside = _listing(fs, posixpath.join(path, n), posixpath.join(job_url, n))
+        except FileNotFoundError:
+            continue  # deleted meanwhile
+        out[n] = any(_name(e) == MANIFEST_NAME for e in inside)
+    return fs, path, out
 
 
 def complete_steps(job_url: str) -> list[int]:
     """Steps of the job that have a manifest, oldest first."""
-    fs, path = _fs(job_url)
-    try:
-        found = fs.glob(posixpath.join(path, "step-*", MANIFEST_NAME))
-    except FileNotFoundError:
-        return []
-    steps = []
-    for p in found:
-        m = _STEP_RE.fullmatch(posixpath.basename(posixpath.dirname(str(p))))
-        if m:
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    _, _, steps = _steps(job_url)
+    return sorted(int(n.removeprefix("step-")) for n, complete in steps.items() if complete)
 
 
 def clean_leftovers(job_url: str, keep: str | None = None) -> list[str]:
     """Delete step directories without a manifest (flushes or deletions that died)."""
-    fs, path, names = _step_names(job_url)
-    complete = {f"step-{s}" for s in complete_steps(job_url)}
+    fs, path, steps = _steps(job_url)
     removed = []
-    for n in names:
-        url = posixpath.join(job_url, n)
-        if n in complete or url == keep:
+    for n, complete in sorted(steps.items()):
+        if complete or posixpath.join(job_url, n) == keep:
             continue
-        with contextlib.suppress(FileNotFoundError):
+        gone = contextlib.suppress(FileNotFoundError)
+        with _failing_as(PersistFailedError, f"deleting {job_url}/{n}"), gone:
             fs.rm(posixpath.join(path, n), recursive=True)
         removed.append(n)
-    return sorted(removed)
+    return removed
 
 
 def list_jobs(root_url: str) -> list[str]:
     fs, path = _fs(root_url)
     try:
-        entries = fs.ls(path, detail=True)
+        entries = _listing(fs, path, root_url, detail=True)
     except FileNotFoundError:
         return []
-    names = [
-        posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"
-    ]
+    names = [_name(e["name"]) for e in entries if e.get("type") == "directory"]
     return sorted(n for n in names if JOB_NAME_RE.fullmatch(n))
 
 

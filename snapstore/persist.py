@@ -54,6 +54,7 @@ import msgpack
 import numpy as np
 import xxhash
 
+from snapstore import objstore
 from snapstore.config import JOB_NAME_RE
 from snapstore.errors import FormatError, PersistedStepCorruptError, PersistFailedError
 from snapstore.record import piece_bounds
@@ -85,7 +86,7 @@ __all__ = [
 ]
 
 PERSIST_VERSION = 1
-MANIFEST_NAME = "MANIFEST.msgpack"
+MANIFEST_NAME = objstore.MANIFEST_NAME
 CHECKSUM_NAME = "xxh3_64"
 _KIND = "snapstore-persisted-step"
 PARTIAL = ".partial"
@@ -290,8 +291,6 @@ class _FileSink:
 def prepare_dir(path: str) -> None:
     """Create the directory ``path`` (on an object store: nothing to create)."""
     if is_url(path):
-        from snapstore import objstore
-
         objstore.prepare_dir(path)
     else:
         os.makedirs(path, exist_ok=True)
@@ -320,8 +319,6 @@ def write_rank(
     """
     size = len(src)
     if is_url(path):
-        from snapstore import objstore
-
         out: _FileSink | objstore.Sink = objstore.Sink(path)
     else:
         out = _FileSink(path)
@@ -367,8 +364,6 @@ def begin_step(root: str, job: str, step: int) -> str:
     ``step-<N>``, an older copy of the step being deleted first.
     """
     if is_url(root):
-        from snapstore import objstore
-
         return objstore.begin_step(job_dir(root, job), step_dir(root, job, step))
     partial = partial_dir(root, job, step)
     os.makedirs(job_dir(root, job), exist_ok=True)
@@ -386,8 +381,6 @@ def publish_step(root: str, manifest: PersistManifest) -> str:
     copy of the same step, if any, is replaced.
     """
     if is_url(root):
-        from snapstore import objstore
-
         final = step_dir(root, manifest.job, manifest.step)
         objstore.publish(
             final, {e.file: e.size for e in manifest.ranks.values()}, manifest.to_bytes()
@@ -459,8 +452,6 @@ class PersistedStep:
 def list_jobs(root: str) -> list[str]:
     """Jobs with a directory under ``root`` (complete steps or not)."""
     if is_url(root):
-        from snapstore import objstore
-
         return objstore.list_jobs(root)
     try:
         names = os.listdir(root)
@@ -471,8 +462,6 @@ def list_jobs(root: str) -> list[str]:
 
 def _complete_dirs(root: str, job: str) -> list[tuple[int, str]]:
     if is_url(root):
-        from snapstore import objstore
-
         return [(s, step_dir(root, job, s)) for s in objstore.complete_steps(job_dir(root, job))]
     base = job_dir(root, job)
     try:
@@ -506,8 +495,6 @@ def retain(root: str, job: str, keep: int) -> list[int]:
     doomed = steps[: max(0, len(steps) - keep)]
     for _, path in doomed:
         if is_url(root):
-            from snapstore import objstore
-
             objstore.remove_step(path)
         else:
             _trash(path)
@@ -519,8 +506,6 @@ def clean_leftovers(root: str, job: str, keep: str | None = None) -> list[str]:
     that died), except ``keep`` (the partial directory of a flush in progress).
     At a URL: step directories without a manifest."""
     if is_url(root):
-        from snapstore import objstore
-
         return objstore.clean_leftovers(job_dir(root, job), keep)
     base = job_dir(root, job)
     try:
@@ -541,8 +526,6 @@ def clean_leftovers(root: str, job: str, keep: str | None = None) -> list[str]:
 
 def _read_bytes(path: str) -> bytes:
     if is_url(path):
-        from snapstore import objstore
-
         return objstore.read_bytes(path)
     with open(path, "rb") as f:
         return f.read()
@@ -572,8 +555,6 @@ def _open_rank(path: str, man: PersistManifest, rank: int) -> tuple[Any, Persist
     fpath = os.path.join(path, entry.file)
     try:
         if is_url(fpath):
-            from snapstore import objstore
-
             f, size = objstore.open_read(fpath)
         else:
             f = open(fpath, "rb")  # noqa: SIM115 -- closed by the callers' with

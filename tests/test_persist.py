@@ -368,6 +368,25 @@ def test_a_driver_error_is_a_persist_failure_naming_the_object() -> None:
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+class _FailingLists(MemoryFileSystem):
+    """An fsspec driver whose listings fail with its own exception type."""
+
+    protocol = "snapstore-test-unlistable"
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
+        raise RuntimeError("service unavailable")
+
+
+def test_a_driver_error_while_listing_is_an_oserror_naming_the_url() -> None:
+    fsspec.register_implementation(_FailingLists.protocol, _FailingLists, clobber=True)
+    root = f"{_FailingLists.protocol}://bucket"
+    for fn in (persist.newest_first, persist.list_steps, persist.clean_leftovers):
+        with pytest.raises(OSError, match=f"listing {root}/{JOB}: RuntimeError"):
+            fn(root, JOB)
+    with pytest.raises(OSError, match="service unavailable"):
+        persist.list_jobs(root)
+
+
 def test_reaching_a_url_names_what_is_wrong(tmp_path: Any) -> None:
     from snapstore import objstore
 
