@@ -249,10 +249,9 @@ def _check_persist_url(url: str) -> None:
             "the REST server would show; give credentials through fsspec's configuration "
             "(FSSPEC_<PROTOCOL>_<OPTION> environment variables or its config file)"
         )
-    schemes = parts.scheme.split("::")
-    if not parts.scheme or not all(schemes):
+    if not parts.scheme:
         raise ConfigError(f"persist_dir {url!r} is not a URL (scheme://path) nor a directory")
-    if set(schemes) & set(_PROCESS_LOCAL_SCHEMES):
+    if parts.scheme in _PROCESS_LOCAL_SCHEMES:
         raise ConfigError(
             f"persist_dir {url!r}: that filesystem lives inside one process, and the store's "
             "SMPs, coordinator and readers are separate processes; use a directory, a "

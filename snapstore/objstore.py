@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "MANIFEST.msgpack"  # of every step, at a URL or in a directory
-_STEP_RE = re.compile(r"^step-(\d+)$")
+STEP_RE = re.compile(r"^step-(\d+)$")  # a step directory's name, at a URL or in a directory
 
 
 def _fs(url: str) -> tuple[AbstractFileSystem, str]:
@@ -66,7 +66,7 @@ def _fs(url: str) -> tuple[AbstractFileSystem, str]:
 
 def reach(url: str) -> None:
     """ConfigError unless ``url``'s filesystem driver is installed and its root can be made."""
-    protocol = urllib.parse.urlsplit(url).scheme.split("::")[0]
+    protocol = urllib.parse.urlsplit(url).scheme
     try:
         fsspec.get_filesystem_class(protocol)
         prepare_dir(url)
@@ -209,7 +209,7 @@ def _steps(job_url: str) -> tuple[AbstractFileSystem, str, dict[str, bool]]:
         return fs, path, {}
     out = {}
     for n in names:
-        if not _STEP_RE.fullmatch(n):
+        if not STEP_RE.fullmatch(n):
             continue
         try:
             inside = _listing(fs, posixpath.join(path, n), posixpath.join(job_url, n))

@@ -96,7 +96,6 @@ CHUNK = 8 << 20
 # the flush must not fill the node's memory with dirty pages of a copy of
 # what is already in memory, nor leave a long fsync for the end.
 SYNC_EVERY = 64 << 20
-_STEP_RE = re.compile(r"^step-(\d+)$")
 _LEFTOVER_RE = re.compile(r"^step-(\d+)\.(partial|trash)$")
 _ALIGN = 64
 
@@ -470,7 +469,7 @@ def _complete_dirs(root: str, job: str) -> list[tuple[int, str]]:
         return []
     out = []
     for n in names:
-        m = _STEP_RE.fullmatch(n)
+        m = objstore.STEP_RE.fullmatch(n)
         if m and os.path.isfile(os.path.join(base, n, MANIFEST_NAME)):
             out.append((int(m.group(1)), os.path.join(base, n)))
     return sorted(out)
