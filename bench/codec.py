@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-import coding
-from bench._common import human, parse_size
-from coding.isal import load as load_isal
+from snapstore import coding
+from snapstore.bench._common import human, parse_size
+from snapstore.coding.isal import load as load_isal
 
 U8 = npt.NDArray[np.uint8]
 
@@ -268,7 +268,7 @@ def pyeclib_breakdown(k: int, m: int, size: int, reps: int) -> list[str]:
 
 
 def xor_block_sweep(size: int, reps: int) -> list[str]:
-    from coding import xor as xor_module
+    from snapstore.coding import xor as xor_module
 
     k = 3
     chunk = size // k

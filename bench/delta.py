@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bench._common import (
+from snapstore.bench._common import (
     Table,
     bench_header,
     bench_parser,
@@ -77,7 +77,7 @@ def run_job(
     store: Any, nodes: list[str], job: str, deltas: bool, steps: int, tensors: int, tbytes: int
 ) -> tuple[list[dict[str, Any]], list[Any], list[dict[str, Any]]]:
     """Save ``steps`` steps of every rank; per-step stats. Returns (rows, clients, states)."""
-    from clients import Client
+    from snapstore.clients import Client
 
     states = [make_state(r, tensors, tbytes) for r in range(WORLD)]
     names = [changing(tensors, r) for r in range(WORLD)]
@@ -114,9 +114,9 @@ def verify_after_loss(
     (as a restarted trainer would); compare bitwise."""
     import time
 
-    from bench._common import store_events, wait_until
-    from clients import Client
-    from snapstore import faults
+    from snapstore.bench._common import store_events, wait_until
+    from snapstore.clients import Client
+    from snapstore.ops import faults
 
     t_kill = faults.kill_node(nodes[1], store)["killed_at"]
     wait_until(
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steady = 3
     per_rank = tensors * tbytes
     info = bench_header(
-        "bench.delta",
+        "snapstore.bench.delta",
         f"{WORLD} ranks x {tensors} tensors of {human(tbytes)} ({human(per_rank)} per rank), "
         f"{round(tensors * CHANGING)} change per step; store: 4 nodes, k=3, m=1",
     )
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A longer failure timeout keeps late heartbeats on a loaded machine from
     # aborting saves (detection is bench.restore's business).
     with private_store(nodes=WORLD, k=3, m=1, memory_per_node=budget, failure_timeout=5.0) as store:
-        from snapstore import faults
+        from snapstore.ops import faults
 
         nodes = faults.store_nodes(store)[:WORLD]
         full, fclients, _ = run_job(store, nodes, "full", False, steps, tensors, tbytes)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import private_store
+from snapstore.bench._common import private_store
 
 __all__ = ["main", "parse_failures"]
 
@@ -36,7 +36,7 @@ DEFAULT_FAILURES = "trainer@60,smp@110,node@160"
 
 def parse_failures(text: str, world: int) -> list[Any]:
     """``"trainer@60,smp@110,node@160"`` -> Failures (ranks chosen so each hits another node)."""
-    from bench.training import Failure
+    from snapstore.bench.training import Failure
 
     out = []
     for i, part in enumerate(p for p in text.split(",") if p.strip()):
@@ -49,11 +49,10 @@ def parse_failures(text: str, world: int) -> list[Any]:
 
 def _cache_key(cfg: dict[str, Any], steps: int, world: int) -> str:
     """Reference results depend on the model code, the data and the settings."""
-    import bench.gpt
-    import bench.training
+    from snapstore.bench import gpt, training
 
     h = hashlib.sha256()
-    for mod in (bench.gpt, bench.training):
+    for mod in (gpt, training):
         h.update(Path(mod.__file__ or "").read_bytes())
     h.update(json.dumps([cfg, steps, world], sort_keys=True).encode())
     import torch
@@ -86,7 +85,7 @@ def _progress(console: Any, total: int, label: str) -> tuple[Any, Any]:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
-    from bench.training import RunReport, run
+    from snapstore.bench.training import RunReport, run
 
     # A terminal sets its own width; piped output (a log, CI) gets room for the table.
     console = Console() if sys.stdout.isatty() else Console(width=120)

@@ -1,7 +1,7 @@
 """Failure-injection benchmark: recovery across failure kinds, layouts and cluster sizes.
 
 ``python -m bench.failures`` (or ``snapstore bench``) trains the small GPT of
-:mod:`bench.gpt` with one rank per store node and injects, one run per
+:mod:`snapstore.bench.gpt` with one rank per store node and injects, one run per
 kind: a trainer crash, an SMP crash, a node loss, m simultaneous node losses,
 and a corrupted chunk. It does so for each layout ``(k, m)``, node count and
 per-rank state size asked for, and reports per run: per-step overhead
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import private_store
+from snapstore.bench._common import private_store
 
 __all__ = ["main"]
 
@@ -84,7 +84,7 @@ def _layouts(text: str) -> list[tuple[int, int]]:
 def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
-    from bench.training import Failure, run
+    from snapstore.bench.training import Failure, run
 
     console = Console()
     cfg: dict[str, Any] = {}
@@ -196,7 +196,7 @@ def _baselines(
     console: Any,
 ) -> list[dict[str, Any]]:
     """torch.save / dcp.async_save every N steps, N matched to snapstore's overhead."""
-    from bench.training import run
+    from snapstore.bench.training import run
 
     out = []
     for kind in args.baselines.split(","):

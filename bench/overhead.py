@@ -5,7 +5,7 @@ default 60); ``--quick`` for a smoke run with the tiny default model;
 ``--json FILE`` writes every sample. Prints markdown tables
 (docs/performance-store.md quotes them).
 
-Two ranks train the GPT of :mod:`bench.gpt` with DDP (gloo all-reduce of
+Two ranks train the GPT of :mod:`snapstore.bench.gpt` with DDP (gloo all-reduce of
 gradients on 127.0.0.1), each a Ray actor pinned to its own node of an
 embedded 4-node store (k = 3, m = 1), one torch thread each: the two ranks
 fill the machine's two cores, and the store's processes (SMPs computing
@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from bench._common import (
+from snapstore.bench._common import (
     Table,
     bench_header,
     bench_parser,
@@ -75,8 +75,8 @@ class DPTrainer:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        from bench.gpt import GPTConfig, make_model
-        from clients import Client
+        from snapstore.bench.gpt import GPTConfig, make_model
+        from snapstore.clients import Client
 
         torch.set_num_threads(1)  # two ranks share two cores
         dist.init_process_group(
@@ -101,7 +101,7 @@ class DPTrainer:
         """One iteration; returns (its seconds, seconds blocked in save + wait_staged)."""
         from torch.nn import functional as F
 
-        from bench.gpt import batch
+        from snapstore.bench.gpt import batch
 
         x, y = batch(self.cfg, self.step, self.rank, self.batch)
         t0 = time.perf_counter()
@@ -161,7 +161,7 @@ class DPTrainer:
         return {"committed": ok, "failed": failed}
 
     def state_info(self) -> dict[str, Any]:
-        from bench._common import state_nbytes
+        from snapstore.bench._common import state_nbytes
 
         state = self._state()
         last = self.client.metrics
@@ -174,7 +174,7 @@ class DPTrainer:
 
     def memcpy(self, reps: int) -> list[float]:
         """One copy of this rank's whole state between two warm buffers, ``reps`` times."""
-        from bench._common import memcpy_seconds, state_nbytes
+        from snapstore.bench._common import memcpy_seconds, state_nbytes
 
         return memcpy_seconds(state_nbytes(self._state()), reps)["np"]
 
@@ -237,7 +237,7 @@ def run(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from snapstore import faults
+    from snapstore.ops import faults
 
     nodes = faults.store_nodes(store)[:2]
     port = _free_port()
@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds the steps are split in")
     parser.add_argument("--no-dedup", action="store_true", help="each rank stores its whole state")
     args = parser.parse_args(argv)
-    from bench.gpt import GPTConfig
+    from snapstore.bench.gpt import GPTConfig
 
     model = asdict(GPTConfig()) if args.quick else dict(MODEL)
     steps = 6 if args.quick else max(args.rounds, args.steps)
@@ -363,12 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = 2 if args.quick else 5
     dedup = not args.no_dedup
     info = bench_header(
-        "bench.overhead",
+        "snapstore.bench.overhead",
         f"GPT {model}, batch {BATCH}, DP=2 over gloo, one torch thread per rank; store: 4 "
         f"nodes, k=3, m=1; {'DP de-duplication' if dedup else 'no DP de-duplication'}",
     )
     # Actor classes are imported by name in the ranks' processes, not pickled from __main__.
-    from bench import overhead as this
+    from snapstore.bench import overhead as this
 
     # Detection speed is bench.restore's business: a longer failure timeout
     # keeps late heartbeats on a loaded machine from aborting saves here.

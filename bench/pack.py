@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench._common import parse_size
-from snapstore.format import pack, plan, unpack
+from snapstore.bench._common import parse_size
+from snapstore.format.pack import pack, plan, unpack
 
 
 def medians(fns: Sequence[Callable[[], object]], reps: int) -> list[float]:

@@ -6,7 +6,7 @@ optional ``lm-resiliency`` package (``pip install -e '.[peers]'``; the test
 extra includes it); without it only snapstore is measured, and it says so.
 
 Two ranks, two processes, each with the same transformer-shaped state as
-``bench.save`` (every tensor changed before every save), measured in one
+``snapstore.bench.save`` (every tensor changed before every save), measured in one
 run, one system after the other:
 
 - **GEMINI** (lm-resiliency 0.2, ``InMemoryCheckpointManager``): the two
@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench._common import (
+from snapstore.bench._common import (
     Table,
     bench_header,
     bench_parser,
@@ -128,7 +128,7 @@ def _snapstore_rank(
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     out: dict[str, Any] = {"rank": rank, "returns": [], "protected": []}
     try:
-        from clients import Client
+        from snapstore.clients import Client
 
         client = Client("peers", rank, WORLD, rundir=rundir, node_id=node, timeout=300)
         state = training_state(nbytes, seed=rank)
@@ -193,7 +193,7 @@ def run_gemini(nbytes: int, reps: int) -> list[dict[str, Any]]:
 def run_snapstore(nbytes: int, reps: int) -> list[dict[str, Any]]:
     import multiprocessing as mp
 
-    from snapstore import faults
+    from snapstore.ops import faults
 
     budget = max(256 << 20, 4 * nbytes + (64 << 20))
     with private_store(nodes=4, k=3, m=1, memory_per_node=budget) as store:
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nbytes = parse_size("16M" if args.quick else args.size)
     reps = 3 if args.quick else args.reps
     info = bench_header(
-        "bench.peers",
+        "snapstore.bench.peers",
         f"{WORLD} ranks of {human(nbytes)}; GEMINI replicating to its peer over gloo; "
         "snapstore on 4 nodes, k=3, m=1",
     )

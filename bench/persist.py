@@ -16,7 +16,7 @@ one after the other in this process.
 
 Targets: a directory (fsync, ``.partial`` renamed at publication) and the
 same disk as a ``file://`` URL (the object-store protocol of
-:mod:`snapstore.objstore`, through fsspec: what ``s3://`` runs, without a
+:mod:`snapstore.persist.objstore`, through fsspec: what ``s3://`` runs, without a
 network). Baselines, measured in the same run on the same disk: one
 ``write`` + ``fsync`` of all four ranks' bytes (the disk's speed), and
 ``torch.save`` of the four states with fsync, then ``torch.load``, one
@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench._common import (
+from snapstore.bench._common import (
     Table,
     bench_header,
     bench_parser,
@@ -111,8 +111,9 @@ def flush_target(
     kind: str, root: str, states: list[dict[str, Any]], reps: int, budget: int
 ) -> dict[str, Any]:
     """Save and persist ``reps`` steps into ``root``; read the newest back, verified."""
-    from clients import Client
-    from snapstore import faults, persist
+    from snapstore import persist
+    from snapstore.clients import Client
+    from snapstore.ops import faults
 
     settings: dict[str, Any] = {
         "persist_dir": root,
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reps = 2 if args.quick else max(1, args.reps)
     where = disk_dir()
     info = bench_header(
-        "bench.persist",
+        "snapstore.bench.persist",
         f"{WORLD} ranks x {human(size)}, {reps} flushes per target, disk at {where}; "
         "store: 4 nodes, k=3, m=1",
     )

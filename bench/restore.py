@@ -53,7 +53,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench._common import (
+from snapstore.bench._common import (
     Table,
     add_disk_budget,
     bench_header,
@@ -85,7 +85,7 @@ class RestoreRank:
     def __init__(
         self, job: str, rank: int, world: int, rundir: str, nbytes: int, scratch: str
     ) -> None:
-        from clients import Client
+        from snapstore.clients import Client
 
         self.rank = rank
         self.nbytes = nbytes
@@ -96,7 +96,7 @@ class RestoreRank:
         # What a restarted trainer does before it restores: ask the store for
         # the latest step (this also looks up the coordinator once).
         self.client.latest_step()
-        import snapstore.format  # noqa: F401  (the restore's unpacker)
+        import snapstore.format.pack  # noqa: F401  (the restore's unpacker)
 
     def node(self) -> str:
         return str(self.client.node_id)
@@ -278,7 +278,7 @@ def _node_loss(
     its last heartbeat), on the node it was rebuilt onto -- as a trainer that
     takes a few seconds to restart would find it.
     """
-    from snapstore import faults
+    from snapstore.ops import faults
 
     standby = None
     if mode == "on_demand":
@@ -355,7 +355,7 @@ def run_size(
     scratch: str,
 ) -> dict[str, Any]:
     """One state size; ``disk`` carries the measured fsync write rate between sizes."""
-    from snapstore import faults
+    from snapstore.ops import faults
 
     job = f"restore-{index}"
     per_rank = total // WORLD
@@ -603,13 +603,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cycles = 1 if args.quick else max(1, args.cycles)
     disk = {"budget": args.disk_budget}
     info = bench_header(
-        "bench.restore",
+        "snapstore.bench.restore",
         f"sizes {', '.join(human(s) for s in sizes)} over {WORLD} ranks; store: 4 nodes, k=3, "
         "m=1, one rank per node",
     )
     # The classes the rank actors run must be importable by name in their
     # processes, not pickled from __main__.
-    from bench import restore as this
+    from snapstore.bench import restore as this
 
     results = []
     scratch = tempfile.mkdtemp(prefix="bench-restore-", dir=disk_dir())

@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from bench._common import (
+from snapstore.bench._common import (
     Table,
     add_disk_budget,
     bench_header,
@@ -109,7 +109,7 @@ def snapstore_saves(
     A save the store aborts (on a loaded machine a node may miss its
     heartbeats) is counted, not timed, and the run goes on with the next step.
     """
-    from clients import Client
+    from snapstore.clients import Client
     from snapstore.errors import SaveFailedError
 
     tensors = tensors_of(state)
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reps = 3 if args.quick else max(3, args.reps)
     disk_reps = 1 if args.quick else max(1, args.disk_reps)
     info = bench_header(
-        "bench.save",
+        "snapstore.bench.save",
         f"sizes {', '.join(human(s) for s in sizes)}; store: 4 nodes, k=3, m=1, one rank "
         "(this process) on node 1",
     )
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with private_store(
         nodes=4, k=3, m=1, memory_per_node=_budget(sizes), failure_timeout=FAILURE_TIMEOUT
     ) as store:
-        from snapstore import faults
+        from snapstore.ops import faults
 
         node = faults.store_nodes(store)[0]
         for i, size in enumerate(sizes):

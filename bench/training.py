@@ -1,7 +1,7 @@
 """Data-parallel GPT training on the embedded cluster, with failures injected and recovered.
 
 :class:`GPTRank` is one rank: a Ray actor pinned to a store node that trains
-the small GPT of :mod:`bench.gpt` with DDP over gloo and saves a snapshot
+the small GPT of :mod:`snapstore.bench.gpt` with DDP over gloo and saves a snapshot
 every step (lazily: the copy overlaps the next forward and backward). The
 optimizer state and parameters are replicated across ranks, so each rank
 stores only its share of them (data-parallel de-duplication).
@@ -115,7 +115,7 @@ class GPTRank:
     def __init__(self, rank: int, world: int, rendezvous: str, spec: RankSpec) -> None:
         import torch
 
-        from bench.gpt import GPTConfig, make_model
+        from snapstore.bench.gpt import GPTConfig, make_model
 
         torch.set_num_threads(1)  # several ranks share two cores
         self.rank, self.world = rank, world
@@ -133,7 +133,7 @@ class GPTRank:
         self.ballast = torch.full((n,), float(rank)) if n else None
         self.client: Any = None
         if spec.snapshot:
-            from clients import Client, DPGroup
+            from snapstore.clients import Client, DPGroup
 
             dp = DPGroup(rank, tuple(range(world)), replicated=("model/*", "optim/*"))
             self.client = Client(spec.job, rank, world, rundir=spec.rundir, dp=dp, timeout=120)
@@ -228,7 +228,7 @@ class GPTRank:
             return self._train(until, self._epoch)
 
     def _train(self, until: int, epoch: int) -> dict[str, Any]:
-        from bench.gpt import batch
+        from snapstore.bench.gpt import batch
         from snapstore.errors import SnapstoreError
 
         while self.step < until and epoch == self._epoch:
@@ -445,7 +445,7 @@ def run(
     """
     import ray
 
-    from snapstore import faults
+    from snapstore.ops import faults
 
     spec = RankSpec(job, getattr(store, "rundir", None), cfg, snapshot, ballast_bytes, baseline)
     report = RunReport(job, steps, world)
@@ -562,7 +562,7 @@ def _recover(
     """
     import ray
 
-    from snapstore import faults
+    from snapstore.ops import faults
 
     victims = _victims(failure)
     replaced = victims + [i for i in stuck if i not in victims]
@@ -605,7 +605,7 @@ def _watch(
     """Poll progress; inject the next failure when due; return it once it is noticed."""
     import ray
 
-    from snapstore import faults
+    from snapstore.ops import faults
 
     injected: Failure | None = None
     last = -1

@@ -66,7 +66,7 @@ class SyntheticRank:
     """One rank of a job: saves synthetic states, restores and verifies them."""
 
     def __init__(self, job: str, rank: int, world_size: int, rundir: str, nbytes: int) -> None:
-        from clients.client import Client
+        from snapstore.clients.client import Client
 
         self.job, self.rank, self.world_size, self.nbytes = job, rank, world_size, nbytes
         self.client = Client(job, rank, world_size, rundir=rundir)
@@ -103,8 +103,8 @@ class SyntheticRank:
         Stands for a rank that dies in the middle of its staging copy: the
         test kills this process while it "copies".
         """
-        from snapstore.format import plan
-        from snapstore.slot import frame_size
+        from snapstore.format.frame import frame_size
+        from snapstore.format.pack import plan
 
         state = make_state(self.rank, step, self.nbytes, seed)
         layout = plan(state)

@@ -43,9 +43,9 @@ import threading
 import time
 from typing import Any
 
-from clients.dp import DPGroup, fill, localize, placeholders, shard
-from clients.future import DEFAULT_TIMEOUT, SaveFuture
-from clients.persisted import (
+from snapstore.clients.dp import DPGroup, fill, localize, placeholders, shard
+from snapstore.clients.future import DEFAULT_TIMEOUT, SaveFuture
+from snapstore.clients.persisted import (
     Opened,
     install_sigterm,
     open_persisted,
@@ -54,8 +54,9 @@ from clients.persisted import (
     still_intact,
     uninstall_sigterm,
 )
-from clients.staging import Stager
+from snapstore.clients.staging import Stager
 from snapstore.config import check_job_name
+from snapstore.control.handle import Store, connect
 from snapstore.errors import (
     FormatError,
     SnapshotNotFoundError,
@@ -63,10 +64,9 @@ from snapstore.errors import (
     StoreTimeoutError,
     UnrecoverableError,
 )
-from snapstore.lifecycle import Store, connect
+from snapstore.format.frame import frame_size, read_frame, write_trailer
+from snapstore.node.smp import smp_name
 from snapstore.rpc import call
-from snapstore.slot import frame_size, read_frame, write_trailer
-from snapstore.smp import smp_name
 
 __all__ = ["Client", "SaveFuture"]
 
@@ -81,7 +81,7 @@ class Client:
     ``node_id`` defaults to the Ray node this process runs on; the client
     stages into that node's SMP. ``policy`` says what ``save`` does while the
     previous save is still committing: ``"wait"`` for it (default) or
-    ``"skip"`` this step. ``dp`` (a :class:`clients.dp.DPGroup`, or a
+    ``"skip"`` this step. ``dp`` (a :class:`snapstore.clients.dp.DPGroup`, or a
     torch.distributed process group of the DP ranks) stores replicated state
     once per DP group. ``deltas=False`` copies everything every step (for
     code that changes tensors behind their version counter, e.g. via
@@ -189,7 +189,7 @@ class Client:
                     f"the previous save (step {prev.step}) did not commit within {timeout} s"
                 )
             self._count(waits=1, wait_seconds=time.monotonic() - t0)
-        from snapstore.format import bind
+        from snapstore.format.pack import bind
 
         t0 = time.perf_counter()
         stored = shard(localize(state), self.dp) if self.dp else localize(state)
@@ -361,7 +361,7 @@ class Client:
         the step is marked bad and an older one is used).
         """
         self._check_open()
-        from snapstore.format import unpack
+        from snapstore.format.pack import unpack
 
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -435,7 +435,7 @@ class Client:
         Used by data-parallel restores, the DCP reader and export.
         """
         self._check_open()
-        from snapstore.format import unpack
+        from snapstore.format.pack import unpack
 
         timeout = self.timeout if timeout is None else timeout
         rank = self.rank if rank is None else rank

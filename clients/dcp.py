@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from clients.client import Client
+from snapstore.clients.client import Client
 from snapstore.errors import FormatError, SnapshotNotFoundError
 
 __all__ = ["SnapstoreReader", "SnapstoreWriter"]

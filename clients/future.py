@@ -1,6 +1,6 @@
 """The future of one saved step: staged, then committed (or failed, or skipped).
 
-:class:`clients.Client` creates one per ``save`` and resolves it from its
+:class:`snapstore.clients.Client` creates one per ``save`` and resolves it from its
 threads: the copier marks it staged, the follower resolves it when the
 coordinator answers for the step.
 """

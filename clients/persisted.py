@@ -1,8 +1,8 @@
 """The client's side of the persisted tier: restore from disk, persist on demand, on SIGTERM.
 
-:class:`clients.Client` calls these; training code calls ``Client.restore``,
+:class:`snapstore.clients.Client` calls these; training code calls ``Client.restore``,
 ``Client.persist`` and passes ``persist_on_sigterm=True``. The coordinator
-chooses the persisted step (see :mod:`snapstore.flush`), so every rank of
+chooses the persisted step (see :mod:`snapstore.control.flush`), so every rank of
 a job restores the same one; each rank then reads and verifies its own
 file here (:func:`snapstore.persist.read_rank`), from the persist
 directory the store recorded, which every trainer's host must see.
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from coding import checksum
 from snapstore import persist as disk
+from snapstore.coding import checksum
 from snapstore.errors import (
     PersistedStepCorruptError,
     PersistFailedError,
@@ -29,11 +29,11 @@ from snapstore.errors import (
     StoreTimeoutError,
     UnrecoverableError,
 )
-from snapstore.record import piece_bounds
+from snapstore.format.record import piece_bounds
 from snapstore.rpc import call
 
 if TYPE_CHECKING:
-    from clients.client import Client
+    from snapstore.clients.client import Client
 
 __all__ = [
     "Opened",

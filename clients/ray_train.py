@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from clients.client import Client
-from clients.future import SaveFuture
+from snapstore.clients.client import Client
+from snapstore.clients.future import SaveFuture
 from snapstore.errors import SnapshotNotFoundError
 
 __all__ = ["RayTrainSnapshots"]

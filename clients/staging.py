@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from snapstore.bytecopy import copy_many
-from snapstore.segments import MappingCache, Segment
+from snapstore.format.bytecopy import copy_many
+from snapstore.node.segments import MappingCache, Segment
 
 __all__ = ["CopyPlan", "SlotMaps", "Stager", "region_keys"]
 

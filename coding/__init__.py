@@ -8,17 +8,17 @@ through ctypes; pyeclib's interface backs ``liberasurecode_rs_vand`` and the
 fallback. :func:`checksum` guards every chunk.
 """
 
-from coding.backends import BACKENDS, DEFAULT_BACKEND, available_backends
-from coding.checksum import CHECKSUM_NAME, Checksummer, checksum, verify_chunks
-from coding.codec import MAX_CHUNKS, ErasureCodec
-from coding.errors import (
+from snapstore.coding.backends import BACKENDS, DEFAULT_BACKEND, available_backends
+from snapstore.coding.checksum import CHECKSUM_NAME, Checksummer, checksum, verify_chunks
+from snapstore.coding.codec import MAX_CHUNKS, ErasureCodec
+from snapstore.coding.errors import (
     BackendUnavailableError,
     ChecksumMismatchError,
     CodingError,
     InsufficientChunksError,
     SnapstoreError,
 )
-from coding.xor import xor_parity, xor_reconstruct
+from snapstore.coding.xor import xor_parity, xor_reconstruct
 
 __all__ = [
     "BACKENDS",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coding.errors import CodingError
+from snapstore.coding.errors import CodingError
 
 __all__ = ["U8", "Buffer", "address", "as_u8", "lengths_message"]
 

@@ -19,11 +19,11 @@ from typing import Literal
 
 import numpy as np
 
-from coding.engine import Engine
-from coding.errors import BackendUnavailableError, CodingError
-from coding.isal import MatrixKind, load
-from coding.isal_engine import IsalEngine
-from coding.pyeclib_engine import PyeclibEngine
+from snapstore.coding.engine import Engine
+from snapstore.coding.errors import BackendUnavailableError, CodingError
+from snapstore.coding.isal import MatrixKind, load
+from snapstore.coding.isal_engine import IsalEngine
+from snapstore.coding.pyeclib_engine import PyeclibEngine
 
 __all__ = [
     "BACKENDS",

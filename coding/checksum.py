@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import xxhash
 
-from coding._buffers import U8, Buffer, as_u8
-from coding.errors import ChecksumMismatchError, CodingError
+from snapstore.coding._buffers import U8, Buffer, as_u8
+from snapstore.coding.errors import ChecksumMismatchError, CodingError
 
 __all__ = ["CHECKSUM_NAME", "Checksummer", "check", "checksum", "verify_chunks"]
 

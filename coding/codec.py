@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from coding._buffers import U8, Buffer, as_u8, lengths_message
-from coding.backends import BACKENDS, DEFAULT_BACKEND, Implementation, make_engine
-from coding.checksum import verify_chunks
-from coding.errors import CodingError, InsufficientChunksError
-from coding.isal_engine import IsalEngine, guaranteed_invertible
+from snapstore.coding._buffers import U8, Buffer, as_u8, lengths_message
+from snapstore.coding.backends import BACKENDS, DEFAULT_BACKEND, Implementation, make_engine
+from snapstore.coding.checksum import verify_chunks
+from snapstore.coding.errors import CodingError, InsufficientChunksError
+from snapstore.coding.isal_engine import IsalEngine, guaranteed_invertible
 
 __all__ = ["MAX_CHUNKS", "ErasureCodec"]
 
@@ -45,7 +45,7 @@ class ErasureCodec:
 
     ``isa_l_rs_vand`` is refused where ISA-L's Vandermonde matrix cannot
     decode every pattern of up to m losses
-    (:func:`coding.isal_engine.guaranteed_invertible`: m <= 3; m = 4 with
+    (:func:`snapstore.coding.isal_engine.guaranteed_invertible`: m <= 3; m = 4 with
     k <= 21; k <= 3; k = 4 with k + m <= 25; k = 5 with m <= 5).
     Within k + m <= 32 that rule is exact for ISA-L 2.32 (checked by
     enumerating erasure patterns): every allowed (k, m) decodes every pattern,
@@ -54,7 +54,7 @@ class ErasureCodec:
     not hold there; ``isa_l_rs_cauchy`` decodes every pattern at every (k, m).
 
     ``backend`` names the code (pyeclib's ``ec_type``): one of
-    :data:`coding.backends.BACKENDS`. ``implementation`` picks the engine:
+    :data:`snapstore.coding.backends.BACKENDS`. ``implementation`` picks the engine:
     ``"auto"`` (ISA-L through ctypes when loadable, else pyeclib), ``"isal"``
     or ``"pyeclib"`` (for tests and benchmarks). Both engines produce the same
     bytes for the same backend.
@@ -192,7 +192,7 @@ class ErasureCodec:
 
         Present chunks come back as views of the given buffers; missing ones
         are computed into new arrays. With ``checksums`` (index -> value of
-        :func:`coding.checksum`), every given chunk is verified first and one
+        :func:`snapstore.coding.checksum`), every given chunk is verified first and one
         that fails is treated as lost. Raises :class:`InsufficientChunksError`
         (listing the missing and corrupt indices) when fewer than k remain.
         """

@@ -1,9 +1,9 @@
-"""The seam between :class:`coding.ErasureCodec` and the code that moves bytes.
+"""The seam between :class:`snapstore.coding.ErasureCodec` and the code that moves bytes.
 
 :class:`ErasureCodec` validates and normalises every argument, then calls one
-:class:`Engine`. Two engines exist: :class:`coding.isal_engine.IsalEngine`
+:class:`Engine`. Two engines exist: :class:`snapstore.coding.isal_engine.IsalEngine`
 (ISA-L through ctypes, the fast path) and
-:class:`coding.pyeclib_engine.PyeclibEngine` (pyeclib's Python interface, for
+:class:`snapstore.coding.pyeclib_engine.PyeclibEngine` (pyeclib's Python interface, for
 ``liberasurecode_rs_vand`` and as the fallback when ISA-L cannot be loaded).
 
 Call protocol. The codec calls, from any thread, possibly concurrently:
@@ -25,7 +25,7 @@ Output lengths (and so every L above) are multiples of ``word_size``.
 All three may be retried: ``encode_into`` and ``reconstruct_into`` overwrite
 their outputs completely, so a retry after an error leaves correct bytes.
 ``update_parity_into`` is not idempotent (it XORs): retrying it after it
-completed undoes it. Engines raise :class:`coding.CodingError` (never a bare
+completed undoes it. Engines raise :class:`snapstore.coding.CodingError` (never a bare
 library error) and hold no per-call state, so one engine serves many threads.
 """
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from coding._buffers import U8
+from snapstore.coding._buffers import U8
 
 __all__ = ["Engine"]
 

@@ -45,7 +45,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from coding._buffers import U8, address
+from snapstore.coding._buffers import U8, address
 
 __all__ = ["MAX_CALL_BYTES", "Isal", "MatrixKind", "find_library", "load", "pointer_array"]
 
@@ -115,7 +115,7 @@ class Isal:
         return None if rc != 0 else out
 
     def gf_mul(self, a: int, b: int) -> int:
-        """One product in GF(2^8), straight from ISA-L (used to check :mod:`coding.gf256`)."""
+        """One product in GF(2^8), straight from ISA-L (checks :mod:`snapstore.coding.gf256`)."""
         product: int = self._lib.gf_mul(a, b)
         return product
 

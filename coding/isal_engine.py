@@ -20,12 +20,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from coding import gf256
-from coding._buffers import U8, address
-from coding._ragged import run_split, segments
-from coding.errors import CodingError
-from coding.isal import MAX_CALL_BYTES, Isal, MatrixKind, pointer_array
-from coding.xor import xor_into, xor_update
+from snapstore.coding import gf256
+from snapstore.coding._buffers import U8, address
+from snapstore.coding._ragged import run_split, segments
+from snapstore.coding.errors import CodingError
+from snapstore.coding.isal import MAX_CALL_BYTES, Isal, MatrixKind, pointer_array
+from snapstore.coding.xor import xor_into, xor_update
 
 __all__ = ["XOR_PREFERRED", "IsalEngine"]
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from coding._buffers import U8
-from coding._ragged import segments
-from coding.errors import BackendUnavailableError, CodingError
+from snapstore.coding._buffers import U8
+from snapstore.coding._ragged import segments
+from snapstore.coding.errors import BackendUnavailableError, CodingError
 
 __all__ = ["PyeclibEngine", "make_driver"]
 
@@ -56,7 +56,7 @@ def make_driver(ec_type: str, k: int, m: int) -> Any:
     except Exception as exc:  # pyeclib raises its own ECDriverError tree
         raise BackendUnavailableError(
             f"pyeclib cannot start {ec_type} with k={k}, m={m}: {exc}; "
-            "coding.available_backends() lists the backends that work here"
+            "snapstore.coding.available_backends() lists the backends that work here"
         ) from exc
 
 

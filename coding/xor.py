@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coding._buffers import U8, Buffer, as_u8
-from coding._ragged import run_split, segments
-from coding.errors import CodingError
+from snapstore.coding._buffers import U8, Buffer, as_u8
+from snapstore.coding._ragged import run_split, segments
+from snapstore.coding.errors import CodingError
 
 __all__ = ["xor_into", "xor_parity", "xor_reconstruct", "xor_update"]
 

@@ -23,6 +23,8 @@ echo "== ruff format --check" >&2
 "$V/ruff" format --check .
 echo "== mypy" >&2
 "$V/mypy"
+echo "== lint-imports (layers)" >&2
+"$V/lint-imports"
 echo "== pytest" >&2
 set +e
 "$V/pytest" "$@"

@@ -1,8 +1,8 @@
-"""``python -m server``: the REST server of a running store, as ``snapstore up`` starts it.
+"""``python -m snapstore.server``: the REST server of a running store (``snapstore up`` starts it).
 
 Steps, in order:
 
-1. Decide the token (:func:`server.auth.decide_token`: ``--token`` over
+1. Decide the token (:func:`snapstore.server.auth.decide_token`: ``--token`` over
    ``$SNAPSTORE_REST_TOKEN``; generated when bound beyond loopback without one).
 2. Bind the listening socket (``--port 0``: a free port), so a taken port
    fails at once with a clear message.
@@ -32,13 +32,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from server.auth import TOKEN_ENV, TokenDecision, decide_token
+from snapstore.server.auth import TOKEN_ENV, TokenDecision, decide_token
 
 logger = logging.getLogger("server")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m snapstore.server", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--runtime-dir", default=None, help="where the store's state file lives")
     p.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1]")
     p.add_argument("--port", type=int, default=8470, help="port to bind; 0 picks a free one [8470]")
@@ -121,10 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from server.app import create_app
-    from server.poller import CoordinatorSource, Poller
+    from snapstore.control.handle import connect
     from snapstore.errors import SnapstoreError
-    from snapstore.lifecycle import connect
+    from snapstore.server.app import create_app
+    from snapstore.server.poller import CoordinatorSource, Poller
 
     try:
         store = connect(args.runtime_dir)

@@ -1,6 +1,6 @@
 """The FastAPI app: endpoints over the poller's cached snapshot, auth, dashboard files.
 
-Every handler reads :meth:`server.poller.Poller.state` (one attribute read)
+Every handler reads :meth:`snapstore.server.poller.Poller.state` (one attribute read)
 and wraps the prepared view. Handlers are coroutines that await nothing: they
 run on the event loop without a thread hop, and a slow or dead coordinator,
 SMP or save never delays a response. JSON answers carry the
@@ -23,9 +23,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.auth import check_bearer
-from server.metrics import CONTENT_TYPE, SnapshotCollector
-from server.models import (
+from snapstore.config import JOB_NAME_RE
+from snapstore.server.auth import check_bearer
+from snapstore.server.metrics import CONTENT_TYPE, SnapshotCollector
+from snapstore.server.models import (
     ErrorBody,
     EventList,
     Health,
@@ -38,9 +39,8 @@ from server.models import (
     SnapshotList,
     SnapshotSummary,
 )
-from server.poller import EVENTS_KEPT, Poller, PollState
-from server.views import JobView, View
-from snapstore.config import JOB_NAME_RE
+from snapstore.server.poller import EVENTS_KEPT, Poller, PollState
+from snapstore.server.views import JobView, View
 
 __all__ = ["create_app"]
 

@@ -44,8 +44,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from server.poller import Poller
-from server.views import View
+from snapstore.server.poller import Poller
+from snapstore.server.views import View
 
 __all__ = ["CONTENT_TYPE", "SnapshotCollector", "render"]
 

@@ -2,7 +2,7 @@
 
 These models are the contract the OpenAPI schema publishes (and that the
 schemathesis tests check responses against). They are built by
-:mod:`server.views` from the coordinator's published snapshot; nothing here
+:mod:`snapstore.server.views` from the coordinator's published snapshot; nothing here
 talks to the store.
 """
 

@@ -7,7 +7,7 @@ Call protocol:
    may wait for the first snapshot with :meth:`Poller.wait_first`.
 2. The poller's thread calls :meth:`SnapshotSource.fetch` every
    ``interval`` seconds, each call bounded by ``timeout``; it derives the
-   endpoints' data (:func:`server.views.build_view`) and swaps the new
+   endpoints' data (:func:`snapstore.server.views.build_view`) and swaps the new
    :class:`PollState` in with one assignment.
 3. Request handlers, on the event loop, only call :meth:`Poller.state`: it
    never blocks and never reaches the store, so no request waits on the
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from server.views import View, build_view
+from snapstore.server.views import View, build_view
 
 __all__ = ["CoordinatorSource", "PollState", "Poller", "SnapshotSource"]
 

@@ -1,8 +1,8 @@
 """From the coordinator's snapshot dict to the API's models: pure functions, no I/O.
 
-The coordinator publishes one dict (:meth:`snapstore.coordinator.Coordinator.snapshot`);
+The coordinator publishes one dict (:meth:`snapstore.control.coordinator.Coordinator.snapshot`);
 :func:`build_view` turns it, once per poll, into the parts every endpoint
-serves, so a request only picks and wraps (see :mod:`server.app`). A snapshot
+serves, so a request only picks and wraps (see :mod:`snapstore.server.app`). A snapshot
 this module cannot read raises :class:`SnapshotFormatError`; the poller then
 keeps serving the previous view and reports the error in ``/healthz``.
 """
@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.models import (
+from snapstore.control.placement import stripe_members
+from snapstore.server.models import (
     Event,
     Job,
     LastRestore,
@@ -29,7 +30,6 @@ from server.models import (
     Stripe,
     StripeMember,
 )
-from snapstore.placement import stripe_members
 
 __all__ = ["JobView", "SnapshotFormatError", "View", "build_view", "redundancy_of"]
 
@@ -45,7 +45,7 @@ class JobView:
     """One job: its summary, and the detail of its committed step and steps in progress.
 
     ``committed`` and each ``in_progress`` and ``persisted`` value are keyword
-    arguments for :class:`server.models.SnapshotDetail` without the envelope fields.
+    arguments for :class:`snapstore.server.models.SnapshotDetail` without the envelope fields.
     """
 
     job: Job
@@ -177,7 +177,7 @@ def _restore_source(
     relocated_to: str | None,
     unrecoverable: bool,
 ) -> RestoreSource:
-    """Mirror of the coordinator's restore plan (:func:`snapstore.recovery.restore_plan`)."""
+    """Mirror of the restore plan (:func:`snapstore.control.recovery.restore_plan`)."""
     if unrecoverable:
         return RestoreSource(kind="unrecoverable", nodes=[])
     if relocated_to is not None and relocated_to != node and relocated_to in alive:

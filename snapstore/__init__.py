@@ -31,21 +31,21 @@ from snapstore.errors import (
 )
 
 if TYPE_CHECKING:
-    from snapstore.format import Packed, pack, unpack
-    from snapstore.lifecycle import Store, connect, down, nodes, up
+    from snapstore.format.pack import Packed, pack, unpack
+    from snapstore.ops.lifecycle import Store, connect, down, nodes, up
 
 __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first attribute access.
 _LAZY = {
-    "pack": "snapstore.format",
-    "unpack": "snapstore.format",
-    "Packed": "snapstore.format",
-    "up": "snapstore.lifecycle",
-    "down": "snapstore.lifecycle",
-    "connect": "snapstore.lifecycle",
-    "nodes": "snapstore.lifecycle",
-    "Store": "snapstore.lifecycle",
+    "pack": "snapstore.format.pack",
+    "unpack": "snapstore.format.pack",
+    "Packed": "snapstore.format.pack",
+    "up": "snapstore.ops.lifecycle",
+    "down": "snapstore.ops.lifecycle",
+    "connect": "snapstore.ops.lifecycle",
+    "nodes": "snapstore.ops.lifecycle",
+    "Store": "snapstore.ops.lifecycle",
 }
 
 __all__ = [

@@ -109,7 +109,7 @@ class StoreConfig:
         the absolute path it chose. On a multi-host cluster it must be a
         directory every node mounts at the same path, or a URL. An fsspec URL
         (``s3://bucket/prefix``, ``file:///path``...) is flushed to through
-        fsspec (snapstore.objstore); it must not carry a password (status
+        fsspec (snapstore.persist.objstore); it must not carry a password (status
         shows it) nor name a one-process filesystem (``memory://``).
     persist_every: flush a job's committed step to ``persist_dir`` whenever its
         step crosses a multiple of this many steps; 0 turns periodic flushing
@@ -241,7 +241,7 @@ _PROCESS_LOCAL_SCHEMES = ("memory",)
 
 
 def _check_persist_url(url: str) -> None:
-    """What can be said of a persist URL without its driver (see snapstore.objstore)."""
+    """What can be said of a persist URL without its driver (see snapstore.persist.objstore)."""
     parts = urllib.parse.urlsplit(url)
     if parts.password:
         raise ConfigError(

@@ -1,6 +1,6 @@
 """snapstore's exception tree: one class per thing a caller can act on.
 
-Everything derives from :class:`SnapstoreError` (defined in ``coding`` so the
+Everything derives from :class:`SnapstoreError` (defined in ``snapstore.coding`` so the
 lowest layer can raise it too), which derives from :class:`Exception`.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from coding.errors import (
+from snapstore.coding.errors import (
     BackendUnavailableError,
     ChecksumMismatchError,
     CodingError,

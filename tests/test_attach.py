@@ -17,9 +17,9 @@ def test_attach_then_down_leaves_the_cluster_running() -> None:
     import torch
 
     import snapstore
-    from clients import Client
-    from snapstore.cluster import kill_tree, start_head, start_worker
+    from snapstore.clients import Client
     from snapstore.errors import FaultInjectionError
+    from snapstore.ops.cluster import kill_tree, start_head, start_worker
 
     tmp = tempfile.mkdtemp(prefix="ss-att-", dir="/tmp")
     rundir = os.path.join(tmp, "rt")
@@ -43,7 +43,7 @@ def test_attach_then_down_leaves_the_cluster_running() -> None:
         step, got = client.restore()
         assert step == 1 and torch.equal(got["w"], state["w"])
         client.close()
-        from snapstore import faults
+        from snapstore.ops import faults
 
         with pytest.raises(FaultInjectionError):
             faults.kill_node(nodes[1]["node_id"], store)

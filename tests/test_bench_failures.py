@@ -15,7 +15,7 @@ pytestmark = pytest.mark.cluster
 def test_failure_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.failures", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "snapstore.bench.failures", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -48,7 +48,7 @@ def test_sigterm_stops_the_benchmark_and_everything_it_started(tmp_path: Path) -
 
     before = set(glob.glob("/tmp/ss-bench-*"))
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "bench.failures", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-u", "-m", "snapstore.bench.failures", "--quick", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -39,7 +39,7 @@ TIMEOUT = 240.0
 
 
 def _scratch_glob() -> str:
-    from bench._common import disk_dir
+    from snapstore.bench._common import disk_dir
 
     return os.path.join(disk_dir(), "bench-persist-*")
 
@@ -104,7 +104,7 @@ def test_no_store_left_behind(runs: dict[str, Any]) -> None:
     new_dirs = set(glob.glob("/tmp/ssb-*")) - before
     assert not new_dirs, f"benchmark runtime dirs left behind: {sorted(new_dirs)}"
     scratch = set(glob.glob(_scratch_glob())) - runs["_dirs_before"]["scratch"]
-    assert not scratch, f"bench.persist left its files behind: {sorted(scratch)}"
+    assert not scratch, f"snapstore.bench.persist left its files behind: {sorted(scratch)}"
     leftovers = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         for arg in p.info["cmdline"] or ():

@@ -26,13 +26,13 @@ def store() -> Any:
 
 @pytest.fixture(scope="module")
 def nodes(store: Any) -> list[str]:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     return list(faults.store_nodes(store))
 
 
 def _client(store: Any, node: str, job: str, rank: int = 0, world: int = 1, **kw: Any) -> Any:
-    from clients import Client
+    from snapstore.clients import Client
 
     return Client(job, rank, world, store=store, node_id=node, timeout=60, **kw)
 
@@ -138,7 +138,7 @@ def test_resumed_training_is_bitwise_identical(store: Any, nodes: list[str]) -> 
 
 
 def test_data_parallel_state_is_stored_once(store: Any, nodes: list[str]) -> None:
-    from clients.dp import DPGroup
+    from snapstore.clients.dp import DPGroup
 
     torch.manual_seed(2)
     shared = {f"w{i}": torch.randn(32 * 1024) for i in range(8)}
@@ -200,7 +200,7 @@ def test_errors_are_clear(store: Any, nodes: list[str]) -> None:
 
 
 def test_delta_moves_few_bytes_and_parity_stays_right(store: Any, nodes: list[str]) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     torch.manual_seed(1)
     world = 3

@@ -11,8 +11,8 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import coding
-from coding.checksum import check
+from snapstore import coding
+from snapstore.coding.checksum import check
 from tests.test_coding_support import random_chunks
 
 

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import coding
-from coding import _ragged as ragged
-from coding.isal import load
-from coding.isal_engine import IsalEngine, guaranteed_invertible
+from snapstore import coding
+from snapstore.coding import _ragged as ragged
+from snapstore.coding.isal import load
+from snapstore.coding.isal_engine import IsalEngine, guaranteed_invertible
 from tests.test_coding_support import U8, padded, pyeclib_parity, random_chunks
 
 AVAILABLE = coding.available_backends()

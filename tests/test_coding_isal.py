@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coding import gf256
-from coding.isal import Isal, MatrixKind, load, pointer_array
+from snapstore.coding import gf256
+from snapstore.coding.isal import Isal, MatrixKind, load, pointer_array
 
 U8 = npt.NDArray[np.uint8]
 

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coding import _ragged as ragged
+from snapstore.coding import _ragged as ragged
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import coding
-from coding import _ragged as ragged
-from coding import xor as xor_module
+from snapstore import coding
+from snapstore.coding import _ragged as ragged
+from snapstore.coding import xor as xor_module
 from tests.test_coding_support import padded, pyeclib_parity, random_chunks
 
 XOR_BACKENDS = [

@@ -11,8 +11,8 @@ import asyncio
 import types
 from typing import Any
 
-from snapstore import commit
-from snapstore.state import JobState, Pending
+from snapstore.control import commit
+from snapstore.control.state import JobState, Pending
 
 
 def _coord(js: JobState) -> Any:

@@ -38,8 +38,8 @@ def _worker(rank: int, world: int, port: int, rundir: str, nodes: list[str], out
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from clients import Client
-    from clients.dcp import SnapstoreReader, SnapstoreWriter
+    from snapstore.clients import Client
+    from snapstore.clients.dcp import SnapstoreReader, SnapstoreWriter
 
     try:
         dist.init_process_group(
@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, port: int, rundir: str, nodes: list[str], out
 
 
 def test_dcp_save_async_save_and_load_over_gloo() -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     with running_store(nodes=4, k=3, m=1, memory_per_node="64MiB") as store:
         nodes = faults.store_nodes(store)

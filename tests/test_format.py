@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from snapstore.errors import FormatError, UnsupportedTypeError
-from snapstore.format import FORMAT_VERSION, pack, plan, read_manifest, unpack
+from snapstore.format.pack import FORMAT_VERSION, pack, plan, read_manifest, unpack
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -416,8 +416,8 @@ def test_reading_a_manifest_does_not_import_torch() -> None:
     """Node actors and tools read manifests; torch costs them seconds to import."""
     packed = pack({"w": torch.zeros(3), "step": 1})
     code = (
-        "import sys; from snapstore.manifest import read_manifest; "
-        "import snapstore.bytecopy; "
+        "import sys; from snapstore.format.manifest import read_manifest; "
+        "import snapstore.format.bytecopy; "
         "info = read_manifest(sys.stdin.buffer.read()); "
         "assert 'torch' not in sys.modules, 'torch was imported'; print(info.num_tensors)"
     )

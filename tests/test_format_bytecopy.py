@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from snapstore.bytecopy import CHUNK, copy_many
-from snapstore.format import pack, unpack
+from snapstore.format.bytecopy import CHUNK, copy_many
+from snapstore.format.pack import pack, unpack
 from tests.test_format import assert_same
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from snapstore.errors import FormatError
-from snapstore.format import Layout, pack, plan, unpack
+from snapstore.format.pack import Layout, pack, plan, unpack
 from tests.test_format import assert_same, roundtrip
 
 

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapstore.errors import FormatError
-from snapstore.format import pack, read_manifest, unpack
-from snapstore.manifest import MAGIC, pack_value
+from snapstore.format.manifest import MAGIC, pack_value
+from snapstore.format.pack import pack, read_manifest, unpack
 
 Ext = msgpack.ExtType
 

@@ -23,8 +23,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coding import checksum
 from snapstore import persist
+from snapstore.coding import checksum
 from snapstore.errors import (
     ConfigError,
     FormatError,
@@ -32,8 +32,8 @@ from snapstore.errors import (
     PersistFailedError,
     SnapshotNotFoundError,
 )
-from snapstore.record import piece_bounds
-from snapstore.throttle import TokenBucket
+from snapstore.format.record import piece_bounds
+from snapstore.persist.throttle import TokenBucket
 
 JOB = "pj"
 
@@ -388,7 +388,7 @@ def test_a_driver_error_while_listing_is_an_oserror_naming_the_url() -> None:
 
 
 def test_reaching_a_url_names_what_is_wrong(tmp_path: Any) -> None:
-    from snapstore import objstore
+    from snapstore.persist import objstore
 
     with pytest.raises(ConfigError, match="no-such-protocol"):
         objstore.reach("no-such-protocol://bucket/x")
@@ -482,8 +482,8 @@ def _rank_state(r: int) -> dict[str, Any]:
 
 
 def _packed(state: Any, step: int) -> np.ndarray:
-    from snapstore.format import pack
-    from snapstore.slot import frame_size, write_trailer
+    from snapstore.format.frame import frame_size, write_trailer
+    from snapstore.format.pack import pack
 
     p = pack(state)
     buf = np.zeros(frame_size(p.layout.nbytes, len(p.manifest)), dtype=np.uint8)
@@ -493,7 +493,7 @@ def _packed(state: Any, step: int) -> np.ndarray:
 
 
 def test_export_of_a_persisted_step_skips_a_corrupt_newer_one(tmp_path: Any) -> None:
-    from snapstore.export import persisted_states, persisted_step
+    from snapstore.ops.export import persisted_states, persisted_step
 
     root = str(tmp_path / "persist")
     for step in (4, 8):
@@ -518,7 +518,7 @@ def test_export_of_a_persisted_step_skips_a_corrupt_newer_one(tmp_path: Any) -> 
 def test_torch_safe_turns_numpy_into_tensors_and_keeps_the_rest() -> None:
     import collections
 
-    from snapstore.export import torch_safe
+    from snapstore.ops.export import torch_safe
 
     sd: Any = collections.OrderedDict(w=torch.ones(2))
     sd._metadata = {"": {"version": 1}}

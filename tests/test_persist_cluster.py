@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import torch
 
-from bench.workers import make_state, states_equal
 from snapstore import persist
+from snapstore.bench.workers import make_state, states_equal
 from tests.conftest import events, job_status, running_store, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -59,13 +59,13 @@ def store(pdir: str) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def nodes(store: Any) -> list[str]:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     return list(faults.store_nodes(store))
 
 
 def _client(store: Any, node: str, job: str, rank: int, world: int = WORLD, **kw: Any) -> Any:
-    from clients import Client
+    from snapstore.clients import Client
 
     return Client(job, rank, world, store=store, node_id=node, timeout=60, **kw)
 
@@ -89,8 +89,8 @@ def _steps(root: str, job: str) -> list[int]:
 
 
 def _file_state(root: str, job: str, step: int, rank: int) -> Any:
-    from snapstore.format import unpack
-    from snapstore.slot import read_frame
+    from snapstore.format.frame import read_frame
+    from snapstore.format.pack import unpack
 
     buf = persist.read_rank(persist.step_dir(root, job, step), rank)
     framed = read_frame(buf, len(buf))
@@ -105,7 +105,7 @@ def _held(store: Any) -> int:
 def _smp_infos(store: Any) -> list[dict[str, Any]]:
     import ray
 
-    from snapstore.smp import smp_name
+    from snapstore.node.smp import smp_name
 
     out = []
     for n in store.nodes():
@@ -155,7 +155,7 @@ def test_persist_on_demand_returns_the_committed_step(
 def test_training_goes_on_while_a_flush_holds_its_slots(
     store: Any, ranks: list[Any], nodes: list[str], pdir: str
 ) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     faults.fail_persist(nodes[0], stall=(0, 60.0), store=store)
     try:
@@ -179,8 +179,8 @@ def test_training_goes_on_while_a_flush_holds_its_slots(
 def test_a_flush_failing_midway_leaves_the_previous_step_intact(
     store: Any, ranks: list[Any], nodes: list[str], pdir: str
 ) -> None:
-    from snapstore import faults
     from snapstore.errors import PersistFailedError
+    from snapstore.ops import faults
 
     before = _steps(pdir, JOB)
     faults.fail_persist(nodes[1], after_bytes=1000, store=store)
@@ -207,7 +207,7 @@ def test_a_flush_failing_midway_leaves_the_previous_step_intact(
 def test_an_smp_killed_mid_flush_leaves_the_previous_step_intact(
     store: Any, ranks: list[Any], nodes: list[str], pdir: str
 ) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     before = _steps(pdir, JOB)
     faults.fail_persist(nodes[0], stall=(0, 60.0), store=store)
@@ -266,7 +266,7 @@ def test_sigterm_persists_the_last_committed_step_then_dies(
 
 def _sigterm_rank(rundir: str, node: str, ready: Any) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from clients import Client
+    from snapstore.clients import Client
 
     client = Client("sj", 0, 1, rundir=rundir, node_id=node, timeout=60, persist_on_sigterm=True)
     for step in (1, 2, 3):
@@ -279,7 +279,7 @@ def test_export_from_memory_and_from_disk_loads_with_plain_torch(
     store: Any, ranks: list[Any], pdir: str, tmp_path: Any
 ) -> None:
     from snapstore.cli import main
-    from snapstore.export import torch_safe
+    from snapstore.ops.export import torch_safe
 
     _save(ranks, 17)
     out = tmp_path / "mem"
@@ -298,7 +298,7 @@ def _check_dcp(path: Any, step: int) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from snapstore.export import torch_safe
+    from snapstore.ops.export import torch_safe
 
     template = {f"rank_{r}": torch_safe(make_state(r, 999, NBYTES))[0] for r in range(WORLD)}
     with warnings.catch_warnings():
@@ -315,8 +315,8 @@ def test_whole_store_restart_restores_from_disk_bitwise(
     store: Any, ranks: list[Any], pdir: str, tmp_path: Any
 ) -> None:
     import snapstore
-    from snapstore import faults
     from snapstore.cli import main
+    from snapstore.ops import faults
 
     for c in ranks:
         c.close()
@@ -337,7 +337,7 @@ def test_whole_store_restart_restores_from_disk_bitwise(
 
     with running_store(persist_dir=pdir, **SETTINGS) as again:
         nodes = faults.store_nodes(again)
-        from server.views import build_view
+        from snapstore.server.views import build_view
 
         view = build_view(again.status())
         assert [p.step for p in view.jobs[JOB].job.persisted] == _steps(pdir, JOB)
@@ -378,7 +378,7 @@ def _corrupt_step_is_skipped(store: Any, nodes: list[str]) -> None:
 def _more_than_m_nodes_lost_falls_back_to_disk(
     store: Any, nodes: list[str], clients: list[Any], pdir: str
 ) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     persisted = clients[0].persist(timeout=60)
     assert persisted % 4 == 2

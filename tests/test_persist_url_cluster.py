@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from bench.workers import make_state, states_equal
 from snapstore import persist
+from snapstore.bench.workers import make_state, states_equal
 from tests.conftest import events, job_status, running_store, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -51,8 +51,8 @@ def url(local: str) -> str:
 
 
 def _clients(store: Any) -> list[Any]:
-    from clients import Client
-    from snapstore import faults
+    from snapstore.clients import Client
+    from snapstore.ops import faults
 
     nodes = faults.store_nodes(store)
     return [Client(JOB, r, WORLD, store=store, node_id=nodes[r], timeout=60) for r in range(WORLD)]
@@ -72,9 +72,9 @@ def test_a_store_flushes_to_a_url_and_a_second_store_restores_from_it(
     url: str, local: str, tmp_path: Any
 ) -> None:
     import snapstore
-    from snapstore import faults
     from snapstore.cli import main
     from snapstore.errors import PersistFailedError
+    from snapstore.ops import faults
 
     with running_store(persist_dir=url, **SETTINGS) as store:
         assert store.config.persist_dir == url  # a URL is kept as given, not made a path
@@ -119,7 +119,7 @@ def test_a_store_flushes_to_a_url_and_a_second_store_restores_from_it(
     out = tmp_path / "offline"  # no store at all: the URL still exports
     argv = ["export", "--job", JOB, "--to", str(out), "--persist-dir", url, "--step", "6"]
     assert main(["--runtime-dir", str(tmp_path), *argv]) == 0
-    from snapstore.export import torch_safe
+    from snapstore.ops.export import torch_safe
 
     for r in range(WORLD):
         got = torch.load(out / f"rank-{r}.pt", weights_only=True)

@@ -14,8 +14,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from snapstore.errors import ConfigError
-from snapstore.placement import (
+from snapstore.control.placement import (
     chunk_extents,
     chunk_length,
     data_stripe,
@@ -25,7 +24,8 @@ from snapstore.placement import (
     regroup,
     stripe_members,
 )
-from snapstore.record import ALIGN, RankEntry, piece_bounds
+from snapstore.errors import ConfigError
+from snapstore.format.record import ALIGN, RankEntry, piece_bounds
 
 
 def _names(n: int, prefix: str = "n") -> list[str]:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snapstore.control.placement import form_groups, plan_parity
 from snapstore.errors import FormatError
-from snapstore.placement import form_groups, plan_parity
-from snapstore.record import (
+from snapstore.format.record import (
     ALIGN,
     RECORD_VERSION,
     ParityEntry,

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coding import checksum
+from snapstore.coding import checksum
 from snapstore.config import JOB_NAME_RE
-from snapstore.segments import (
+from snapstore.node.segments import (
     Segment,
     SegmentName,
     data_name,
@@ -218,8 +218,8 @@ def test_failed_create_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path
 
 _CHILD = """
 import sys, time
-from coding import checksum
-from snapstore.segments import Segment
+from snapstore.coding import checksum
+from snapstore.node.segments import Segment
 seg = Segment.open(sys.argv[1], writable=sys.argv[2] == "rw")
 print(checksum(seg.array), flush=True)
 if sys.argv[3] == "wait":

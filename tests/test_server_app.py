@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.__main__ import bind, url_of, write_ready
-from server.app import create_app
-from server.auth import check_bearer, decide_token, is_loopback
-from server.poller import Poller
-from server.views import build_view
-from snapstore.placement import form_groups, plan_parity
-from snapstore.record import RankEntry, StepRecord
-from snapstore.state import EventLog, NodeState
+from snapstore.control.placement import form_groups, plan_parity
+from snapstore.control.state import EventLog, NodeState
+from snapstore.format.record import RankEntry, StepRecord
+from snapstore.server.__main__ import bind, url_of, write_ready
+from snapstore.server.app import create_app
+from snapstore.server.auth import check_bearer, decide_token, is_loopback
+from snapstore.server.poller import Poller
+from snapstore.server.views import build_view
 
 K, M, N = 2, 1, 4
 NODES = [f"{i:02x}" * 28 for i in range(1, N + 1)]
@@ -49,7 +49,7 @@ def make_snapshot(
     extra_job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A coordinator snapshot of N nodes, one job; ``down`` maps node -> suspect|lost."""
-    from snapstore.coordinator import _record_summary  # the coordinator's own format
+    from snapstore.control.coordinator import _record_summary  # the coordinator's own format
 
     down = down or {}
     log = EventLog()

@@ -65,8 +65,8 @@ def job(store: Any, api: httpx.Client) -> dict[str, Any]:
     """A job of one rank per node that saved steps 1 and 2, as the server shows it."""
     import ray
 
-    from bench.workers import rank_actor
-    from snapstore import faults
+    from snapstore.bench.workers import rank_actor
+    from snapstore.ops import faults
 
     nodes = faults.store_nodes(store)
     ranks = [rank_actor(nodes[r]).remote(JOB, r, WORLD, store.rundir, 256 << 10) for r in range(3)]
@@ -175,10 +175,10 @@ def test_status_command(store: Any, job: dict[str, Any], capsys: Any) -> None:
 
 @pytest.fixture(scope="module")
 def open_server(store: Any) -> Iterator[str]:
-    """``python -m server`` on 127.0.0.1, port 0, no token: as ``snapstore up`` runs it."""
+    """``python -m snapstore.server`` on 127.0.0.1, port 0, no token, as ``up`` runs it."""
     ready = os.path.join(store.rundir, "test-open.ready")
     env = {k: v for k, v in os.environ.items() if k != "SNAPSTORE_REST_TOKEN"}
-    cmd = [sys.executable, "-m", "server", "--runtime-dir", store.rundir]
+    cmd = [sys.executable, "-m", "snapstore.server", "--runtime-dir", store.rundir]
     cmd += ["--host", "127.0.0.1", "--port", "0", "--ready-file", ready]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -369,7 +369,7 @@ def _page(b: Browser) -> dict[str, Any]:
 def test_dashboard_then_a_killed_node_turns_it_degraded(
     store: Any, api: httpx.Client, job: dict[str, Any], browser: Browser
 ) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     nodes = job["nodes"]
     browser.open(store.state["server"]["url"] + "/#token=" + TOKEN)

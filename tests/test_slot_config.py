@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from snapstore.config import StoreConfig, check_job_name, format_size, parse_size
 from snapstore.errors import ConfigError, FormatError
-from snapstore.slot import TRAILER_SIZE, frame_size, read_frame, write_trailer
+from snapstore.format.frame import TRAILER_SIZE, frame_size, read_frame, write_trailer
 
 # -- slot -----------------------------------------------------------------------
 

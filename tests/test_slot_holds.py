@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from snapstore.errors import MemoryBudgetError, SnapstoreError
-from snapstore.record import RankEntry, StepRecord
-from snapstore.segments import data_name
-from snapstore.slots import SlotTable
+from snapstore.format.record import RankEntry, StepRecord
+from snapstore.node.segments import data_name
+from snapstore.node.slots import SlotTable
 
 JOB = "hj"
 NODE = "n" * 56

@@ -29,14 +29,14 @@ def store() -> Any:
 
 @pytest.fixture(scope="module")
 def cluster(store: Any) -> dict[str, Any]:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     nodes = faults.store_nodes(store)
     return {"nodes": nodes, "ranks": [_start_rank(store, nodes[r], JOB, r) for r in range(WORLD)]}
 
 
 def _start_rank(store: Any, node: str, job: str, rank: int, world: int = WORLD) -> Any:
-    from bench.workers import rank_actor
+    from snapstore.bench.workers import rank_actor
 
     return rank_actor(node).remote(job, rank, world, store.rundir, NBYTES)
 
@@ -71,7 +71,7 @@ def test_round_trip_bitwise(store: Any, cluster: dict[str, Any]) -> None:
 
 
 def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, Any]) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     pid = _get(ranks[0].pid.remote())
@@ -84,7 +84,7 @@ def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, An
 
 
 def test_smp_killed_keeps_its_segments(store: Any, cluster: dict[str, Any]) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     before = len(events(store, "readopted"))
@@ -100,7 +100,7 @@ def test_smp_killed_keeps_its_segments(store: Any, cluster: dict[str, Any]) -> N
 def test_smp_killed_with_its_memory_rebuilds_from_group(
     store: Any, cluster: dict[str, Any]
 ) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     before = len(events(store, "rebuild"))
@@ -114,7 +114,7 @@ def test_smp_killed_with_its_memory_rebuilds_from_group(
 
 
 def test_corrupt_byte_detected_and_rebuilt(store: Any, cluster: dict[str, Any]) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     ranks = cluster["ranks"]
     faults.corrupt_chunk(JOB, rank=1, piece=1, offset=5, store=store)
@@ -127,9 +127,9 @@ def test_corrupt_byte_detected_and_rebuilt(store: Any, cluster: dict[str, Any]) 
 def test_corrupt_m_plus_one_chunks_of_a_stripe_is_a_clear_error(
     store: Any, cluster: dict[str, Any]
 ) -> None:
-    from snapstore import faults
-    from snapstore.placement import data_stripe
-    from snapstore.record import StepRecord
+    from snapstore.control.placement import data_stripe
+    from snapstore.format.record import StepRecord
+    from snapstore.ops import faults
 
     ranks = cluster["ranks"]
     rec = StepRecord.from_bytes(store.call("record", JOB))
@@ -148,7 +148,7 @@ def test_corrupt_m_plus_one_chunks_of_a_stripe_is_a_clear_error(
 
 
 def test_rank_killed_mid_save_keeps_previous_step(store: Any, cluster: dict[str, Any]) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     _get([r.save.remote(5, wait=None) for r in ranks[1:]])
@@ -166,7 +166,7 @@ def test_rank_killed_mid_save_keeps_previous_step(store: Any, cluster: dict[str,
 
 
 def test_memory_budget_exceeded_is_clear_and_harmless(store: Any, cluster: dict[str, Any]) -> None:
-    from bench.workers import rank_actor
+    from snapstore.bench.workers import rank_actor
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     big = rank_actor(nodes[3]).remote(JOB, 3, WORLD, store.rundir, 80 << 20)
@@ -180,7 +180,7 @@ def test_memory_budget_exceeded_is_clear_and_harmless(store: Any, cluster: dict[
 def test_node_lost_rebuilt_on_replacement_then_second_loss(
     store: Any, cluster: dict[str, Any]
 ) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     t_kill = faults.kill_node(nodes[1], store)["killed_at"]

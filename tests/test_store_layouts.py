@@ -25,7 +25,7 @@ def _get(refs: Any, timeout: float = 120) -> Any:
 
 
 def _rank(store: Any, node: str, job: str, rank: int, world: int) -> Any:
-    from bench.workers import rank_actor
+    from snapstore.bench.workers import rank_actor
 
     return rank_actor(node).remote(job, rank, world, store.rundir, NBYTES + 4096 * rank)
 
@@ -35,7 +35,7 @@ def _ranks(store: Any, nodes: list[str], job: str, world: int) -> list[Any]:
 
 
 def _kill_at_once(store: Any, victims: list[str]) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     faults.kill_nodes(victims, store)
 
@@ -46,7 +46,7 @@ def _kill_at_once(store: Any, victims: list[str]) -> None:
     ids=["4nodes-k2m2", "6nodes-k4m2"],
 )
 def test_round_trip_and_m_losses_at_once(nodes: int, k: int, m: int) -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     with running_store(nodes=nodes, k=k, m=m, memory_per_node="64MiB") as store:
         ids = faults.store_nodes(store)
@@ -65,14 +65,14 @@ def test_round_trip_and_m_losses_at_once(nodes: int, k: int, m: int) -> None:
 
 
 def test_m_plus_one_losses_in_a_group_is_a_clear_error() -> None:
-    from snapstore import faults
+    from snapstore.ops import faults
 
     with running_store(nodes=6, k=2, m=2, memory_per_node="64MiB") as store:
         ids = faults.store_nodes(store)
         ranks = _ranks(store, ids, "mp1", 6)
         _get([r.save.remote(1) for r in ranks])
-        from snapstore.placement import data_stripe, stripe_members
-        from snapstore.record import StepRecord
+        from snapstore.control.placement import data_stripe, stripe_members
+        from snapstore.format.record import StepRecord
 
         rec = StepRecord.from_bytes(store.call("record", "mp1"))
         assert len(rec.groups) == 1  # six nodes, one group of six
@@ -104,8 +104,8 @@ def test_m_plus_one_losses_in_a_group_is_a_clear_error() -> None:
 def test_coordinator_restart_rebuilds_state_from_smps() -> None:
     import ray
 
-    from snapstore import faults
-    from snapstore.coordinator import COORDINATOR_NAME
+    from snapstore.control.coordinator import COORDINATOR_NAME
+    from snapstore.ops import faults
 
     with running_store(nodes=4, k=3, m=1, memory_per_node="64MiB") as store:
         ids = faults.store_nodes(store)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coding import ErasureCodec, available_backends, checksum
-from snapstore.errors import UnrecoverableError
-from snapstore.placement import (
+from snapstore.coding import ErasureCodec, available_backends, checksum
+from snapstore.control.orders import parity_build_orders, parity_rebuild_orders, rank_rebuild_orders
+from snapstore.control.placement import (
     chunk_extents,
     chunk_length,
     data_stripe,
@@ -32,12 +32,18 @@ from snapstore.placement import (
     plan_parity,
     stripe_members,
 )
-from snapstore.record import RankEntry, StepRecord, piece_bounds
-from snapstore.segments import Segment, data_name, parity_name
-from snapstore.state import rank_restorable, stripe_health
-from snapstore.stripes import OrderResult, run_order
-from snapstore.tasks import parity_build_orders, parity_rebuild_orders, rank_rebuild_orders
-from snapstore.transport import ChunkUnavailableError, DataServer, PeerInfo, Transport, host_key
+from snapstore.control.state import rank_restorable, stripe_health
+from snapstore.errors import UnrecoverableError
+from snapstore.format.record import RankEntry, StepRecord, piece_bounds
+from snapstore.node.segments import Segment, data_name, parity_name
+from snapstore.node.stripes import OrderResult, run_order
+from snapstore.node.transport import (
+    ChunkUnavailableError,
+    DataServer,
+    PeerInfo,
+    Transport,
+    host_key,
+)
 
 JOB = "job"
 STEP = 7

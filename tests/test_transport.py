@@ -18,9 +18,15 @@ import msgpack
 import numpy as np
 import pytest
 
-from coding import checksum
-from snapstore.segments import Segment, data_name, parity_name
-from snapstore.transport import ChunkUnavailableError, DataServer, PeerInfo, Transport, host_key
+from snapstore.coding import checksum
+from snapstore.node.segments import Segment, data_name, parity_name
+from snapstore.node.transport import (
+    ChunkUnavailableError,
+    DataServer,
+    PeerInfo,
+    Transport,
+    host_key,
+)
 
 TOKEN = "secret"
 NAME = data_name("job", 0, 3)
@@ -381,7 +387,7 @@ def test_a_slot_renamed_from_step_to_step_stays_one_mapping(node_dir: Path) -> N
 
 def test_mappings_are_bounded_and_a_deleted_file_is_unmapped(node_dir: Path) -> None:
     """Readers must not keep a dropped slot's memory alive, nor map without bound."""
-    from snapstore.segments import MappingCache
+    from snapstore.node.segments import MappingCache
 
     closed: list[tuple[int, int]] = []
     cache = MappingCache(3, on_close=lambda key, seg: closed.append(key))

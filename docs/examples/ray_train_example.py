@@ -35,7 +35,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray import train
     from ray.train.torch import prepare_model
 
-    from clients.ray_train import RayTrainSnapshots
+    from snapstore.clients.ray_train import RayTrainSnapshots
 
     torch.manual_seed(0)
     model = prepare_model(

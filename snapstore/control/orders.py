@@ -1,7 +1,7 @@
 """Byte-work orders for SMPs, derived from step records: what to read, what to write.
 
 The coordinator decides *what* an SMP computes (parity for a new step, a lost
-rank's pieces, a lost parity chunk); :mod:`snapstore.stripes` does the byte
+rank's pieces, a lost parity chunk); :mod:`snapstore.node.stripes` does the byte
 work. Orders are plain dicts (msgpack-able) so they cross process boundaries
 without pickling anything of ours.
 
@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from snapstore.placement import chunk_extents, data_stripe, stripe_members
-from snapstore.record import ParityEntry, StepRecord, piece_bounds
-from snapstore.segments import data_name, parity_name
-from snapstore.transport import PeerInfo
+from snapstore.control.placement import chunk_extents, data_stripe, stripe_members
+from snapstore.format.record import ParityEntry, StepRecord, piece_bounds
+from snapstore.node.segments import data_name, parity_name
+from snapstore.node.transport import PeerInfo
 
 __all__ = [
     "parity_build_orders",

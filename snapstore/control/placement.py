@@ -13,7 +13,7 @@ Stripe groups
 Chunks
     A node's data for one step of one job is the buffers of the job's ranks
     homed on it, in rank order. Each buffer is cut into k pieces
-    (:func:`snapstore.record.piece_bounds`); the node's chunk ``j`` is the
+    (:func:`snapstore.format.record.piece_bounds`); the node's chunk ``j`` is the
     concatenation of piece ``j`` of each of its ranks. Chunk ``j`` is the
     node's data in the stripe where it sits at position ``j``. Chunks of one
     stripe may differ in length: shorter ones count as zero-padded, and the
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from snapstore.errors import ConfigError
-from snapstore.record import ALIGN, ParityEntry, RankEntry, StepRecord, piece_bounds
+from snapstore.format.record import ALIGN, ParityEntry, RankEntry, StepRecord, piece_bounds
 
 __all__ = [
     "Extent",
@@ -106,7 +106,7 @@ def regroup(
     if len(alive_list) < width:
         raise ConfigError(
             f"only {len(alive_list)} store nodes alive; k + m = {width} are needed to "
-            "protect a step: add nodes (snapstore.faults.add_node or join Ray nodes)"
+            "protect a step: add nodes (snapstore.ops.faults.add_node or join Ray nodes)"
         )
     kept = [[n for n in g if n in alive_set] for g in groups]
     kept = [g for g in kept if g]

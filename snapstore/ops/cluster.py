@@ -14,14 +14,14 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
+from snapstore.control.handle import EmbeddedNode
 from snapstore.errors import ClusterError
 
-__all__ = ["EmbeddedNode", "kill_tree", "start_head", "start_worker"]
+__all__ = ["kill_tree", "start_head", "start_worker", "wait_node_alive"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,33 +29,6 @@ LOOPBACK = "127.0.0.1"
 STORE_NODE_RESOURCE = "snapstore_node"
 """A custom resource on every embedded worker raylet: ask for a little of it
 (e.g. ``{"snapstore_node": 0.01}``) to place trainers on store nodes."""
-
-
-@dataclass
-class EmbeddedNode:
-    """One raylet we started: its Ray node id and the pids of its processes."""
-
-    node_id: str
-    pids: list[int]
-    head: bool = False
-    started_at: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "pids": self.pids,
-            "head": self.head,
-            "started_at": self.started_at,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EmbeddedNode:
-        return cls(
-            str(d["node_id"]),
-            [int(p) for p in d["pids"]],
-            bool(d.get("head")),
-            float(d.get("started_at", 0.0)),
-        )
 
 
 def _params(temp_dir: str, cpus: int, object_store: int, **extra: Any) -> Any:
@@ -95,7 +68,7 @@ def start_head(
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray._private.node import Node
 
-    from snapstore.coordinator import CONTROL_RESOURCE
+    from snapstore.control.coordinator import CONTROL_RESOURCE
 
     try:
         node = Node(

@@ -6,7 +6,7 @@ for manifests, renames and retention. One :class:`Flusher` per coordinator.
 
 Call protocol of a flush:
 
-1. Periodic: :func:`snapstore.commit.commit_step` asks :meth:`Flusher.hold_for`
+1. Periodic: :func:`snapstore.control.commit.commit_step` asks :meth:`Flusher.hold_for`
    before publishing a record; when the step crosses a multiple of
    ``persist_every`` the record goes out with a hold, and each SMP holds
    its data slots of the step as it commits it, so no later commit can
@@ -28,7 +28,7 @@ Call protocol of a flush:
    blocked: commits go on while a flush runs (the SMPs allocate the next
    slots beside the held ones).
 
-Restoring from disk when memory cannot serve a job is :mod:`snapstore.fallback`.
+Restoring from disk when memory cannot serve a job is :mod:`snapstore.control.fallback`.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapstore import persist
+from snapstore.control.state import JobState
 from snapstore.errors import SnapstoreError
-from snapstore.record import StepRecord
+from snapstore.format.record import StepRecord
 from snapstore.rpc import describe
-from snapstore.state import JobState
 
 if TYPE_CHECKING:
-    from snapstore.coordinator import Coordinator
+    from snapstore.control.coordinator import Coordinator
 
 __all__ = ["Flusher"]
 

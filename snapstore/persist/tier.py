@@ -3,7 +3,7 @@
 Pure files (no Ray, no torch), so it is tested on its own and read with no
 running store (``snapstore export``). The root is a directory (local disk or
 a mount every node shares) or an fsspec URL (object storage); a URL is
-handled by :mod:`snapstore.objstore` with the same layout and manifest but
+handled by :mod:`snapstore.persist.objstore` with the same layout and manifest but
 its own publication protocol (no directory renames there: a step is
 complete when its manifest, written last, exists). Layout under a directory::
 
@@ -13,10 +13,10 @@ complete when its manifest, written last, exists). Layout under a directory::
     <root>/<job>/step-<N>.trash/             a step being deleted by retention
 
 A rank file is exactly the buffer the rank staged in memory (tensor data,
-its msgpack manifest, the 32-byte trailer of :mod:`snapstore.slot`), so it
-unpacks with :func:`snapstore.format.unpack` after :func:`snapstore.slot.read_frame`.
+its msgpack manifest, the 32-byte trailer of :mod:`snapstore.format.frame`), so it
+unpacks with :func:`snapstore.format.pack.unpack` after :func:`snapstore.format.frame.read_frame`.
 
-Protocol of one flush (see :mod:`snapstore.flush` for who calls what):
+Protocol of one flush (see :mod:`snapstore.control.flush` for who calls what):
 
 1. :func:`write_rank` for each rank into ``step-<N>.partial/``: chunked
    writes through a token bucket, each of the k pieces hashed (XXH3-64) as it
@@ -33,7 +33,7 @@ Protocol of one flush (see :mod:`snapstore.flush` for who calls what):
 
 The protocol of a URL root differs in steps 1-3 only: rank objects go
 straight into ``step-<N>/``, the manifest is written last, and deletion
-removes the manifest first (see :mod:`snapstore.objstore`).
+removes the manifest first (see :mod:`snapstore.persist.objstore`).
 
 Reads verify every piece against the manifest (:func:`read_rank`,
 :func:`verify_rank`) and raise :class:`PersistedStepCorruptError` naming the
@@ -54,11 +54,11 @@ import msgpack
 import numpy as np
 import xxhash
 
-from snapstore import objstore
 from snapstore.config import JOB_NAME_RE
 from snapstore.errors import FormatError, PersistedStepCorruptError, PersistFailedError
-from snapstore.record import piece_bounds
-from snapstore.throttle import TokenBucket
+from snapstore.format.record import piece_bounds
+from snapstore.persist import objstore
+from snapstore.persist.throttle import TokenBucket
 
 __all__ = [
     "MANIFEST_NAME",

@@ -15,11 +15,11 @@ Call protocol:
   :meth:`repair`, :meth:`persist`, :meth:`persisted_plan`; tools call
   :meth:`snapshot`, :meth:`nodes`.
 - Committed steps are flushed to disk in the background (see
-  :mod:`snapstore.flush`); the persist directory is listed every few seconds.
+  :mod:`snapstore.control.flush`); the persist directory is listed every few seconds.
 - A background task checks heartbeat ages every 100 ms and deploys SMPs on
   Ray nodes that have none; commits, re-protection and reconciliation run as
-  tasks serialised per job by the job's lock (see :mod:`snapstore.commit` and
-  :mod:`snapstore.recovery`).
+  tasks serialised per job by the job's lock (see :mod:`snapstore.control.commit` and
+  :mod:`snapstore.control.recovery`).
 
 It is an asyncio actor: every method runs on one event loop, so state needs
 no locks beyond the per-job ones that order multi-step operations.
@@ -36,15 +36,23 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from snapstore import commit, fallback, recovery
 from snapstore.config import StoreConfig
+from snapstore.control import commit, fallback, recovery
+from snapstore.control.flush import Flusher
+from snapstore.control.placement import form_groups, regroup
+from snapstore.control.state import (
+    ALIVE,
+    LOST,
+    SUSPECT,
+    EventLog,
+    JobState,
+    NodeState,
+    stripe_health,
+)
 from snapstore.errors import ConfigError
-from snapstore.flush import Flusher
-from snapstore.placement import form_groups, regroup
-from snapstore.record import StepRecord
-from snapstore.smp import COORDINATOR_NAME, SMP, smp_name
-from snapstore.state import ALIVE, LOST, SUSPECT, EventLog, JobState, NodeState, stripe_health
-from snapstore.transport import PeerInfo
+from snapstore.format.record import StepRecord
+from snapstore.node.smp import COORDINATOR_NAME, SMP, smp_name
+from snapstore.node.transport import PeerInfo
 
 __all__ = ["COORDINATOR_NAME", "Coordinator"]
 
@@ -378,7 +386,7 @@ class Coordinator:
             **info,
         )
 
-    # -- the persisted tier (see snapstore.flush) ---------------------------------
+    # -- the persisted tier (see snapstore.control.flush) ---------------------------------
 
     async def persist(self, job: str, timeout: float) -> dict[str, Any]:
         """Flush the job's committed step to the persist directory now; wait up to ``timeout``."""

@@ -5,7 +5,7 @@ A snapshot is two buffers: the *data* (every tensor and array byte, one
 This module owns the manifest's bytes and is deliberately free of torch, so
 that the store's node actors and command-line tools can read and check a
 manifest without paying for importing torch. Turning manifests into tensors is
-:mod:`snapstore.format`'s job.
+:mod:`snapstore.format.pack`'s job.
 
 Wire format, version 1::
 
@@ -294,7 +294,7 @@ def encode_header(nbytes: int, regions: Sequence[Region], leaves: Sequence[Leaf]
 class Decoder:
     """msgpack hooks that decode the torch-free ext types, with depth and size limits.
 
-    :mod:`snapstore.format` subclasses it to decode leaves and torch values
+    :mod:`snapstore.format.pack` subclasses it to decode leaves and torch values
     (:meth:`decode_extra`). Every failure surfaces as :class:`FormatError`.
     """
 

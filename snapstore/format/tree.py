@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from snapstore.errors import FormatError, UnsupportedTypeError
-from snapstore.manifest import (
+from snapstore.format.manifest import (
     EXT_BIGINT,
     EXT_DEVICE,
     EXT_DTYPE,

@@ -6,7 +6,7 @@ directory) or when some rank of its committed step can be neither read nor
 rebuilt (more than m chunks of a stripe lost). Ranks of one job must all
 resume from one step, so the decision is the job's, not the rank's:
 
-1. :func:`must_fall_back` (asked by :func:`snapstore.recovery.restore_plan`
+1. :func:`must_fall_back` (asked by :func:`snapstore.control.recovery.restore_plan`
    for every rank): a persisted step exists and memory cannot serve every
    rank; then every rank is told "unrecoverable", even one whose own bytes
    are intact.
@@ -30,12 +30,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from snapstore import persist
-from snapstore.commit import abort
+from snapstore.control.commit import abort
+from snapstore.control.state import JobState, rank_restorable
 from snapstore.rpc import describe
-from snapstore.state import JobState, rank_restorable
 
 if TYPE_CHECKING:
-    from snapstore.coordinator import Coordinator
+    from snapstore.control.coordinator import Coordinator
 
 __all__ = ["mark_bad", "must_fall_back", "note_restore", "restore_plan", "unservable_ranks"]
 

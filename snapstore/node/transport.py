@@ -31,9 +31,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from coding import checksum
+from snapstore.coding import checksum
 from snapstore.errors import SnapstoreError
-from snapstore.segments import MappingCache, parse_name
+from snapstore.node.segments import MappingCache, parse_name
 
 __all__ = ["ChunkUnavailableError", "DataServer", "PeerInfo", "Transport", "host_key"]
 

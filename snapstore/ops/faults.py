@@ -22,12 +22,13 @@ from typing import Any
 
 import psutil
 
-from snapstore.cluster import kill_tree
+from snapstore.control.handle import Store, connect
 from snapstore.errors import FaultInjectionError
-from snapstore.lifecycle import Store, add_embedded_node, connect
-from snapstore.record import StepRecord, piece_bounds
-from snapstore.segments import data_name, parity_name
-from snapstore.smp import node_dir, smp_name
+from snapstore.format.record import StepRecord, piece_bounds
+from snapstore.node.segments import data_name, parity_name
+from snapstore.node.smp import node_dir, smp_name
+from snapstore.ops.cluster import kill_tree
+from snapstore.ops.lifecycle import add_embedded_node
 
 __all__ = [
     "add_node",

@@ -22,18 +22,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from snapstore import fallback
-from snapstore.commit import abort, build_parity, publish
+from snapstore.control import fallback
+from snapstore.control.commit import abort, build_parity, publish
+from snapstore.control.orders import parity_rebuild_orders, rank_rebuild_orders
+from snapstore.control.placement import plan_parity
+from snapstore.control.state import ALIVE, JobState, NodeState, rank_restorable
 from snapstore.errors import UnrecoverableError
-from snapstore.placement import plan_parity
-from snapstore.record import RankEntry, StepRecord
+from snapstore.format.record import RankEntry, StepRecord
+from snapstore.node.smp import smp_name
 from snapstore.rpc import describe, root_cause
-from snapstore.smp import smp_name
-from snapstore.state import ALIVE, JobState, NodeState, rank_restorable
-from snapstore.tasks import parity_rebuild_orders, rank_rebuild_orders
 
 if TYPE_CHECKING:
-    from snapstore.coordinator import Coordinator
+    from snapstore.control.coordinator import Coordinator
 
 __all__ = ["reconcile_node", "recover_from_smps", "repair", "reprotect", "restore_plan"]
 

@@ -1,4 +1,4 @@
-"""The byte work of an order from :mod:`snapstore.tasks`: read sources, code, verify.
+"""The byte work of an order from :mod:`snapstore.control.orders`: read sources, code, verify.
 
 One function, :func:`run_order`, serves parity for a new step, rebuilds of
 lost or corrupt rank pieces, and rebuilds of lost parity chunks: each is
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from coding import Checksummer, ErasureCodec, checksum
+from snapstore.coding import Checksummer, ErasureCodec, checksum
 from snapstore.errors import UnrecoverableError
-from snapstore.transport import ChunkUnavailableError, PeerInfo, Transport
+from snapstore.node.transport import ChunkUnavailableError, PeerInfo, Transport
 
 __all__ = ["OrderResult", "apply_deltas", "codec_for", "run_order"]
 

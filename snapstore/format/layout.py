@@ -33,9 +33,9 @@ import msgpack
 import numpy as np
 import torch
 
-from snapstore.bytecopy import copy_many
 from snapstore.errors import FormatError
-from snapstore.manifest import (
+from snapstore.format.bytecopy import copy_many
+from snapstore.format.manifest import (
     ALIGNMENT,
     EXT_LEAF,
     TORCH_DTYPES,
@@ -44,7 +44,7 @@ from snapstore.manifest import (
     encode_header,
     extent,
 )
-from snapstore.tree import Flat, encode_tree, flatten, path_str, unsupported
+from snapstore.format.tree import Flat, encode_tree, flatten, path_str, unsupported
 
 __all__ = ["Binding", "Layout", "as_byte_tensor", "bind", "plan"]
 
@@ -147,7 +147,7 @@ class Binding:
     def copy_into(self, out: Any, threads: int | None = None) -> None:
         """Copy all regions into ``out`` (host memory) and zero the padding between them.
 
-        Host sources are copied by :func:`snapstore.bytecopy.copy_many` on up
+        Host sources are copied by :func:`snapstore.format.bytecopy.copy_many` on up
         to ``threads`` threads (default: ``torch.get_num_threads()``); device
         sources with torch ``copy_``, a synchronous device-to-host copy.
         """

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapstore.placement import chunk_extents, chunk_length, data_stripe, stripe_members
-from snapstore.record import RankEntry, StepRecord
+from snapstore.control.placement import chunk_extents, chunk_length, data_stripe, stripe_members
+from snapstore.format.record import RankEntry, StepRecord
 
 __all__ = [
     "EventLog",

@@ -1,7 +1,7 @@
 """The ``snapstore`` command: up, down, status, nodes, export, demo, bench.
 
 The CLI is the one face of the project that may import every layer (it
-starts the REST server and runs the demo from ``bench``); the rest of
+starts the REST server and runs the demo from ``snapstore.bench``); the rest of
 ``snapstore`` stays free of HTTP, clients and benchmarks.
 """
 
@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from snapstore.lifecycle import up
+    from snapstore.ops.lifecycle import up
 
     store = up(
         nodes=args.nodes,
@@ -58,7 +58,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from snapstore.lifecycle import down
+    from snapstore.ops.lifecycle import down
 
     report = down(rundir=args.runtime_dir)
     print(
@@ -69,8 +69,8 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
-    from server.views import build_view
-    from snapstore.lifecycle import connect
+    from snapstore.control.handle import connect
+    from snapstore.server.views import build_view
 
     view = build_view(connect(args.runtime_dir).status(events=0))
     if args.json:
@@ -98,12 +98,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     """Nodes, jobs with their redundancy, recent events: what the REST API serves.
 
     The coordinator's snapshot goes through the REST server's own derivation
-    (:func:`server.views.build_view`), so this table and the API agree.
+    (:func:`snapstore.server.views.build_view`), so this table and the API agree.
     """
     import time
 
-    from server.views import build_view
-    from snapstore.lifecycle import connect
+    from snapstore.control.handle import connect
+    from snapstore.server.views import build_view
 
     store = connect(args.runtime_dir)
     view = build_view(store.status(events=max(0, args.events)))
@@ -163,7 +163,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
-    from server.models import SnapshotDetail
+    from snapstore.server.models import SnapshotDetail
 
     env: dict[str, Any] = {
         "store_id": "",
@@ -176,14 +176,14 @@ def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bench.demo import run_demo
+    from snapstore.bench.demo import run_demo
 
     result = run_demo(args)
     return 0 if result["bitwise_equal"] else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from bench.failures import run_cli
+    from snapstore.bench.failures import run_cli
 
     return run_cli(args)
 
@@ -231,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=_cmd_up)
 
-    from bench.demo import add_arguments as demo_arguments
+    from snapstore.bench.demo import add_arguments as demo_arguments
 
     demo = sub.add_parser(
         "demo", help="train a small GPT through injected failures on an embedded cluster"
@@ -239,7 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
 
-    from bench.failures import add_arguments as bench_arguments
+    from snapstore.bench.failures import add_arguments as bench_arguments
 
     bench = sub.add_parser(
         "bench", help="failure-injection benchmark matrix with checkpoint baselines"
@@ -261,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--events", type=int, default=10, help="recent events to show [10]")
     status.set_defaults(func=_cmd_status)
 
-    from snapstore import cli_export
+    from snapstore.cli import export as cli_export
 
     cli_export.add_parser(sub)
     return p

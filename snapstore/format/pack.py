@@ -5,9 +5,9 @@ values (``model.state_dict()``, ``optimizer.state_dict()``, RNG states, step
 counters) -- becomes
 
 * **data**: every tensor/array byte, one 64-byte-aligned region per storage,
-  laid out by :func:`plan` (see :mod:`snapstore.layout`), and
+  laid out by :func:`plan` (see :mod:`snapstore.format.layout`), and
 * **manifest**: msgpack describing everything else (see
-  :mod:`snapstore.manifest` for the wire format and version).
+  :mod:`snapstore.format.manifest` for the wire format and version).
 
 No pickle is involved anywhere, and :func:`unpack` treats both buffers as
 untrusted: anything malformed raises :class:`~snapstore.errors.FormatError`
@@ -26,10 +26,10 @@ numpy scalar types are rebuilt from their dtype (``np.longlong`` comes back
 as ``np.int64``), and tensors come back on the CPU unless ``into=`` holds
 device tensors to copy into.
 
-The format is split by concern: :mod:`snapstore.manifest` (wire format, no
-torch), :mod:`snapstore.tree` (walking the state, encoding its values),
-:mod:`snapstore.layout` (regions and the save-side copy),
-:mod:`snapstore.bytecopy` (the memmove engine, no torch), and this module
+The format is split by concern: :mod:`snapstore.format.manifest` (wire format, no
+torch), :mod:`snapstore.format.tree` (walking the state, encoding its values),
+:mod:`snapstore.format.layout` (regions and the save-side copy),
+:mod:`snapstore.format.bytecopy` (the memmove engine, no torch), and this module
 (pack, unpack, the public names).
 """
 
@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from snapstore.bytecopy import copy_many
 from snapstore.errors import FormatError
-from snapstore.layout import (
+from snapstore.format.bytecopy import copy_many
+from snapstore.format.layout import (
     TORCH_DTYPE,
     Binding,
     Layout,
@@ -54,7 +54,7 @@ from snapstore.layout import (
     plan,
     plan_flat,
 )
-from snapstore.manifest import (
+from snapstore.format.manifest import (
     ALIGNMENT,
     FORMAT_VERSION,
     Header,
@@ -65,7 +65,7 @@ from snapstore.manifest import (
     open_manifest,
     read_manifest,
 )
-from snapstore.tree import TreeDecoder, flatten
+from snapstore.format.tree import TreeDecoder, flatten
 
 __all__ = [
     "FORMAT_VERSION",
@@ -253,7 +253,7 @@ def _copy_to(target: Any, view: Any, copies: list[tuple[int, int, int]]) -> None
     """Copy ``view``'s values into ``target`` (same dtype and shape), or queue the copy.
 
     Contiguous host pairs are queued in ``copies`` for
-    :func:`snapstore.bytecopy.copy_many` (why not torch ``copy_``: see
+    :func:`snapstore.format.bytecopy.copy_many` (why not torch ``copy_``: see
     there); other host pairs copy now as a strided numpy copy of the raw
     items; device targets take a host-to-device ``copy_``.
     """

@@ -16,7 +16,7 @@ step, where it came from and the files.
 
 Sources: a persisted step, read here from files alone
 (:func:`persisted_step`, :func:`persisted_states`), or states the caller
-read from a running store (the CLI uses ``clients.Client.peek``).
+read from a running store (the CLI uses ``snapstore.clients.Client.peek``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from snapstore.errors import (
     PersistedStepCorruptError,
     SnapshotNotFoundError,
 )
-from snapstore.slot import read_frame
+from snapstore.format.frame import read_frame
 
 __all__ = [
     "EXPORT_VERSION",
@@ -96,7 +96,7 @@ def persisted_step(
 
 def persisted_states(path: str, manifest: persist.PersistManifest) -> Iterator[tuple[int, Any]]:
     """``(rank, state)`` of every rank of a persisted step, one at a time, verified."""
-    from snapstore.format import unpack
+    from snapstore.format.pack import unpack
 
     for r in sorted(manifest.ranks):
         buf = persist.read_rank(path, r, manifest)

@@ -1,6 +1,6 @@
 """One node's segment table: which segment holds what, the memory budget, reuse rules.
 
-The SMP keeps its segments here (see :mod:`snapstore.segments` for the file
+The SMP keeps its segments here (see :mod:`snapstore.node.segments` for the file
 names). Rules this table enforces:
 
 - A segment that holds a job's committed step (data of ranks homed here, the
@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from snapstore.errors import MemoryBudgetError, SnapstoreError
-from snapstore.record import StepRecord
-from snapstore.segments import (
+from snapstore.format.record import StepRecord
+from snapstore.node.segments import (
     Segment,
     SegmentName,
     data_name,

@@ -23,7 +23,7 @@ Call protocol (who calls what):
 5. restore: :meth:`open_committed` (verify and return the local slot),
    :meth:`fetch` (copy a rank's buffer from another node), :meth:`rebuild`
    (decode lost pieces or parity on the coordinator's order).
-6. flush to disk (see :mod:`snapstore.flush`): the coordinator holds a
+6. flush to disk (see :mod:`snapstore.control.flush`): the coordinator holds a
    committed step's data slots (with the record in :meth:`commit`, or by
    :meth:`hold`), then :meth:`persist` writes them into the step's partial
    directory and releases them; :meth:`release` ends a hold early.
@@ -45,16 +45,22 @@ from typing import Any
 import numpy as np
 import ray
 
-from coding import checksum
 from snapstore import persist
+from snapstore.coding import checksum
 from snapstore.config import StoreConfig, check_job_name
 from snapstore.errors import PersistFailedError, SnapstoreError
-from snapstore.record import StepRecord, piece_bounds
-from snapstore.segments import data_name, delta_name, parity_name
-from snapstore.slots import SlotTable
-from snapstore.stripes import apply_deltas, run_order
-from snapstore.throttle import TokenBucket
-from snapstore.transport import ChunkUnavailableError, DataServer, PeerInfo, Transport, host_key
+from snapstore.format.record import StepRecord, piece_bounds
+from snapstore.node.segments import data_name, delta_name, parity_name
+from snapstore.node.slots import SlotTable
+from snapstore.node.stripes import apply_deltas, run_order
+from snapstore.node.transport import (
+    ChunkUnavailableError,
+    DataServer,
+    PeerInfo,
+    Transport,
+    host_key,
+)
+from snapstore.persist.throttle import TokenBucket
 
 __all__ = ["COORDINATOR_NAME", "SMP", "node_dir", "smp_name"]
 
@@ -443,7 +449,7 @@ class SMP:
         return out
 
     def set_fault(self, name: str, value: Any) -> None:
-        """Failure injection (see :mod:`snapstore.faults`): ``persist_fail_after`` (bytes
+        """Failure injection (see :mod:`snapstore.ops.faults`): ``persist_fail_after`` (bytes
         written before an I/O error), ``persist_stall_after`` ([bytes, seconds]: stop
         writing that long once that many bytes are written, or until cleared), or None
         to clear."""

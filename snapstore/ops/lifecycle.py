@@ -1,10 +1,8 @@
-"""Starting, finding and stopping a store: ``up``, ``connect``, ``nodes``, ``down``.
+"""Starting and stopping a store: ``up``, ``down``, adding embedded nodes.
 
-Where a running store is (its Ray address, settings, the processes an
-embedded cluster started) is kept in one small JSON file, mode 0600, in the
-user's runtime directory: ``$SNAPSTORE_RUNTIME_DIR``, else
-``$XDG_RUNTIME_DIR/snapstore``, else ``/tmp/snapstore-<uid>``. Clients, the
-CLI and ``down`` find the store through it.
+What ``up`` starts is recorded in the store's state file (see
+:mod:`snapstore.control.handle`, which also finds a running store for
+clients, the CLI and ``down``).
 """
 
 from __future__ import annotations
@@ -20,14 +18,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from snapstore.cluster import EmbeddedNode, kill_tree, start_head, start_worker, wait_node_alive
 from snapstore.config import StoreConfig
-from snapstore.errors import ClusterError, ConfigError, StoreNotRunningError
+from snapstore.control.handle import (
+    STATE_VERSION,
+    EmbeddedNode,
+    Store,
+    connect,
+    default_persist_dir,
+    ensure_ray,
+    nodes,
+    runtime_dir,
+    state_path,
+)
+from snapstore.errors import ClusterError, ConfigError
+from snapstore.node.segments import shm_root
+from snapstore.ops.cluster import kill_tree, start_head, start_worker, wait_node_alive
 from snapstore.persist import is_url
-from snapstore.segments import shm_root
 
 __all__ = [
     "Store",
@@ -42,167 +50,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
 READY_TIMEOUT = 180.0
 DEFAULT_REST_PORT = 8470
 SERVER_START_TIMEOUT = 60.0
-
-
-def runtime_dir(override: str | None = None) -> str:
-    if override:
-        return override
-    env = os.environ.get("SNAPSTORE_RUNTIME_DIR")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return os.path.join(xdg, "snapstore")
-    return os.path.join("/tmp", f"snapstore-{os.getuid()}")
-
-
-def default_persist_dir(rundir: str | None = None) -> str:
-    """Where steps are flushed when ``persist_dir`` is not set (see StoreConfig).
-
-    Under the runtime directory when that was chosen explicitly (a private
-    store: tests, several stores on one machine); otherwise in the user's
-    state directory on disk, because the default runtime directory may be
-    RAM (``$XDG_RUNTIME_DIR`` is a tmpfs) and cleared at reboot.
-    """
-    if rundir or os.environ.get("SNAPSTORE_RUNTIME_DIR"):
-        return os.path.abspath(os.path.join(runtime_dir(rundir), "persist"))
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.abspath(os.path.join(state, "snapstore", "persist"))
-
-
-def state_path(rundir: str | None = None) -> str:
-    return os.path.join(runtime_dir(rundir), "store.json")
-
-
-def _write_state(path: str, state: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _read_state(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        raise StoreNotRunningError(
-            f"no running store: {path} does not exist (start one with `snapstore up`)"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise StoreNotRunningError(f"cannot read the store's state file {path}: {e}") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise StoreNotRunningError(
-            f"{path} is not a snapstore state file of version {STATE_VERSION}"
-        )
-    return state
-
-
-def ensure_ray(address: str, namespace: str) -> None:
-    """Connect this process to the store's Ray cluster, unless it already is."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(
-            address=address,
-            namespace=namespace,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    except Exception as e:
-        raise StoreNotRunningError(
-            f"cannot connect to the store's Ray cluster at {address}: {e}"
-        ) from e
-
-
-@dataclass
-class Store:
-    """A handle on a running store, read from its state file."""
-
-    path: str
-    state: dict[str, Any]
-
-    @property
-    def config(self) -> StoreConfig:
-        return StoreConfig.from_dict(self.state["config"])
-
-    @property
-    def address(self) -> str:
-        return str(self.state["address"])
-
-    @property
-    def namespace(self) -> str:
-        return str(self.state["config"].get("namespace", "snapstore"))
-
-    @property
-    def embedded(self) -> bool:
-        return bool(self.state.get("embedded"))
-
-    @property
-    def store_id(self) -> str:
-        return str(self.state["store_id"])
-
-    def connect_ray(self) -> None:
-        ensure_ray(self.address, self.namespace)
-
-    def coordinator(self) -> Any:
-        from snapstore.coordinator import COORDINATOR_NAME
-
-        self.connect_ray()
-        import ray
-
-        try:
-            return ray.get_actor(COORDINATOR_NAME, namespace=self.namespace)
-        except ValueError:
-            raise StoreNotRunningError(
-                f"the store's coordinator is not running on {self.address}"
-            ) from None
-
-    def call(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
-        """Call a coordinator method and wait for it, with a timeout."""
-        from snapstore.rpc import call
-
-        ref = getattr(self.coordinator(), method).remote(*args)
-        return call(ref, timeout, f"coordinator.{method}")
-
-    def nodes(self) -> list[dict[str, Any]]:
-        return list(self.call("node_list"))
-
-    def status(self, events: int = 50) -> dict[str, Any]:
-        return dict(self.call("snapshot", events))
-
-    def embedded_nodes(self) -> list[EmbeddedNode]:
-        return [EmbeddedNode.from_dict(d) for d in self.state.get("nodes", [])]
-
-    def save_state(self) -> None:
-        _write_state(self.path, self.state)
-
-    def reload(self) -> Store:
-        self.state = _read_state(self.path)
-        return self
-
-
-def connect(rundir: str | None = None) -> Store:
-    """A handle on the running store recorded in the runtime directory."""
-    path = state_path(rundir)
-    return Store(path, _read_state(path))
-
-
-def nodes(rundir: str | None = None) -> list[dict[str, Any]]:
-    """The store's nodes: Ray node id, address, alive, heartbeat age, memory, group."""
-    return connect(rundir).nodes()
 
 
 def up(
@@ -227,7 +77,7 @@ def up(
     remove snapstore's actors and leave that cluster running.
 
     With ``rest`` (the default) the REST monitoring server starts too, as
-    its own process (``python -m server``), bound to ``rest_host``
+    its own process (``python -m snapstore.server``), bound to ``rest_host``
     (127.0.0.1 unless told otherwise; anything else requires a bearer token,
     ``rest_token`` or one generated and recorded in the state file).
     ``rest_port=0`` picks a free port.
@@ -235,7 +85,7 @@ def up(
     cfg = StoreConfig.resolve(nodes=nodes, k=k, m=m, memory_per_node=memory_per_node, **settings)
     persist_dir = cfg.persist_dir or default_persist_dir(rundir)
     if is_url(persist_dir):
-        from snapstore import objstore
+        from snapstore.persist import objstore
 
         objstore.reach(persist_dir)
     else:
@@ -291,7 +141,7 @@ def up(
             import ray
 
             state["address"] = ray.get_runtime_context().gcs_address
-            from snapstore.coordinator import CONTROL_RESOURCE
+            from snapstore.control.coordinator import CONTROL_RESOURCE
 
             expected = sum(
                 1
@@ -325,7 +175,7 @@ def up(
 def _start_server(store: Store, host: str, port: int, token: str | None) -> dict[str, Any]:
     """Start the REST server as its own process and wait until it answers.
 
-    snapstore does not import the HTTP layer: it runs ``python -m server``,
+    snapstore does not import the HTTP layer: it runs ``python -m snapstore.server``,
     which writes a small JSON "ready" file (its URL, and the token it uses)
     once it serves.
     """
@@ -340,7 +190,7 @@ def _start_server(store: Store, host: str, port: int, token: str | None) -> dict
     cmd = [
         sys.executable,
         "-m",
-        "server",
+        "snapstore.server",
         "--runtime-dir",
         rd,
         "--host",
@@ -393,7 +243,7 @@ def _deploy_coordinator(store: Store) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from snapstore.coordinator import COORDINATOR_NAME, Coordinator
+    from snapstore.control.coordinator import COORDINATOR_NAME, Coordinator
 
     # On the head node, which holds the cluster's control plane anyway: a
     # worker node may be lost (or, embedded, killed on purpose).
@@ -458,7 +308,7 @@ def _teardown(store: Store, timeout: float = 60.0) -> dict[str, Any]:
 def _remove_actors(store: Store, timeout: float) -> int:
     import ray
 
-    from snapstore.coordinator import COORDINATOR_NAME
+    from snapstore.control.coordinator import COORDINATOR_NAME
 
     store.connect_ray()
     names = [

@@ -1,6 +1,6 @@
 """``snapstore export``: a step of a job as plain PyTorch files (part of the CLI).
 
-A CLI module: it may import ``clients`` (to read a step in memory through
+A CLI module: it may import ``snapstore.clients`` (to read a step in memory through
 ``Client.peek``) and torch. Reading a persisted step needs no running store.
 
 Which step: ``--source memory`` reads the job's last committed step from
@@ -60,8 +60,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from snapstore.export import export_states, persisted_states, persisted_step
-    from snapstore.lifecycle import connect, default_persist_dir
+    from snapstore.control.handle import connect, default_persist_dir
+    from snapstore.ops.export import export_states, persisted_states, persisted_step
 
     store = None
     if args.source in ("auto", "memory"):
@@ -116,7 +116,7 @@ class _MemoryStates:
     """``(step, states)`` of the job's last committed step, read through clients; closes them."""
 
     def __init__(self, store: Any, job: str, node: str | None, timeout: float) -> None:
-        from snapstore.record import StepRecord
+        from snapstore.format.record import StepRecord
 
         data = store.call("record", job)
         if data is None:
@@ -134,7 +134,7 @@ class _MemoryStates:
             c.close()
 
     def _client(self, node: str) -> Any:
-        from clients import Client
+        from snapstore.clients import Client
 
         if node not in self.clients:
             self.clients[node] = Client(

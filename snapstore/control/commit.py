@@ -23,14 +23,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from snapstore.placement import plan_parity
-from snapstore.record import RankEntry, StepRecord
+from snapstore.control.orders import parity_build_orders, parity_delta_orders, same_geometry
+from snapstore.control.placement import plan_parity
+from snapstore.control.state import ALIVE, JobState, Pending
+from snapstore.format.record import RankEntry, StepRecord
 from snapstore.rpc import describe
-from snapstore.state import ALIVE, JobState, Pending
-from snapstore.tasks import parity_build_orders, parity_delta_orders, same_geometry
 
 if TYPE_CHECKING:
-    from snapstore.coordinator import Coordinator
+    from snapstore.control.coordinator import Coordinator
 
 __all__ = [
     "abandon",
@@ -323,7 +323,7 @@ async def publish(
 ) -> list[str]:
     """Send a record to every alive SMP; return the nodes that did not acknowledge it.
 
-    ``hold`` (see :mod:`snapstore.flush`): the SMPs also hold their data
+    ``hold`` (see :mod:`snapstore.control.flush`): the SMPs also hold their data
     slots of the step for a flush, atomically with committing it.
     """
     data = record.to_bytes()

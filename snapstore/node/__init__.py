@@ -1,0 +1,12 @@
+"""The node layer: one node's memory and byte work, without torch.
+
+- :mod:`snapstore.node.segments` -- shared-memory segments and their names.
+- :mod:`snapstore.node.slots` -- the slot table: which segment holds what,
+  leases, commits, aborts, holds, the memory budget.
+- :mod:`snapstore.node.transport` -- reading peers' segments (shared memory
+  on one host, a token-checked TCP data server across hosts).
+- :mod:`snapstore.node.stripes` -- byte work of an order: encode, decode,
+  fold deltas into parity, verify.
+- :mod:`snapstore.node.smp` -- the SMP actor that owns all of the above on
+  its node.
+"""
