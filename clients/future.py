@@ -30,6 +30,8 @@ class SaveFuture:
         self.job = job
         self.step = step
         self.skipped = skipped
+        self.staging = ""
+        """``<client session>/<save number>``: how the store tells this staging apart."""
         self.stats: dict[str, Any] = {}
         self._staged = threading.Event()
         self._done = threading.Event()

@@ -38,7 +38,7 @@ __all__ = [
     "StripeMember",
 ]
 
-NodeStatus = Literal["alive", "suspect", "lost"]
+NodeStatus = Literal["alive", "suspect", "dead", "lost"]
 JobStatus = Literal["protected", "degraded", "unprotected", "lost", "none"]
 StripeStatus = Literal["healthy", "degraded", "lost"]
 SnapshotState = Literal["committed", "in_progress", "persisted"]
@@ -276,7 +276,8 @@ class HealthCoordinator(_Model):
 class HealthSmps(_Model):
     total: int = Field(ge=0)
     alive: int = Field(ge=0)
-    suspect: int = Field(ge=0)
+    suspect: int = Field(ge=0, description="silent, still read from: nothing is aborted")
+    dead: int = Field(ge=0, default=0, description="Ray says the SMP died; not yet lost")
     lost: int = Field(ge=0)
     max_heartbeat_age: float | None
 

@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "FaultInjectionError",
     "FormatError",
+    "IllegalTransitionError",
     "InsufficientChunksError",
     "MemoryBudgetError",
     "PersistFailedError",
@@ -138,6 +139,24 @@ class SaveFailedError(_PartiesError):
 
     The previous committed step is intact and is what restore returns.
     """
+
+
+class IllegalTransitionError(SnapstoreError):
+    """A lifecycle was asked for a transition its current state does not allow.
+
+    ``machine`` names what (a node, a step of a job), ``state`` where it
+    was and ``transition`` what was refused: a bug in the control plane, or
+    a message that arrived too late to matter.
+    """
+
+    def __init__(self, machine: str, state: str, transition: str) -> None:
+        self.machine = machine
+        self.state = state
+        self.transition = transition
+        super().__init__(f"{machine}: cannot {transition} in state {state}")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.machine, self.state, self.transition))
 
 
 class FaultInjectionError(SnapstoreError):

@@ -389,7 +389,7 @@ def test_dashboard_then_a_killed_node_turns_it_degraded(
         d = api.get(f"/v1/jobs/{JOB}/snapshots/latest").json()
         return (
             not ns[dead]["alive"]
-            and ns[dead]["status"] in ("suspect", "lost")
+            and ns[dead]["status"] in ("dead", "lost")
             and d["redundancy"]["status"] == "degraded"
             and d["redundancy"]["can_lose"] == 0
             and any(r["restore_from"]["kind"] == "rebuild" for r in d["ranks"])
@@ -407,7 +407,7 @@ def test_dashboard_then_a_killed_node_turns_it_degraded(
     page = wait_for(
         lambda: (p := _page(browser)).get("health") == "degraded" and p, 10, "a degraded grid"
     )
-    assert dict(page["nodes"])[dead] in ("suspect", "lost")
+    assert dict(page["nodes"])[dead] in ("dead", "lost")
     assert {s for n, s in page["cells"] if n == dead} == {"down"}
     assert {s for n, s in page["cells"] if n != dead} == {"degraded"}
     assert page["jobs"][0][1] == "degraded"

@@ -45,6 +45,7 @@ __all__ = [
     "iter_dir",
     "parity_name",
     "parse_name",
+    "prepared_name",
     "record_name",
     "shm_root",
     "spare_name",
@@ -94,6 +95,11 @@ def delta_name(job: str, rank: int, bit: int) -> str:
 
 def record_name(job: str) -> str:
     return f"rec.{job}.msgpack"
+
+
+def prepared_name(job: str, step: int, version: int) -> str:
+    """A prepared (not yet committed) slice of a step record kept by a node."""
+    return f"prep.{job}.s{step}.v{version}.msgpack"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ import socketserver
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -33,6 +32,7 @@ import numpy as np
 
 from snapstore.coding import checksum
 from snapstore.errors import SnapstoreError
+from snapstore.format.work import PeerInfo
 from snapstore.node.segments import MappingCache, parse_name
 
 __all__ = ["ChunkUnavailableError", "DataServer", "PeerInfo", "Transport", "host_key"]
@@ -58,36 +58,6 @@ def host_key() -> str:
     except OSError:
         boot = "noboot"
     return f"{socket.gethostname()}/{boot}"
-
-
-@dataclass(frozen=True)
-class PeerInfo:
-    """How to reach one SMP's bytes: its node, host, segment directory and data server."""
-
-    node_id: str
-    host: str
-    directory: str
-    address: str
-    port: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "host": self.host,
-            "directory": self.directory,
-            "address": self.address,
-            "port": self.port,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PeerInfo:
-        return cls(
-            str(d["node_id"]),
-            str(d["host"]),
-            str(d["directory"]),
-            str(d["address"]),
-            int(d["port"]),
-        )
 
 
 def _check_name(name: str) -> None:

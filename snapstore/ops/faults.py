@@ -23,10 +23,12 @@ from typing import Any
 import psutil
 
 from snapstore.control.handle import Store, connect
+from snapstore.control.messages import NodeInfo
 from snapstore.errors import FaultInjectionError
 from snapstore.format.record import StepRecord, piece_bounds
+from snapstore.format.wire import decode
 from snapstore.node.segments import data_name, parity_name
-from snapstore.node.smp import node_dir, smp_name
+from snapstore.node.store import node_dir, smp_name
 from snapstore.ops.cluster import kill_tree
 from snapstore.ops.lifecycle import add_embedded_node
 
@@ -133,8 +135,8 @@ def kill_smp(node_id: str, wipe: bool = False, store: Store | None = None) -> di
     store = _embedded(store)
     store.connect_ray()
     handle = ray.get_actor(smp_name(node_id), namespace=store.namespace)
-    info = ray.get(handle.info.remote(), timeout=30)
-    pid = int(info["pid"])
+    info = decode(ray.get(handle.info.remote(), timeout=30), NodeInfo)
+    pid = info.pid
     if pid not in _our_pids(store):
         raise FaultInjectionError(f"SMP pid {pid} is not a process of this embedded store")
     killed_at = time.time()
@@ -149,7 +151,7 @@ def kill_smp(node_id: str, wipe: bool = False, store: Store | None = None) -> di
         "node_id": node_id,
         "pid": pid,
         "killed_at": killed_at,
-        "incarnation": info["incarnation"],
+        "incarnation": info.incarnation,
     }
 
 
