@@ -1,12 +1,13 @@
 """How likely a job gets through a horizon without falling back to disk: analytic and simulated.
 
-The failure model follows REFT (Wang et al., "Reliable and Efficient
-In-Memory Fault Tolerance of Large Language Model Pretraining",
-arXiv:2310.12670): nodes fail independently, with exponential or Weibull
-lifetimes, and an erasure-coded group of n nodes loses its snapshot when more
-than m of its nodes are down at once; the job survives when every group does.
-REFT counts failures in fixed windows of length w, with the binomial
-``P(group ok) = sum_{i<=m} C(n,i) p^i (1-p)^(n-i)``, ``p = F(w)``.
+The failure model follows REFT ("Reliable and Efficient In-Memory Fault
+Tolerance of Large Language Model Pretraining", arXiv:2310.12670): nodes
+fail independently, with exponential or Weibull lifetimes, and an
+erasure-coded group of n nodes loses its snapshot when more than m of its
+nodes are down at once; the job survives when every group does.
+Evaluated in fixed windows of length w, that model is the binomial
+``P(group ok) = sum_{i<=m} C(n,i) p^i (1-p)^(n-i)``, ``p = F(w)``, per
+window and group.
 
 Failures arrive at any time, not on window boundaries, so
 :func:`expected_losses` counts, over the horizon H, the moments a group
@@ -22,7 +23,8 @@ nu(t) the rate at which a node that is not down fails::
 For exponential lifetimes (rate lambda) and t >= w, D = 1 - e^(-lambda w) and
 nu = lambda e^(-lambda w), so E_g ~ n C(n-1, m) lambda^(m+1) w^m H: the
 classic mean time to data loss of RAID with m parity disks and repair time w
-(Patterson, Gibson and Katz, 1988), MTTDL = 1 / (n C(n-1,m) lambda^(m+1) w^m).
+("A Case for Redundant Arrays of Inexpensive Disks", 1988),
+MTTDL = 1 / (n C(n-1,m) lambda^(m+1) w^m).
 For Weibull lifetimes every node starts new (age 0) with the horizon, and D
 and nu come from the renewal function, solved numerically. The Poisson step
 (exp of the expected count) holds while n w / MTBF is small; when it is not,
@@ -129,7 +131,7 @@ def _renewal_excess(failures: FailureModel, horizon: float) -> tuple[_F64, _F64]
 
     Solves U = F + F * U (Stieltjes convolution) on the grid; within cell j
     of the convolution U(t - s) is taken at the mean s of F's mass in the
-    cell, from F's power law near 0 (Xie's RS method with that weight):
+    cell, from F's power law near 0 (a Riemann-Stieltjes scheme with that weight):
     accurate to ~1e-3 for shapes >= 0.5.
     """
     cells = int(min(8000, max(2000, math.ceil(60 * horizon / failures.scale_hours))))
