@@ -33,6 +33,7 @@ from snapstore.errors import (
 if TYPE_CHECKING:
     from snapstore.format.pack import Packed, pack, unpack
     from snapstore.ops.lifecycle import Store, connect, down, nodes, up
+    from snapstore.ops.plan import plan
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ _LAZY = {
     "connect": "snapstore.ops.lifecycle",
     "nodes": "snapstore.ops.lifecycle",
     "Store": "snapstore.ops.lifecycle",
+    "plan": "snapstore.ops.plan",
 }
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "down",
     "nodes",
     "pack",
+    "plan",
     "unpack",
     "up",
 ]
