@@ -180,7 +180,7 @@ def test_memory_counts_what_the_store_allocates() -> None:
 
 
 def test_constants_agree_with_the_store() -> None:
-    smp = pathlib.Path(snapstore.__file__).parent / "node" / "smp.py"
+    smp = pathlib.Path(snapstore.__file__).parent / "node" / "store.py"
     values = {
         node.targets[0].id: node.value.value
         for node in ast.parse(smp.read_text()).body
@@ -190,7 +190,7 @@ def test_constants_agree_with_the_store() -> None:
     }
     assert values["DELTA_MAX_FRACTION"] == planner.DELTA_MAX_FRACTION
     cfg = StoreConfig()
-    assert Rates().detect_s == cfg.failure_timeout + cfg.reprotect_delay
+    assert Rates().detect_s == planner.DEATH_REPORT_S + cfg.reprotect_delay
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])

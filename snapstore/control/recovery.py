@@ -186,7 +186,7 @@ class Recovery:
             )
             life.begin_restore(rec.step)
             # Ranks that restored in place since the last commit hold this step already.
-            for r, (s, since) in job.sessions.items():
+            for r, (_session, since) in job.sessions.items():
                 if since > job.commit_seq and r != rank:
                     life.restored.add(r)
             if world_size != job.world_size:

@@ -104,6 +104,11 @@ def _positive(what: str, value: float) -> float:
     return float(value)
 
 
+DEATH_REPORT_S = 1.0
+"""Seconds until Ray reports a dead SMP to the coordinator's watch (a killed process: tens
+of milliseconds; a stopped raylet: about a second here)."""
+
+
 @dataclass(frozen=True)
 class Rates:
     """Speeds of the byte work on one node, in GB/s (1e9 bytes/s) or seconds. [defaults]
@@ -116,8 +121,9 @@ class Rates:
         ``bench.codec`` measured 0.95-2.2 x and 1.06-2.3 x; the low end].
     checksum_x: xxh3 on one core / memcpy [2.0: about 28 GB/s against 14.3].
     publish_s: the coordinator publishing a step record [0.005: ``bench.save``].
-    detect_s: a node's loss until its data is rebuilt elsewhere
-        [``failure_timeout + reprotect_delay`` of StoreConfig: 3.0].
+    detect_s: a node's loss until its data is rebuilt elsewhere [Ray reporting the
+        SMP's death (``DEATH_REPORT_S``, about 1 s measured here for a node whose
+        raylet stops) plus ``reprotect_delay`` of StoreConfig: 3.0].
     """
 
     network_gbps: float = 12.5
@@ -126,7 +132,7 @@ class Rates:
     decode_x: float = 1.0
     checksum_x: float = 2.0
     publish_s: float = 0.005
-    detect_s: float = _STORE.failure_timeout + _STORE.reprotect_delay
+    detect_s: float = DEATH_REPORT_S + _STORE.reprotect_delay
 
     def __post_init__(self) -> None:
         _positive("network bandwidth (GB/s, network_gbps)", self.network_gbps)
