@@ -63,6 +63,7 @@ from snapstore.errors import (
     ActorUnavailableError,
     FormatError,
     MemoryBudgetError,
+    RestoreRequiredError,
     SaveFailedError,
     SnapshotNotFoundError,
     SnapstoreError,
@@ -128,6 +129,7 @@ class Client:
         self.session = uuid.uuid4().hex
         """Identifies this process's client to the store: a restarted rank has a new one."""
         self._saves = 0
+        self._must_restore: str = ""
         self.timeout = timeout
         self.policy = policy
         self.dp = _dp_group(dp, replicated)
@@ -186,6 +188,11 @@ class Client:
         """
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
+        if self._must_restore:
+            raise RestoreRequiredError(
+                f"job {self.job!r} rank {self.rank}: {self._must_restore}; restore before "
+                "saving (let this process fail: the launcher restarts every rank)"
+            )
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step {step} is not after the last saved step {self._last_step}")
         self.wait_staged(timeout)
@@ -319,6 +326,8 @@ class Client:
         fut.stats["commit_seconds"] = timeout - (deadline - time.monotonic())
         if outcome.status is OutcomeStatus.COMMITTED:
             self._committed_step = fut.step
+        if outcome.restore:
+            self._must_restore = outcome.reason
         if outcome.lease is not None and not self._closed:
             try:
                 self._stager.maps.get(outcome.lease.path, writable=True)  # map it now
@@ -411,6 +420,7 @@ class Client:
         self._stager.forget()
         with self._lease_lock:
             self._lease = None
+        self._must_restore = ""
         self._last_step = step
         self._committed_step = step if opened.tier == "memory" else None
         self._inflight = None
@@ -513,7 +523,10 @@ class Client:
                 call(ref, left, "SMP.open_committed" if plan.local else "SMP.fetch"), NodeOpened
             )
             if res.path and not res.bad:
-                seg, _ = self._stager.maps.get(res.path, writable=False)
+                try:
+                    seg, _ = self._stager.maps.get(res.path, writable=False)
+                except FileNotFoundError:
+                    continue  # the copy was reused (a newer record came): plan again
                 return step, seg, size, source, [int(x) for x in sums]
             rep = call(
                 coord.repair.remote(self.job, rank, step, list(res.bad)),

@@ -30,6 +30,7 @@ __all__ = [
     "MemoryBudgetError",
     "PersistFailedError",
     "PersistedStepCorruptError",
+    "RestoreRequiredError",
     "SaveFailedError",
     "SnapshotNotFoundError",
     "SnapstoreError",
@@ -157,6 +158,16 @@ class IllegalTransitionError(SnapstoreError):
 
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.machine, self.state, self.transition))
+
+
+class RestoreRequiredError(SaveFailedError):
+    """This process must restore before it saves again: another rank of the job restarted
+    (or the job fell back to its persisted step) and every rank resumes from one step.
+
+    Raised by the next ``save`` once the store refused one of this process's
+    saves for that reason. Let the process fail: the launcher (torchrun, Ray
+    Train) restarts every rank, and each restores the same step.
+    """
 
 
 class FaultInjectionError(SnapstoreError):

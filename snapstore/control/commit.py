@@ -49,6 +49,8 @@ PREPARE_TIMEOUT = 240.0
 """An attempt preparing this long fails (parity of a group normally takes well under a second)."""
 DECISION_TIMEOUT = 30.0
 
+RESTORE_FIRST = "restore first"
+
 _CLIENT_COUNTERS = {
     "waits": "save_waits_total",
     "wait_seconds": "save_wait_seconds_total",
@@ -82,6 +84,9 @@ class Commits:
         refused: dict[str, list[str]] = {}
         accepted: dict[int, str] = {}
         for rank, session in sorted(r.sessions.items()):
+            past = job.history.get(r.step)
+            if past is not None and past[1].get(rank, ("",))[0] == session:
+                continue  # a late report of a staging that committed: nothing to say
             why = self._refusal(job, rank, session, r.step, r.world_size)
             if why:
                 refused.setdefault(why, []).append(session)
@@ -91,7 +96,13 @@ class Commits:
             self._tell(
                 r.leader,
                 Decision(
-                    r.job, r.step, -1, OutcomeStatus.FAILED, reason=why, sessions=tuple(sessions)
+                    r.job,
+                    r.step,
+                    -1,
+                    OutcomeStatus.FAILED,
+                    reason=why,
+                    sessions=tuple(sessions),
+                    restore=why.startswith(RESTORE_FIRST),
                 ),
             )
         if not accepted:
@@ -117,7 +128,8 @@ class Commits:
             if mine is None or mine[0] != session_of(session):
                 job.sessions[rank] = (session_of(session), -1)
             for s, other in list(job.attempts.items()):
-                if s < r.step and rank in other.ranks and other.life.open:
+                moved = s < r.step and rank in other.ranks and other.life.open
+                if moved and not other.reprotect:
                     self.fail(job, other, f"rank {rank} moved on to step {r.step}")
         if att.life.phase is StepPhase.COLLECTING and len(att.ranks) >= att.world_size:
             att.life.all_staged()
@@ -154,8 +166,8 @@ class Commits:
             )
         if session in job.retired:
             return (
-                f"rank {rank}'s process belongs to an ended incarnation of job {job.name!r} "
-                "(another process of that rank restored since)"
+                f"{RESTORE_FIRST}: rank {rank}'s process belongs to an ended incarnation of job "
+                f"{job.name!r} (another process of that rank restored since)"
             )
         mine = job.sessions.get(rank)
         since = mine[1] if mine is not None and mine[0] == session else -1
@@ -168,9 +180,9 @@ class Commits:
         restored = mine is not None and mine[0] == session and rank in job.life.restored
         if job.life.phase is JobPhase.RESTORING and not restored:
             return (
-                f"job {job.name!r} restarted (incarnation {job.life.incarnation}, every rank "
-                f"restores step {job.life.pinned}); rank {rank}'s process did not restore: "
-                "restore first"
+                f"{RESTORE_FIRST}: job {job.name!r} restarted (incarnation "
+                f"{job.life.incarnation}, every rank restores step {job.life.pinned}) and rank "
+                f"{rank}'s process did not restore"
             )
         return ""
 
@@ -241,6 +253,9 @@ class Commits:
             job.life.committed()
             job.commits += 1
             job.commit_seq = job.restore_seq
+            job.note_committed(record, att.ranks)
+        elif att.step in job.history:
+            job.note_committed(record, job.history[att.step][1])
         job.last_commit_latency = plane.clock.now() - att.started_at
         job.redundancy = Redundancy.PROTECTED if record.protected else Redundancy.UNPROTECTED
         job.detail = "" if record.protected else "fewer than k + m nodes: data has no parity"
@@ -386,11 +401,21 @@ class Commits:
         if job is None:
             return Outcome(OutcomeStatus.UNKNOWN, step, f"no job {name!r}")
         rec = job.record
-        if rec is not None and step <= rec.step:
-            entry = rec.entry(rank) if rec.step == step else None
+        if rec is not None and step == rec.step:
+            entry = rec.entry(rank)
             if entry is not None and (not sums or tuple(entry.sums) == tuple(sums)):
                 return Outcome(OutcomeStatus.COMMITTED, step, "", dict(job.committed_stats))
-            return Outcome(OutcomeStatus.FAILED, step, f"step {rec.step} was committed first")
+            return Outcome(OutcomeStatus.FAILED, step, "the step committed with other bytes")
+        if rec is not None and step < rec.step:
+            past = job.history.get(step)
+            entry = past[0].entry(rank) if past is not None else None
+            if entry is not None:
+                if not sums or tuple(entry.sums) == tuple(sums):
+                    return Outcome(OutcomeStatus.COMMITTED, step)
+                return Outcome(OutcomeStatus.FAILED, step, "the step committed with other bytes")
+            if past is not None or step > min(job.history, default=step):
+                return Outcome(OutcomeStatus.FAILED, step, f"step {rec.step} was committed first")
+            return Outcome(OutcomeStatus.UNKNOWN, step, f"step {step} is too old to tell")
         att = job.attempts.get(step)
         if att is not None and rank in att.ranks:
             return Outcome(OutcomeStatus.PENDING, step)

@@ -122,6 +122,8 @@ class Fallback:
             if restarted and job is not None:
                 if job.record is not None:
                     await self._reset(job, int(plan["step"]))
+                if job.life.phase is JobPhase.RESTORING and job.life.pinned is None:
+                    job.life.pinned = int(plan["step"])
                 if job.life.phase is JobPhase.RESTORING and job.life.pinned == plan["step"]:
                     previous = job.sessions.get(rank)
                     if previous is not None and previous[0] != session:
@@ -129,7 +131,7 @@ class Fallback:
                     job.restore_seq += 1
                     job.sessions[rank] = (session, job.restore_seq)
                     job.life.rank_restored(rank, int(plan["world_size"]))
-            return plan
+            return dict(plan, incarnation=job.life.incarnation if job is not None else 0)
 
     async def _choose(self, name: str) -> dict[str, Any] | ErrorReply:
         plane = self.plane

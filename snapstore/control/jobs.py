@@ -23,6 +23,7 @@ from snapstore.format.record import ParityEntry, RankEntry, StepRecord
 __all__ = ["Attempt", "Job", "JobRecord", "session_of"]
 
 FAILED_KEPT = 64
+HISTORY_KEPT = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,6 +189,11 @@ class Job:
     restore_seq: int = 0
     """Counts restores of the job: a staging of a failed step is refused unless its
     client restored after the failure."""
+    history: collections.OrderedDict[int, tuple[JobRecord, dict[int, Any]]] = field(
+        default_factory=collections.OrderedDict
+    )
+    """The last committed steps: their record, and rank -> (staging, group) committed
+    (kept by reference: no per-rank work per commit)."""
     commit_seq: int = 0
     """``restore_seq`` at the last commit: ranks that restored after it hold that step."""
     retired: set[str] = field(default_factory=set)
@@ -220,6 +226,12 @@ class Job:
             if since <= seq:
                 return reason
         return None
+
+    def note_committed(self, record: JobRecord, stagings: dict[int, Any]) -> None:
+        self.history[record.step] = (record, stagings)
+        self.history.move_to_end(record.step)
+        while len(self.history) > HISTORY_KEPT:
+            self.history.popitem(last=False)
 
     def touch(self) -> None:
         """Wake everyone waiting for this job to change (restores waiting on a rebuild)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -90,7 +91,11 @@ class _Decided:
     committed_step: int | None = None
     committed_version: int = -1
     stats: dict[str, Any] = field(default_factory=dict)
-    failed: collections.OrderedDict[int, list[tuple[frozenset[str], str]]] = field(
+    history: collections.OrderedDict[int, dict[int, tuple[int, ...]]] = field(
+        default_factory=collections.OrderedDict
+    )
+    """Committed steps this node learned of: rank -> piece sums, for its ranks."""
+    failed: collections.OrderedDict[int, list[tuple[frozenset[str], str, bool]]] = field(
         default_factory=collections.OrderedDict
     )
 
@@ -227,6 +232,10 @@ class Member:
             fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
             w = _Waiter(rank, step, session, sums, self.clock.now(), fut)
             self._waiters.setdefault((job, step), []).append(w)
+            d = self._decided.get(job)
+            if d is not None and d.committed_step is not None and step <= d.committed_step:
+                # Decided, but not in a way this node can tell: ask now.
+                self.tasks.spawn(self._ask(job, step, w), f"status of {job!r} {step}")
             try:
                 outcome = await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:
@@ -240,9 +249,7 @@ class Member:
         if next_size > 0 and outcome.status in (OutcomeStatus.COMMITTED, OutcomeStatus.FAILED):
             try:
                 lease = await self.lease(job, rank, next_size)
-                outcome = Outcome(
-                    outcome.status, outcome.step, outcome.reason, outcome.stats, lease
-                )
+                outcome = dataclasses.replace(outcome, lease=lease)
             except (SnapstoreError, asyncio.TimeoutError) as e:
                 logger.info("no lease ahead of the next step: %s", e, extra={"job": job})
         return outcome
@@ -250,25 +257,22 @@ class Member:
     def _known(
         self, job: str, step: int, rank: int, session: str = "", sums: tuple[int, ...] = ()
     ) -> Outcome | None:
-        """The outcome of ``rank``'s staging of ``step`` if this node knows it."""
+        """The outcome of ``rank``'s staging of ``step`` if this node knows it for sure;
+        None when only the coordinator can tell (it is then asked)."""
         d = self._decided.get(job)
         if d is None:
             return None
-        for sessions, reason in d.failed.get(step, []):
+        for sessions, reason, restore in d.failed.get(step, []):
             if not sessions or session in sessions:
-                return Outcome(OutcomeStatus.FAILED, step, reason)
+                return Outcome(OutcomeStatus.FAILED, step, reason, restore=restore)
         if d.committed_step is None or step > d.committed_step:
             return None
-        if step < d.committed_step:
-            return Outcome(
-                OutcomeStatus.FAILED, step, f"step {d.committed_step} was committed first"
-            )
-        rec = self.store.record(job)
-        entry = rec.ranks.get(rank) if rec is not None and rec.step == step else None
-        if entry is not None and (not sums or tuple(entry.sums) == tuple(sums)):
-            return Outcome(OutcomeStatus.COMMITTED, step, "", dict(d.stats))
-        if entry is None and rec is not None and rec.step == step:
-            return None  # this node does not hold the rank: ask the coordinator
+        committed = d.history.get(step)
+        if committed is None or rank not in committed:
+            return None  # a decision this node missed, or a rank not homed here
+        if not sums or committed[rank] == tuple(sums):
+            stats = d.stats if step == d.committed_step else {}
+            return Outcome(OutcomeStatus.COMMITTED, step, "", dict(stats))
         return Outcome(
             OutcomeStatus.FAILED, step, "the step committed with other bytes of this rank"
         )
@@ -294,13 +298,17 @@ class Member:
                     d.committed_step, d.committed_version = rec.step, rec.version
                     if step == rec.step:
                         d.stats = dict(decision.stats)
+                if rec.step == step:
+                    d.history[step] = {r: tuple(e.sums) for r, e in rec.ranks.items()}
+                    while len(d.history) > DECIDED_KEPT:
+                        d.history.popitem(last=False)
                 for key in [k for k in self._staged if k[0] == job and k[1] <= rec.step]:
                     self._staged.pop(key, None)
                     self._staged_at.pop(key, None)
                 self._wake(job, rec.step)
             return result
         sessions = frozenset(decision.sessions)
-        d.failed.setdefault(step, []).append((sessions, decision.reason))
+        d.failed.setdefault(step, []).append((sessions, decision.reason, decision.restore))
         while len(d.failed) > DECIDED_KEPT:
             d.failed.popitem(last=False)
         entries = self._staged.get((job, step), {})
@@ -318,9 +326,13 @@ class Member:
     def _wake(self, job: str, upto: int) -> None:
         for key in [k for k in self._waiters if k[0] == job and k[1] <= upto]:
             for w in list(self._waiters.get(key, [])):
+                if w.future.done():
+                    continue
                 outcome = self._known(job, w.step, w.rank, w.session, w.sums)
-                if outcome is not None and not w.future.done():
+                if outcome is not None:
                     w.future.set_result(outcome)
+                else:
+                    self.tasks.spawn(self._ask(job, w.step, w), f"status of {job!r} {w.step}")
 
     def resolve(self, job: str, step: int, session: str, outcome: Outcome) -> None:
         """The coordinator answered a status query: end the waits it decides."""

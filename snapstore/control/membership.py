@@ -190,11 +190,12 @@ class Membership:
         lost = []
         for node, life in self.nodes.items():
             if life.phase is NodePhase.DEAD and now - life.since >= self.cfg.reprotect_delay:
+                dead_for = now - life.since
                 life.declare_lost(now)
                 lost.append(node)
                 self.events.add(
                     "node_lost",
-                    f"node {node[:12]} declared lost after {now - life.since:.1f} s dead",
+                    f"node {node[:12]} declared lost after {dead_for:.1f} s dead",
                     node=node,
                 )
         if lost:

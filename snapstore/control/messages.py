@@ -199,6 +199,8 @@ class Decision:
     stats: dict[str, Any] = field(default_factory=dict)
     sessions: tuple[str, ...] = ()
     """FAILED: the stagings (by client session) that failed; empty means every one."""
+    restore: bool = False
+    """FAILED because those processes must restore first (the job restarted)."""
 
 
 @message
@@ -211,6 +213,8 @@ class Outcome:
     reason: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     lease: Lease | None = None
+    restore: bool = False
+    """FAILED because this process must restore before it saves again."""
 
 
 class ErrorKind(str, enum.Enum):

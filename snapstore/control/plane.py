@@ -89,6 +89,7 @@ class ControlPlane:
         self.flusher = Flusher(self, tier)
         self.started_at = clock.wall()
         self._ready = False
+        self._ready_event = asyncio.Event()
 
     # -- running ---------------------------------------------------------------------------
 
@@ -103,6 +104,13 @@ class ControlPlane:
         await self.flusher.open()
         self.tasks.spawn(self._monitor(), "monitor")
         self._ready = True
+        self._ready_event.set()
+
+    async def _started(self) -> None:
+        """Calls wait until the plane rebuilt its state from the nodes: a restarted
+        coordinator answers nothing from a half-recovered view."""
+        if not self._ready:
+            await self._ready_event.wait()
 
     def stop(self) -> None:
         self.tasks.cancel_all()
@@ -156,18 +164,23 @@ class ControlPlane:
     # -- nodes ------------------------------------------------------------------------------------
 
     async def register(self, info: NodeInfo) -> NodeConfig | None:
+        await self._started()
         return self.membership.register(info)
 
     async def report(self, report: GroupReport) -> None:
+        await self._started()
         self.commits.on_report(report)
 
     async def group_beat(self, beat: GroupBeat) -> None:
+        await self._started()
         self.membership.group_beat(beat)
 
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
+        await self._started()
         return self.commits.abandon(job, rank, step, session)
 
     async def step_status(self, job: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
+        await self._started()
         return self.commits.step_status(job, step, rank, sums)
 
     async def ready(self, min_nodes: int = 0, timeout: float = 60.0) -> dict[str, Any]:
@@ -198,14 +211,17 @@ class ControlPlane:
         world_size: int,
         timeout: float,
     ) -> RestorePlan | ErrorReply:
+        await self._started()
         return await self.recovery.restore_plan(
             job, rank, node, session, restarted, world_size, timeout
         )
 
     async def repair(self, job: str, rank: int, step: int, bad: list[int]) -> int | ErrorReply:
+        await self._started()
         return await self.recovery.repair(job, rank, step, bad)
 
     async def note_restore(self, job: str, rank: int, info: dict[str, Any]) -> None:
+        await self._started()
         self.fallback.note_restore(job, rank, info)
         self.events.add(
             "restore",
@@ -216,17 +232,20 @@ class ControlPlane:
         )
 
     async def latest(self, job: str) -> int | None:
+        await self._started()
         js = self.jobs.get(job)
         return None if js is None or js.record is None else js.record.step
 
     async def abort_pending(self, job: str, reason: str) -> list[int]:
         """A controller ends the job's steps in flight; waiters learn at once."""
+        await self._started()
         js = self.jobs.get(job)
         if js is None:
             return []
         return self.commits.fail_open(js, reason or "aborted by a job controller")
 
     async def drop_job(self, job: str) -> None:
+        await self._started()
         js = self.jobs.pop(job, None)
         if js is not None:
             self.commits.fail_open(js, "job dropped")
@@ -242,28 +261,34 @@ class ControlPlane:
         self.events.add("job_dropped", f"job {job!r} dropped", job=job)
 
     async def persist(self, job: str, timeout: float) -> dict[str, Any] | ErrorReply:
+        await self._started()
         return await self.flusher.persist(job, timeout)
 
     async def persisted_plan(
         self, job: str, rank: int, session: str, reason: str, restarted: bool, timeout: float
     ) -> dict[str, Any] | ErrorReply:
+        await self._started()
         return await self.fallback.restore_plan(job, rank, session, reason, restarted, timeout)
 
     async def persisted_bad(self, job: str, path: str, problem: str) -> None:
+        await self._started()
         self.fallback.mark_bad(job, path, problem)
 
     async def persisted(self, job: str) -> list[dict[str, Any]]:
+        await self._started()
         await self.flusher.refresh(job)
         return list(self.flusher.job(job).steps)
 
     # -- observing ------------------------------------------------------------------------------
 
     async def record(self, job: str) -> bytes | None:
+        await self._started()
         js = self.jobs.get(job)
         return None if js is None or js.record is None else js.record.merged.to_bytes()
 
     async def job_info(self, job: str, events: int = 50) -> dict[str, Any] | None:
         """A job's state for controllers: latest step, steps in flight, status, recent events."""
+        await self._started()
         js = self.jobs.get(job)
         if js is None:
             return None
@@ -323,6 +348,7 @@ class ControlPlane:
 
     async def snapshot(self, events: int = 200) -> dict[str, Any]:
         """Everything ``status`` and the REST server show, computed without waiting on nodes."""
+        await self._started()
         readable = set(self.membership.readable())
         jobs = [self._job_entry(js, readable) for js in self.jobs.values()]
         jobs.extend(self.flusher.disk_only_jobs(set(self.jobs)))
@@ -348,7 +374,9 @@ class ControlPlane:
         commit is decided only after every group holding the step prepared
         it, so groups that did not hear of the decision hold the step as
         prepared, and the decision is sent to them again. Newer prepared
-        steps nobody committed are failed.
+        slices nobody committed are left alone: no trainer heard of them, their
+        stagings are reported again by their nodes and committed by a new
+        attempt (another version), and the slices go with the next commit.
         """
         if not nodes:
             return
@@ -433,18 +461,6 @@ class ControlPlane:
                     self.tasks.spawn(self.cast_node(node, "decide", decision), "complete commit")
                 job.unacked[key] = (decision, self.clock.now())
             out[name] = top[0]
-        for name, held in prepared.items():
-            top_committed = (
-                (self.jobs[name].record.step, self.jobs[name].record.version)  # type: ignore[union-attr]
-                if name in self.jobs and self.jobs[name].record is not None
-                else (-1, -1)
-            )
-            for node, rec in held:
-                if (rec.step, rec.version) > top_committed:
-                    failed = Decision(
-                        name, rec.step, rec.version, OutcomeStatus.FAILED, "coordinator restarted"
-                    )
-                    self.tasks.spawn(self.cast_node(node, "decide", failed), "abort in-doubt step")
         return out
 
 

@@ -84,7 +84,15 @@ class Recovery:
         plane = self.plane
         deadline = plane.clock.now() + timeout
         job = plane.jobs.get(name)
+        if job is None and restarted:
+            job = plane.job(name, world_size)
         if job is None or job.record is None:
+            if job is not None and restarted:
+                # Nothing in memory: still a new incarnation, so that nothing staged by
+                # the dead one commits while its ranks start over.
+                self._join_incarnation(job, rank, session, world_size)
+                if job.life.phase is JobPhase.RESTORING and plane.flusher.newest(name) is None:
+                    job.life.rank_restored(rank, world_size)
             return ErrorReply(ErrorKind.NOT_FOUND, f"job {name!r} has no committed step in memory")
         if restarted:
             self._join_incarnation(job, rank, session, world_size)
@@ -99,24 +107,30 @@ class Recovery:
                     f"job {name!r} step {rec.step} has no rank {rank} (world size "
                     f"{rec.world_size})",
                 )
-            if rank in job.unrecoverable:
+            lost_ranks = plane.fallback.unservable_ranks(job)
+            if lost_ranks:
+                # The job's decision, not the rank's: no rank resumes from memory when
+                # some rank cannot (they fall back to disk together, or all fail).
+                fallback = plane.fallback.must_fall_back(job)
+                if restarted and job.life.phase is JobPhase.RESTORING and not fallback:
+                    job.life.rank_restored(rank, world_size)  # the window must not wait
+                lost = [c for r in lost_ranks for c in job.unrecoverable.get(r, [])]
                 return ErrorReply(
                     ErrorKind.UNRECOVERABLE,
-                    f"rank {rank} of job {name!r} step {rec.step} cannot be rebuilt",
-                    lost=tuple(job.unrecoverable[rank]),
-                )
-            if plane.fallback.must_fall_back(job):
-                bad = plane.fallback.unservable_ranks(job)
-                return ErrorReply(
-                    ErrorKind.UNRECOVERABLE,
-                    f"job {name!r} step {rec.step}: ranks {bad} can be neither read nor rebuilt "
-                    "from memory; the job restores from its persisted step",
-                    lost=tuple(self._lost_nodes(rec)),
-                    fallback=True,
+                    f"job {name!r} step {rec.step}: ranks {lost_ranks} can be neither read "
+                    f"nor rebuilt from memory (more than m={rec.m} chunks of a stripe are on "
+                    "lost nodes)"
+                    + ("; the job restores from its persisted step" if fallback else ""),
+                    lost=tuple(lost or self._lost_nodes(rec)),
+                    fallback=fallback,
                 )
             where = job.relocated.get(rank, entry.node)
             readable = set(plane.membership.readable())
-            if where in readable and where in plane.membership.infos:
+            # A rank that needs a node that is dead but not lost makes every rank wait: the
+            # node may come back with its memory, or be declared lost and the job fall
+            # back to disk; either way all ranks resume from one step.
+            blocked = self._blocked(rec, job, readable)
+            if not blocked and where in readable and where in plane.membership.infos:
                 restoring = restarted and job.life.phase is JobPhase.RESTORING
                 if restoring and job.life.rank_restored(rank, world_size):
                     plane.events.add(
@@ -136,22 +150,10 @@ class Recovery:
                     local=where == node,
                     incarnation=job.life.incarnation,
                 )
-            piece = rec.slice_of(rank)
-            assert piece is not None
-            if rank_restorable(piece, rank, readable):
+            if not blocked:
                 # The home is dead or lost: rebuild onto the asking node, now.
                 job.preferred_home.setdefault(rank, node)
                 self.start_relocation(job)
-            elif not rank_restorable(piece, rank, set(plane.membership.present())):
-                if restarted and job.life.phase is JobPhase.RESTORING:
-                    # It restores nothing: the window must not wait for it forever.
-                    job.life.rank_restored(rank, world_size)
-                return ErrorReply(
-                    ErrorKind.UNRECOVERABLE,
-                    f"rank {rank} of job {name!r} step {rec.step}: more than m={rec.m} chunks "
-                    "of one of its stripes are on lost nodes",
-                    lost=tuple(self._lost_nodes(rec)),
-                )
             # else: dead nodes that are not lost yet may come back; wait for news.
             left = deadline - plane.clock.now()
             if left <= 0:
@@ -162,6 +164,17 @@ class Recovery:
             changed = job.changed
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(left, 1.0))
+
+    def _blocked(self, rec: JobRecord, job: Job, readable: set[str]) -> list[int]:
+        """Ranks that can be neither read nor rebuilt from the readable nodes now."""
+        out = []
+        for r, home in rec.homes().items():
+            if job.relocated.get(r, home) in readable:
+                continue
+            piece = rec.slice_of(r)
+            if piece is not None and not rank_restorable(piece, r, readable):
+                out.append(r)
+        return out
 
     def _lost_nodes(self, rec: JobRecord) -> list[str]:
         readable = set(self.plane.membership.readable())
@@ -177,14 +190,12 @@ class Recovery:
         plane = self.plane
         life = job.life
         rec = job.record
-        assert rec is not None
+        pinned = rec.step if rec is not None else None
         mine = job.sessions.get(rank)
         fresh = mine is None or mine[0] != session
-        if life.phase is JobPhase.ACTIVE and fresh:
-            steps = plane.commits.fail_open(
-                job, f"rank {rank} restarted and restores step {rec.step}"
-            )
-            life.begin_restore(rec.step)
+        if life.phase in (JobPhase.ACTIVE, JobPhase.EMPTY) and fresh:
+            steps = plane.commits.fail_open(job, f"rank {rank} restarted and restores {pinned}")
+            life.begin_restore(pinned)
             # Ranks that restored in place since the last commit hold this step already.
             for r, (_session, since) in job.sessions.items():
                 if since > job.commit_seq and r != rank:
@@ -199,15 +210,15 @@ class Recovery:
             plane.events.add(
                 "incarnation",
                 f"job {job.name!r} incarnation {life.incarnation}: rank {rank} restarted; every "
-                f"rank restores step {rec.step}" + (f" (steps {steps} aborted)" if steps else ""),
+                f"rank restores step {pinned}" + (f" (steps {steps} aborted)" if steps else ""),
                 job=job.name,
-                step=rec.step,
+                step=pinned,
                 aborted=steps or None,
             )
         else:
             for att in list(job.attempts.values()):
                 if rank in att.ranks:
-                    plane.commits.fail(job, att, f"rank {rank} restores step {rec.step}")
+                    plane.commits.fail(job, att, f"rank {rank} restores step {pinned}")
         if mine is not None and fresh:
             job.retired.add(mine[0])
         job.restore_seq += 1

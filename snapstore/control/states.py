@@ -177,7 +177,8 @@ class JobLife:
     incarnation: int = 0
     """Counts restore windows: a restarted rank opens a new incarnation of the job."""
     pinned: int | None = None
-    """While RESTORING: the step every rank of this incarnation restores."""
+    """While RESTORING: the step every rank of this incarnation restores (None: none in
+    memory; the first persisted plan pins its step)."""
     restored: set[int] = field(default_factory=set)
     """While RESTORING: ranks that restored in this incarnation."""
 
@@ -192,9 +193,10 @@ class JobLife:
             raise _refuse(self.name, self.phase, "commit a step before every rank restored")
         self.phase = JobPhase.ACTIVE
 
-    def begin_restore(self, step: int) -> None:
-        """A restarted rank restores: a new incarnation; every rank of it gets ``step``."""
-        if self.phase is not JobPhase.ACTIVE:
+    def begin_restore(self, step: int | None) -> None:
+        """A restarted rank restores: a new incarnation; every rank of it gets ``step``
+        (None: nothing is in memory, every rank starts over or from the persisted tier)."""
+        if self.phase not in (JobPhase.ACTIVE, JobPhase.EMPTY):
             raise _refuse(self.name, self.phase, "begin a restore")
         self.phase, self.pinned = JobPhase.RESTORING, step
         self.incarnation += 1

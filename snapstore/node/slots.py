@@ -515,6 +515,13 @@ class SlotTable:
             if p is not None and name in self._segments:
                 self._retire(name, p)
 
+    def close(self) -> None:
+        """Unmap every segment and keep the files (a restarted SMP re-adopts them)."""
+        with self.lock:
+            for seg in self._segments.values():
+                seg.close()
+            self._segments.clear()
+
     def destroy(self) -> None:
         """Delete every segment and record of this node, and the directory."""
         with self.lock:

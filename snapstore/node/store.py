@@ -103,6 +103,7 @@ class ShmNodeStore:
         token: str,
         address: str,
         budget: int,
+        serve: bool = True,
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
@@ -121,8 +122,10 @@ class ShmNodeStore:
         self._faults: dict[str, Any] = {}
         self._stop = threading.Event()
         self.transport = Transport(host_key(), token, force_tcp=cfg.transport == "tcp")
-        self.server = DataServer(address, token, self._resolve)
-        self.peer = PeerInfo(node_id, host_key(), self.slots.dir, address, self.server.port)
+        # serve=False (the simulation, tests on one host): peers read shared memory only.
+        self.server = DataServer(address, token, self._resolve) if serve else None
+        port = self.server.port if self.server is not None else 0
+        self.peer = PeerInfo(node_id, host_key(), self.slots.dir, address, port)
 
     # -- what it holds ------------------------------------------------------------------
 
@@ -425,15 +428,18 @@ class ShmNodeStore:
     def destroy(self) -> None:
         """Delete every segment of this node and stop serving (``snapstore down``)."""
         self._stop.set()
-        self.slots.destroy()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
         self.transport.close()
+        self.slots.destroy()
 
     def close(self) -> None:
         """Stop serving; keep the segments (a restarted SMP re-adopts them)."""
         self._stop.set()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
         self.transport.close()
+        self.slots.close()
 
     def _resolve(self, name: str) -> np.ndarray:
         seg = self.slots.get(name)
