@@ -62,8 +62,11 @@ def expected_state(nbytes: int, rank: int, step: int) -> dict[str, Any]:
 
 
 def step_state(state: dict[str, Any], step: int) -> None:
-    """Change every tensor of ``state`` as step ``step`` does (deterministically)."""
-    mark_step(tensors_of(state), step)
+    """Change every tensor of ``state`` as step ``step`` does (deterministically).
+
+    (The first element of each tensor becomes ``step % 256``: uint8 tensors too.)
+    """
+    mark_step(tensors_of(state), step % 256)
     state["step"] = step
 
 
