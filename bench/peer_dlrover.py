@@ -6,8 +6,9 @@ environment, started by ``dlrover-run``).
 
 How it runs, as DLRover's documentation says: a DLRover master (started
 here as ``dlrover-run --standalone`` starts its local one, on 127.0.0.1) and
-``dlrover-run --nproc-per-node=2``, an elastic agent that hosts the checkpoint saver (it owns the shared memory,
-so it outlives a trainer) and restarts failed trainers. Each rank holds a
+``dlrover-run --nproc-per-node=2``, an elastic agent that hosts the
+checkpoint saver (it owns the shared memory, so it outlives a trainer) and
+restarts failed trainers. Each rank holds a
 different state (a shard: ``DdpCheckpointer(local_shard_num=2,
 global_shard_num=2)``), as snapstore's ranks do.
 
@@ -76,15 +77,14 @@ def _master(python: str, job: str, log: str) -> tuple[Launched, str]:
     master = Launched(cmd, peer_env(), log)
     addr = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
+    while master.alive() and time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return master, addr
         except OSError:
-            if not master.alive() or time.monotonic() > deadline:
-                master.kill()
-                raise RuntimeError(f"DLRover's master did not start on {addr} (see {log})")
             time.sleep(0.1)
+    master.kill()
+    raise RuntimeError(f"DLRover's master did not start on {addr} (see {log})")
 
 
 def _launch(python: str, args: list[str], job: str, master: str, log: str) -> Launched:
@@ -158,8 +158,7 @@ def run(
             "path": "the last checkpoint persisted to storage (torch.load)",
         },
         "corruption": {
-            "outcome": f"shared memory: {crash[1]['corruption']}; storage: "
-            f"{loss[1]['corruption']}",
+            "outcome": f"shared memory: {crash[1]['corruption']}; storage: {loss[1]['corruption']}",
         },
     }
 

@@ -196,10 +196,10 @@ def ensure(peer: str, log: str | None = None) -> PeerEnv:
                 timeout=120,
             )
             _link(_site_packages(env))
+            pip = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet"]
             with open(log or os.devnull, "a") as out:
                 proc = subprocess.run(
-                    [sys.executable, "-m", "pip", "--python", python, "install", "--quiet"]
-                    + list(REQUIREMENTS[peer]),
+                    [*pip, *REQUIREMENTS[peer]],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     timeout=PIP_TIMEOUT,

@@ -87,7 +87,9 @@ def run(python: str, nbytes: int, reps: int, workdir: str, log: str, timeout: fl
         "returns": [x for r in save for x in r["returns"]],
         "protected": [x for r in save for x in r["protected"]],
         "memcpy": {r["rank"]: r["memcpy"] for r in save},
-        "per_rank": {r["rank"]: {"returns": r["returns"], "protected": r["protected"]} for r in save},
+        "per_rank": {
+            r["rank"]: {"returns": r["returns"], "protected": r["protected"]} for r in save
+        },
         "memory": {
             "bytes": sum(r["memory_after"] - r["memory_before"] for r in save),
             "state": sum(r["state_bytes"] for r in save),

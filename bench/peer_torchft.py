@@ -48,9 +48,7 @@ TIMEOUT = timedelta(seconds=30)
 """torchft's timeouts (quorum, allreduce, checkpoint transfer)."""
 
 
-def _replica(
-    python: str, group: int, args: list[str], lighthouse: str, log: str
-) -> Launched:
+def _replica(python: str, group: int, args: list[str], lighthouse: str, log: str) -> Launched:
     cmd = [
         python,
         "-m",
@@ -216,7 +214,9 @@ def _replica_main(args: argparse.Namespace) -> None:
                 break
         time.sleep(0.05)  # the step's compute
     if group == 0:
-        write_result(args.out, "live", 0, {"rank": 0, "steps": steps, "memcpy": memcpy_median(nbytes)})
+        write_result(
+            args.out, "live", 0, {"rank": 0, "steps": steps, "memcpy": memcpy_median(nbytes)}
+        )
     manager.shutdown(wait=False)
 
 
@@ -230,7 +230,7 @@ def _live_controls(args: argparse.Namespace, state: Any, steps: int) -> None:
     import torch
 
     every = leaves(state)
-    path, t = max(every.items(), key=lambda kv: kv[1].numel())
+    t = max(every.values(), key=lambda x: x.numel())
     flat = t.view(-1).view(torch.uint8)
     at = flat.numel() // 2
     flat[at] = flat[at] ^ 0xFF
