@@ -18,11 +18,24 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Launched", "free_port", "peer_env", "read_results", "repo_root", "wait_results"]
+__all__ = [
+    "Launched",
+    "free_port",
+    "kill_all",
+    "peer_env",
+    "read_results",
+    "repo_root",
+    "wait_results",
+]
+
+_LIVE: set[Launched] = set()
+"""Every Launched not yet killed: kill_all() stops them (on SIGTERM, on the way out)."""
+_LIVE_LOCK = threading.Lock()
 
 
 def repo_root() -> str:
@@ -74,6 +87,8 @@ class Launched:
             start_new_session=True,
         )
         self.pid = self.proc.pid
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def __enter__(self) -> Launched:
         return self
@@ -104,6 +119,8 @@ class Launched:
         """SIGKILL the whole tree (children first found, then killed together); reap it."""
         import psutil
 
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
         procs = []
         for pid in self.tree():
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -116,6 +133,14 @@ class Launched:
             self.proc.wait(timeout=10)
         if not self._log.closed:
             self._log.close()
+
+
+def kill_all() -> None:
+    """Kill every process tree started through :class:`Launched` and not yet killed."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for launched in live:
+        launched.kill()
 
 
 def read_results(outdir: str, phase: str, ranks: Sequence[int]) -> list[dict[str, Any]]:

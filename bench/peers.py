@@ -35,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from snapstore.bench import peer_launch
 from snapstore.bench._common import (
     Table,
     bench_header,
@@ -178,6 +180,38 @@ def tables(results: dict[str, Any], nbytes: int, reps: int) -> list[Table]:
     return [main, paths]
 
 
+def _peers(
+    workdir: str, peers: set[str], nbytes: int, reps: int, together: bool
+) -> tuple[dict[str, PeerEnv], dict[str, Any]]:
+    """Build the peers' environments, then run each peer (``together``: all at once)."""
+    t0 = time.monotonic()
+    envs = build_envs(workdir, peers)
+    print(
+        f"peer environments ({cache_dir()}), ready after {time.monotonic() - t0:.1f} s: "
+        + "; ".join(
+            f"{p} {'built' if e.built else 'reused'} in {e.seconds:.1f} s"
+            + (f" (FAILED: {e.error})" if e.error else "")
+            for p, e in envs.items()
+        ),
+        flush=True,
+    )
+    results: dict[str, Any] = {}
+    runners = {}
+    for key, env in envs.items():
+        if env.python is None:
+            results[key] = {"error": f"its environment could not be built: {env.error}"}
+            print(f"{key} skipped: its environment could not be built ({env.error})", flush=True)
+        else:
+            runners[key] = _runner(key, env.python, nbytes, reps)
+    if together and runners:
+        with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
+            futures = {k: pool.submit(_peer, k, fn, workdir) for k, fn in runners.items()}
+            results.update({k: f.result() for k, f in futures.items()})
+    else:
+        results.update({k: _peer(k, fn, workdir) for k, fn in runners.items()})
+    return envs, results
+
+
 def _peer(key: str, fn: Callable[[str], dict[str, Any]], workdir: str) -> dict[str, Any]:
     """Run one system in its own directory; on failure its row says why (and the log tail)."""
     d = os.path.join(workdir, key)
@@ -218,51 +252,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results: dict[str, Any] = {}
     workdir = tempfile.mkdtemp(prefix="bench-peers-", dir=disk_dir())
-    pool = concurrent.futures.ThreadPoolExecutor(len(REQUIREMENTS) + 1)
+    peers = only - {"snapstore"}
+    # SIGTERM (a test's timeout) unwinds like Ctrl-C, so the finally below
+    # stops every launcher this run started.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        t0 = time.monotonic()
-        building = pool.submit(build_envs, workdir, only - {"snapstore"})
-        if not args.quick:
-            building.result()  # nothing else runs while the numbers are taken
+        # --quick: the peers' environments are built, and the peers run, while
+        # snapstore runs (a smoke run: numbers taken so are not comparable).
+        # Otherwise one system after the other, each alone on the machine.
+        task = pool.submit(_peers, workdir, peers, nbytes, reps, True) if args.quick else None
         if "snapstore" in only:
             from snapstore.bench import peer_snapstore
 
             results["snapstore"] = _peer(
                 "snapstore", lambda d: peer_snapstore.run(nbytes, reps), workdir
             )
-        envs = building.result()
+        envs, got = task.result() if task else _peers(workdir, peers, nbytes, reps, False)
+        results.update(got)
         info["environments"] = {
             p: {"python": e.python, "seconds": e.seconds, "built": e.built, "error": e.error}
             for p, e in envs.items()
         }
-        print(
-            f"peer environments ({cache_dir()}), ready after {time.monotonic() - t0:.1f} s: "
-            + "; ".join(
-                f"{p} {'built' if e.built else 'reused'} in {e.seconds:.1f} s"
-                + (f" (FAILED: {e.error})" if e.error else "")
-                for p, e in envs.items()
-            ),
-            flush=True,
-        )
-        runners = {}
-        for key, env in envs.items():
-            if env.python is None:
-                results[key] = {"error": f"its environment could not be built: {env.error}"}
-                print(f"{key} skipped: its environment could not be built ({env.error})")
-            else:
-                runners[key] = _runner(key, env.python, nbytes, reps)
-        if args.quick:
-            # A smoke run: the peers run at the same time (their numbers are not comparable).
-            futures = {k: pool.submit(_peer, k, fn, workdir) for k, fn in runners.items()}
-            results.update({k: f.result() for k, f in futures.items()})
-        else:
-            results.update({k: _peer(k, fn, workdir) for k, fn in runners.items()})
     finally:
+        peer_launch.kill_all()
         pool.shutdown(wait=True)
+        peer_launch.kill_all()
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(workdir, ignore_errors=True)
-    failed = [k for k in runners if "error" in results.get(k, {})]
-    if "error" in results.get("snapstore", {}):
-        failed.append("snapstore")
+    failed = [
+        k for k, r in results.items() if "error" in r and "could not be built" not in r["error"]
+    ]
     ts = tables(results, nbytes, reps)
     for t in ts:
         t.print()
@@ -270,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}", flush=True)
     return 1 if failed else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _runner(key: str, python: str, nbytes: int, reps: int) -> Callable[[str], dict[str, Any]]:
