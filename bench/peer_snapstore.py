@@ -32,6 +32,7 @@ __all__ = ["run"]
 
 WORLD = 2
 WARMUP = 3
+FAILURE_TIMEOUT = 3.0
 JOB = "peers"
 
 
@@ -158,7 +159,13 @@ def run(nbytes: int, reps: int) -> dict[str, Any]:
     from snapstore.ops import faults
 
     budget = max(256 << 20, 6 * nbytes + (64 << 20))
-    with private_store(nodes=4, k=3, m=1, memory_per_node=budget) as store:
+    # A failure timeout of 3 s (not 1 s): on a loaded 2-core machine an SMP
+    # may miss heartbeats for a second without being dead, and a node taken
+    # for lost would fail the restores this run measures (detection time is
+    # bench.restore's concern, not this benchmark's).
+    with private_store(
+        nodes=4, k=3, m=1, memory_per_node=budget, failure_timeout=FAILURE_TIMEOUT
+    ) as store:
         nodes = faults.store_nodes(store)
         ctx = mp.get_context("spawn")
         queue, start = ctx.Queue(), ctx.Barrier(WORLD)
@@ -186,6 +193,18 @@ def run(nbytes: int, reps: int) -> dict[str, Any]:
             poll=0.02,
         )
         loss = _restore(ctx, store.rundir, nodes[2], 1, nbytes)
+        if "raised" in loss:
+            # A survivor taken for lost under load: once its heartbeats are
+            # seen again, restore once more (and say so).
+            print(f"snapstore: restore after the node loss raised ({loss['raised']}); retrying")
+            wait_until(
+                lambda: sum(1 for n in store.nodes() if n.get("alive")) >= 3,
+                60,
+                "the surviving nodes to heartbeat again",
+                poll=0.2,
+            )
+            loss = _restore(ctx, store.rundir, nodes[2], 1, nbytes)
+            loss["retried"] = True
         with contextlib.suppress(Exception):
             store.call("drop_job", JOB, timeout=60)
     state_bytes = sum(r["state_bytes"] for r in saves)
