@@ -132,8 +132,9 @@ def _restore(ctx: Any, rundir: str, node: str, rank: int, nbytes: int) -> dict[s
 
 def _segment_bytes(store: Any) -> dict[str, int]:
     """Bytes of the job's segments in every node's memory, by kind (data, parity, deltas)."""
-    from snapstore.bench.peer_rank import file_bytes
     from snapstore.node.smp import node_dir
+
+    from snapstore.bench.peer_rank import file_bytes
 
     root = os.path.dirname(node_dir(store.state["shm_dir"], store.store_id, "x"))
     kinds = {"d": "data", "p": "parity", "z": "deltas", "s": "spare"}

@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from snapstore.bench.vloop import Proc
 from snapstore.control.links import AbandonReply, NodeSnapshot
 from snapstore.control.messages import (
     Decision,
@@ -38,7 +39,6 @@ from snapstore.format.work import (
     WorkResult,
 )
 from snapstore.rpc import describe
-from tests.sim.loop import Proc
 
 if TYPE_CHECKING:
     from tests.sim.world import World

@@ -17,12 +17,12 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from snapstore.bench.vloop import Proc
 from snapstore.coding import checksum
 from snapstore.control.messages import ErrorKind, ErrorReply, OutcomeStatus, RestorePlan
 from snapstore.errors import SnapstoreError
 from snapstore.format.record import piece_bounds
 from snapstore.persist import read_rank
-from tests.sim.loop import Proc
 from tests.sim.net import rpc
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ A :class:`World` is built from a seed. It runs the real
 :class:`snapstore.control.member.Member` and leaders, and the real
 :class:`snapstore.node.store.ShmNodeStore` (small buffers in a private
 shared-memory directory, peers read through shared memory), connected by
-:mod:`tests.sim.net` on the virtual-time loop of :mod:`tests.sim.loop`.
+:mod:`tests.sim.net` on the virtual-time loop of :mod:`snapstore.bench.vloop`.
 Trainers (:mod:`tests.sim.trainer`) save and restore through the same
 calls a client makes; a launcher restarts every rank of a job when one
 dies, as torchrun and Ray Train do.
@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from snapstore.bench.vloop import Proc, SimLoop, Stalled
 from snapstore.config import StoreConfig
 from snapstore.control.member import Member
 from snapstore.control.messages import NodeInfo
@@ -39,7 +40,6 @@ from snapstore.control.runtime import LoopClock
 from snapstore.node.store import ShmNodeStore
 from snapstore.persist.backend import FilesTier
 from tests.sim.checks import Checker, Violation
-from tests.sim.loop import Proc, SimLoop, Stalled
 from tests.sim.net import SimFabric, roundtrip
 
 __all__ = ["Spec", "World", "run_schedule"]

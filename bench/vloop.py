@@ -1,5 +1,7 @@
 """A deterministic asyncio event loop on virtual time, and simulated processes.
 
+Used by the control plane's simulation (``tests/sim``) and by ``bench.scale``.
+
 The loop never sleeps: when nothing is ready, its selector advances the
 virtual clock to the next timer. Every callback runs in the context of the
 simulated process (:class:`Proc`) that scheduled it, so a process can be
