@@ -75,6 +75,7 @@ from snapstore.format.wire import decode, decode_any, encode
 from snapstore.format.work import Lease
 from snapstore.format.work import Opened as NodeOpened
 from snapstore.node.store import smp_name
+from snapstore.node.transport import ChunkUnavailableError
 from snapstore.rpc import call
 
 __all__ = ["Client", "SaveFuture"]
@@ -492,7 +493,9 @@ class Client:
     ) -> tuple[int, Any, int, str, list[int]]:
         """Map rank ``rank``'s committed buffer on this node (fetched or rebuilt if needed)."""
         coord = self.store.coordinator()
-        for _attempt in range(4):
+        attempts = 0
+        while attempts < 8 and time.monotonic() < deadline:
+            attempts += 1
             left = max(0.1, deadline - time.monotonic())
             reply = call(
                 coord.restore_plan.remote(
@@ -519,9 +522,17 @@ class Client:
                     self.job, rank, step, size, sums, encode(plan.home_peer)
                 )
                 source = f"node {plan.home[:12]}"
-            res = decode(
-                call(ref, left, "SMP.open_committed" if plan.local else "SMP.fetch"), NodeOpened
-            )
+            try:
+                res = decode(
+                    call(ref, left, "SMP.open_committed" if plan.local else "SMP.fetch"),
+                    NodeOpened,
+                )
+            except (ChunkUnavailableError, ActorUnavailableError) as e:
+                # The home died and the store has not been told yet (Ray reports a dead
+                # node within about a second): plan again once it knows.
+                logger.info("reading rank %d from %s failed (%s); planning again", rank, source, e)
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                continue
             if res.path and not res.bad:
                 try:
                     seg, _ = self._stager.maps.get(res.path, writable=False)
