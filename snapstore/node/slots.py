@@ -303,13 +303,28 @@ class SlotTable:
             self._pinned[name] = job
 
     def keep_prepared(self, rec: StepRecord) -> None:
-        """Keep a prepared slice of a step record (file first: it survives an SMP restart)."""
+        """Keep a prepared slice of a step record (file first: it survives an SMP restart).
+
+        Refused (SnapstoreError) when the slice homes a rank here whose data slot this
+        node does not hold: a record must never describe bytes that are not there.
+        """
         data = rec.to_bytes()
         with self.lock:
             key = (rec.job, rec.step, rec.version)
             committed = self._records.get(rec.job)
             if committed is not None and (committed.step, committed.version) >= key[1:]:
                 return  # already committed (or superseded): nothing to prepare
+            missing = [
+                r
+                for r in rec.ranks_on(self.node_id)
+                if (seg := self._segments.get(data_name(rec.job, r, rec.step))) is None
+                or seg.size < rec.ranks[r].size
+            ]
+            if missing:
+                raise SnapstoreError(
+                    f"node {self.node_id[:12]} does not hold ranks {missing} of job "
+                    f"{rec.job!r} step {rec.step} that the prepared record homes here"
+                )
             self._write_file(prepared_name(*key), data)
             self._prepared[key] = rec
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 from typing import TYPE_CHECKING
 
@@ -107,4 +108,4 @@ def _later(world: World, delay: float, fn: object) -> None:
         await asyncio.sleep(delay)
         fn()  # type: ignore[operator]
 
-    world.loop.create_task(run())
+    world.loop.create_task(run(), context=contextvars.Context())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from typing import TYPE_CHECKING, Any
 
 from snapstore.bench.vloop import Proc
@@ -100,7 +101,8 @@ class SimJob:
             self.restarting = False
             self.start(restore=True)
 
-        self.world.loop.create_task(relaunch())
+        # The launcher is its own process, not the dying rank's.
+        self.world.loop.create_task(relaunch(), context=contextvars.Context())
 
     def final_restore(self) -> None:
         """After the faults: every rank restores once more (a last incarnation)."""
@@ -203,7 +205,7 @@ class SimTrainer:
                 await self.job.barrier(self, step)
                 self.state = f"saving {step}"
                 await self.save(step)
-                await asyncio.sleep(self.world.rng.uniform(0.02, 0.3))
+                await asyncio.sleep(self.world.rng.uniform(0.01, 0.2))
             self.state = "done"
             self.done = True
         except asyncio.CancelledError:
