@@ -38,10 +38,16 @@ BENCHES = {
         "| torchft 0.2.0",
     ],
     "persist": ["to a directory |", "to a file:// URL |", "every piece checked, file:// URL"],
+    "chaos": [
+        "faults by kind",
+        "| faults injected | 5 |",
+        "| false detections (dead or lost, nothing killed) | 0 |",
+        "| final state bitwise equal to the reference | yes |",
+    ],
 }
 TIMEOUT = 240.0
 """Seconds one benchmark may take."""
-TIMEOUTS = {"peers": 480.0}
+TIMEOUTS = {"peers": 480.0, "chaos": 480.0}
 """bench.peers starts every peer's launchers, and may first build their environments."""
 PEERS = ("snapstore", "gemini", "dlrover", "torchft")
 
