@@ -256,7 +256,7 @@ class Event(_Model):
     step: int | None = None
     detection_latency: float | None = Field(
         default=None,
-        description="node_dead, node_silent: seconds from the node's last sign of life to detection",
+        description="node_dead, node_silent: seconds from its last sign of life to detection",
     )
     duration: float | None = None
     bytes: int | None = None
