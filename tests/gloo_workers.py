@@ -113,8 +113,10 @@ class Ranks:
 def _tiny_gpt2() -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-    cfg.bos_token_id = cfg.eos_token_id = 0  # inside the tiny vocabulary
+    cfg = GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
     return GPT2LMHeadModel(cfg)
 
 
