@@ -161,8 +161,16 @@ class SnapstoreCallback(TrainerCallback):
         if self._wait_before_forward is None:
             self._wait_before_forward = _forward_changes_state(model)
         self._note_failure()
+        step = int(state.global_step)
         snapshot = self.snapshot(state, control, model, optimizer, lr_scheduler)
-        self._last = self.client.save(int(state.global_step), snapshot, lazy=self.lazy)
+        try:
+            self._last = self.client.save(step, snapshot, lazy=self.lazy)
+        except RestoreRequiredError:
+            raise
+        except SnapstoreError as e:  # no memory for it, the store unreachable...: go on
+            self._last = None
+            self.failed_steps.append(step)
+            logger.warning("snapshot of step %d failed: %s", step, e)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The last step is committed (or known to have failed) before ``train()`` returns."""
