@@ -308,3 +308,51 @@ def fsdp_gpt2_dcp(cfg: dict[str, Any], out: Any) -> None:
         out.put((rank, "done", -1, None))
     except BaseException as e:
         _report_error(cfg, out, e)
+
+
+def _small_state(seed: int) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(8, 16)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "extra": {"epoch": 3}}
+
+
+def save_and_load(cfg: dict[str, Any], out: Any) -> None:
+    """``dcp.save`` then ``dcp.load``, and ``dcp.async_save`` then ``dcp.load``, compared.
+
+    Reports ("done", latest step, "ok") or what differed.
+    """
+    try:
+        import torch.distributed.checkpoint as dcp
+
+        from snapstore.clients.dcp import SnapstoreReader, SnapstoreWriter
+
+        dist, client = _setup(cfg)
+        wrong: list[str] = []
+        saved = _small_state(seed=1)
+        dcp.save(saved, storage_writer=SnapstoreWriter(client), checkpoint_id="step-1")
+        dist.barrier()
+        fresh = _small_state(seed=2)
+        dcp.load(fresh, storage_reader=SnapstoreReader(client))
+        if digest(fresh) != digest(saved):
+            wrong.append("dcp.load after dcp.save")
+        # async_save: the same, through DCP's background staging.
+        saved2 = _small_state(seed=3)
+        dcp.async_save(
+            saved2, storage_writer=SnapstoreWriter(client), checkpoint_id="step-2"
+        ).result()
+        dist.barrier()
+        fresh2 = _small_state(seed=4)
+        dcp.load(fresh2, storage_reader=SnapstoreReader(client))
+        if digest(fresh2) != digest(saved2):
+            wrong.append("dcp.load after dcp.async_save")
+        latest = client.latest_step()
+        client.close()
+        dist.destroy_process_group()
+        out.put((cfg["rank"], "done", latest, "; ".join(wrong) or "ok"))
+    except BaseException as e:
+        _report_error(cfg, out, e)

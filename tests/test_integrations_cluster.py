@@ -1,29 +1,38 @@
-"""DCP and data-parallel restores after real failures, on one 4-node loopback store.
+"""The training-framework integrations on one 4-node loopback store, with real failures.
 
-1. A node is killed while a 4-rank GPT-2 DDP job is inside ``dcp.save``;
+0. The Hugging Face Trainer example: a GPT-2 trainer SIGKILLed mid-save
+   resumes bitwise (docs/examples/hf_trainer.py, run as a script).
+1. ``dcp.save``, ``dcp.async_save`` and ``dcp.load`` in a 2-rank gloo job.
+2. A node is killed while a 4-rank GPT-2 DDP job is inside ``dcp.save``;
    every rank restarts (one on a replacement node), ``dcp.load`` restores
    bitwise and ``dcp.save`` works again on every rank with no extra call.
-2. Elastic: a node is lost with no replacement and jobs resume on 3 ranks
+3. Elastic: a node is lost with no replacement and jobs resume on 3 ranks
    instead of 4 -- replicated (DDP) state stored once per DP group through
    the client, and FSDP2-sharded state through DCP, resharded on load.
 
 Trainer ranks are processes forked from a preloaded forkserver
 (tests/gloo_workers.py); the elastic DDP clients run in the test process.
+The tests share the store and run in this order (2 and 3 each lose a node).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import events, job_status, running_store, wait_for
-from tests.gloo_workers import Ranks, ddp_gpt2_dcp, free_port, fsdp_gpt2_dcp
+from tests.gloo_workers import Ranks, ddp_gpt2_dcp, free_port, fsdp_gpt2_dcp, save_and_load
 
 pytestmark = pytest.mark.cluster
 
 RANKS_TIMEOUT = 240.0
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "hf_trainer.py")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +72,42 @@ def _wait_lost(store: Any, node: str) -> None:
     )
 
 
-# -- 1. a node killed inside dcp.save ----------------------------------------------------------
+# -- 0. the Hugging Face Trainer example ------------------------------------------------------
+
+
+def test_hf_trainer_example_resumes_bitwise_after_its_trainer_is_killed(store: Any) -> None:
+    steps, kill_at = 12, 5
+    done = subprocess.run(
+        [
+            *(sys.executable, EXAMPLE, "--runtime-dir", store.rundir, "--json"),
+            *("--steps", str(steps), "--kill-at", str(kill_at)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    clean, resumed = results["clean"], results["resumed"]
+    assert clean["resumed_from"] is None and clean["global_step"] == steps
+    # Killed right after starting to save step kill_at: that step or the one before committed.
+    assert resumed["resumed_from"] in (kill_at - 1, kill_at), resumed
+    assert resumed["global_step"] == steps
+    assert clean["failed_steps"] == [] and resumed["failed_steps"] == []
+    assert resumed["digest"] == clean["digest"]
+
+
+# -- 1. save, async_save, load ---------------------------------------------------------------
+
+
+def test_dcp_save_async_save_and_load_over_gloo(store: Any) -> None:
+    configs = _configs(store, "dcp", _alive(store)[:2], steps=0)
+    with Ranks(save_and_load, configs) as ranks:
+        ranks.wait(lambda _: len(ranks.of("done")) == 2, RANKS_TIMEOUT, "the 2-rank job")
+    assert ranks.of("done") == {(0, 2): "ok", (1, 2): "ok"}
+
+
+# -- 2. a node killed inside dcp.save ----------------------------------------------------------
 
 
 def test_dcp_saves_again_after_a_node_is_killed_inside_dcp_save(store: Any) -> None:
@@ -117,7 +161,7 @@ def test_dcp_saves_again_after_a_node_is_killed_inside_dcp_save(store: Any) -> N
     assert store.call("latest", job) == k + 1
 
 
-# -- 2. elastic: 4 ranks -> 3 after a node loss with no replacement ------------------------------
+# -- 3. elastic: 4 ranks -> 3 after a node loss with no replacement ------------------------------
 
 
 def _ddp_state(rank: int) -> dict[str, Any]:
