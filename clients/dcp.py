@@ -73,7 +73,14 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from snapstore.clients.client import Client
-from snapstore.errors import FormatError, SnapshotNotFoundError, SnapstoreError
+from snapstore.errors import (
+    FormatError,
+    MemoryBudgetError,
+    SaveFailedError,
+    SnapshotNotFoundError,
+    SnapstoreError,
+    StoreTimeoutError,
+)
 
 __all__ = ["SnapstoreReader", "SnapstoreWriter", "snapstore_error"]
 
@@ -226,6 +233,25 @@ def _chosen_step(plan: SavePlan, proposed: int) -> int:
     return proposed
 
 
+def _save_step(client: Client, step: int, state: Any, timeout: float) -> None:
+    """Save ``state`` as ``step`` and wait for its commit, raising only documented classes.
+
+    SaveFailedError (RestoreRequiredError among them), StoreTimeoutError and
+    MemoryBudgetError go through as they are; any other snapstore error means the
+    step will not commit either (the rank's SMP was unreachable, its staging copy
+    failed...) and becomes a SaveFailedError naming it.
+    """
+    try:
+        client.save(step, state).result(timeout)
+    except (SaveFailedError, StoreTimeoutError, MemoryBudgetError):
+        raise
+    except SnapstoreError as e:
+        raise SaveFailedError(
+            f"job {client.job!r} step {step} was not saved: {type(e).__name__}: {e}",
+            {f"rank {client.rank}": str(e)},
+        ) from e
+
+
 class SnapstoreWriter(StorageWriter):
     """A DCP StorageWriter that saves each rank's write items as one snapstore step.
 
@@ -298,7 +324,7 @@ class SnapstoreWriter(StorageWriter):
         step = _chosen_step(plan, proposed)
         if self.checkpoint_id is None:
             self.step = None  # an explicit step is used once; later saves choose their own
-        self.client.save(step, state).result(self.timeout or self.client.timeout)
+        _save_step(self.client, step, state, self.timeout or self.client.timeout)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut

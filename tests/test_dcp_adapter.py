@@ -138,6 +138,26 @@ def test_after_a_failed_save_the_next_dcp_save_takes_the_next_step() -> None:
     assert client.calls == [("save", 4), ("save", 5)]
 
 
+def test_a_save_that_cannot_commit_raises_save_failed_whatever_the_cause() -> None:
+    from snapstore.errors import ActorUnavailableError, SnapstoreError
+
+    client = FakeClient(latest=3, last=3)
+    client.fail_save = ActorUnavailableError("SMP a1b2.wait_outcome: actor unavailable")
+    with pytest.raises(CheckpointException) as info:
+        _save({"w": torch.ones(2)}, SnapstoreWriter(client))  # type: ignore[arg-type]
+    err = snapstore_error(info.value)
+    assert isinstance(err, SaveFailedError) and "ActorUnavailableError" in str(err)
+    client.fail_save = SnapstoreError("staging copy of step 5 failed")
+    with pytest.raises(CheckpointException) as info:
+        _save({"w": torch.ones(2)}, SnapstoreWriter(client))  # type: ignore[arg-type]
+    assert isinstance(snapstore_error(info.value), SaveFailedError)
+    for kept in (RestoreRequiredError("restore first"), StoreTimeoutError("60 s")):
+        client.fail_save = kept
+        with pytest.raises(CheckpointException) as info:
+            _save({"w": torch.ones(2)}, SnapstoreWriter(client))  # type: ignore[arg-type]
+        assert snapstore_error(info.value) is kept
+
+
 def test_checkpoint_ids_name_steps_and_an_explicit_step_is_used_once() -> None:
     client = FakeClient()
     writer = SnapstoreWriter(client, step=10)  # type: ignore[arg-type]
