@@ -44,6 +44,7 @@ state their own way: use :mod:`snapstore.clients.dcp` with them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -270,9 +271,11 @@ class SnapstoreTrainer(Trainer):
         if resume_from_checkpoint is not None:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         model = self._model()
-        try:
+        step, restored = -1, None
+        with contextlib.suppress(SnapshotNotFoundError):  # nothing committed: a new job
             step, restored = self.snapshots.restore(into={"model": model.state_dict()})
-        except SnapshotNotFoundError:
+        if restored is None:
+            # From scratch, outside the except block: a training error is not chained to it.
             self.restored_step = None
             return super().train(None, *args, **kwargs)
         self.restored_step = step

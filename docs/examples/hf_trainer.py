@@ -26,8 +26,10 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import signal
 import tempfile
+import time
 import uuid
 from typing import Any
 
@@ -70,7 +72,7 @@ def train(job: str, rundir: str | None, steps: int, kill_at: int | None, out: An
 
     torch.set_num_threads(1)
 
-    class Samples(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    class Samples(torch.utils.data.Dataset):
         """Fixed token sequences (labels = inputs: causal LM)."""
 
         def __init__(self) -> None:
@@ -153,14 +155,19 @@ def run(job: str, rundir: str | None, steps: int, kill_at: int | None = None) ->
     out = ctx.Queue()
     proc = ctx.Process(target=train, args=(job, rundir, steps, kill_at, out))
     proc.start()
+    deadline = time.monotonic() + 600
     try:
-        proc.join(timeout=600)
+        while time.monotonic() < deadline:
+            try:
+                return dict(out.get(timeout=1.0))  # read before joining: no full-pipe stall
+            except queue.Empty:
+                if not proc.is_alive():
+                    break
         if proc.exitcode == -signal.SIGKILL:
             return {"killed": True}
-        if proc.exitcode != 0:
-            raise RuntimeError(f"the trainer process failed with exit code {proc.exitcode}")
-        return dict(out.get(timeout=10))
+        raise RuntimeError(f"the trainer process ended with exit code {proc.exitcode}")
     finally:
+        proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=30)
