@@ -8,10 +8,11 @@
 
 Each ``dcp.save`` is one snapstore step of the client's job. The step is
 taken from ``checkpoint_id`` when it is an int or ends in ``-<int>``;
-otherwise every rank proposes one more than the larger of the job's last
-committed step and the last step its client saved or restored, and the
-coordinator rank picks the largest proposal for all (so a step that failed
-is not tried again, and every rank saves the same number). Every rank
+otherwise every rank proposes one more than the last step its client saved
+or restored, and the coordinator rank picks, for all ranks, the largest
+proposal and at least one past the job's last committed step (so a step
+that failed is not tried again by a live process, and every rank saves the
+same number; only the coordinator rank asks the store). Every rank
 stores the write items of its plan; the coordinator rank also stores the
 checkpoint's metadata (which items exist and which rank holds each), so a
 step carries everything a load needs and appears atomically when snapstore
@@ -189,48 +190,55 @@ def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
 @dataclasses.dataclass(frozen=True)
 class _StepChoice:
     """``SavePlan.storage_data`` of this writer: the step a rank proposes (local plans),
-    then the step the coordinator chose for every rank (global plans)."""
+    then the step the coordinator chose for every rank (global plans). ``explicit``: the
+    step was asked for (a ``checkpoint_id``), not derived."""
 
     step: int
+    explicit: bool = False
 
 
-def _propose_step(client: Client, explicit: int | None) -> int:
-    """The step this rank would save: ``explicit``, else one more than the larger of the
-    job's last committed step and the last step this client saved or restored.
+def _propose_step(client: Client, explicit: int | None) -> _StepChoice:
+    """This rank's proposal: ``explicit``, else one more than the last step its client
+    saved or restored (0 for a client that did neither).
 
     The client's own last step matters after a failure: a step that was aborted is
     recorded as failed, and saving that number again is refused to a client that has
-    not restored since (a restored client has ``_last_step`` = the restored step, so it
-    may reuse the number).
+    not restored since; a restored client's last step is the restored one, so it may
+    reuse the number. No call to the store: the coordinator rank adds the job's last
+    committed step (:func:`_agree_on_step`).
     """
     if explicit is not None:
-        return explicit
-    latest = client.latest_step()
+        return _StepChoice(explicit, explicit=True)
     # The client's last saved or restored step: not public API of Client, read here only.
     own = client._last_step
-    known = [s for s in (latest, own) if s is not None]
-    return max(known) + 1 if known else 0
+    return _StepChoice(0 if own is None else own + 1)
 
 
-def _agree_on_step(plans: list[SavePlan]) -> list[SavePlan]:
-    """The coordinator's choice: the largest step any rank proposed, for every rank."""
-    proposed = [p.storage_data.step for p in plans if isinstance(p.storage_data, _StepChoice)]
-    if not proposed:
+def _agree_on_step(plans: list[SavePlan], latest: int | None) -> list[SavePlan]:
+    """The coordinator's choice for every rank: an explicit step if one was asked for,
+    else the largest proposal and at least one past the job's last committed step."""
+    proposals = [p.storage_data for p in plans if isinstance(p.storage_data, _StepChoice)]
+    if not proposals:
         return plans
-    chosen = _StepChoice(max(proposed))
+    explicit = [c.step for c in proposals if c.explicit]
+    if explicit:
+        chosen = _StepChoice(max(explicit), explicit=True)
+    else:
+        floor = 0 if latest is None else latest + 1
+        chosen = _StepChoice(max([floor, *(c.step for c in proposals)]))
     return [dataclasses.replace(p, storage_data=chosen) for p in plans]
 
 
-def _chosen_step(plan: SavePlan, proposed: int) -> int:
+def _chosen_step(plan: SavePlan, proposed: _StepChoice) -> int:
     """The step to save: the coordinator's choice, or this rank's proposal if larger.
 
     With DCP's plan caching a rank may get a cached plan whose choice is an older
     step; steps only grow, so the larger of the two is the current one.
     """
     chosen = plan.storage_data
-    if isinstance(chosen, _StepChoice):
-        return max(chosen.step, proposed)
-    return proposed
+    if proposed.explicit or not isinstance(chosen, _StepChoice):
+        return proposed.step
+    return max(chosen.step, proposed.step)
 
 
 def _save_step(client: Client, step: int, state: Any, timeout: float) -> None:
@@ -268,7 +276,7 @@ class SnapstoreWriter(StorageWriter):
         self.timeout = timeout
         self.checkpoint_id: str | None = None
         self._plans: list[SavePlan] | None = None
-        self._proposed: int | None = None
+        self._proposed: _StepChoice | None = None
         self.is_coordinator = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -288,11 +296,11 @@ class SnapstoreWriter(StorageWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self._proposed = _propose_step(self.client, self.step)
-        return dataclasses.replace(plan, storage_data=_StepChoice(self._proposed))
+        return dataclasses.replace(plan, storage_data=self._proposed)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self._plans = list(plans)
-        return _agree_on_step(plans)
+        return _agree_on_step(plans, self.client.latest_step())  # one call per save, here
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.checkpoint_id)

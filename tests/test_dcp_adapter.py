@@ -97,34 +97,50 @@ def _load(state: dict[str, Any], reader: SnapstoreReader) -> None:
 
 
 @pytest.mark.parametrize(
-    ("latest", "last", "explicit", "want"),
+    ("last", "explicit", "want"),
     [
-        (None, None, None, 0),  # a new job
-        (4, 4, None, 5),  # the usual: the step after the last commit
-        (4, 5, None, 6),  # step 5 failed here: never saved again without a restore
-        (4, None, None, 5),  # a new process that has not restored (the store decides)
-        (4, 5, 9, 9),  # an explicit step wins
+        (None, None, _StepChoice(0)),  # a new process: the coordinator adds the job's latest
+        (4, None, _StepChoice(5)),  # the usual: after its last save (or restore)
+        (4, 9, _StepChoice(9, explicit=True)),  # a checkpoint_id
     ],
 )
-def test_a_rank_proposes_the_step_after_what_it_and_the_job_did(
-    latest: int | None, last: int | None, explicit: int | None, want: int
+def test_a_rank_proposes_the_step_after_its_last(
+    last: int | None, explicit: int | None, want: _StepChoice
 ) -> None:
-    client: Any = FakeClient(latest=latest, last=last)
+    client: Any = FakeClient(latest=99, last=last)  # the job's latest is not asked here
     assert _propose_step(client, explicit) == want
 
 
-def test_the_coordinator_picks_the_largest_proposal_for_every_rank() -> None:
-    plans = [SavePlan([], storage_data=_StepChoice(s)) for s in (5, 6, 5)]
-    agreed = _agree_on_step(plans)
-    assert [p.storage_data for p in agreed] == [_StepChoice(6)] * 3
-    untouched = [SavePlan([]), SavePlan([])]
-    assert _agree_on_step(untouched) == untouched
+@pytest.mark.parametrize(
+    ("proposals", "latest", "want"),
+    [
+        ([5, 6, 5], 4, 6),  # the largest proposal: step 5 failed on one rank, so 6 for all
+        ([5, 5], 4, 5),
+        ([0, 0], 4, 5),  # new processes that did not restore: after the job's latest
+        ([0, 0], None, 0),  # a new job
+    ],
+)
+def test_the_coordinator_picks_one_step_for_every_rank(
+    proposals: list[int], latest: int | None, want: int
+) -> None:
+    plans = [SavePlan([], storage_data=_StepChoice(s)) for s in proposals]
+    agreed = _agree_on_step(plans, latest)
+    assert [p.storage_data for p in agreed] == [_StepChoice(want)] * len(plans)
+
+
+def test_an_explicit_step_is_kept_even_when_older_than_the_latest() -> None:
+    plans = [SavePlan([], storage_data=_StepChoice(3, explicit=True))] * 2
+    agreed = _agree_on_step(plans, 7)  # the store refuses it, clearly, rather than renumber
+    assert [p.storage_data.step for p in agreed] == [3, 3]
+    assert _agree_on_step([SavePlan([]), SavePlan([])], 7) == [SavePlan([]), SavePlan([])]
 
 
 def test_a_stale_cached_choice_loses_to_the_current_proposal() -> None:
-    assert _chosen_step(SavePlan([], storage_data=_StepChoice(3)), 7) == 7  # cached plan
-    assert _chosen_step(SavePlan([], storage_data=_StepChoice(8)), 7) == 8  # another rank's
-    assert _chosen_step(SavePlan([]), 7) == 7
+    cached = SavePlan([], storage_data=_StepChoice(3))
+    assert _chosen_step(cached, _StepChoice(7)) == 7
+    assert _chosen_step(SavePlan([], storage_data=_StepChoice(8)), _StepChoice(7)) == 8
+    assert _chosen_step(SavePlan([]), _StepChoice(7)) == 7
+    assert _chosen_step(cached, _StepChoice(2, explicit=True)) == 2
 
 
 def test_after_a_failed_save_the_next_dcp_save_takes_the_next_step() -> None:
