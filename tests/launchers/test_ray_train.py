@@ -1,27 +1,111 @@
-"""The Ray Train helper: a 2-worker job crashes, restarts, restores, and ends bitwise equal."""
+"""Ray Train through failures: a worker crash, then a node loss, bitwise.
+
+The example (docs/examples/ray_train_example.py) runs one worker per store
+node with ``FailureConfig``; this test kills one worker process, later a
+whole store node with the worker on it, and starts a replacement node. Ray
+Train restarts the worker group (on the surviving nodes and the
+replacement: one worker per node, all three); every worker restores and the
+final model equals, bitwise, the model of the same run without failures.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import os
+import threading
+from collections.abc import Callable
+from typing import Any
 
+import psutil
 import pytest
 
-from tests.conftest import running_store
+from tests.conftest import events, wait_for
+from tests.launchers.conftest import ROOT
 
 pytestmark = pytest.mark.cluster
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "ray_train_example.py")
+EXAMPLE = ROOT / "docs" / "examples" / "ray_train_example.py"
+STEPS = 24
 
 
-def test_ray_train_example_resumes_bitwise_after_a_worker_crash() -> None:
+def _example() -> Any:
     pytest.importorskip("ray.train.torch", reason="ray[train] is not installed")
     spec = importlib.util.spec_from_file_location("ray_train_example", EXAMPLE)
     assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    with running_store(nodes=4, k=3, m=1, memory_per_node="64MiB") as store:
-        clean, crashed = example.main(store.rundir, steps=8, fail_at=3)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _workers(store: Any) -> dict[str, list[psutil.Process]]:
+    """Ray Train's worker processes by store node (processes under the node's raylet)."""
+    out: dict[str, list[psutil.Process]] = {}
+    for node in store.reload().embedded_nodes():
+        if node.head:
+            continue
+        for pid in node.pids:
+            try:
+                children = psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for c in children:
+                try:
+                    if "RayTrainWorker" in " ".join(c.cmdline()):
+                        out.setdefault(node.node_id, []).append(c)
+                except psutil.Error:
+                    continue
+    return out
+
+
+def _latest(store: Any, job: str) -> int:
+    latest = store.call("latest", job)
+    return -1 if latest is None else int(latest)
+
+
+def _in_background(fn: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
+def test_ray_train_job_survives_a_worker_crash_and_a_node_loss_bitwise(store: Any) -> None:
+    from snapstore.ops import faults
+
+    example = _example()
+    clean = example.run("rt-clean", store.rundir, steps=STEPS)
     assert clean["start"] == 0
-    assert crashed["start"] > 0, "the crashed run must have resumed from a snapshot"
-    assert clean["digest"] == crashed["digest"]
+    job = "rt-fail"
+    seen: dict[str, Any] = {}
+
+    def inject() -> None:
+        wait_for(lambda: _latest(store, job) >= 4, 120, "step 4 committed")
+        victim = next(iter(_workers(store).values()))[0]
+        victim.kill()  # a worker crash: SIGKILL, as the OOM killer would
+        seen["crash_step"] = _latest(store, job)
+        wait_for(lambda: _latest(store, job) >= seen["crash_step"] + 4, 180, "training resumed")
+        node = next(iter(_workers(store)))
+        seen["lost_step"] = _latest(store, job)
+        faults.kill_node(node, store)  # a node loss: raylet, worker, SMP, memory
+        new = seen["replacement"] = faults.add_node(store)
+        # STRICT_SPREAD over all three store nodes: the new group needs the new node.
+        wait_for(lambda: new in _workers(store), 120, "a worker on the replacement node")
+
+    thread, errors = _in_background(inject)
+    result = example.run(job, store.rundir, steps=STEPS, pause=0.2)
+    thread.join(60)
+    assert not errors, errors
+    assert "replacement" in seen, "the failures were not injected before the run ended"
+    assert seen["lost_step"] < STEPS - 1 and result["start"] > 0, (seen, result)
+    assert result["digest"] == clean["digest"], "the final model differs from the clean run"
+    incarnations = [e for e in events(store, "incarnation") if e.get("job") == job]
+    assert len(incarnations) >= 2, incarnations
+    assert [e for e in events(store, "rebuild") if e.get("job") == job], "nothing was rebuilt"
+    for name in ("rt-clean", job):
+        store.call("drop_job", name)
