@@ -12,6 +12,9 @@
    reference, prints a table per failure, writes a JSON report and a PNG
    (loss curves with failure markers, and a recovery timeline).
 
+It prints only its own report: Ray's messages about the processes and the
+node it kills on purpose go to ``<out>/cluster-messages.log``.
+
 Everything it starts it stops, also on Ctrl-C or failure.
 """
 
