@@ -15,6 +15,10 @@ onto the nodes their new workers run on. It prints the final model's
 digest; tests/launchers/test_ray_train.py kills a worker and then a whole
 node while it runs and compares that digest with a run without failures.
 
+It trains the same model on the same data as docs/examples/torchrun_ddp.py,
+so the same job launched by torchrun or by Ray Train ends in the same bits
+(the tests compare both with one run without failures).
+
 DDP runs with ``find_unused_parameters=True``: DDP then keeps the gradient
 buckets of its first iteration instead of rebuilding them after it, so a
 restarted group reduces gradients in the same order as the uninterrupted

@@ -21,6 +21,9 @@ status``); tests/launchers/test_torchrun.py does that, kills a worker, then
 a whole node with its agent, starts a replacement node and agent, and
 compares the final model bitwise with a run without failures.
 
+It trains the same model on the same data as docs/examples/ray_train_example.py:
+the same job under either launcher ends in the same bits.
+
 Data parallelism is DDP over gloo with ``find_unused_parameters=True``: DDP
 then keeps the gradient buckets of its first iteration instead of rebuilding
 them after it, so a restarted job reduces gradients in the same order as the

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from snapstore.clients import JobControl
 from tests.launchers.conftest import ROOT, user_env
 
 pytestmark = pytest.mark.cluster
@@ -44,6 +45,6 @@ def test_readme_quick_start_saves_and_restores_from_the_head_host(store: Any) ->
     assert proc.returncode == 0, out[-4000:]
     first, second = out.index("a fresh start"), out.index("restored step 49")
     assert first < second and "step 99 committed" in out[second:], out
-    jobs = {j["job"]: j for j in store.status(events=0)["jobs"]}
-    assert jobs["quickstart"]["latest_step"] == 99
-    store.call("drop_job", "quickstart")
+    job = JobControl("quickstart", store=store)
+    assert job.latest() == 99
+    job.drop()
