@@ -240,6 +240,7 @@ class SimTrainer:
         self.saves += 1
         staging = f"{self.session}/{self.saves}"
         self.saving, self.saving_since = step, self.world.loop.time()
+        self.world.checker.saving(job, step)
         try:
             lease = await self._call_smp("lease", lambda m, s: m.lease(job, self.rank, size))
             with open(lease.path, "r+b") as f:
