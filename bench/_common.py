@@ -275,7 +275,6 @@ def private_store(prefix: str = "ssb-", **settings: Any) -> Iterator[Any]:
     stack = contextlib.ExitStack()
     stack.enter_context(_sigterm_as_interrupt())
     settings.setdefault("rest", False)
-    settings.setdefault("failure_timeout", 1.0)
     t0 = time.perf_counter()
     try:
         for attempt in (1, 2):

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"bearer token to require (prefer ${TOKEN_ENV}: the command line is visible in ps)",
     )
     p.add_argument("--ready-file", default=None, help="JSON file written once serving")
-    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between snapshots")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between snapshots")
     p.add_argument(
         "--stale-after", type=float, default=5.0, help="snapshot age at which /healthz fails"
     )

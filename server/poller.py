@@ -87,7 +87,7 @@ class Poller:
     def __init__(
         self,
         source: SnapshotSource,
-        interval: float = 0.5,
+        interval: float = 1.0,
         timeout: float = 2.0,
         stale_after: float = 5.0,
         events: int = EVENTS_KEPT,

@@ -88,7 +88,9 @@ class StoreConfig:
         half of this machine's RAM divided by the store nodes on it [0].
     backend: erasure-coding backend ["isa_l_rs_vand"].
     heartbeat_interval: seconds between heartbeats of a node to its group
-        leader, and of a leader to the coordinator [0.5].
+        leader, and of a leader to the coordinator [1.0]. Liveness comes from Ray
+        (a dead process or raylet is reported at once); beats only mark a silent
+        node *suspect*, so they can be slow and cheap.
     failure_timeout: seconds without a heartbeat before a node is *suspect*
         [2.0]. Suspicion is logged and shown, never acted on: a stalled node
         aborts nothing and loses nothing. A node is *dead* when Ray says its
@@ -135,7 +137,7 @@ class StoreConfig:
     nodes: int = 4
     memory_per_node: int = 0
     backend: str = "isa_l_rs_vand"
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = 1.0
     failure_timeout: float = 2.0
     reprotect_delay: float = 2.0
     save_timeout: float = 300.0

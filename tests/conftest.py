@@ -27,7 +27,6 @@ def running_store(**settings: Any) -> Iterator[Any]:
     rundir = tempfile.mkdtemp(prefix="ss-", dir="/tmp")
     store = None
     try:
-        settings.setdefault("failure_timeout", 1.0)
         settings.setdefault("rest", False)  # REST tests ask for it; it costs a process
         settings.setdefault("rest_port", 0)
         settings.setdefault("reprotect_delay", 1.0)

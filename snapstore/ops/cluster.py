@@ -31,6 +31,19 @@ STORE_NODE_RESOURCE = "snapstore_node"
 (e.g. ``{"snapstore_node": 0.01}``) to place trainers on store nodes."""
 
 
+IDLE_SYSTEM_CONFIG: dict[str, Any] = {
+    "raylet_check_gc_period_milliseconds": 1000,
+    "kill_idle_workers_interval_ms": 1000,
+    "memory_monitor_refresh_ms": 1000,
+    "raylet_report_resources_period_milliseconds": 500,
+}
+"""Ray's periodic work, slowed where snapstore does not need it fast: an idle raylet
+wakes every 100-250 ms for each of these by default (GC checks for object-store
+pressure snapstore does not create, idle-worker reaping, the memory monitor,
+resource reports). Death detection (health checks) is left alone. Set on the head
+node; Ray hands it to every raylet that joins."""
+
+
 def _params(temp_dir: str, cpus: int, object_store: int, **extra: Any) -> Any:
     from ray._private.parameter import RayParams
 
@@ -73,7 +86,11 @@ def start_head(
     try:
         node = Node(
             _params(
-                temp_dir, cpus, object_store, resources={CONTROL_RESOURCE: 1.0} if control else {}
+                temp_dir,
+                cpus,
+                object_store,
+                resources={CONTROL_RESOURCE: 1.0} if control else {},
+                _system_config=dict(IDLE_SYSTEM_CONFIG),
             ),
             head=True,
             shutdown_at_exit=False,
