@@ -8,6 +8,7 @@ must leave the server answering the next request.
 
 from __future__ import annotations
 
+import hmac
 import os
 import socket
 import struct
@@ -27,6 +28,7 @@ from snapstore.node.transport import (
     Transport,
     host_key,
 )
+from snapstore.node.wire import keys
 
 TOKEN = "secret"
 NAME = data_name("job", 0, 3)
@@ -138,7 +140,7 @@ def _assert_still_serving(t: Transport, peer: PeerInfo, payload: np.ndarray) -> 
         (parity_name("job", 3, 0), 0, 10, "No such file"),
         (NAME, SIZE - 5, 6, "outside"),
         (NAME, SIZE + 1, 0, "outside"),
-        (NAME, -1, 10, "outside"),
+        (NAME, -1, 10, "non-negative"),
     ],
     ids=[
         "dotdot",
@@ -194,51 +196,78 @@ def test_tcp_unreachable_peer_is_chunk_unavailable(node_dir: Path) -> None:
         t.close()
 
 
-def _raw_request(port: int, body: bytes) -> dict[str, object] | None:
-    """Send one framed request; return the reply header, or None if the server hung up."""
+def _frame(s: socket.socket) -> bytes | None:
+    head = s.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack("!I", head)
+    return s.recv(n, socket.MSG_WAITALL)
+
+
+def _raw_request(port: int, body: bytes, token: str = TOKEN) -> dict[str, object] | None:
+    """Send one framed request, authenticated with ``token`` as protocol 2 does; return the
+    reply header, or None if the server hung up."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(struct.pack("!I", len(body)) + body)
-        head = s.recv(4, socket.MSG_WAITALL)
-        if len(head) < 4:
+        hello = msgpack.unpackb(_frame(s), raw=False)
+        mac = hmac.digest(keys(token)[0], hello["nonce"] + body, "sha256")
+        s.sendall(struct.pack("!I", len(body)) + body + mac)
+        head = _frame(s)
+        if head is None:
             return None
-        (n,) = struct.unpack("!I", head)
-        reply: dict[str, object] = msgpack.unpackb(s.recv(n, socket.MSG_WAITALL), raw=False)
+        reply: dict[str, object] = msgpack.unpackb(head, raw=False)
         return reply
+
+
+def _req(**kw: object) -> bytes:
+    return msgpack.packb({"op": "read", "name": NAME, "offset": 0, "length": 1, "seq": 0, **kw})
 
 
 @pytest.mark.parametrize(
     ("body", "answered"),
     [
-        (b"\xc1\xc1\xc1", False),  # not msgpack: hang up
-        (msgpack.packb([1, 2, 3]), False),  # not a map: hang up
-        (
-            msgpack.packb({"op": "sum", "token": TOKEN, "name": NAME, "offset": "x", "length": 1}),
-            True,
-        ),
-        (
-            msgpack.packb({"op": "dance", "token": TOKEN, "name": NAME, "offset": 0, "length": 1}),
-            True,
-        ),
-        (msgpack.packb({"op": "read", "token": TOKEN, "name": 5, "offset": 0, "length": 1}), True),
-        (msgpack.packb({"op": "read", "name": NAME, "offset": 0, "length": 1}), True),
+        (b"\xc1\xc1\xc1", True),  # authenticated, not msgpack: an error, then hang up
+        (msgpack.packb([1, 2, 3]), True),  # not a map: an error, then hang up
+        (_req(op="sum", offset="x"), True),
+        (_req(op="dance"), True),
+        (_req(name=5), True),
+        (_req(seq=7), True),  # out of sequence: a replay, refused
+        (_req(offset=float("inf")), True),
+        (_req(length=2**64 - 1), True),
     ],
-    ids=["garbage", "not-a-map", "bad-offset", "unknown-op", "name-not-str", "no-token"],
+    ids=[
+        "garbage",
+        "not-a-map",
+        "bad-offset",
+        "unknown-op",
+        "name-not-str",
+        "replayed-seq",
+        "offset-inf",
+        "length-huge",
+    ],
 )
 def test_malformed_requests_never_stop_the_server(
     tcp: tuple[Transport, PeerInfo], payload: np.ndarray, body: bytes, answered: bool
 ) -> None:
     t, peer = tcp
     reply = _raw_request(peer.port, body)
-    if answered:
-        assert reply is not None and reply.get("ok") is False and reply.get("error")
-    else:
-        assert reply is None
+    assert reply is not None and reply.get("ok") is False and reply.get("error")
+    _assert_still_serving(t, peer, payload)
+
+
+def test_unauthenticated_requests_are_refused_before_parsing(
+    tcp: tuple[Transport, PeerInfo], payload: np.ndarray
+) -> None:
+    t, peer = tcp
+    for body in (_req(), b"\xc1"):
+        reply = _raw_request(peer.port, body, token="guess")
+        assert reply is not None and "bad token" in str(reply.get("error"))
     _assert_still_serving(t, peer, payload)
 
 
 def test_oversized_header_is_dropped(tcp: tuple[Transport, PeerInfo], payload: np.ndarray) -> None:
     t, peer = tcp
     with socket.create_connection(("127.0.0.1", peer.port), timeout=10) as s:
+        assert _frame(s) is not None  # the hello
         s.sendall(struct.pack("!I", 1 << 30))
         assert s.recv(4) == b""  # the server hangs up rather than buffer a gigabyte
     _assert_still_serving(t, peer, payload)
