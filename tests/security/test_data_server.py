@@ -30,7 +30,7 @@ from snapstore.node.transport import ChunkUnavailableError, DataServer, PeerInfo
 
 TOKEN = "store-secret-token"
 NAME = data_name("job", 0, 3)
-SIZE = 200_000
+SIZE = 6 << 20  # past wire.STREAM_MIN: large replies are hashed on a thread of their own
 PAYLOAD = np.random.default_rng(3).integers(0, 256, SIZE, dtype=np.uint8)
 
 
@@ -146,6 +146,7 @@ def test_forged_numbers_are_refused_and_the_server_keeps_serving(
         assert reply["ok"] is False and reply["error"]
     t = Transport("here", TOKEN, force_tcp=True)
     assert _read(t, server.port, 10, 5) == PAYLOAD[5:15].tobytes()
+    assert _read(t, server.port, SIZE) == PAYLOAD.tobytes()  # a large reply, MAC on a thread
     t.close()
 
 
@@ -178,7 +179,8 @@ def test_the_token_never_crosses_the_wire() -> None:
     assert TOKEN.encode() not in seen
 
 
-def test_a_byte_altered_in_transit_is_refused(server: DataServer) -> None:
+@pytest.mark.parametrize("n", [20_000, SIZE])
+def test_a_byte_altered_in_transit_is_refused(server: DataServer, n: int) -> None:
     """A man in the middle flips one byte of the reply's payload: the read fails."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -201,7 +203,7 @@ def test_a_byte_altered_in_transit_is_refused(server: DataServer) -> None:
             client, _ = listener.accept()
             upstream = socket.create_connection(("127.0.0.1", server.port))
             a = threading.Thread(target=pump, args=(client, upstream, None))
-            b = threading.Thread(target=pump, args=(upstream, client, 5000))
+            b = threading.Thread(target=pump, args=(upstream, client, n - 5000))
             a.start()
             b.start()
             a.join(10)
@@ -214,7 +216,7 @@ def test_a_byte_altered_in_transit_is_refused(server: DataServer) -> None:
         t = Transport("here", TOKEN, force_tcp=True)
         try:
             with pytest.raises(ChunkUnavailableError, match="fails authentication"):
-                _read(t, listener.getsockname()[1], 20_000)
+                _read(t, listener.getsockname()[1], n)
         finally:
             t.close()
             stop.set()
