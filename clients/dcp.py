@@ -172,7 +172,10 @@ def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
             if e["kind"] == "bytes":
                 sdm[fqn] = BytesStorageMetadata()
                 continue
-            dtype = getattr(torch, str(e["dtype"]))
+            name = e["dtype"]
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+                raise ValueError(f"dtype {name!r:.40} is not a dtype name")
+            dtype = getattr(torch, name, None)
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {e['dtype']!r}")
             chunks = [

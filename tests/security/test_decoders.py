@@ -1,5 +1,5 @@
 """Findings 5 and 9: decoders bound every count before allocating; a bad file is a
-corrupt step, never a crash of the listing.
+corrupt step, never a crash of the listing; every decoder survives mutation fuzzing.
 
 A 180-byte persisted manifest claiming ``world_size = 2**24`` made the
 decoder build a 16M-entry list (681 MiB); larger values raised MemoryError
@@ -20,7 +20,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +30,11 @@ from snapstore import persist
 from snapstore.control.flush import Flusher
 from snapstore.control.state import EventLog
 from snapstore.errors import FormatError, PersistedStepCorruptError
+from snapstore.format.frame import read_frame
+from snapstore.format.pack import unpack
+from snapstore.node.dataserver import DataServer, _Refused
 from snapstore.persist.tier import MAX_WORLD_SIZE
+from tests.security.helpers import staged_buffer
 
 _EXAMPLES = int(os.environ.get("SNAPSTORE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -187,3 +193,31 @@ def test_fuzz_dcp_metadata(edits: list[tuple[int, int, str]]) -> None:
 
     with contextlib.suppress(FormatError):
         _decode_metadata(_mutate(_DCP, edits))
+
+
+_FRAME = staged_buffer({"w": torch.arange(6.0), "meta": {"step": 3, "t": (1, "x")}}, 3).tobytes()
+
+
+@FUZZ
+@given(_edits.map(lambda e: [(len(_FRAME) - 1 - min(at, 300), v, how) for at, v, how in e]))
+def test_fuzz_frames_and_what_they_hold(edits: list[tuple[int, int, str]]) -> None:
+    """Damage near the end of a staged buffer (the manifest and the trailer)."""
+    blob = np.frombuffer(_mutate(_FRAME, edits), dtype=np.uint8)
+    with contextlib.suppress(FormatError):
+        framed = read_frame(blob, len(blob))
+        unpack(framed.manifest, framed.data)
+
+
+_REQUEST = msgpack.packb(
+    {"op": "read", "name": "d.job.r0.s3.seg", "offset": 0, "length": 8, "seq": 0}
+)
+_server = object.__new__(DataServer)  # only the request parser: no socket, no thread
+_server._resolve = lambda name: np.zeros(64, dtype=np.uint8)
+
+
+@FUZZ
+@given(_edits)
+def test_fuzz_data_server_requests(edits: list[tuple[int, int, str]]) -> None:
+    """An authenticated peer's request, damaged: refused with a reason, never a crash."""
+    with contextlib.suppress(_Refused):
+        _server._answer(_mutate(_REQUEST, edits), 0)
