@@ -25,9 +25,7 @@ from snapstore.node import wire
 from snapstore.node.wire import (
     ChunkUnavailableError,
     Mac,
-    MacStream,
     NoMac,
-    blocks,
     check_name,
     recv_exact_into,
     recv_frame,
@@ -236,17 +234,13 @@ class DataServer:
         tag = self._mac(self._rep_key)
         tag.update(nonce + wire.SEQ.pack(seq) + head)
         sock.sendall(wire.HDR.pack(len(head)) + head)
-        if payload is None:
-            sock.sendall(tag.digest())
-            return
-        stream = MacStream(tag, len(payload))
-        try:
-            for block in blocks(payload.data.cast("B")):
-                stream.feed(block)  # hashed on the stream's thread while it is sent
+        if payload is not None:
+            mv = payload.data.cast("B")
+            for at in range(0, len(mv), wire.IO_BLOCK):
+                block = mv[at : at + wire.IO_BLOCK]
+                tag.update(block)
                 sock.sendall(block)
-        finally:
-            stream.close()
-        sock.sendall(stream.digest())
+        sock.sendall(tag.digest())
 
     def stop(self) -> None:
         """Stop accepting, and close the connections being served."""

@@ -37,9 +37,7 @@ from snapstore.node.segments import MappingCache
 from snapstore.node.wire import (
     ChunkUnavailableError,
     Mac,
-    MacStream,
     NoMac,
-    blocks,
     check_name,
     recv_exact_into,
     recv_frame,
@@ -266,13 +264,11 @@ class Transport:
             raise ValueError(f"reply announces {n!r:.40} bytes for a {req.get('length')}-byte read")
         if n:
             assert dest is not None
-            stream = MacStream(tag, n)
-            try:
-                for block in blocks(dest.data.cast("B")[:n]):
-                    recv_exact_into(conn.sock, block)
-                    stream.feed(block)  # hashed while the next block arrives
-            finally:
-                stream.close()
+            view = dest.data.cast("B")[:n]
+            for at in range(0, n, wire.IO_BLOCK):
+                block = view[at : at + wire.IO_BLOCK]
+                recv_exact_into(conn.sock, block)
+                tag.update(block)
         got = bytearray(wire.TAG)
         recv_exact_into(conn.sock, memoryview(got))
         if not hmac.compare_digest(bytes(got), tag.digest()):

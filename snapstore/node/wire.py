@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import queue
 import socket
 import struct
-import threading
 import time
 from typing import Any
 
@@ -59,9 +57,7 @@ __all__ = [
     "PROTOCOL",
     "ChunkUnavailableError",
     "Mac",
-    "MacStream",
     "NoMac",
-    "blocks",
     "check_name",
     "keys",
     "recv_exact_into",
@@ -78,9 +74,6 @@ MAX_REQUEST = 4096
 """Largest request header a server reads (a request is ~100 bytes)."""
 MAX_REPLY = 1 << 16
 IO_BLOCK = 8 << 20
-STREAM_BLOCK = 1 << 20
-"""Payloads move and are hashed in pieces of this size, so hashing one overlaps I/O of the next."""
-STREAM_MIN = 4 << 20
 MAX_CONNECTIONS = 256
 MAX_UNAUTHENTICATED = 32
 AUTH_TIMEOUT = 10.0
@@ -132,53 +125,6 @@ class NoMac(Mac):
 
     def digest(self) -> bytes:
         return bytes(TAG)
-
-
-class MacStream:
-    """A payload's MAC computed on a thread of its own, beside the I/O of the same bytes.
-
-    The caller :meth:`feed` s read-only blocks in payload order (the bytes it
-    has just received, or is about to send) and goes on with its I/O while
-    they are hashed (hashlib releases the GIL), then :meth:`digest` waits
-    for the last one. Payloads under :data:`STREAM_MIN` are hashed inline:
-    a thread is not worth it.
-    """
-
-    def __init__(self, mac: Mac, nbytes: int) -> None:
-        self._mac = mac
-        self._queue: queue.SimpleQueue[memoryview | None] | None = None
-        self._thread: threading.Thread | None = None
-        if nbytes >= STREAM_MIN and not isinstance(mac, NoMac):
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, name="snapstore-mac", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (block := self._queue.get()) is not None:
-            self._mac.update(block)
-
-    def feed(self, block: memoryview) -> None:
-        if self._queue is None:
-            self._mac.update(block)
-        else:
-            self._queue.put(block)
-
-    def digest(self) -> bytes:
-        self.close()
-        return self._mac.digest()
-
-    def close(self) -> None:
-        """Stop the thread (after the blocks fed so far); idempotent."""
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = None
-
-
-def blocks(view: memoryview) -> list[memoryview]:
-    """A payload cut in :data:`STREAM_BLOCK` pieces, the unit of I/O and hashing."""
-    return [view[at : at + STREAM_BLOCK] for at in range(0, len(view), STREAM_BLOCK)]
 
 
 def recv_exact_into(sock: socket.socket, buf: memoryview, deadline: float | None = None) -> None:

@@ -30,7 +30,7 @@ from snapstore.node.transport import ChunkUnavailableError, DataServer, PeerInfo
 
 TOKEN = "store-secret-token"
 NAME = data_name("job", 0, 3)
-SIZE = 6 << 20  # past wire.STREAM_MIN: large replies are hashed on a thread of their own
+SIZE = 6 << 20
 PAYLOAD = np.random.default_rng(3).integers(0, 256, SIZE, dtype=np.uint8)
 
 
@@ -146,7 +146,7 @@ def test_forged_numbers_are_refused_and_the_server_keeps_serving(
         assert reply["ok"] is False and reply["error"]
     t = Transport("here", TOKEN, force_tcp=True)
     assert _read(t, server.port, 10, 5) == PAYLOAD[5:15].tobytes()
-    assert _read(t, server.port, SIZE) == PAYLOAD.tobytes()  # a large reply, MAC on a thread
+    assert _read(t, server.port, SIZE) == PAYLOAD.tobytes()
     t.close()
 
 
