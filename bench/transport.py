@@ -56,11 +56,13 @@ SUM_RANGE = 64 << 10
 
 
 def _pair(directory: str, authenticate: bool) -> tuple[DataServer, Transport, PeerInfo]:
+    # Mapped once, as an SMP's slot table holds its segments mapped.
+    segment = Segment.open(os.path.join(directory, NAME))
+
     def resolve(name: str) -> np.ndarray:
-        try:
-            return Segment.open(os.path.join(directory, name)).array
-        except OSError as e:
-            raise ChunkUnavailableError(f"{name}: {e.strerror}") from None
+        if name != NAME:
+            raise ChunkUnavailableError(f"no segment {name}")
+        return segment.array
 
     server = DataServer("127.0.0.1", TOKEN, resolve, _authenticate=authenticate)
     client = Transport("bench-client", TOKEN, force_tcp=True, _authenticate=authenticate)
