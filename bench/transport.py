@@ -21,9 +21,9 @@ hits both alike:
 
 The baseline is ``np.copyto`` of the same bytes (one memcpy). Medians of
 ``--reps``; ratios are to the unauthenticated path of the same run. Loopback
-has no network in the way, so the MAC's share is the largest it can be; on
-a real link the wire is usually slower than HMAC-SHA256 (about 1.2 GB/s per
-core with SHA-NI here).
+has no network in the way and both ends share the machine's cores, so the
+MACs' share (each byte hashed once by each end, HMAC-SHA256 at about 1 GB/s
+per core here) is the largest it can be.
 """
 
 from __future__ import annotations
