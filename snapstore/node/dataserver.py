@@ -197,7 +197,7 @@ class DataServer:
         """The reply to an authenticated request body; _Refused for a bad one."""
         try:
             req = msgpack.unpackb(body, raw=False)
-        except (msgpack.UnpackException, ValueError) as e:
+        except (msgpack.UnpackException, ValueError, TypeError) as e:
             raise _Refused(f"request is not msgpack: {e}", close=True) from None
         if not isinstance(req, dict):
             raise _Refused("request is not a map", close=True)

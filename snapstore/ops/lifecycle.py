@@ -174,6 +174,9 @@ def up(
                 state["nodes"].append(node.to_dict())
                 store.save_state()
             store.connect_ray()
+            # Connecting made Ray's directory 0777 again (as every later driver will);
+            # the 0700 runtime directory around it is what keeps others out.
+            os.chmod(temp_dir, 0o700)
             expected = cfg.nodes
         else:
             ensure_ray(address, cfg.namespace)
