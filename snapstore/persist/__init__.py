@@ -1,7 +1,8 @@
 """The persisted tier: committed steps flushed to a directory or an object store.
 
-- :mod:`snapstore.persist.tier` -- layout, manifest, atomic publication,
-  retention and verified reads (the functions re-exported here).
+- :mod:`snapstore.persist.tier` -- layout, atomic publication, retention
+  and verified reads (the functions re-exported here).
+- :mod:`snapstore.persist.manifest` -- a step's manifest, bounded decoding.
 - :mod:`snapstore.persist.objstore` -- the publication protocol of fsspec URLs.
 - :mod:`snapstore.persist.throttle` -- the token bucket that paces flushes.
 

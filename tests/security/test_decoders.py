@@ -33,7 +33,7 @@ from snapstore.errors import FormatError, PersistedStepCorruptError
 from snapstore.format.frame import read_frame
 from snapstore.format.pack import unpack
 from snapstore.node.dataserver import DataServer, _Refused
-from snapstore.persist.tier import MAX_WORLD_SIZE
+from snapstore.persist.manifest import MAX_WORLD_SIZE
 from tests.security.helpers import staged_buffer
 
 _EXAMPLES = int(os.environ.get("SNAPSTORE_FUZZ_EXAMPLES", "300"))
