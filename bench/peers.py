@@ -1,291 +1,315 @@
-"""snapstore against an in-memory peer that installs here: lm-resiliency's GEMINI.
+"""snapstore against GEMINI, DLRover Flash Checkpoint and torchft, side by side in one run.
 
 Run: ``python -m bench.peers`` (default ``--size 256M`` per rank); ``--quick``
-for a smoke run on 16 MiB; ``--json FILE`` writes every sample. Needs the
-optional ``lm-resiliency`` package (``pip install -e '.[peers]'``; the test
-extra includes it); without it only snapstore is measured, and it says so.
+for a smoke run on 16 MiB; ``--json FILE`` writes every sample. Each peer
+runs with the interpreter of an environment of its own
+(``bench.peer_envs``: built on demand under ``~/.cache/snapstore/peers``,
+reused while its pinned requirements stay the same), launched the way its
+documentation launches it, on 127.0.0.1, and stopped by the benchmark:
 
-Two ranks, two processes, each with the same transformer-shaped state as
-``snapstore.bench.save`` (every tensor changed before every save), measured in one
-run, one system after the other:
+- **snapstore** (``bench.peer_snapstore``): an embedded store of 4 nodes,
+  k = 3, m = 1; ``client.save`` sync and lazy.
+- **lm-resiliency GEMINI** (``bench.peer_gemini``): torchrun, in-memory
+  checkpoints replicated to the peer rank.
+- **DLRover Flash Checkpoint** (``bench.peer_dlrover``): its master and
+  ``dlrover-run``; saves to the agent's shared memory, and to storage.
+- **torchft** (``bench.peer_torchft``): its lighthouse and two replica groups
+  under torchrun; a lost replica heals from the live one.
 
-- **GEMINI** (lm-resiliency 0.2, ``InMemoryCheckpointManager``): the two
-  ranks form a gloo group on 127.0.0.1 and replicate to each other
-  (``replication_jump=1``), the protection GEMINI gives against losing a
-  node. ``save_tensors`` (its lowest-overhead path: tensor references, no
-  state_dict walk) is timed until it returns, ``maybe_wait`` until the host
-  copy is done, and ``finalize_replication`` until the peer holds the
-  replica. Four buffer slots per rank are written in full before timing.
-- **snapstore**: an embedded store of 4 nodes (k = 3, m = 1); each rank's
-  process holds a ``Client`` pinned to its own store node. ``client.save``
-  is timed until it returns (the staging copy) and until ``result()``
-  (data and parity stored on other nodes: protected against a node loss).
-
-Each rank also times one memcpy (``np.copyto``) of its state's bytes, right
-after its saves, and every figure is a ratio to that, median over ranks and
-repetitions. Both systems run two ranks on the same two cores.
+Every system has the same state: per rank, the transformer-shaped state of
+``snapstore.bench.save`` (fp32 weights, bf16 copies, AdamW moments, 638
+tensors), every tensor changed at every step; two ranks (torchft: two
+replica groups of it). Each process times one memcpy (``np.copyto``) of its
+state, and save times are ratios to that, median over ranks and saves. What
+each column means, per system, is in the module of that system; in short:
+save returns (the call), protected against a node loss (a copy of the step
+exists off the node), restore after a trainer crash and after the loss of a
+node (each peer's own recovery path, in a new process, checked bitwise),
+the extra memory that protection takes (measured: segment or shared-memory
+bytes, or the trainer's anonymous memory), and what a restore returns after
+one byte of the peer's copy was flipped.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import os
 import shutil
-import socket
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from snapstore.bench import peer_launch
 from snapstore.bench._common import (
     Table,
     bench_header,
     bench_parser,
+    disk_dir,
     human,
     median,
-    memcpy_seconds,
     parse_size,
-    private_store,
-    tensors_of,
-    touch,
-    training_state,
     write_json,
 )
+from snapstore.bench.peer_envs import REQUIREMENTS, PeerEnv, cache_dir, ensure
 
-WORLD = 2
-WARMUP = 6
-"""Saves before timing: GEMINI cycles through 4 buffer slots, each written in full once."""
+__all__ = ["main"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def gemini_available() -> str | None:
-    """None when lm-resiliency imports, else why not."""
-    try:
-        import lm_resiliency.checkpointing  # noqa: F401
-    except ImportError as e:
-        return f"lm-resiliency is not installed ({e}); pip install -e '.[peers]'"
-    return None
+PEER_TIMEOUT = 600.0
+"""Seconds one phase of a peer may take before it is stopped."""
+NAMES = {
+    "snapstore": "snapstore client.save, sync",
+    "snapstore_lazy": "snapstore client.save(lazy=True)",
+    "gemini": "lm-resiliency GEMINI 0.2.0 (torchrun)",
+    "dlrover": "DLRover 0.6.1 Flash Checkpoint, memory (dlrover-run)",
+    "torchft": "torchft 0.2.0, 2 replica groups (lighthouse, torchrun)",
+}
 
 
-def _gemini_rank(rank: int, port: int, nbytes: int, reps: int, scratch: str, queue: Any) -> None:
-    import torch.distributed as dist
-    from lm_resiliency import InMemoryCkptConfig
-    from lm_resiliency.checkpointing import InMemoryCheckpointManager
+def build_envs(log_dir: str, peers: set[str]) -> dict[str, PeerEnv]:
+    """The environments of ``peers``, built in parallel where missing."""
+    if not peers:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(len(peers)) as pool:
+        futures = {
+            p: pool.submit(ensure, p, os.path.join(log_dir, f"pip-{p}.log")) for p in sorted(peers)
+        }
+        return {p: f.result() for p, f in futures.items()}
 
-    out: dict[str, Any] = {"rank": rank, "returns": [], "copied": [], "protected": []}
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+
+def _ratio(samples: list[float], memcpy: dict[Any, list[float]]) -> float:
+    """Median of samples over the median memcpy of the processes that took them."""
+    return median(samples) / median([x for v in memcpy.values() for x in v])
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _timed(samples: list[float] | None, memcpy: dict[Any, list[float]]) -> str:
+    if not samples:
+        return "-"
+    return f"{_ms(median(samples))} ({_ratio(samples, memcpy):.2f}x)"
+
+
+def _restore(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    if "seconds" not in r:
+        return r.get("why", "-")
+    return f"{_ms(r['seconds'])}, {'bitwise OK' if r['ok'] else 'WRONG BYTES'}"
+
+
+def _memory(m: dict[str, Any]) -> str:
+    return f"{m['bytes'] / m['state']:.2f}x the state ({human(m['bytes'])})"
+
+
+def _protected(key: str, res: dict[str, Any]) -> str:
+    if key == "dlrover":
+        st = res["storage"]
+        return (
+            f"never (memory only); a storage save: {_timed(st['protected'], res['memcpy'])} "
+            f"until persisted, returns in {_timed(st['returns'], res['memcpy'])}"
         )
-        state = training_state(nbytes, seed=rank)
-        tensors = tensors_of(state)
-        manager = InMemoryCheckpointManager(
-            InMemoryCkptConfig(
-                interval=1,
-                replication_jump=1,
-                disk_flush_interval=0,
-                disk_folder=scratch,  # its node-local tier (written only on exit without close)
-                pin_memory=False,
-                run_id="snapstore-bench-peers",
+    if key == "torchft":
+        return "every committed step, while a replica lives (no save)"
+    return _timed(res["protected"], res["memcpy"])
+
+
+def tables(results: dict[str, Any], nbytes: int, reps: int) -> list[Table]:
+    main = Table(
+        f"2 ranks of {human(nbytes)} each (torchft: 2 replica groups of one such state); "
+        f"medians over ranks and {reps} saves; x memcpy = over one np.copyto of the state "
+        "in the same process; restores are the restore call in a new trainer process",
+        [
+            "system",
+            "save returns (x memcpy)",
+            "protected against a node loss (x memcpy)",
+            "restore after a trainer crash",
+            "restore after a node loss",
+            "extra memory for that protection (measured)",
+            "one byte flipped in its copy, then restore",
+        ],
+        align="lrrrrll",
+    )
+    paths = Table(
+        "Where each restore came from, and what the memory is",
+        ["system", "trainer crash", "node loss", "memory measured"],
+        align="llll",
+    )
+    for key in ("snapstore", "gemini", "dlrover", "torchft"):
+        res = results.get(key)
+        if res is None or "error" in res:
+            why = (res or {}).get("error", "not run")
+            main.add(NAMES[key], *([f"not measured: {why}"] + ["-"] * 5))
+            continue
+        if key == "snapstore":
+            main.add(
+                NAMES[key],
+                _timed(res["sync"]["returns"], res["memcpy"]),
+                _timed(res["sync"]["protected"], res["memcpy"]),
+                _restore(res["crash"]),
+                _restore(res["loss"]),
+                _memory(res["memory"]),
+                res["corruption"]["outcome"],
             )
-        )
-        for step in range(WARMUP + reps):
-            touch(tensors)
-            dist.barrier()
-            t0 = time.perf_counter()
-            manager.save_tensors(tensors, step)
-            t1 = time.perf_counter()
-            manager.maybe_wait()
-            t2 = time.perf_counter()
-            replicated = manager.finalize_replication()
-            t3 = time.perf_counter()
-            if step >= WARMUP:
-                # (The first steps may report no aligned local/peer generation yet.)
-                if not replicated:
-                    raise RuntimeError(f"step {step}: GEMINI reports no complete replica")
-                out["returns"].append(t1 - t0)
-                out["copied"].append(t2 - t0)
-                out["protected"].append(t3 - t0)
-        dist.barrier()
-        out["memcpy"] = memcpy_seconds(sum(t.numel() * t.element_size() for t in tensors), 5)["np"]
-        with contextlib.suppress(Exception):
-            manager.close()
-        dist.destroy_process_group()
-    except BaseException as e:
-        out["error"] = repr(e)
-    queue.put(out)
-
-
-def _snapstore_rank(
-    rank: int, rundir: str, node: str, nbytes: int, reps: int, start: Any, queue: Any
-) -> None:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    out: dict[str, Any] = {"rank": rank, "returns": [], "protected": []}
-    try:
-        from snapstore.clients import Client
-
-        client = Client("peers", rank, WORLD, rundir=rundir, node_id=node, timeout=300)
-        state = training_state(nbytes, seed=rank)
-        tensors = tensors_of(state)
-        for step in range(WARMUP + reps):
-            touch(tensors)
-            start.wait(timeout=300)  # both ranks save together, as GEMINI's barrier
-            t0 = time.perf_counter()
-            fut = client.save(step, state)
-            t1 = time.perf_counter()
-            fut.result(timeout=300)
-            t2 = time.perf_counter()
-            if step >= WARMUP:
-                out["returns"].append(t1 - t0)
-                out["protected"].append(t2 - t0)
-            time.sleep(0.1)  # the step's compute: the next lease is taken meanwhile
-        start.wait(timeout=300)
-        out["memcpy"] = memcpy_seconds(sum(t.numel() * t.element_size() for t in tensors), 5)["np"]
-        client.close()
-    except BaseException as e:
-        out["error"] = repr(e)
-    queue.put(out)
-
-
-def _collect(procs: list[Any], queue: Any, what: str, timeout: float = 900) -> list[dict[str, Any]]:
-    results = []
-    deadline = time.monotonic() + timeout
-    try:
-        for _ in procs:
-            results.append(queue.get(timeout=max(1.0, deadline - time.monotonic())))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = [r["error"] for r in results if "error" in r]
-    if errors:
-        raise RuntimeError(f"{what}: a rank failed: {errors[0]}")
-    return sorted(results, key=lambda r: r["rank"])
-
-
-def run_gemini(nbytes: int, reps: int) -> list[dict[str, Any]]:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    scratch = tempfile.mkdtemp(prefix="ssb-gemini-")
-    try:
-        procs = [
-            ctx.Process(target=_gemini_rank, args=(r, port, nbytes, reps, scratch, queue))
-            for r in range(WORLD)
-        ]
-        for p in procs:
-            p.start()
-        return _collect(procs, queue, "GEMINI")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def run_snapstore(nbytes: int, reps: int) -> list[dict[str, Any]]:
-    import multiprocessing as mp
-
-    from snapstore.ops import faults
-
-    budget = max(256 << 20, 4 * nbytes + (64 << 20))
-    with private_store(nodes=4, k=3, m=1, memory_per_node=budget) as store:
-        nodes = faults.store_nodes(store)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        start = ctx.Barrier(WORLD)
-        procs = [
-            ctx.Process(
-                target=_snapstore_rank,
-                args=(r, store.rundir, nodes[r], nbytes, reps, start, queue),
+            main.add(
+                NAMES["snapstore_lazy"],
+                _timed(res["lazy"]["returns"], res["memcpy"]),
+                _timed(res["lazy"]["protected"], res["memcpy"]),
+                *(["as above"] * 4),
             )
-            for r in range(WORLD)
-        ]
-        for p in procs:
-            p.start()
-        return _collect(procs, queue, "snapstore")
+        else:
+            crash = res["crash"]
+            main.add(
+                NAMES[key],
+                _timed(res["returns"], res["memcpy"]) if res["returns"] else "n/a: no save",
+                _protected(key, res),
+                "same path as a node loss" if crash.get("same_as_loss") else _restore(crash),
+                _restore(res["loss"]),
+                _memory(res["memory"]),
+                res["corruption"]["outcome"],
+            )
+        crash_path = res["crash"].get("path") or res["crash"].get("why", "-")
+        paths.add(NAMES[key], crash_path, res["loss"]["path"], res["memory"]["what"])
+    memcpy = [x for r in results.values() if "memcpy" in r for v in r["memcpy"].values() for x in v]
+    main.add("memcpy, np.copyto (all processes)", _ms(median(memcpy)), "-", "-", "-", "-", "-")
+    return [main, paths]
 
 
-def _ratios(ranks: list[dict[str, Any]], key: str) -> tuple[float, float]:
-    """Median seconds over ranks and reps, and the median of each sample over its rank's memcpy."""
-    secs = [x for r in ranks for x in r[key]]
-    ratios = [x / median(r["memcpy"]) for r in ranks for x in r[key]]
-    return median(secs), median(ratios)
+def _peers(
+    workdir: str, peers: set[str], nbytes: int, reps: int, together: bool
+) -> tuple[dict[str, PeerEnv], dict[str, Any]]:
+    """Build the peers' environments, then run each peer (``together``: all at once)."""
+    t0 = time.monotonic()
+    envs = build_envs(workdir, peers)
+    print(
+        f"peer environments ({cache_dir()}), ready after {time.monotonic() - t0:.1f} s: "
+        + "; ".join(
+            f"{p} {'built' if e.built else 'reused'} in {e.seconds:.1f} s"
+            + (f" (FAILED: {e.error})" if e.error else "")
+            for p, e in envs.items()
+        ),
+        flush=True,
+    )
+    results: dict[str, Any] = {}
+    runners = {}
+    for key, env in envs.items():
+        if env.python is None:
+            results[key] = {"error": f"its environment could not be built: {env.error}"}
+            print(f"{key} skipped: its environment could not be built ({env.error})", flush=True)
+        else:
+            runners[key] = _runner(key, env.python, nbytes, reps)
+    if together and runners:
+        with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
+            futures = {k: pool.submit(_peer, k, fn, workdir) for k, fn in runners.items()}
+            results.update({k: f.result() for k, f in futures.items()})
+    else:
+        results.update({k: _peer(k, fn, workdir) for k, fn in runners.items()})
+    return envs, results
+
+
+def _peer(key: str, fn: Callable[[str], dict[str, Any]], workdir: str) -> dict[str, Any]:
+    """Run one system in its own directory; on failure its row says why (and the log tail)."""
+    d = os.path.join(workdir, key)
+    os.makedirs(d)
+    log = os.path.join(d, "log")
+    t0 = time.monotonic()
+    try:
+        res = fn(d)
+    except Exception as e:
+        tail = ""
+        if os.path.exists(log):
+            with open(log, errors="replace") as f:
+                tail = "".join(f.readlines()[-40:])
+        print(f"{key} FAILED: {e}\n{traceback.format_exc()}\n--- its log, last lines:\n{tail}")
+        return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    res["seconds"] = time.monotonic() - t0
+    print(f"{key} done in {res['seconds']:.1f} s", flush=True)
+    return res
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = bench_parser("peers", __doc__, "16 MiB per rank, 3 saves")
+    parser = bench_parser(
+        "peers", __doc__, "16 MiB per rank, 3 saves, the peers at the same time (a smoke run)"
+    )
     parser.add_argument("--size", default="256M", help="state per rank (256M)")
     parser.add_argument("--reps", type=int, default=5, help="timed saves per rank (median)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated systems to run (default: all four)"
+    )
     args = parser.parse_args(argv)
     nbytes = parse_size("16M" if args.quick else args.size)
     reps = 3 if args.quick else args.reps
+    only = {s for s in args.only.split(",") if s} or {"snapstore", *REQUIREMENTS}
     info = bench_header(
         "snapstore.bench.peers",
-        f"{WORLD} ranks of {human(nbytes)}; GEMINI replicating to its peer over gloo; "
-        "snapstore on 4 nodes, k=3, m=1",
+        f"2 ranks of {human(nbytes)}; snapstore on 4 nodes (k=3, m=1); GEMINI, DLRover "
+        "and torchft in environments of their own, on 127.0.0.1",
     )
-    results: dict[str, Any] = {"info": info}
-    why_not = gemini_available()
-    if why_not is None:
-        results["gemini"] = run_gemini(nbytes, reps)
-        print("GEMINI done", flush=True)
-    else:
-        print(f"GEMINI skipped: {why_not}", flush=True)
-    results["snapstore"] = run_snapstore(nbytes, reps)
+    results: dict[str, Any] = {}
+    workdir = tempfile.mkdtemp(prefix="bench-peers-", dir=disk_dir())
+    peers = only - {"snapstore"}
+    # SIGTERM (a test's timeout) unwinds like Ctrl-C, so the finally below
+    # stops every launcher this run started.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        # --quick: the peers' environments are built, and the peers run, while
+        # snapstore runs (a smoke run: numbers taken so are not comparable).
+        # Otherwise one system after the other, each alone on the machine.
+        task = pool.submit(_peers, workdir, peers, nbytes, reps, True) if args.quick else None
+        if "snapstore" in only:
+            from snapstore.bench import peer_snapstore
 
-    t = Table(
-        f"{WORLD} ranks, {human(nbytes)} each; medians over ranks and {reps} saves; "
-        "x memcpy = over one np.copyto of the rank's state in the same process",
-        [
-            "system",
-            "save returns",
-            "x memcpy",
-            "protected against a node loss",
-            "x memcpy",
-            "extra memory for that protection",
-        ],
-        align="lrrrrl",
-    )
-    snap = results["snapstore"]
-    systems = [
-        (
-            "gemini",
-            "lm-resiliency GEMINI, save_tensors + replication to a peer",
-            "a full replica of the peer's state (1x), 4 slots",
-        ),
-        (
-            "snapstore",
-            "snapstore client.save, parity on other nodes",
-            "m/k of the state as parity (1/3), 2 slots",
-        ),
+            results["snapstore"] = _peer(
+                "snapstore", lambda d: peer_snapstore.run(nbytes, reps), workdir
+            )
+        envs, got = task.result() if task else _peers(workdir, peers, nbytes, reps, False)
+        results.update(got)
+        info["environments"] = {
+            p: {"python": e.python, "seconds": e.seconds, "built": e.built, "error": e.error}
+            for p, e in envs.items()
+        }
+    finally:
+        peer_launch.kill_all()
+        pool.shutdown(wait=True)
+        peer_launch.kill_all()
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(workdir, ignore_errors=True)
+    failed = [
+        k for k, r in results.items() if "error" in r and "could not be built" not in r["error"]
     ]
-    for key, name, memory in systems:
-        if key not in results:
-            continue
-        ret, ret_x = _ratios(results[key], "returns")
-        prot, prot_x = _ratios(results[key], "protected")
-        t.add(
-            name,
-            f"{ret * 1e3:.1f} ms",
-            f"{ret_x:.2f}x",
-            f"{prot * 1e3:.1f} ms",
-            f"{prot_x:.2f}x",
-            memory,
-        )
-    mc = median([x for r in snap for x in r["memcpy"]])
-    t.add("memcpy, np.copyto (snapstore run)", f"{mc * 1e3:.1f} ms", "1.00x", "-", "-", "-")
-    t.print()
-    results["tables"] = [t.as_dict()]
-    write_json(args.json, results)
-    return 0
+    ts = tables(results, nbytes, reps)
+    for t in ts:
+        t.print()
+    write_json(args.json, {"info": info, "results": results, "tables": [t.as_dict() for t in ts]})
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _runner(key: str, python: str, nbytes: int, reps: int) -> Callable[[str], dict[str, Any]]:
+    from snapstore.bench import peer_dlrover, peer_gemini, peer_torchft
+
+    def gemini(d: str) -> dict[str, Any]:
+        return peer_gemini.run(python, nbytes, reps, d, os.path.join(d, "log"), PEER_TIMEOUT)
+
+    def dlrover(d: str) -> dict[str, Any]:
+        log = os.path.join(d, "log")
+        return peer_dlrover.run(python, nbytes, reps, d, log, PEER_TIMEOUT, storage=d)
+
+    def torchft(d: str) -> dict[str, Any]:
+        return peer_torchft.run(python, nbytes, d, os.path.join(d, "log"), PEER_TIMEOUT)
+
+    return {"gemini": gemini, "dlrover": dlrover, "torchft": torchft}[key]
 
 
 if __name__ == "__main__":

@@ -110,10 +110,10 @@ class SyntheticRank:
         layout = plan(state)
         size = frame_size(layout.nbytes, len(layout.manifest(state)))
         lease = self.client._take_lease(size, 60.0)
-        seg, _ = self.client._stager.maps.get(lease["path"], writable=True)
+        seg, _ = self.client._stager.maps.get(lease.path, writable=True)
         seg.array[: size // 2] = 0xAB
         self._hung = seg
-        return str(lease["path"])
+        return str(lease.path)
 
     def restore(self, seed: int = 0) -> dict[str, Any]:
         """Restore the last committed step; report it and whether it is bitwise right."""

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from snapstore.clients.dp import DPGroup, fill, localize, placeholders, shard
@@ -57,15 +58,24 @@ from snapstore.clients.persisted import (
 from snapstore.clients.staging import Stager
 from snapstore.config import check_job_name
 from snapstore.control.handle import Store, connect
+from snapstore.control.messages import ErrorKind, ErrorReply, Outcome, OutcomeStatus, RestorePlan
 from snapstore.errors import (
+    ActorUnavailableError,
     FormatError,
+    MemoryBudgetError,
+    RestoreRequiredError,
+    SaveFailedError,
     SnapshotNotFoundError,
     SnapstoreError,
     StoreTimeoutError,
     UnrecoverableError,
 )
 from snapstore.format.frame import frame_size, read_frame, write_trailer
-from snapstore.node.smp import smp_name
+from snapstore.format.wire import decode, decode_any, encode
+from snapstore.format.work import Lease
+from snapstore.format.work import Opened as NodeOpened
+from snapstore.node.store import smp_name
+from snapstore.node.transport import ChunkUnavailableError
 from snapstore.rpc import call
 
 __all__ = ["Client", "SaveFuture"]
@@ -117,6 +127,10 @@ class Client:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.job, self.rank, self.world_size = job, rank, world_size
+        self.session = uuid.uuid4().hex
+        """Identifies this process's client to the store: a restarted rank has a new one."""
+        self._saves = 0
+        self._must_restore: str = ""
         self.timeout = timeout
         self.policy = policy
         self.dp = _dp_group(dp, replicated)
@@ -134,7 +148,7 @@ class Client:
             ) from None
         self._stager = Stager(deltas=deltas, threads=threads)
         self._layout: Any = None
-        self._lease: dict[str, Any] | None = None
+        self._lease: Lease | None = None
         self._lease_lock = threading.Lock()
         self._last_size = 0
         self._last_step: int | None = None
@@ -175,6 +189,11 @@ class Client:
         """
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
+        if self._must_restore:
+            raise RestoreRequiredError(
+                f"job {self.job!r} rank {self.rank}: {self._must_restore}; restore before "
+                "saving (let this process fail: the launcher restarts every rank)"
+            )
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step {step} is not after the last saved step {self._last_step}")
         self.wait_staged(timeout)
@@ -199,18 +218,18 @@ class Client:
         size = frame_size(binding.layout.nbytes, len(manifest))
         lease = self._take_lease(size, timeout)
         try:
-            seg, slot = self._stager.maps.get(lease["path"], writable=True)
+            seg, slot = self._stager.maps.get(lease.path, writable=True)
         except FileNotFoundError:
             # A lease taken ahead of time whose slot the SMP has since lost
             # (it restarted without its memory): ask again.
-            lease = dict(
-                call(self.smp.lease.remote(self.job, self.rank, size), timeout, "SMP.lease")
-            )
-            seg, slot = self._stager.maps.get(lease["path"], writable=True)
-        plan = self._stager.plan(binding, slot, lease.get("holds"), self._committed_step)
+            lease = self._new_lease(size, timeout)
+            seg, slot = self._stager.maps.get(lease.path, writable=True)
+        plan = self._stager.plan(binding, slot, lease.holds, self._committed_step)
         if plan.changed is not None:
             plan.changed.append([binding.layout.nbytes, size - binding.layout.nbytes])
         fut = SaveFuture(self.job, step)
+        self._saves += 1
+        fut.staging = f"{self.session}/{self._saves}"
         fut.stats.update(bytes_total=size, bytes_copied=plan.copy_bytes, delta_copy=not plan.full)
         self._last_step = step
         self._inflight = fut
@@ -234,6 +253,7 @@ class Client:
                 step,
                 size,
                 self.world_size,
+                fut.staging,
                 plan.changed,
                 plan.base_step,
                 report,
@@ -265,67 +285,70 @@ class Client:
             raise StoreTimeoutError(f"the staging copy did not finish within {timeout} s") from None
 
     def _follow(self, fut: SaveFuture, staged_ref: Any, timeout: float) -> None:
-        """Follower thread: wait for the commit, then lease the next slot ahead of time."""
+        """Follower thread: wait for the step's outcome from this node's SMP.
+
+        The outcome comes with the lease of the next slot (taken once the step
+        is decided), so the next save starts without a round trip.
+        """
         deadline = time.monotonic() + timeout
         try:
             call(staged_ref, timeout, "SMP.staged")
         except SnapstoreError as e:
             # The step cannot commit without this rank: say so, so that the
             # other ranks' waits end now instead of at their timeout.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(SnapstoreError):
                 coord = self.store.coordinator()
-                call(coord.abandon.remote(self.job, self.rank, fut.step), 10.0, "abandon")
-            fut._fail(e)
+                call(
+                    coord.abandon.remote(self.job, self.rank, fut.step, fut.staging),
+                    10.0,
+                    "coordinator.abandon",
+                )
+            fut._fail(_save_failed(self.job, fut.step, e))
+            fut._ready_next.set()
             return
+        outcome: Outcome | None = None
         try:
-            coord = self.store.coordinator()
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise StoreTimeoutError(f"step {fut.step} not committed within {timeout} s")
-                reply = call(
-                    coord.wait_commit.remote(self.job, fut.step, min(left, 10.0)),
-                    min(left, 10.0) + 10.0,
-                    "coordinator.wait_commit",
+                    raise StoreTimeoutError(f"step {fut.step} not decided within {timeout} s")
+                wait = min(left, 10.0)
+                ref = self.smp.wait_outcome.remote(
+                    self.job, self.rank, fut.step, fut.staging, wait, self._last_size
                 )
-                if reply["status"] != "pending":
+                outcome = decode(call(ref, wait + 10.0, "SMP.wait_outcome"), Outcome)
+                if outcome.status is not OutcomeStatus.PENDING:
                     break
         except BaseException as e:
             fut._fail(e if isinstance(e, SnapstoreError) else SnapstoreError(repr(e)))
-            return
-        fut.stats.update(reply.get("stats") or {})
-        fut.stats["commit_seconds"] = timeout - (deadline - time.monotonic())
-        if reply["status"] == "committed":
-            self._committed_step = fut.step
-        fut._resolve(reply)
-        try:
-            self._prefetch_lease()
-        finally:
             fut._ready_next.set()
+            return
+        fut.stats.update(outcome.stats)
+        fut.stats["commit_seconds"] = timeout - (deadline - time.monotonic())
+        if outcome.status is OutcomeStatus.COMMITTED:
+            self._committed_step = fut.step
+        if outcome.restore:
+            self._must_restore = outcome.reason
+        if outcome.lease is not None and not self._closed:
+            try:
+                self._stager.maps.get(outcome.lease.path, writable=True)  # map it now
+                with self._lease_lock:
+                    self._lease = outcome.lease
+            except OSError as e:
+                logger.info("the lease for the next step is gone already: %s", e)
+        fut._resolve({"status": outcome.status.value, "step": fut.step, "reason": outcome.reason})
+        fut._ready_next.set()
 
-    def _take_lease(self, size: int, timeout: float) -> dict[str, Any]:
+    def _take_lease(self, size: int, timeout: float) -> Lease:
         with self._lease_lock:
             lease, self._lease = self._lease, None
-        if lease is not None and lease["capacity"] >= size:
+        if lease is not None and lease.capacity >= size:
             return lease
-        ref = self.smp.lease.remote(self.job, self.rank, size)
-        return dict(call(ref, timeout, "SMP.lease"))
+        return self._new_lease(size, timeout)
 
-    def _prefetch_lease(self) -> None:
-        if self._closed or not self._last_size:
-            return
-        try:
-            lease = call(
-                self.smp.lease.remote(self.job, self.rank, self._last_size),
-                self.timeout,
-                "SMP.lease",
-            )
-            self._stager.maps.get(lease["path"], writable=True)  # map it now, not in save
-        except SnapstoreError as e:
-            logger.info("could not lease the next slot ahead of time: %s", e)
-            return
-        with self._lease_lock:
-            self._lease = dict(lease)
+    def _new_lease(self, size: int, timeout: float) -> Lease:
+        got = call(self.smp.lease.remote(self.job, self.rank, size), timeout, "SMP.lease")
+        return decode(got, Lease)
 
     def _count(self, **deltas: float) -> None:
         for k, v in deltas.items():
@@ -398,6 +421,7 @@ class Client:
         self._stager.forget()
         with self._lease_lock:
             self._lease = None
+        self._must_restore = ""
         self._last_step = step
         self._committed_step = step if opened.tier == "memory" else None
         self._inflight = None
@@ -469,37 +493,65 @@ class Client:
     ) -> tuple[int, Any, int, str, list[int]]:
         """Map rank ``rank``'s committed buffer on this node (fetched or rebuilt if needed)."""
         coord = self.store.coordinator()
-        for _attempt in range(4):
+        attempts = 0
+        while attempts < 8 and time.monotonic() < deadline:
+            attempts += 1
             left = max(0.1, deadline - time.monotonic())
-            plan = call(
-                coord.restore_plan.remote(self.job, rank, self.node_id, left, restarted),
+            reply = call(
+                coord.restore_plan.remote(
+                    self.job,
+                    rank,
+                    self.node_id,
+                    self.session,
+                    restarted,
+                    self.world_size,
+                    left,
+                ),
                 left + 5,
                 "coordinator.restore_plan",
             )
-            if not plan["ok"]:
+            plan = decode_any(reply, RestorePlan, ErrorReply)
+            if isinstance(plan, ErrorReply):
                 _raise_plan_error(self.job, rank, plan)
-            step, size, sums = plan["step"], plan["size"], plan["sums"]
-            if plan["local"]:
+            step, size, sums = plan.step, plan.size, list(plan.sums)
+            if plan.local:
                 ref = self.smp.open_committed.remote(self.job, rank, step, size, sums)
                 source = "local"
             else:
-                ref = self.smp.fetch.remote(self.job, rank, step, size, sums, plan["home_peer"])
-                source = f"node {plan['home'][:12]}"
-            res = call(ref, left, "SMP.open_committed" if plan["local"] else "SMP.fetch")
-            if res["path"] and not res["bad"]:
-                seg, _ = self._stager.maps.get(res["path"], writable=False)
+                ref = self.smp.fetch.remote(
+                    self.job, rank, step, size, sums, encode(plan.home_peer)
+                )
+                source = f"node {plan.home[:12]}"
+            try:
+                res = decode(
+                    call(ref, left, "SMP.open_committed" if plan.local else "SMP.fetch"),
+                    NodeOpened,
+                )
+            except (ChunkUnavailableError, ActorUnavailableError) as e:
+                # The home died and the store has not been told yet (Ray reports a dead
+                # node within about a second): plan again once it knows.
+                logger.info("reading rank %d from %s failed (%s); planning again", rank, source, e)
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            if res.path and not res.bad:
+                try:
+                    seg, _ = self._stager.maps.get(res.path, writable=False)
+                except FileNotFoundError:
+                    continue  # the copy was reused (a newer record came): plan again
                 return step, seg, size, source, [int(x) for x in sums]
             rep = call(
-                coord.repair.remote(self.job, rank, step, res["bad"]),
+                coord.repair.remote(self.job, rank, step, list(res.bad)),
                 left,
                 "coordinator.repair",
             )
-            if not rep["ok"] and rep["error"] == "unrecoverable":
-                raise UnrecoverableError(
-                    f"job {self.job!r} rank {rank} step {step}: pieces {res['bad']} fail "
-                    "their checksums and cannot be rebuilt",
-                    rep.get("lost", []),
-                )
+            if isinstance(rep, bytes):
+                err = decode(rep, ErrorReply)
+                if err.kind is ErrorKind.UNRECOVERABLE:
+                    raise UnrecoverableError(
+                        f"job {self.job!r} rank {rank} step {step}: pieces {list(res.bad)} fail "
+                        "their checksums and cannot be rebuilt",
+                        list(err.lost),
+                    )
         raise SnapstoreError(f"job {self.job!r} rank {rank}: restore kept failing")
 
     # -- the persisted tier ------------------------------------------------------
@@ -561,12 +613,19 @@ def _get(obj: Any, path: tuple[Any, ...]) -> Any:
     return obj
 
 
-def _raise_plan_error(job: str, rank: int, plan: dict[str, Any]) -> None:
-    kind, message = plan.get("error"), plan.get("message", "")
-    if kind == "not_found":
-        raise SnapshotNotFoundError(message)
-    if kind == "unrecoverable":
-        raise UnrecoverableError(message, plan.get("lost", []))
-    if kind == "timeout":
-        raise StoreTimeoutError(message)
-    raise SnapstoreError(f"job {job!r} rank {rank}: {message or kind}")
+def _raise_plan_error(job: str, rank: int, plan: ErrorReply) -> None:
+    if plan.kind is ErrorKind.NOT_FOUND:
+        raise SnapshotNotFoundError(plan.message)
+    if plan.kind is ErrorKind.UNRECOVERABLE:
+        raise UnrecoverableError(plan.message, list(plan.lost))
+    if plan.kind is ErrorKind.TIMEOUT:
+        raise StoreTimeoutError(plan.message)
+    raise SnapstoreError(f"job {job!r} rank {rank}: {plan.message or plan.kind.value}")
+
+
+def _save_failed(job: str, step: int, e: SnapstoreError) -> SnapstoreError:
+    """A staging the node refused: the step will not commit (SaveFailedError), unless the
+    error is one a caller acts on differently (memory, timeouts, a dead SMP)."""
+    if isinstance(e, (MemoryBudgetError, StoreTimeoutError, ActorUnavailableError)):
+        return e
+    return SaveFailedError(f"job {job!r} step {step} was not saved: {e}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from snapstore.errors import SaveFailedError, StoreTimeoutError
+from snapstore.errors import RestoreRequiredError, SaveFailedError, StoreTimeoutError
 
 __all__ = ["DEFAULT_TIMEOUT", "SaveFuture"]
 
@@ -30,6 +30,8 @@ class SaveFuture:
         self.job = job
         self.step = step
         self.skipped = skipped
+        self.staging = ""
+        """``<client session>/<save number>``: how the store tells this staging apart."""
         self.stats: dict[str, Any] = {}
         self._staged = threading.Event()
         self._done = threading.Event()
@@ -60,6 +62,11 @@ class SaveFuture:
             raise SaveFailedError(
                 f"job {self.job!r} step {self.step} was skipped: the previous save was "
                 "still committing (policy 'skip')"
+            )
+        if self._outcome["status"] != "committed" and self._outcome.get("restore"):
+            raise RestoreRequiredError(
+                f"job {self.job!r} step {self.step} was not committed: "
+                f"{self._outcome.get('reason', '')}; restore before saving again"
             )
         if self._outcome["status"] != "committed":
             raise SaveFailedError(

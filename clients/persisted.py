@@ -21,6 +21,7 @@ import numpy as np
 
 from snapstore import persist as disk
 from snapstore.coding import checksum
+from snapstore.control.messages import ErrorKind, ErrorReply
 from snapstore.errors import (
     PersistedStepCorruptError,
     PersistFailedError,
@@ -30,6 +31,7 @@ from snapstore.errors import (
     UnrecoverableError,
 )
 from snapstore.format.record import piece_bounds
+from snapstore.format.wire import decode
 from snapstore.rpc import call
 
 if TYPE_CHECKING:
@@ -78,15 +80,16 @@ def open_persisted(
     left = max(0.1, deadline - time.monotonic())
     plan = call(
         client.store.coordinator().persisted_plan.remote(
-            client.job, rank, str(cause), restarted, left
+            client.job, rank, client.session, str(cause), restarted, left
         ),
         left + 5,
         "coordinator.persisted_plan",
     )
-    if not plan["ok"]:
-        if plan["error"] == "memory" and retry:
+    if isinstance(plan, bytes):
+        err = decode(plan, ErrorReply)
+        if err.kind is ErrorKind.MEMORY and retry:
             return None
-        note = f"; no persisted step to fall back to: {plan.get('message', plan['error'])}"
+        note = f"; no persisted step to fall back to: {err.message or err.kind.value}"
         if isinstance(cause, UnrecoverableError):
             raise UnrecoverableError(cause.message + note, cause.lost) from None
         raise SnapshotNotFoundError(f"{cause}{note}") from None
@@ -142,14 +145,14 @@ def persist_now(client: Client, timeout: float) -> int:
         timeout + 10,
         "coordinator.persist",
     )
-    if reply["ok"]:
+    if not isinstance(reply, bytes):
         return int(reply["step"])
-    kind, message = reply.get("error"), str(reply.get("message", ""))
-    if kind == "not_found":
-        raise SnapshotNotFoundError(message)
-    if kind == "timeout":
-        raise StoreTimeoutError(message)
-    raise PersistFailedError(f"job {client.job!r}: {message or kind}", reply.get("failures") or {})
+    err = decode(reply, ErrorReply)
+    if err.kind is ErrorKind.NOT_FOUND:
+        raise SnapshotNotFoundError(err.message)
+    if err.kind is ErrorKind.TIMEOUT:
+        raise StoreTimeoutError(err.message)
+    raise PersistFailedError(f"job {client.job!r}: {err.message or err.kind.value}", err.failures)
 
 
 def install_sigterm(client: Client, timeout: float) -> tuple[Any, Any]:

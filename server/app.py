@@ -150,12 +150,13 @@ def create_app(
         age = poller.age(st)
         nodes = view.nodes if view else []
         jobs = [jv.job for jv in view.jobs.values()] if view else []
-        counts = {s: sum(1 for n in nodes if n.status == s) for s in ("alive", "suspect", "lost")}
+        statuses = ("alive", "suspect", "dead", "lost")
+        counts = {s: sum(1 for n in nodes if n.status == s) for s in statuses}
         committed = [j for j in jobs if j.latest_step is not None]
         protected = sum(1 for j in committed if j.status == "protected")
         if not fresh:
             status = "unavailable"
-        elif counts["suspect"] or counts["lost"] or protected < len(committed):
+        elif counts["suspect"] or counts["dead"] or counts["lost"] or protected < len(committed):
             status = "degraded"
         else:
             status = "ok"
@@ -172,6 +173,7 @@ def create_app(
                 total=len(nodes),
                 alive=counts["alive"],
                 suspect=counts["suspect"],
+                dead=counts["dead"],
                 lost=counts["lost"],
                 max_heartbeat_age=max((n.heartbeat_age for n in nodes), default=None),
             ),

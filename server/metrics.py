@@ -76,7 +76,7 @@ _HISTOGRAMS = {
     ),
 }
 _JOB_STATUSES = ("protected", "degraded", "unprotected", "lost", "none")
-_NODE_STATUSES = ("alive", "suspect", "lost")
+_NODE_STATUSES = ("alive", "suspect", "dead", "lost")
 
 
 class SnapshotCollector(Collector):

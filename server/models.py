@@ -38,7 +38,7 @@ __all__ = [
     "StripeMember",
 ]
 
-NodeStatus = Literal["alive", "suspect", "lost"]
+NodeStatus = Literal["alive", "suspect", "dead", "lost"]
 JobStatus = Literal["protected", "degraded", "unprotected", "lost", "none"]
 StripeStatus = Literal["healthy", "degraded", "lost"]
 SnapshotState = Literal["committed", "in_progress", "persisted"]
@@ -247,13 +247,16 @@ class Event(_Model):
 
     seq: int = Field(ge=0, description="increases by one per event; restarts with the coordinator")
     time: float
-    kind: str = Field(description="node_silent, node_lost, rebuild, reprotected, commit, error…")
+    kind: str = Field(
+        description="node_dead, node_silent, node_lost, rebuild, reprotected, commit, error…"
+    )
     message: str
     node: str | None = None
     job: str | None = None
     step: int | None = None
     detection_latency: float | None = Field(
-        default=None, description="node_silent: seconds from its last heartbeat to detection"
+        default=None,
+        description="node_dead, node_silent: seconds from its last sign of life to detection",
     )
     duration: float | None = None
     bytes: int | None = None
@@ -276,7 +279,8 @@ class HealthCoordinator(_Model):
 class HealthSmps(_Model):
     total: int = Field(ge=0)
     alive: int = Field(ge=0)
-    suspect: int = Field(ge=0)
+    suspect: int = Field(ge=0, description="silent, still read from: nothing is aborted")
+    dead: int = Field(ge=0, default=0, description="Ray says the SMP died; not yet lost")
     lost: int = Field(ge=0)
     max_heartbeat_age: float | None
 

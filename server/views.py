@@ -73,7 +73,8 @@ def build_view(snap: Mapping[str, Any]) -> View:
     """Derive every endpoint's data from ``snap``; raise SnapshotFormatError if malformed."""
     try:
         nodes = [_node(n) for n in snap["nodes"]]
-        alive = frozenset(n.node_id for n in nodes if n.status == "alive")
+        # Suspect nodes are silent but still read from (the coordinator's rule).
+        alive = frozenset(n.node_id for n in nodes if n.status in ("alive", "suspect"))
         jobs = {}
         for j in snap["jobs"]:
             jv = _job(j, alive)

@@ -87,14 +87,22 @@ class StoreConfig:
     memory_per_node: shared-memory budget of each SMP in bytes; 0 means "auto":
         half of this machine's RAM divided by the store nodes on it [0].
     backend: erasure-coding backend ["isa_l_rs_vand"].
-    heartbeat_interval: seconds between SMP heartbeats [0.2].
-    failure_timeout: seconds without a heartbeat before a node counts as lost
-        for reads [1.0]; must stay within 2 s for the detection guarantee.
+    heartbeat_interval: seconds between heartbeats of a node to its group
+        leader, and of a leader to the coordinator [0.5].
+    failure_timeout: seconds without a heartbeat before a node is *suspect*
+        [2.0]. Suspicion is logged and shown, never acted on: a stalled node
+        aborts nothing and loses nothing. A node is *dead* when Ray says its
+        SMP process or its node died (at once for a crashed process or
+        raylet), and only then are steps on it aborted.
     save_timeout: seconds a step may stay staged by some ranks but not all
         before it is aborted (a rank died mid-save and never came back) [300].
-    reprotect_delay: further seconds to wait for a silent SMP to come back
-        (Ray restarts a crashed SMP in about a second) before its node's data
-        is rebuilt elsewhere and its group re-formed [2.0].
+    reprotect_delay: seconds a dead node may take to come back (Ray restarts
+        a crashed SMP in about a second, with its memory) before it is
+        *lost*: its data is rebuilt elsewhere and its group re-formed [2.0].
+    resend_interval: seconds after which an undecided step's notices and
+        reports are sent again (lost messages, a new leader) [1.0].
+    status_after: seconds a trainer's wait for an outcome lasts before its
+        node asks the coordinator directly [5.0].
     transport: how SMPs read each other's chunks: "auto" (shared memory when
         both are on one host, TCP otherwise), "tcp" (always TCP) ["auto"].
     namespace: the Ray namespace of snapstore's actors ["snapstore"].
@@ -127,10 +135,12 @@ class StoreConfig:
     nodes: int = 4
     memory_per_node: int = 0
     backend: str = "isa_l_rs_vand"
-    heartbeat_interval: float = 0.2
-    failure_timeout: float = 1.0
+    heartbeat_interval: float = 0.5
+    failure_timeout: float = 2.0
     reprotect_delay: float = 2.0
     save_timeout: float = 300.0
+    resend_interval: float = 1.0
+    status_after: float = 5.0
     transport: str = "auto"
     namespace: str = "snapstore"
     object_store_memory: int = 100 << 20
@@ -157,6 +167,11 @@ class StoreConfig:
             raise ConfigError(
                 f"need 0 < heartbeat_interval ({self.heartbeat_interval}) < "
                 f"failure_timeout ({self.failure_timeout})"
+            )
+        if not (self.resend_interval > 0 and self.status_after > 0):
+            raise ConfigError(
+                f"resend_interval ({self.resend_interval}) and status_after "
+                f"({self.status_after}) must be > 0"
             )
         if self.reprotect_delay < 0:
             raise ConfigError(f"reprotect_delay must be >= 0, got {self.reprotect_delay}")

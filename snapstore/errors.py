@@ -25,10 +25,12 @@ __all__ = [
     "ConfigError",
     "FaultInjectionError",
     "FormatError",
+    "IllegalTransitionError",
     "InsufficientChunksError",
     "MemoryBudgetError",
     "PersistFailedError",
     "PersistedStepCorruptError",
+    "RestoreRequiredError",
     "SaveFailedError",
     "SnapshotNotFoundError",
     "SnapstoreError",
@@ -137,6 +139,34 @@ class SaveFailedError(_PartiesError):
     """A step could not be committed; ``failures`` maps each party to its error.
 
     The previous committed step is intact and is what restore returns.
+    """
+
+
+class IllegalTransitionError(SnapstoreError):
+    """A lifecycle was asked for a transition its current state does not allow.
+
+    ``machine`` names what (a node, a step of a job), ``state`` where it
+    was and ``transition`` what was refused: a bug in the control plane, or
+    a message that arrived too late to matter.
+    """
+
+    def __init__(self, machine: str, state: str, transition: str) -> None:
+        self.machine = machine
+        self.state = state
+        self.transition = transition
+        super().__init__(f"{machine}: cannot {transition} in state {state}")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.machine, self.state, self.transition))
+
+
+class RestoreRequiredError(SaveFailedError):
+    """This process must restore before it saves again: another rank of the job restarted
+    (or the job fell back to its persisted step) and every rank resumes from one step.
+
+    Raised by the next ``save`` once the store refused one of this process's
+    saves for that reason. Let the process fail: the launcher (torchrun, Ray
+    Train) restarts every rank, and each restores the same step.
     """
 
 

@@ -19,9 +19,14 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
+from snapstore.control.events import EventLog
+from snapstore.control.jobs import JobRecord
+from snapstore.control.messages import NodeInfo
 from snapstore.control.placement import form_groups, plan_parity
-from snapstore.control.state import EventLog, NodeState
+from snapstore.control.plane import node_summary, record_summary
+from snapstore.control.states import NodeLife, NodePhase
 from snapstore.format.record import RankEntry, StepRecord
+from snapstore.format.work import PeerInfo
 from snapstore.server.__main__ import bind, url_of, write_ready
 from snapstore.server.app import create_app
 from snapstore.server.auth import check_bearer, decide_token, is_loopback
@@ -48,34 +53,32 @@ def make_snapshot(
     status: str = "protected",
     extra_job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A coordinator snapshot of N nodes, one job; ``down`` maps node -> suspect|lost."""
-    from snapstore.control.coordinator import _record_summary  # the coordinator's own format
-
+    """A coordinator snapshot of N nodes, one job; ``down`` maps node -> suspect|dead|lost."""
     down = down or {}
     log = EventLog()
     nodes = []
     group_of = {n: i for i, g in enumerate(form_groups(NODES, K, M)) for n in g}
     for i, n in enumerate(NODES):
-        info = {
-            "peer": {"address": "127.0.0.1"},
-            "pid": 100 + i,
-            "budget": 64 << 20,
-            "used": 3 << 20,
-            "data_bytes": 2 << 20,
-            "parity_bytes": 1 << 20,
-        }
-        ns = NodeState(n, info, f"inc{i}", None, status=down.get(n, "alive"))
-        d = ns.summary()
-        d["group"] = group_of.get(n)
-        nodes.append(d)
+        info = NodeInfo(
+            n,
+            f"inc{i}",
+            PeerInfo(n, "host", "/dev/shm/x", "127.0.0.1", 1),
+            pid=100 + i,
+            budget=64 << 20,
+            used=3 << 20,
+            data_bytes=2 << 20,
+            parity_bytes=1 << 20,
+        )
+        life = NodeLife(n, f"inc{i}", NodePhase(down.get(n, "alive")))
+        nodes.append(node_summary(life, info, 0.1, group_of.get(n), False))
         log.add("node_joined", f"node {n[:12]} joined", node=n)
     for n in down:
-        log.add("node_silent", f"node {n[:12]} missed heartbeats", node=n, detection_latency=1.2)
+        log.add("node_dead", f"node {n[:12]} is dead", node=n, detection_latency=1.2)
     log.add("commit", f"job {JOB!r} committed step 6", job=JOB, step=6, latency=0.04)
     log.add("commit", f"job {JOB!r} committed step 7", job=JOB, step=7, latency=0.2)
     log.add("restore", "rank 0 restored", job=JOB, rank=0, seconds=0.3, source="local")
     log.add("error", "something failed", job="other")
-    alive = {n for n in NODES if n not in down}
+    alive = {n for n in NODES if down.get(n, "alive") in ("alive", "suspect")}
     job: dict[str, Any] = {
         "job": JOB,
         "world_size": N,
@@ -89,7 +92,7 @@ def make_snapshot(
         "unrecoverable": {},
     }
     if step is not None:
-        job["record"] = _record_summary(_record(step), alive)
+        job["record"] = record_summary(JobRecord.of([_record(step)]), alive)
     job.update(extra_job or {})
     return {
         "store_id": "feedbeef",
@@ -198,7 +201,8 @@ def test_healthz_ok(client: TestClient) -> None:
     h = r.json()
     assert h["status"] == "ok" and h["store_id"] == "feedbeef"
     assert h["coordinator"]["reachable"] and h["coordinator"]["snapshot_age"] == 0
-    assert h["smps"] == {"total": N, "alive": N, "suspect": 0, "lost": 0, "max_heartbeat_age": 0}
+    want = {"total": N, "alive": N, "suspect": 0, "dead": 0, "lost": 0, "max_heartbeat_age": 0.1}
+    assert h["smps"] == want
     assert h["jobs"] == {"total": 1, "protected": 1, "unprotected": 0}
 
 
@@ -318,9 +322,9 @@ def test_events_and_filters(client: TestClient) -> None:
 
 def test_node_down_degrades_stripes_and_restore_reads_from_survivors() -> None:
     dead = NODES[1]
-    client = _app(make_snapshot(down={dead: "suspect"}))[0]
+    client = _app(make_snapshot(down={dead: "dead"}))[0]
     h = client.get("/healthz").json()
-    assert h["status"] == "degraded" and h["smps"]["suspect"] == 1
+    assert h["status"] == "degraded" and h["smps"]["dead"] == 1
     assert h["jobs"]["unprotected"] == 1
     (job,) = client.get("/v1/jobs").json()["jobs"]
     # The coordinator still says protected (it acts later): the server does not.
@@ -429,7 +433,7 @@ def _metrics(client: TestClient) -> dict[str, Any]:
 
 
 def test_metrics() -> None:
-    client = _app(make_snapshot(down={NODES[3]: "suspect"}))[0]
+    client = _app(make_snapshot(down={NODES[3]: "dead"}))[0]
     m = _metrics(client)
     assert m[("snapstore_up", ())] == 1
     assert m[("snapstore_saves_total", ())] == 2
@@ -456,7 +460,7 @@ def test_metrics() -> None:
     node = (("node", NODES[3]),)
     assert m[("snapstore_node_up", node)] == 0
     assert ("snapstore_node_heartbeat_age_seconds", node) in m
-    assert m[("snapstore_nodes", (("status", "suspect"),))] == 1
+    assert m[("snapstore_nodes", (("status", "dead"),))] == 1
 
 
 def test_backpressure_counters_are_read_when_published() -> None:
@@ -567,7 +571,7 @@ def test_a_job_only_on_disk_is_listed_without_a_step_in_memory() -> None:
 
 # -- schemathesis: every operation, bounded examples, in-process --------------------------------
 
-_SCHEMA_APP = _app(make_snapshot(down={NODES[1]: "suspect"}, extra_job=_PERSISTED))[0].app
+_SCHEMA_APP = _app(make_snapshot(down={NODES[1]: "dead"}, extra_job=_PERSISTED))[0].app
 schema = schemathesis.openapi.from_asgi("/openapi.json", _SCHEMA_APP)
 
 

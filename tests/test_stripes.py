@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from snapstore.coding import ErasureCodec, available_backends, checksum
+from snapstore.control.health import rank_restorable, stripe_health
 from snapstore.control.orders import parity_build_orders, parity_rebuild_orders, rank_rebuild_orders
 from snapstore.control.placement import (
     chunk_extents,
@@ -32,11 +33,11 @@ from snapstore.control.placement import (
     plan_parity,
     stripe_members,
 )
-from snapstore.control.state import rank_restorable, stripe_health
 from snapstore.errors import UnrecoverableError
 from snapstore.format.record import RankEntry, StepRecord, piece_bounds
+from snapstore.format.work import WorkKind, WorkOrder, WorkResult
 from snapstore.node.segments import Segment, data_name, parity_name
-from snapstore.node.stripes import OrderResult, run_order
+from snapstore.node.stripes import run_order
 from snapstore.node.transport import (
     ChunkUnavailableError,
     DataServer,
@@ -105,10 +106,10 @@ class FakeStore:
         for t in stoppers:
             t.join()
 
-    def run(self, order: dict[str, Any], path: Path) -> tuple[bytes, OrderResult]:
+    def run(self, order: WorkOrder, path: Path) -> tuple[bytes, WorkResult]:
         """Run ``order`` into a fresh segment at ``path``; return its bytes and the result."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        seg = Segment.create(str(path), int(order["file_size"]))
+        seg = Segment.create(str(path), order.file_size)
         try:
             result = run_order(order, self.transport, seg.view)
             return seg.array.tobytes(), result
@@ -123,21 +124,21 @@ class FakeStore:
         order = rank_rebuild_orders(
             self.record, rank, target, self.peers, alive, self.backend, pieces=pieces
         )
-        assert order["target"] == target
-        assert order["file"] == data_name(JOB, rank, STEP)
+        assert order.target == target
+        assert order.file == data_name(JOB, rank, STEP)
         return order
 
     def rebuild_rank(
         self, rank: int, alive: set[str], pieces: list[int] | None = None
-    ) -> tuple[bytes, OrderResult]:
+    ) -> tuple[bytes, WorkResult]:
         order = self.rank_order(rank, alive, pieces)
         # Into a new file on the target node, as the SMP that received the order does.
-        return self.run(order, self.dirs[order["target"]] / order["file"])
+        return self.run(order, self.dirs[order.target] / order.file)
 
-    def rebuild_parity(self, node: str, alive: set[str]) -> tuple[bytes, OrderResult]:
+    def rebuild_parity(self, node: str, alive: set[str]) -> tuple[bytes, WorkResult]:
         order = parity_rebuild_orders(self.record, node, self.peers, alive, self.backend)
         assert order is not None
-        return self.run(order, self.root / "rebuilt" / node / order["file"])
+        return self.run(order, self.root / "rebuilt" / node / order.file)
 
     def chunk(self, node: str, j: int) -> bytes:
         """Node's chunk j from the original buffers, as placement defines it."""
@@ -187,12 +188,12 @@ def build(
     # Build the parity exactly as an SMP does on a parity order, then record its sums.
     sums: dict[str, Iterator[int]] = {}
     for node, order in parity_build_orders(record, peers, backend).items():
-        assert order["file"] == parity_name(JOB, STEP, 0)
-        assert order["file_size"] == record.parity_file_size(node)
-        seg = Segment.create(str(dirs[node] / order["file"]), order["file_size"])
+        assert order.file == parity_name(JOB, STEP, 0)
+        assert order.file_size == record.parity_file_size(node)
+        seg = Segment.create(str(dirs[node] / order.file), order.file_size)
         result = run_order(order, transport, seg.view)
         seg.close()
-        assert result.bad_sources == []
+        assert result.bad_sources == ()
         assert len(result.sums) == len(record.parity_on(node))
         sums[node] = iter(result.sums)
     parity = tuple(dataclasses.replace(p, sum=next(sums[p.node])) for p in record.parity)
@@ -239,7 +240,7 @@ def _piece_sums(store: FakeStore, rank: int) -> list[int]:
     return [e.sums[j] for j in range(k) if piece_bounds(e.size, k, j)[1]]
 
 
-def _assert_only_lost_named(result: OrderResult, lost: tuple[str, ...]) -> None:
+def _assert_only_lost_named(result: WorkResult, lost: tuple[str, ...]) -> None:
     """Sources reported bad may be lost members, never a healthy member on an alive node."""
     for text in result.bad_sources:
         assert any(f"on node {n} " in text for n in lost), text
@@ -291,16 +292,16 @@ def test_parity_build_checks_its_sources_in_the_read_that_codes_them(store: Fake
     rec = store.record
     counting = _CountingTransport(store.transport)
     for node, order in parity_build_orders(rec, store.peers, store.backend).items():
-        assert order["verify"] == "inline"
-        path = store.root / "again" / node / order["file"]
+        assert order.kind is WorkKind.PARITY
+        path = store.root / "again" / node / order.file
         path.parent.mkdir(parents=True, exist_ok=True)
-        seg = Segment.create(str(path), int(order["file_size"]))
+        seg = Segment.create(str(path), order.file_size)
         try:
             result = run_order(order, counting, seg.view)  # type: ignore[arg-type]
             assert seg.array.tobytes() == store.parity[node]
         finally:
             seg.unlink()
-        assert result.sums == [p.sum for p in rec.parity_on(node)]
+        assert list(result.sums) == [p.sum for p in rec.parity_on(node)]
     assert counting.checksums == 0
 
 
@@ -314,12 +315,12 @@ def test_parity_build_from_a_corrupt_data_source_fails_naming_it(store: FakeStor
         for node, order in parity_build_orders(rec, store.peers, store.backend).items():
             reads = [
                 s
-                for out in order["outputs"]
-                for s in out["sources"]
-                if any(x[0] == name for x in s["extents"])
+                for out in order.outputs
+                for s in out.sources
+                if any(x.name == name for x in s.extents)
             ]
             try:
-                store.run(order, store.root / "bad" / node / order["file"])
+                store.run(order, store.root / "bad" / node / order.file)
             except UnrecoverableError as err:
                 assert reads, f"{node} failed without reading {name}"
                 assert "fail their checksum" in str(err)
@@ -329,7 +330,9 @@ def test_parity_build_from_a_corrupt_data_source_fails_naming_it(store: FakeStor
                 failed += 1
             else:
                 assert not any(
-                    x[0] == name and x[1] + x[2] >= e.size for s in reads for x in s["extents"]
+                    x.name == name and x.offset + x.length >= e.size
+                    for s in reads
+                    for x in s.extents
                 ), f"{node} built parity over the corrupt byte of {name}"
     assert failed >= 1
 
@@ -348,7 +351,7 @@ def test_any_m_lost_nodes_rebuild_every_lost_rank_bitwise(store: FakeStore) -> N
             got, result = store.rebuild_rank(rank, alive)
             assert got == store.data[rank], f"rank {rank} with {lost} lost"
             _assert_only_lost_named(result, lost)
-            assert result.sums == _piece_sums(store, rank)
+            assert list(result.sums) == _piece_sums(store, rank)
             assert result.bytes_written == rec.ranks[rank].size
             rebuilt += 1
     assert rebuilt > 0
@@ -365,7 +368,7 @@ def test_lost_parity_file_is_rebuilt_bitwise(store: FakeStore) -> None:
             alive = set(store.nodes) - {node, *extra}
             got, result = store.rebuild_parity(node, alive)
             assert got == store.parity[node], f"parity of {node} with {extra} also lost"
-            assert result.sums == [p.sum for p in rec.parity_on(node)]
+            assert list(result.sums) == [p.sum for p in rec.parity_on(node)]
             _assert_only_lost_named(result, (node, *extra))
 
 
@@ -429,14 +432,14 @@ def test_corrupt_piece_is_repaired_from_the_other_members(store: FakeStore) -> N
                 # The repair path: the home is alive, but its piece is the bad one.
                 got, result = store.rebuild_rank(rank, everyone, pieces=[j])
             assert got[off : off + ln] == store.piece(rank, j)
-            assert result.sums == [e.sums[j]]
-            assert result.bad_sources == []
+            assert list(result.sums) == [e.sums[j]]
+            assert result.bad_sources == ()
 
 
 def _checked_sources(order: dict[str, Any]) -> list[dict[str, Any]]:
     """Sources of the order's one output whose bytes are verified before use, in order."""
-    (out,) = order["outputs"]
-    return [s for s in out["sources"] if s["checks"]]
+    (out,) = order.outputs
+    return [s for s in out.sources if s.checks]
 
 
 def _flip_sources(
@@ -444,8 +447,8 @@ def _flip_sources(
 ) -> contextlib.AbstractContextManager[None]:
     stack = contextlib.ExitStack()
     for s in sources:
-        name, off, ln, _ = s["checks"][0]
-        stack.enter_context(flipped(store, s["node"], name, off + ln // 2))
+        name, off, ln = s.checks[0].name, s.checks[0].offset, s.checks[0].length
+        stack.enter_context(flipped(store, s.node, name, off + ln // 2))
     return stack
 
 
@@ -464,11 +467,11 @@ def test_corrupt_sources_are_rejected_and_up_to_m_bad_are_survived(store: FakeSt
             for c in range(rec.m):
                 bad = candidates[:c]
                 with _flip_sources(store, bad):
-                    got, result = store.run(order, store.root / "rebuilt" / "x" / order["file"])
+                    got, result = store.run(order, store.root / "rebuilt" / "x" / order.file)
                 assert got[off : off + ln] == store.piece(rank, j)
                 assert len(result.bad_sources) == c
                 for s, text in zip(bad, result.bad_sources, strict=True):
-                    assert f"on node {s['node']} " in text and s["checks"][0][0] in text
+                    assert f"on node {s.node} " in text and s.checks[0].name in text
                 cases += 1
     assert cases > 0
 
@@ -487,12 +490,12 @@ def test_more_than_m_corrupt_is_unrecoverable_and_names_each(store: FakeStore) -
             _flip_sources(store, bad),
             pytest.raises(UnrecoverableError) as info,
         ):
-            store.run(order, store.root / "rebuilt" / "x" / order["file"])
+            store.run(order, store.root / "rebuilt" / "x" / order.file)
         err = info.value
         assert len(err.lost) == rec.m, err.lost
         for s, text in zip(bad, err.lost, strict=True):
             assert f"rank {rank} piece 0" in text
-            assert f"on node {s['node']} " in text and s["checks"][0][0] in text
+            assert f"on node {s.node} " in text and s.checks[0].name in text
         assert "need" in str(err)
 
 
@@ -504,19 +507,19 @@ def test_unavailable_source_counts_as_lost(store: FakeStore) -> None:
     alive = set(store.nodes) - {e.node}
     order = store.rank_order(rank, alive, pieces=[0])
     victim = _checked_sources(order)[0]
-    name = victim["checks"][0][0]
-    path = store.dirs[victim["node"]] / name
+    name = victim.checks[0].name
+    path = store.dirs[victim.node] / name
     moved = path.with_name("moved")
     path.rename(moved)
     try:
         if rec.m == 1:
             with pytest.raises(UnrecoverableError) as info:
-                store.run(order, store.root / "rebuilt" / "x" / order["file"])
-            assert any(f"on node {victim['node']} " in t for t in info.value.lost)
+                store.run(order, store.root / "rebuilt" / "x" / order.file)
+            assert any(f"on node {victim.node} " in t for t in info.value.lost)
         else:
-            got, result = store.run(order, store.root / "rebuilt" / "x" / order["file"])
+            got, result = store.run(order, store.root / "rebuilt" / "x" / order.file)
             assert got[: len(store.piece(rank, 0))] == store.piece(rank, 0)
-            assert [f"on node {victim['node']} " in t for t in result.bad_sources] == [True]
+            assert [f"on node {victim.node} " in t for t in result.bad_sources] == [True]
     finally:
         moved.rename(path)
 
@@ -681,7 +684,7 @@ def test_tcp_rejects_a_corrupt_source_by_its_remote_checksum(tcp_store: FakeStor
     order = tcp_store.rank_order(rank, everyone, pieces=[0])
     bad = _checked_sources(order)[: rec.m]
     off, ln = piece_bounds(rec.ranks[rank].size, rec.k, 0)
-    path = tcp_store.root / "rebuilt" / "x" / order["file"]
+    path = tcp_store.root / "rebuilt" / "x" / order.file
     # The home's piece is the one being repaired; with m - 1 bad sources it still works.
     with _flip_sources(tcp_store, bad[: rec.m - 1]):
         got, result = tcp_store.run(order, path)
@@ -699,12 +702,12 @@ def test_tcp_unreachable_server_counts_as_a_lost_source(tmp_path: Path) -> None:
         rec = s.record
         rank = rec.ranks_on("n0")[0]
         order = s.rank_order(rank, set(s.nodes), pieces=[0])
-        victim = _checked_sources(order)[0]["node"]
+        victim = _checked_sources(order)[0].node
         # Drop pooled connections first: a stopped server still answers on them
         # (pinned in test_transport.py).
         s.transport.close()
         s.servers.pop(victim).stop()
-        got, result = s.run(order, tmp_path / "rebuilt" / order["file"])
+        got, result = s.run(order, tmp_path / "rebuilt" / order.file)
         off, ln = piece_bounds(rec.ranks[rank].size, rec.k, 0)
         assert got[off : off + ln] == s.piece(rank, 0)
         assert len(result.bad_sources) == 1 and f"on node {victim} " in result.bad_sources[0]

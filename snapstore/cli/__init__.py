@@ -1,4 +1,4 @@
-"""The ``snapstore`` command: up, down, status, nodes, export, demo, bench.
+"""The ``snapstore`` command: up, down, status, nodes, export, demo, bench, plan.
 
 The CLI is the one face of the project that may import every layer (it
 starts the REST server and runs the demo from ``snapstore.bench``); the rest of
@@ -198,6 +198,82 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from snapstore.ops.plan import format_plan, plan
+
+    given = {
+        "bandwidth_gbps": args.bandwidth,
+        "horizon_hours": args.horizon,
+        "weibull_shape": args.weibull_shape,
+        "delta_fraction": args.delta_fraction,
+        "memcpy_gbps": args.memcpy_rate,
+        "tolerance": args.tolerance,
+    }
+    p = plan(
+        args.nodes,
+        args.gpus_per_node,
+        args.state_per_gpu,
+        args.node_mtbf,
+        args.memory_budget,
+        persisting=args.persisting,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p, top=args.top))
+    return 0
+
+
+def _add_plan_parser(sub: Any) -> None:
+    pl = sub.add_parser(
+        "plan",
+        help="choose k, m and stripe groups for a cluster: memory, time to protect, survival",
+    )
+    pl.add_argument("--nodes", type=int, required=True, help="store nodes (training hosts)")
+    pl.add_argument("--gpus-per-node", type=int, required=True, help="ranks per node")
+    pl.add_argument(
+        "--state-per-gpu", required=True, help="bytes one rank stores (its DP share), e.g. 10GiB"
+    )
+    pl.add_argument(
+        "--node-mtbf", type=float, required=True, help="mean hours between failures of a node"
+    )
+    pl.add_argument(
+        "--memory-budget", required=True, help="host memory per node the store may use, e.g. 320GiB"
+    )
+    pl.add_argument(
+        "--bandwidth", type=float, default=None, help="network GB/s per node, each way [12.5]"
+    )
+    pl.add_argument(
+        "--horizon", type=float, default=None, help="hours the job must get through [720]"
+    )
+    pl.add_argument(
+        "--weibull-shape",
+        type=float,
+        default=None,
+        help="shape of node lifetimes, 0.5-10; 1 = exponential [1]",
+    )
+    pl.add_argument(
+        "--delta-fraction",
+        type=float,
+        default=None,
+        help="fraction of a rank's bytes changed per step, for XOR deltas' memory; above 0.5 "
+        "no deltas are kept [0.5, the most they take]",
+    )
+    pl.add_argument(
+        "--persisting", action="store_true", help="count one more slot per rank for flushes"
+    )
+    pl.add_argument(
+        "--memcpy-rate", type=float, default=None, help="GB/s of one core's memcpy [14.3]"
+    )
+    pl.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="plans whose P(fallback) is within this of the safest tie [1e-6]",
+    )
+    pl.add_argument("--top", type=int, default=10, help="layouts to list [10]")
+    pl.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapstore", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-dir", default=None, help="where the store's state file lives")
@@ -283,6 +359,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--events", type=int, default=10, help="recent events to show [10]")
     status.set_defaults(func=_cmd_status)
+
+    _add_plan_parser(sub)
 
     from snapstore.cli import export as cli_export
 

@@ -1,115 +1,56 @@
-"""The commit protocol: a step becomes visible only when all of it is in memory.
+"""The commit protocol, coordinator side: a step is visible only when all of it is in memory.
 
-1. Every rank stages its buffer on its node; its SMP checksums the k pieces
-   and reports (:func:`rank_staged`).
-2. When all ``world_size`` ranks have staged, the coordinator plans the
-   step's parity over the current stripe groups and orders every parity
-   holder to compute its chunks (:func:`commit_step`).
-3. Only when every parity chunk is stored and checksummed is the record
-   sent to the SMPs (each keeps a copy, so a restarted coordinator finds it)
-   and the step declared committed; waiters are woken after that.
-4. Any failure before 3 aborts the step: its slots are freed, the previous
-   committed step is untouched and stays what restore returns.
+1. Ranks stage on their nodes; each node tells its group leader; each
+   leader reports the group's staged ranks (:meth:`Commits.on_report`).
+   The coordinator checks each staging against the job's rules (steps
+   increase; after a restart, only ranks that restored may save; a step that
+   failed in this incarnation is not saved again) and refuses the others.
+2. When all ``world_size`` ranks are staged (one attempt, versioned), every
+   group that holds some of them is ordered to prepare its slice of the
+   record: parity computed and stored, the slice kept by every member.
+3. When every such group reported prepared, the step is committed: this is
+   the commit point, one transition of :class:`StepLife`. From here on the
+   step is committed whatever happens; failing it is a no-op. The decision
+   goes to each group's leader, which applies it on its members; those wake
+   their trainers with the outcome and the next slot's lease.
+4. Any failure before 3 fails the attempt: its stagings are freed on the
+   nodes, the previous committed step is untouched and is what restores get.
 
-The committed record of a job and its in-progress steps are changed only
-under the job's lock, so a commit never interleaves with a re-protection.
+Decisions not acknowledged by a group are sent again (to the group's
+current leader, or to each member directly) until they are.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
-from snapstore.control.orders import parity_build_orders, parity_delta_orders, same_geometry
-from snapstore.control.placement import plan_parity
-from snapstore.control.state import ALIVE, JobState, Pending
-from snapstore.format.record import RankEntry, StepRecord
-from snapstore.rpc import describe
+from snapstore.control.jobs import Attempt, Job, JobRecord, session_of
+from snapstore.control.links import AbandonReply
+from snapstore.control.messages import (
+    Decision,
+    GroupReport,
+    Outcome,
+    OutcomeStatus,
+    PrepareOrder,
+)
+from snapstore.control.states import JobPhase, Redundancy, StepLife, StepPhase
+from snapstore.errors import FormatError
+from snapstore.format.record import StepRecord
 
 if TYPE_CHECKING:
-    from snapstore.control.coordinator import Coordinator
+    from snapstore.control.plane import ControlPlane
 
-__all__ = [
-    "abandon",
-    "abort",
-    "abort_pending_on",
-    "build_parity",
-    "commit_step",
-    "publish",
-    "rank_staged",
-    "wait_commit",
-]
+__all__ = ["Commits"]
 
 logger = logging.getLogger(__name__)
 
-PARITY_TIMEOUT = 120.0
-COMMIT_ACK_TIMEOUT = 30.0
+PREPARE_TIMEOUT = 240.0
+"""An attempt preparing this long fails (parity of a group normally takes well under a second)."""
+DECISION_TIMEOUT = 30.0
 
-
-def _job(coord: Coordinator, job: str, world_size: int) -> JobState:
-    js = coord.jobs.get(job)
-    if js is None:
-        js = coord.jobs[job] = JobState(job, world_size)
-    return js
-
-
-def rank_staged(
-    coord: Coordinator,
-    job: str,
-    step: int,
-    rank: int,
-    node: str,
-    size: int,
-    sums: list[int],
-    world_size: int,
-    delta: dict[str, Any] | None = None,
-    client: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    js = _job(coord, job, world_size)
-    if client:
-        _count_client(coord, client)
-    if world_size != js.world_size:
-        if js.committed is None and not js.pending:
-            js.world_size = world_size
-        else:
-            return {
-                "ok": False,
-                "error": f"job {job!r} has world size {js.world_size}; rank {rank} "
-                f"staged step {step} with world size {world_size}",
-            }
-    if not 0 <= rank < world_size:
-        return {"ok": False, "error": f"rank {rank} outside world size {world_size}"}
-    if js.committed is not None and step <= js.committed.step:
-        return {
-            "ok": False,
-            "error": f"job {job!r} already committed step {js.committed.step}; step {step} "
-            "is not newer (steps must increase; drop the job to start over)",
-        }
-    for older in [s for s, p in js.pending.items() if s < step and rank in p.staged]:
-        abort(coord, js, older, f"rank {rank} moved on to step {step}")
-    if step in js.failed:
-        # A rank late to a step the others gave up on: staging it would start a
-        # step that can never complete. It is tried again only after a restore.
-        return {
-            "ok": False,
-            "error": f"step {step} of job {job!r} was aborted ({js.failed[step]}); "
-            "save the next step",
-        }
-    p = js.pending.get(step)
-    if p is None:
-        p = js.pending[step] = Pending(step, world_size)
-    if p.committing:
-        return {"ok": False, "error": f"step {step} of job {job!r} is already being committed"}
-    p.staged[rank] = RankEntry(node, size, tuple(sums))
-    p.deltas[rank] = delta
-    if len(p.staged) == world_size:
-        p.committing = True
-        coord.spawn(commit_step(coord, job, step))
-    return {"ok": True}
-
+RESTORE_FIRST = "restore first"
 
 _CLIENT_COUNTERS = {
     "waits": "save_waits_total",
@@ -119,246 +60,424 @@ _CLIENT_COUNTERS = {
 }
 
 
-def _count_client(coord: Coordinator, client: dict[str, Any]) -> None:
-    """Fold what a trainer's client measured since its last save into the store's counters."""
-    counters = coord.events.metrics.counters
-    for key, name in _CLIENT_COUNTERS.items():
-        value = client.get(key)
-        if isinstance(value, (int, float)) and value > 0:
-            counters[name] += value
+class Commits:
+    """The coordinator's side of the commit protocol. See the module docstring."""
 
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
 
-def abandon(coord: Coordinator, job: str, rank: int, step: int) -> dict[str, Any]:
-    """An SMP reuses rank ``rank``'s slot of ``step``: that step can no longer commit."""
-    js = coord.jobs.get(job)
-    if js is None:
-        return {"aborted": False, "record": None}
-    if js.committed is not None and js.committed.step >= step:
-        return {"aborted": False, "record": js.committed.to_bytes()}
-    p = js.pending.get(step)
-    if p is not None and p.committing:
-        # Parity may be reading that slot right now; fail the commit first.
-        abort(coord, js, step, f"rank {rank} reused its slot for a newer step")
-        return {"aborted": True, "record": None}
-    if p is not None:
-        abort(coord, js, step, f"rank {rank} reused its slot for a newer step")
-    return {"aborted": p is not None, "record": None}
+    # -- reports from leaders -----------------------------------------------------------
 
+    def on_report(self, r: GroupReport) -> None:
+        if r.applied:
+            self._acked(r)
+        elif r.version >= 0:
+            self._prepared(r)
+        else:
+            self._staged(r)
 
-def abort(coord: Coordinator, js: JobState, step: int, reason: str) -> None:
-    """Forget a step in progress, free its slots, and tell its waiters why."""
-    p = js.pending.pop(step, None)
-    if p is None:
-        return
-    js.failed[step] = reason
-    if len(js.failed) > 64:
-        js.failed.pop(min(js.failed))
-    coord.events.add(
-        "save_failed", f"job {js.name!r} step {step} aborted: {reason}", job=js.name, step=step
-    )
-    for n in coord.alive():
-        coord.handle(n).abort.remote(js.name, step)
-    for fut in js.waiters.pop(step, []):
-        if not fut.done():
-            fut.set_result({"status": "failed", "reason": reason, "step": step})
-
-
-def abort_pending_on(coord: Coordinator, js: JobState, node: str, reason: str) -> None:
-    """Abort every step in progress that has data on ``node`` or awaits a rank living there."""
-    lives_there = js.committed is not None and any(
-        e.node == node for e in js.committed.ranks.values()
-    )
-    for step, p in list(js.pending.items()):
-        if lives_there or p.committing or any(e.node == node for e in p.staged.values()):
-            abort(coord, js, step, f"{reason} (node {node[:12]})")
-
-
-async def commit_step(coord: Coordinator, job: str, step: int) -> None:
-    js = coord.jobs[job]
-    async with js.lock:
-        p = js.pending.get(step)
-        if p is None:
-            return
-        t0 = time.time()
-        stats: dict[str, Any] = {"wait_ranks_seconds": round(t0 - p.started_at, 6)}
-        try:
-            record = await _build(coord, js, p, stats)
-        except Exception as e:
-            logger.warning("commit of %s step %d failed: %s", job, step, e)
-            abort(coord, js, step, str(e))
-            return
-        if js.pending.get(step) is not p:
-            return  # aborted while parity was computed
-        # A step due for flushing to disk is held by the SMPs as they commit it.
-        hold = coord.flusher.hold_for(js, record)
-        stats["parity_seconds"] = round(time.time() - t0, 6)
-        # The commit point: every SMP learns the record before anyone is told.
-        t1 = time.time()
-        missing = await publish(coord, record, hold)
-        stats["publish_seconds"] = round(time.time() - t1, 6)
-        js.pending.pop(step, None)
-        for older in [s for s in js.pending if s < step]:
-            abort(coord, js, older, f"step {step} committed first")
-        js.committed = record
-        js.commits += 1
-        js.last_commit_latency = time.time() - p.started_at
-        js.status, js.status_detail = (
-            ("protected", "")
-            if record.groups
-            else (
-                "unprotected",
-                "fewer than k + m nodes: data has no parity",
+    def _staged(self, r: GroupReport) -> None:
+        plane = self.plane
+        if r.epoch != plane.membership.epoch:
+            return  # a stale leader: members re-send to the current one
+        job = plane.job(r.job, r.world_size)
+        self._count_client(r.stats.get("client"))
+        refused: dict[str, list[str]] = {}
+        accepted: dict[int, str] = {}
+        for rank, session in sorted(r.sessions.items()):
+            past = job.history.get(r.step)
+            if past is not None and past[1].get(rank, ("",))[0] == session:
+                continue  # a late report of a staging that committed: nothing to say
+            why = self._refusal(job, rank, session, r.step, r.world_size)
+            if why:
+                refused.setdefault(why, []).append(session)
+            else:
+                accepted[rank] = session
+        for why, sessions in refused.items():
+            self._tell(
+                r.leader,
+                Decision(
+                    r.job,
+                    r.step,
+                    -1,
+                    OutcomeStatus.FAILED,
+                    reason=why,
+                    sessions=tuple(sessions),
+                    restore=why.startswith(RESTORE_FIRST),
+                ),
             )
+        if not accepted:
+            return
+        att = job.attempts.get(r.step)
+        if att is None or not att.life.open:
+            att = Attempt(
+                StepLife(r.job, r.step, job.take_version()),
+                world_size=r.world_size,
+                epoch=r.epoch,
+                started_at=plane.clock.now(),
+                wall_started=plane.clock.wall(),
+            )
+            job.attempts[r.step] = att
+        for rank, session in accepted.items():
+            prev = att.ranks.get(rank)
+            if prev is not None and prev[0] != session and att.life.phase is StepPhase.PREPARING:
+                self.fail(job, att, f"rank {rank} staged step {r.step} again from a new process")
+                return
+            att.ranks[rank] = (session, r.group)
+            att.leaders[r.group] = r.leader
+            mine = job.sessions.get(rank)
+            if mine is None or mine[0] != session_of(session):
+                job.sessions[rank] = (session_of(session), -1)
+            for s, other in list(job.attempts.items()):
+                moved = s < r.step and rank in other.ranks and other.life.open
+                if moved and not other.reprotect:
+                    self.fail(job, other, f"rank {rank} moved on to step {r.step}")
+        if att.life.phase is StepPhase.COLLECTING and len(att.ranks) >= att.world_size:
+            att.life.all_staged()
+            self.send_prepare(job, att)
+
+    def _count_client(self, client: Any) -> None:
+        """Fold what trainers' clients counted (reported with their stagings) into metrics."""
+        if not isinstance(client, dict):
+            return
+        counters = self.plane.events.metrics.counters
+        for key, name in _CLIENT_COUNTERS.items():
+            value = client.get(key)
+            if isinstance(value, (int, float)) and value > 0:
+                counters[name] += value
+
+    def _refusal(self, job: Job, rank: int, staging: str, step: int, world: int) -> str:
+        """Why a staging (``<session>/<save number>``) of ``step`` by ``rank`` is refused."""
+        session = session_of(staging)
+        if not 0 <= rank < world:
+            return f"rank {rank} outside world size {world}"
+        if world != job.world_size:
+            open_ = any(a.life.open for a in job.attempts.values())
+            if job.record is None and not open_ and job.life.phase is not JobPhase.RESTORING:
+                job.world_size = world
+            else:
+                return (
+                    f"job {job.name!r} has world size {job.world_size}; rank {rank} saved step "
+                    f"{step} with world size {world} (restore with the new world size first)"
+                )
+        if job.record is not None and step <= job.record.step:
+            return (
+                f"job {job.name!r} already committed step {job.record.step}; step {step} is "
+                "not newer (steps must increase; restore, or drop the job to start over)"
+            )
+        if session in job.retired:
+            return (
+                f"{RESTORE_FIRST}: rank {rank}'s process belongs to an ended incarnation of job "
+                f"{job.name!r} (another process of that rank restored since)"
+            )
+        mine = job.sessions.get(rank)
+        since = mine[1] if mine is not None and mine[0] == session else -1
+        failed = job.failed_since(step, since)
+        if failed is not None:
+            return (
+                f"step {step} of job {job.name!r} was aborted ({failed}) and rank {rank} has not "
+                "restored since; save the next step"
+            )
+        restored = mine is not None and mine[0] == session and rank in job.life.restored
+        if job.life.phase is JobPhase.RESTORING and not restored:
+            return (
+                f"{RESTORE_FIRST}: job {job.name!r} restarted (incarnation "
+                f"{job.life.incarnation}, every rank restores step {job.life.pinned}) and rank "
+                f"{rank}'s process did not restore"
+            )
+        return ""
+
+    def send_prepare(self, job: Job, att: Attempt) -> None:
+        plane = self.plane
+        att.prepare_sent = plane.clock.now()
+        for group, leader in att.leaders.items():
+            if group in att.prepared:
+                continue
+            order = att.orders.get(group)
+            if order is None:
+                order = PrepareOrder(
+                    job.name,
+                    att.step,
+                    att.version,
+                    att.epoch,
+                    att.world_size,
+                    sessions=att.group_sessions(group),
+                )
+            plane.tasks.spawn(
+                plane.cast_leader(leader, "prepare", order), f"prepare order to {leader[:12]}"
+            )
+
+    def _prepared(self, r: GroupReport) -> None:
+        plane = self.plane
+        job = plane.jobs.get(r.job)
+        att = job.attempts.get(r.step) if job is not None else None
+        if job is None or att is None or att.version != r.version:
+            return  # a late report of an attempt already over
+        if att.life.phase is not StepPhase.PREPARING or r.group not in att.leaders:
+            return
+        if r.failed:
+            self.fail(job, att, r.failed)
+            return
+        if r.prepared is None:
+            return
+        try:
+            piece = StepRecord.from_bytes(r.prepared)
+        except FormatError as e:
+            self.fail(job, att, f"group of {r.leader[:12]} sent a malformed slice: {e}")
+            return
+        expected = {rank for rank, (_, g) in att.ranks.items() if g == r.group}
+        if (piece.step, piece.version) != (att.step, att.version) or set(piece.ranks) != expected:
+            self.fail(job, att, f"group of {r.leader[:12]} prepared another slice")
+            return
+        att.prepared[r.group] = piece
+        att.stats[r.group] = dict(r.stats)
+        if all(g in att.prepared for g in att.leaders):
+            self.commit(job, att)
+
+    # -- the commit point -------------------------------------------------------------------
+
+    def commit(self, job: Job, att: Attempt) -> None:
+        plane = self.plane
+        att.life.commit()  # the commit point: from here on it is committed
+        slices = [att.prepared[g] for g in sorted(att.prepared)]
+        record = JobRecord.of(slices)
+        if record.world_size != att.world_size or len(record.ranks) != att.world_size:
+            logger.error("committed %s with ranks %s", att.life.name, record.ranks)
+        job.attempts.pop(att.step, None)
+        for s, other in list(job.attempts.items()):
+            if s < att.step:
+                self.fail(job, other, f"step {att.step} committed first")
+        new_step = job.record is None or att.step != job.record.step
+        previous = job.record
+        job.record = record
+        if new_step and not att.reprotect:
+            job.life.committed()
+            job.commits += 1
+            job.commit_seq = job.restore_seq
+            job.note_committed(record, att.ranks)
+        elif att.step in job.history:
+            job.note_committed(record, job.history[att.step][1])
+        job.last_commit_latency = plane.clock.now() - att.started_at
+        job.redundancy = Redundancy.PROTECTED if record.protected else Redundancy.UNPROTECTED
+        job.detail = "" if record.protected else "fewer than k + m nodes: data has no parity"
+        job.protected_at = plane.clock.wall()
+        job.relocated.clear()
+        job.unrecoverable.clear()
+        job.preferred_home.clear()
+        stats = _merge_stats(att, plane.clock.now())
+        job.committed_stats = stats
+        hold, ttl = ("", 0.0)
+        if not att.reprotect:
+            held = plane.flusher.hold_for(job, previous, record)
+            if held is not None:
+                hold, ttl = held
+        decision = Decision(
+            job.name,
+            att.step,
+            att.version,
+            OutcomeStatus.COMMITTED,
+            hold=hold,
+            hold_ttl=ttl,
+            stats=stats,
         )
-        js.protected_at = time.time()
-        js.unrecoverable.clear()
-        js.relocated.clear()
-        js.preferred_home.clear()
-        js.data_ready.set()
-        coord.flusher.on_commit(job)
-        if hold is not None:
-            coord.flusher.start(record, hold)
-        coord.events.add(
-            "commit",
-            f"job {job!r} committed step {step} ({record.data_bytes()} data bytes, "
-            f"{record.parity_bytes()} parity bytes) in {time.time() - t0:.3f} s",
-            job=job,
-            step=step,
-            latency=round(js.last_commit_latency, 4),
-            unacked=missing or None,
-            **stats,
+        # Every group hears of it, not only those holding the step: a node with no
+        # slice of it lets go of the job's older steps.
+        job.unacked.clear()
+        job.applied = asyncio.Event()
+        targets = dict(att.leaders)
+        for group in plane.membership.all_groups():
+            leader = plane.membership.leader_of(group)
+            if group not in targets and leader is not None:
+                targets[group] = leader
+        for group, leader in targets.items():
+            job.unacked[group] = (decision, plane.clock.now())
+            plane.tasks.spawn(
+                plane.cast_leader(leader, "decide", decision), f"decision to {leader[:12]}"
+            )
+        job.touch()
+        plane.flusher.on_commit(job.name)
+        if hold:
+            plane.flusher.start(record, hold)
+        if att.reprotect:
+            plane.events.add(
+                "reprotected",
+                f"job {job.name!r} step {att.step} protected again (version {att.version}, "
+                f"groups {[[n[:8] for n in g] for g in record.groups]}) in "
+                f"{job.last_commit_latency:.3f} s",
+                job=job.name,
+                step=att.step,
+                duration=round(job.last_commit_latency, 4),
+            )
+        else:
+            counters = plane.events.metrics.counters
+            counters["committed_bytes_total"] += record.data_bytes()
+            counters["parity_network_bytes_total"] += stats.get("peer_bytes", 0)
+            plane.events.add(
+                "commit",
+                f"job {job.name!r} committed step {att.step} ({record.data_bytes()} data bytes, "
+                f"{record.parity_bytes()} parity bytes) in {job.last_commit_latency:.3f} s",
+                job=job.name,
+                step=att.step,
+                latency=round(job.last_commit_latency, 4),
+                **{k: v for k, v in stats.items() if k in ("parity_seconds", "delta")},
+            )
+
+    def fail(self, job: Job, att: Attempt, reason: str) -> bool:
+        """Fail an attempt; False when it is already committed (nothing changes then)."""
+        if not att.life.fail(reason):
+            return False
+        if job.attempts.get(att.step) is att:
+            del job.attempts[att.step]
+        sessions = frozenset(att.sessions())
+        if not att.reprotect:
+            job.note_failed(att.step, sessions, reason)
+            self.plane.events.add(
+                "save_failed",
+                f"job {job.name!r} step {att.step} aborted: {reason}",
+                job=job.name,
+                step=att.step,
+            )
+        else:
+            self.plane.events.add(
+                "error", f"job {job.name!r}: re-protection failed: {reason}", job=job.name
+            )
+        decision = Decision(
+            job.name,
+            att.step,
+            att.version,
+            OutcomeStatus.FAILED,
+            reason=reason,
+            sessions=tuple(sorted(sessions)),
         )
-        counters = coord.events.metrics.counters
-        counters["committed_bytes_total"] += record.data_bytes()
-        counters["parity_network_bytes_total"] += stats.get("peer_bytes", 0)
-        js.committed_stats = stats
-        js.resolve(step, {"status": "committed", "step": step, "stats": stats})
+        for leader in set(att.leaders.values()):
+            self._tell(leader, decision)
+        job.touch()
+        return True
 
+    def fail_open(self, job: Job, reason: str) -> list[int]:
+        """Fail every attempt in flight of a job; the steps failed."""
+        out = []
+        for att in list(job.attempts.values()):
+            if self.fail(job, att, reason):
+                out.append(att.step)
+        return sorted(out)
 
-async def _build(coord: Coordinator, js: JobState, p: Pending, stats: dict[str, Any]) -> StepRecord:
-    cfg = coord.cfg
-    for r, e in p.staged.items():
-        ns = coord.nodes.get(e.node)
-        if ns is None or ns.status != ALIVE:
-            raise RuntimeError(f"rank {r}'s node {e.node[:12]} is not alive")
-    groups = tuple(coord.groups)
-    if any(coord.nodes[n].status != ALIVE for g in groups for n in g):
-        raise RuntimeError("a node of the stripe groups is not alive; retry the save")
-    grouped = {n for g in groups for n in g}
-    if groups and any(e.node not in grouped for e in p.staged.values()):
-        raise RuntimeError("a rank's node is in no stripe group yet; retry the save")
-    record = StepRecord(
-        job=js.name,
-        step=p.step,
-        version=0,
-        k=cfg.k,
-        m=cfg.m,
-        world_size=p.world_size,
-        ranks=dict(p.staged),
-        groups=groups,
-        parity=tuple(plan_parity(p.staged, groups, cfg.k, cfg.m) if groups else ()),
-    )
-    base = js.committed
-    deltas = p.deltas
-    if (
-        base is not None
-        and record.parity
-        and all(d is not None and d.get("base_step") == base.step for d in deltas.values())
-        and len(deltas) == record.world_size
-        and not js.relocated
-        and same_geometry(record, base)
-    ):
-        orders = parity_delta_orders(record, base, deltas, coord.peers(), cfg.backend)  # type: ignore[arg-type]
-        stats["delta"] = True
-        stats["delta_bytes"] = sum(int(d["bytes"]) for d in deltas.values() if d)
-    else:
-        orders = parity_build_orders(record, coord.peers(), cfg.backend)
-        stats["delta"] = False
-    record = await build_parity(coord, record, PARITY_TIMEOUT, orders, stats)
-    return record.replace(committed_at=time.time())
+    def _tell(self, leader: str, decision: Decision) -> None:
+        plane = self.plane
+        plane.tasks.spawn(plane.cast_leader(leader, "decide", decision), f"decision to {leader}")
 
+    def _acked(self, r: GroupReport) -> None:
+        job = self.plane.jobs.get(r.job)
+        if job is None:
+            return
+        pending = job.unacked.get(r.group)
+        if pending is not None and (pending[0].step, pending[0].version) == (r.step, r.version):
+            del job.unacked[r.group]
+            if not job.unacked:
+                job.applied.set()
 
-async def build_parity(
-    coord: Coordinator,
-    record: StepRecord,
-    timeout: float,
-    orders: dict[str, dict[str, Any]] | None = None,
-    stats: dict[str, Any] | None = None,
-) -> StepRecord:
-    """Have every parity holder of ``record`` compute its chunks; return it with their sums.
+    # -- questions from nodes -------------------------------------------------------------
 
-    ``orders`` default to computing parity from the data members; ``stats``
-    gets the bytes the holders read from other nodes (``peer_bytes``).
-    """
-    if orders is None:
-        orders = parity_build_orders(record, coord.peers(), coord.cfg.backend)
-    nodes = list(orders)
-    results = await asyncio.gather(
-        *(asyncio.wait_for(coord.handle(n).build_parity.remote(orders[n]), timeout) for n in nodes),
-        return_exceptions=True,
-    )
-    failures = {
-        n[:12]: r for n, r in zip(nodes, results, strict=True) if isinstance(r, BaseException)
-    }
-    if failures:
-        first = next(iter(failures.values()))
-        detail = "; ".join(f"node {n}: {describe(e)}" for n, e in failures.items())
-        raise RuntimeError(f"parity failed ({detail})") from first
-    sums = {n: list(r["sums"]) for n, r in zip(nodes, results, strict=True) if isinstance(r, dict)}
-    if stats is not None:
-        stats["peer_bytes"] = sum(
-            int(r.get("peer_bytes", 0)) for r in results if isinstance(r, dict)
+    def abandon(self, name: str, rank: int, step: int, session: str) -> AbandonReply:
+        """A node wants to reuse ``rank``'s slot of ``step``: end that step first."""
+        job = self.plane.jobs.get(name)
+        if job is None:
+            return AbandonReply(abandoned=True)
+        rec = job.record
+        if rec is not None and rec.step >= step:
+            if rec.step == step:
+                return AbandonReply(abandoned=False, committed=True)
+            return AbandonReply(abandoned=True, reason=f"step {rec.step} is committed")
+        att = job.attempts.get(step)
+        mine = (
+            att is not None
+            and rank in att.ranks
+            and session_of(att.ranks[rank][0]) in (session_of(session), "")
         )
-    filled = []
-    cursor: dict[str, int] = {}
-    for pe in record.parity:
-        i = cursor.get(pe.node, 0)
-        cursor[pe.node] = i + 1
-        filled.append(dataclasses.replace(pe, sum=int(sums[pe.node][i])))
-    return record.replace(parity=tuple(filled))
+        reason = f"rank {rank} reused its slot for a newer step"
+        if mine and att is not None and not self.fail(job, att, reason):
+            return AbandonReply(abandoned=False, committed=True)
+        return AbandonReply(abandoned=True)
+
+    def step_status(self, name: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
+        """What became of ``rank``'s staging of ``step`` (that hashed to ``sums``)."""
+        job = self.plane.jobs.get(name)
+        if job is None:
+            return Outcome(OutcomeStatus.UNKNOWN, step, f"no job {name!r}")
+        rec = job.record
+        if rec is not None and step == rec.step:
+            entry = rec.entry(rank)
+            if entry is not None and (not sums or tuple(entry.sums) == tuple(sums)):
+                return Outcome(OutcomeStatus.COMMITTED, step, "", dict(job.committed_stats))
+            return Outcome(OutcomeStatus.FAILED, step, "the step committed with other bytes")
+        if rec is not None and step < rec.step:
+            past = job.history.get(step)
+            entry = past[0].entry(rank) if past is not None else None
+            if entry is not None:
+                if not sums or tuple(entry.sums) == tuple(sums):
+                    return Outcome(OutcomeStatus.COMMITTED, step)
+                return Outcome(OutcomeStatus.FAILED, step, "the step committed with other bytes")
+            if past is not None or step > min(job.history, default=step):
+                return Outcome(OutcomeStatus.FAILED, step, f"step {rec.step} was committed first")
+            return Outcome(OutcomeStatus.UNKNOWN, step, f"step {step} is too old to tell")
+        att = job.attempts.get(step)
+        if att is not None and rank in att.ranks:
+            return Outcome(OutcomeStatus.PENDING, step)
+        for _inc, _sessions, reason in job.failed.get(step, []):
+            return Outcome(OutcomeStatus.FAILED, step, reason)
+        return Outcome(OutcomeStatus.UNKNOWN, step, f"step {step} of job {name!r} is not known")
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        plane = self.plane
+        now = plane.clock.now()
+        cfg = plane.cfg
+        for job in list(plane.jobs.values()):
+            for att in list(job.attempts.values()):
+                if (
+                    att.life.phase is StepPhase.COLLECTING
+                    and now - att.started_at > cfg.save_timeout
+                ):
+                    missing = sorted(set(range(att.world_size)) - set(att.ranks))
+                    self.fail(
+                        job,
+                        att,
+                        f"ranks {missing} of {att.world_size} did not stage it within "
+                        f"{cfg.save_timeout:.0f} s",
+                    )
+                elif att.life.phase is StepPhase.PREPARING:
+                    if now - att.prepare_sent > PREPARE_TIMEOUT:
+                        self.fail(
+                            job, att, f"groups did not prepare within {PREPARE_TIMEOUT:.0f} s"
+                        )
+                    elif now - att.prepare_sent > 5 * cfg.resend_interval:
+                        self.send_prepare(job, att)  # a lost order or report: ask again
+            for group, (decision, sent) in list(job.unacked.items()):
+                if now - sent < max(cfg.resend_interval, 2.0):
+                    continue
+                job.unacked[group] = (decision, now)
+                self._resend(group, decision)
+
+    def _resend(self, group: tuple[str, ...], decision: Decision) -> None:
+        """A decision not acknowledged: to the group's leader now, or to each member."""
+        plane = self.plane
+        members = set(group) if group else set()
+        leader = plane.membership.leader_of(group)
+        if leader is not None:
+            self._tell(leader, decision)
+            return
+        for node in sorted(members & set(plane.membership.readable())):
+            plane.tasks.spawn(plane.cast_node(node, "decide", decision), f"decision to {node}")
 
 
-async def publish(
-    coord: Coordinator, record: StepRecord, hold: dict[str, Any] | None = None
-) -> list[str]:
-    """Send a record to every alive SMP; return the nodes that did not acknowledge it.
-
-    ``hold`` (see :mod:`snapstore.control.flush`): the SMPs also hold their data
-    slots of the step for a flush, atomically with committing it.
-    """
-    data = record.to_bytes()
-    targets = coord.alive()
-    acks = await asyncio.gather(
-        *(
-            asyncio.wait_for(coord.handle(n).commit.remote(data, hold), COMMIT_ACK_TIMEOUT)
-            for n in targets
-        ),
-        return_exceptions=True,
-    )
-    return [n[:12] for n, a in zip(targets, acks, strict=True) if isinstance(a, BaseException)]
-
-
-async def wait_commit(coord: Coordinator, job: str, step: int, timeout: float) -> dict[str, Any]:
-    js = coord.jobs.get(job)
-    if js is None:
-        return {"status": "unknown", "reason": f"no job {job!r} (was the coordinator restarted?)"}
-    if js.committed is not None and js.committed.step >= step:
-        # A rank that asks after the commit gets the same answer (stats
-        # included) as one that was already waiting.
-        stats = js.committed_stats if js.committed.step == step else {}
-        return {"status": "committed", "step": js.committed.step, "stats": stats}
-    if step not in js.pending and step in js.failed:
-        return {"status": "failed", "reason": js.failed[step], "step": step}
-    if step not in js.pending:
-        return {
-            "status": "unknown",
-            "reason": f"step {step} of job {job!r} is neither pending nor committed "
-            "(was the coordinator restarted?)",
-        }
-    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-    js.waiters.setdefault(step, []).append(fut)
-    try:
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
-    except asyncio.TimeoutError:
-        staged = sorted(js.pending[step].staged) if step in js.pending else []
-        return {"status": "pending", "staged_ranks": staged, "world_size": js.world_size}
+def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:
+    stats: dict[str, Any] = {"wait_ranks_seconds": round(att.prepare_sent - att.started_at, 6)}
+    groups = list(att.stats.values())
+    if groups:
+        stats["parity_seconds"] = max(float(g.get("parity_seconds", 0.0)) for g in groups)
+        stats["peer_bytes"] = sum(int(g.get("peer_bytes", 0)) for g in groups)
+        stats["delta"] = all(bool(g.get("delta")) for g in groups if "delta" in g)
+        stats["delta_bytes"] = sum(int(g.get("delta_bytes", 0)) for g in groups)
+    stats["commit_seconds"] = round(now - att.started_at, 6)
+    return stats

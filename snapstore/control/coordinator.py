@@ -1,68 +1,51 @@
-"""The coordinator actor: membership, stripe groups, commits, failure detection.
+"""The coordinator actor: the control plane (:mod:`snapstore.control.plane`) behind Ray.
 
-One detached, named, restartable Ray actor per store (on the head node). It
-keeps no bytes: only nodes, groups, jobs and step records. Its state can be
-rebuilt from the SMPs, which each keep the last committed record of every
-job, so a restarted coordinator resumes where the old one left off (steps in
-flight are aborted; their trainers see an error and save again).
+One detached, named, restartable asyncio actor per store, on the head node.
+It keeps no bytes, only what :class:`ControlPlane` keeps; a restarted one
+rebuilds it from the nodes. This class only adapts Ray calls to the plane
+(decoding and encoding wire messages) and deploys an SMP on every Ray node
+that should have one.
 
 Call protocol:
 
-- SMPs call :meth:`heartbeat` every ``heartbeat_interval`` (it also registers
-  a new SMP, or notices a restarted one) and :meth:`rank_staged` when a
-  trainer staged a step; :meth:`abandon` before reusing an uncommitted slot.
-- Clients call :meth:`wait_commit`, :meth:`latest`, :meth:`restore_plan`,
-  :meth:`repair`, :meth:`persist`, :meth:`persisted_plan`; tools call
-  :meth:`snapshot`, :meth:`nodes`.
-- Committed steps are flushed to disk in the background (see
-  :mod:`snapstore.control.flush`); the persist directory is listed every few seconds.
-- A background task checks heartbeat ages every 100 ms and deploys SMPs on
-  Ray nodes that have none; commits, re-protection and reconciliation run as
-  tasks serialised per job by the job's lock (see :mod:`snapstore.control.commit` and
-  :mod:`snapstore.control.recovery`).
-
-It is an asyncio actor: every method runs on one event loop, so state needs
-no locks beyond the per-job ones that order multi-step operations.
+- nodes: :meth:`register`, :meth:`report`, :meth:`group_beat`,
+  :meth:`abandon`, :meth:`step_status` (wire bytes);
+- trainers: :meth:`restore_plan`, :meth:`repair`, :meth:`note_restore`,
+  :meth:`latest`, :meth:`persist`, :meth:`persisted_plan`,
+  :meth:`persisted_bad`, :meth:`persisted`;
+- controllers and tools: :meth:`abort_pending`, :meth:`job_info`,
+  :meth:`drop_job`, :meth:`record`, :meth:`snapshot`, :meth:`node_list`,
+  :meth:`ready`, :meth:`shutdown`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
 from typing import Any
 
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
 from snapstore.config import StoreConfig
-from snapstore.control import commit, fallback, recovery
-from snapstore.control.flush import Flusher
-from snapstore.control.placement import form_groups, regroup
-from snapstore.control.state import (
-    ALIVE,
-    LOST,
-    SUSPECT,
-    EventLog,
-    JobState,
-    NodeState,
-    stripe_health,
-)
-from snapstore.errors import ConfigError
-from snapstore.format.record import StepRecord
-from snapstore.node.smp import COORDINATOR_NAME, SMP, smp_name
-from snapstore.node.transport import PeerInfo
+from snapstore.control.messages import ErrorReply, GroupBeat, GroupReport, NodeInfo
+from snapstore.control.plane import ControlPlane
+from snapstore.control.rayfabric import RayFabric
+from snapstore.control.runtime import LoopClock
+from snapstore.format.wire import decode, encode
+from snapstore.node.store import COORDINATOR_NAME, smp_name
+from snapstore.persist.backend import FilesTier
 
-__all__ = ["COORDINATOR_NAME", "Coordinator"]
+__all__ = ["CONTROL_RESOURCE", "COORDINATOR_NAME", "Coordinator"]
 
 logger = logging.getLogger(__name__)
 
 CONTROL_RESOURCE = "snapstore_control"
+RAY_NODES_INTERVAL = 2.0
+"""Seconds between looks at Ray's node table for nodes that need an SMP."""
 
 
 class Coordinator:
-    """The store's control plane. See the module docstring for the call protocol."""
+    """The store's coordinator actor. See the module docstring for the call protocol."""
 
     def __init__(self, store_id: str, config: dict[str, Any], token: str, shm_dir: str) -> None:
         self.cfg = StoreConfig.from_dict(config)
@@ -70,430 +53,196 @@ class Coordinator:
         self.store_id = store_id
         self.token = token
         self.shm_dir = shm_dir
-        self.nodes: dict[str, NodeState] = {}
-        self.groups: list[tuple[str, ...]] = []
-        self.jobs: dict[str, JobState] = {}
-        self.events = EventLog()
-        self.started_at = time.time()
-        self._bg: list[asyncio.Task[Any]] = []
-        self._ready: asyncio.Event | None = None
+        self.fabric = RayFabric(self.cfg.namespace)
+        tier = FilesTier(self.cfg.persist_dir) if self.cfg.persist_dir else None
+        self.plane = ControlPlane(
+            store_id, self.cfg, self.fabric, LoopClock(), self._offload, tier, self.config_dict
+        )
         self._deploying: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.flusher = Flusher(self)
+        self._started: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
+            self._start()
+        )
 
-    # -- startup and recovery -------------------------------------------------
+    async def _offload(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(fn, *args))
 
-    async def _ensure_started(self) -> None:
-        if self._ready is None:
-            self._ready = asyncio.Event()
-            try:
-                await recovery.recover_from_smps(self)
-            except Exception as e:
-                logger.exception("recovery from SMPs failed")
-                self.events.add("error", f"recovery from SMPs failed: {e}")
-            await self.flusher.open()
-            self._ready.set()
-            self._bg.append(asyncio.create_task(self._monitor()))
-            self._bg.append(asyncio.create_task(self._watch_ray_nodes()))
-        await self._ready.wait()
+    async def _start(self) -> None:
+        await self.plane.start(self.fabric.discover)
+        self.plane.tasks.spawn(self._watch_ray_nodes(), "deploy SMPs")
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        """Run a background task and keep a reference so it is not collected."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    async def _ready(self) -> None:
+        if self._started is not None:
+            await asyncio.shield(self._started)
 
-    async def ready(self, min_nodes: int = 0, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait until at least ``min_nodes`` SMPs heartbeat and groups are formed."""
-        await self._ensure_started()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            alive = self.alive()
-            if len(alive) >= min_nodes and (self.groups or len(alive) < self.width):
-                return {"nodes": len(alive), "groups": [list(g) for g in self.groups]}
-            await asyncio.sleep(0.05)
-        return {
-            "nodes": len(self.alive()),
-            "groups": [list(g) for g in self.groups],
-            "timeout": True,
-        }
+    # -- nodes ----------------------------------------------------------------------------
 
-    # -- membership -----------------------------------------------------------
+    async def register(self, info: bytes) -> bytes | None:
+        await self._ready()
+        config = await self.plane.register(decode(info, NodeInfo))
+        return None if config is None else encode(config)
 
-    @property
-    def width(self) -> int:
-        return self.cfg.k + self.cfg.m
+    async def report(self, report: bytes) -> None:
+        await self._ready()
+        await self.plane.report(decode(report, GroupReport))
 
-    def alive(self) -> list[str]:
-        return [n for n, s in self.nodes.items() if s.status == ALIVE]
+    async def group_beat(self, beat: bytes) -> None:
+        await self._ready()
+        await self.plane.group_beat(decode(beat, GroupBeat))
 
-    def peers(self) -> dict[str, PeerInfo]:
-        return {n: PeerInfo.from_dict(s.info["peer"]) for n, s in self.nodes.items()}
+    async def abandon(self, job: str, rank: int, step: int, session: str) -> bytes:
+        await self._ready()
+        return encode(await self.plane.abandon(job, int(rank), int(step), str(session)))
 
-    def handle(self, node: str) -> Any:
-        return self.nodes[node].handle
+    async def step_status(self, job: str, step: int, rank: int, sums: list[int]) -> bytes:
+        await self._ready()
+        outcome = await self.plane.step_status(job, int(step), int(rank), tuple(sums))
+        return encode(outcome)
 
-    async def heartbeat(
-        self, node_id: str, incarnation: str, info: dict[str, Any]
-    ) -> dict[str, Any]:
-        await self._ensure_started()
-        ns = self.nodes.get(node_id)
-        now = time.monotonic()
-        if ns is None:
-            handle = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: ray.get_actor(smp_name(node_id), namespace=self.cfg.namespace)
-            )
-            ns = self.nodes[node_id] = NodeState(node_id, info, incarnation, handle)
-            self.events.add("node_joined", f"node {node_id[:12]} joined", node=node_id)
-            self.regroup(reason=f"node {node_id[:12]} joined")
-        elif ns.incarnation != incarnation:
-            previous = ns.status
-            ns.incarnation, ns.info = incarnation, info
-            ns.status, ns.last_beat, ns.last_beat_wall = ALIVE, now, time.time()
-            self.events.add(
-                "smp_restarted",
-                f"SMP on node {node_id[:12]} restarted (was {previous})",
-                node=node_id,
-            )
-            # Trainers on that node could not stage while it was down: steps in
-            # progress of jobs living there will not complete.
-            for job in self.jobs.values():
-                rec = job.committed
-                if rec is not None and node_id in rec.nodes():
-                    for step in list(job.pending):
-                        commit.abort(self, job, step, f"the SMP on node {node_id[:12]} restarted")
-            if previous == LOST:
-                self.regroup(reason=f"node {node_id[:12]} is back, empty")
-            else:
-                self.spawn(recovery.reconcile_node(self, node_id))
-        elif ns.status != ALIVE:
-            gap = now - ns.last_beat
-            self.events.add(
-                "node_back",
-                f"node {node_id[:12]} heartbeats again after {gap:.1f} s",
-                node=node_id,
-            )
-            was_lost = ns.status == LOST
-            ns.status = ALIVE
-            if was_lost:
-                self.regroup(reason=f"node {node_id[:12]} is back")
-            for job in list(self.jobs.values()):
-                if job.committed is not None and job.status == "degraded":
-                    self.spawn(recovery.reprotect(self, job.name))
-        ns.info = info
-        ns.last_beat, ns.last_beat_wall = now, time.time()
+    # -- trainers --------------------------------------------------------------------------
+
+    async def restore_plan(
+        self,
+        job: str,
+        rank: int,
+        node: str,
+        session: str,
+        restarted: bool,
+        world_size: int,
+        timeout: float,
+    ) -> bytes:
+        await self._ready()
+        plan = await self.plane.restore_plan(
+            job, int(rank), node, session, bool(restarted), int(world_size), float(timeout)
+        )
+        return encode(plan)
+
+    async def repair(self, job: str, rank: int, step: int, bad: list[int]) -> bytes | int:
+        await self._ready()
+        got = await self.plane.repair(job, int(rank), int(step), [int(b) for b in bad])
+        return encode(got) if isinstance(got, ErrorReply) else int(got)
+
+    async def note_restore(self, job: str, rank: int, info: dict[str, Any]) -> None:
+        await self._ready()
+        await self.plane.note_restore(job, int(rank), dict(info))
+
+    async def latest(self, job: str) -> int | None:
+        await self._ready()
+        return await self.plane.latest(job)
+
+    async def persist(self, job: str, timeout: float) -> dict[str, Any] | bytes:
+        await self._ready()
+        got = await self.plane.persist(job, float(timeout))
+        return encode(got) if isinstance(got, ErrorReply) else got
+
+    async def persisted_plan(
+        self, job: str, rank: int, session: str, reason: str, restarted: bool, timeout: float
+    ) -> dict[str, Any] | bytes:
+        await self._ready()
+        got = await self.plane.persisted_plan(
+            job, int(rank), session, reason, bool(restarted), float(timeout)
+        )
+        return encode(got) if isinstance(got, ErrorReply) else got
+
+    async def persisted_bad(self, job: str, path: str, problem: str) -> None:
+        await self._ready()
+        await self.plane.persisted_bad(job, path, problem)
+
+    async def persisted(self, job: str) -> list[dict[str, Any]]:
+        await self._ready()
+        return await self.plane.persisted(job)
+
+    # -- controllers and tools -----------------------------------------------------------
+
+    async def abort_pending(self, job: str, reason: str) -> list[int]:
+        await self._ready()
+        return await self.plane.abort_pending(job, reason)
+
+    async def job_info(self, job: str, events: int = 50) -> dict[str, Any] | None:
+        await self._ready()
+        return await self.plane.job_info(job, int(events))
+
+    async def drop_job(self, job: str) -> dict[str, Any]:
+        await self._ready()
+        await self.plane.drop_job(job)
         return {"ok": True}
 
-    def regroup(self, reason: str) -> None:
-        alive = self.alive()
-        try:
-            new = (
-                regroup(self.groups, alive, self.cfg.k, self.cfg.m)
-                if self.groups
-                else (form_groups(alive, self.cfg.k, self.cfg.m))
-            )
-        except ConfigError as e:
-            if self.groups:
-                self.events.add("unprotected", f"cannot form stripe groups ({reason}): {e}")
-            self.groups = []
-            return
-        if new != self.groups:
-            self.groups = new
-            self.events.add(
-                "groups",
-                f"stripe groups: {[[n[:8] for n in g] for g in new]} ({reason})",
-                groups=[list(g) for g in new],
-            )
-            for job in list(self.jobs.values()):
-                if job.committed is not None and (job.status != "protected" or job.relocated):
-                    job.unrecoverable.clear()  # membership changed: try again
-                    self.spawn(recovery.reprotect(self, job.name))
+    async def record(self, job: str) -> bytes | None:
+        await self._ready()
+        return await self.plane.record(job)
 
-    async def _monitor(self) -> None:
-        """Heartbeat ages: silent -> suspect (not read from) -> lost (rebuilt elsewhere)."""
-        while True:
-            await asyncio.sleep(0.1)
-            now = time.monotonic()
-            wall = time.time()
-            for js in list(self.jobs.values()):
-                for step, p in list(js.pending.items()):
-                    if not p.committing and wall - p.started_at > self.cfg.save_timeout:
-                        commit.abort(
-                            self,
-                            js,
-                            step,
-                            f"only ranks {sorted(p.staged)} of {p.world_size} staged it within "
-                            f"{self.cfg.save_timeout:.0f} s",
-                        )
-            for ns in list(self.nodes.values()):
-                age = ns.beat_age(now)
-                if ns.status == ALIVE and age > self.cfg.failure_timeout:
-                    ns.status = SUSPECT
-                    ns.silent_since = ns.last_beat_wall
-                    ns.detected_at = time.time()
-                    self.events.add(
-                        "node_silent",
-                        f"node {ns.node_id[:12]} missed heartbeats for {age:.2f} s",
-                        node=ns.node_id,
-                        detection_latency=round(age, 3),
-                        last_heartbeat=ns.last_beat_wall,
-                    )
-                    for job in self.jobs.values():
-                        commit.abort_pending_on(self, job, ns.node_id, "node stopped heartbeating")
-                        rec = job.committed
-                        if (
-                            rec is not None
-                            and ns.node_id in rec.nodes()
-                            and job.status == "protected"
-                        ):
-                            job.status = "degraded"
-                            job.status_detail = f"node {ns.node_id[:12]} is silent"
-                elif (
-                    ns.status == SUSPECT
-                    and age > self.cfg.failure_timeout + self.cfg.reprotect_delay
-                ):
-                    ns.status = LOST
-                    self.events.add(
-                        "node_lost",
-                        f"node {ns.node_id[:12]} declared lost after {age:.1f} s of silence",
-                        node=ns.node_id,
-                    )
-                    self.regroup(reason=f"node {ns.node_id[:12]} lost")
-                    for name in list(self.jobs):
-                        self.spawn(recovery.reprotect(self, name))
+    async def node_list(self) -> list[dict[str, Any]]:
+        await self._ready()
+        return self.plane.node_list()
+
+    async def snapshot(self, events: int = 200) -> dict[str, Any]:
+        await self._ready()
+        return await self.plane.snapshot(int(events))
+
+    async def ready(self, min_nodes: int = 0, timeout: float = 60.0) -> dict[str, Any]:
+        await self._ready()
+        return await self.plane.ready(int(min_nodes), float(timeout))
+
+    async def shutdown(self) -> None:
+        """Stop background work (``snapstore down`` kills the actor next)."""
+        self.plane.stop()
+
+    # -- deploying SMPs ------------------------------------------------------------------------
 
     async def _watch_ray_nodes(self) -> None:
         """Deploy an SMP on every alive Ray node that should have one and has none."""
+        import ray
+
         loop = asyncio.get_running_loop()
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 ray_nodes = await loop.run_in_executor(None, ray.nodes)
-                on_host: dict[str, int] = {}
-                for rn in ray_nodes:
-                    if rn.get("Alive") and not rn.get("Resources", {}).get(CONTROL_RESOURCE):
-                        ip = rn.get("NodeManagerAddress", "")
-                        on_host[ip] = on_host.get(ip, 0) + 1
-                for rn in ray_nodes:
-                    nid = rn.get("NodeID")
-                    if not rn.get("Alive") or rn.get("Resources", {}).get(CONTROL_RESOURCE):
-                        if nid in self.nodes and self.nodes[nid].status == SUSPECT:
-                            # Ray agrees the node is dead: no point waiting for it.
-                            self.nodes[nid].last_beat -= self.cfg.reprotect_delay
-                        continue
-                    if nid in self.nodes or nid in self._deploying:
-                        continue
-                    self._deploying.add(nid)
-                    hosts = on_host.get(rn.get("NodeManagerAddress", ""), 1)
+            except Exception as e:
+                logger.info("cannot list Ray nodes: %s", e)
+                await asyncio.sleep(RAY_NODES_INTERVAL)
+                continue
+            on_host: dict[str, int] = {}
+            for rn in ray_nodes:
+                if rn.get("Alive") and not rn.get("Resources", {}).get(CONTROL_RESOURCE):
+                    ip = rn.get("NodeManagerAddress", "")
+                    on_host[ip] = on_host.get(ip, 0) + 1
+            for rn in ray_nodes:
+                nid = str(rn.get("NodeID"))
+                if not rn.get("Alive") or rn.get("Resources", {}).get(CONTROL_RESOURCE):
+                    continue
+                if nid in self.plane.membership.nodes or nid in self._deploying:
+                    continue
+                self._deploying.add(nid)
+                hosts = on_host.get(rn.get("NodeManagerAddress", ""), 1)
+                try:
                     await loop.run_in_executor(None, self._deploy_smp, nid, hosts)
-            await asyncio.sleep(1.0)
+                except Exception as e:
+                    # Not swallowed: recorded, and tried again on the next pass.
+                    self._deploying.discard(nid)
+                    self.plane.events.add(
+                        "error", f"deploying an SMP on node {nid[:12]} failed: {e}", node=nid
+                    )
+            await asyncio.sleep(RAY_NODES_INTERVAL)
 
     def _deploy_smp(self, node_id: str, nodes_on_host: int) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from snapstore.control.smp import SMP
+
         try:
             ray.get_actor(smp_name(node_id), namespace=self.cfg.namespace)
             return
         except ValueError:
             pass
-        actor_cls = ray.remote(SMP)
-        actor_cls.options(
+        ray.remote(SMP).options(
             name=smp_name(node_id),
             namespace=self.cfg.namespace,
             lifetime="detached",
             max_restarts=-1,
-            max_concurrency=32,
+            max_concurrency=1000,
             num_cpus=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(node_id, self.store_id, self.config_dict, self.token, self.shm_dir, nodes_on_host)
-        self.events.add("smp_deployed", f"SMP deployed on node {node_id[:12]}", node=node_id)
-
-    # -- saving ---------------------------------------------------------------
-
-    async def rank_staged(
-        self,
-        job: str,
-        step: int,
-        rank: int,
-        node: str,
-        size: int,
-        sums: list[int],
-        world_size: int,
-        delta: dict[str, Any] | None = None,
-        client: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        await self._ensure_started()
-        return commit.rank_staged(
-            self, job, step, rank, node, size, sums, world_size, delta, client
-        )
-
-    async def abandon(self, job: str, rank: int, step: int) -> dict[str, Any]:
-        await self._ensure_started()
-        return commit.abandon(self, job, rank, step)
-
-    async def wait_commit(self, job: str, step: int, timeout: float) -> dict[str, Any]:
-        await self._ensure_started()
-        return await commit.wait_commit(self, job, step, timeout)
-
-    async def abort_pending(self, job: str, reason: str) -> list[int]:
-        """A job controller restarts the job: abort every step in progress now.
-
-        Ranks waiting for those steps' commits get SaveFailedError at once
-        instead of waiting for a rank that is gone.
-        """
-        await self._ensure_started()
-        js = self.jobs.get(job)
-        if js is None:
-            return []
-        steps = sorted(js.pending)
-        for step in steps:
-            commit.abort(self, js, step, reason)
-        return steps
-
-    async def latest(self, job: str) -> int | None:
-        await self._ensure_started()
-        js = self.jobs.get(job)
-        return None if js is None or js.committed is None else js.committed.step
-
-    async def drop_job(self, job: str) -> dict[str, Any]:
-        await self._ensure_started()
-        js = self.jobs.pop(job, None)
-        for n in self.alive():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.handle(n).drop_job.remote(job), 30)
-        if js is not None:
-            js.resolve(1 << 62, {"status": "failed", "reason": "job dropped"})
-        self.events.add("job_dropped", f"job {job!r} dropped", job=job)
-        return {"ok": True}
-
-    # -- restoring ------------------------------------------------------------
-
-    async def restore_plan(
-        self, job: str, rank: int, node: str, timeout: float, restarted: bool = True
-    ) -> dict[str, Any]:
-        await self._ensure_started()
-        return await recovery.restore_plan(self, job, rank, node, timeout, restarted)
-
-    async def repair(self, job: str, rank: int, step: int, bad: list[int]) -> dict[str, Any]:
-        await self._ensure_started()
-        return await recovery.repair(self, job, rank, step, bad)
-
-    async def note_restore(self, job: str, rank: int, info: dict[str, Any]) -> None:
-        fallback.note_restore(self, job, rank, info)
-        self.events.add(
-            "restore",
-            f"job {job!r} rank {rank} restored step {info.get('step')} from {info.get('source')}",
-            job=job,
-            rank=rank,
-            **info,
-        )
-
-    # -- the persisted tier (see snapstore.control.flush) ---------------------------------
-
-    async def persist(self, job: str, timeout: float) -> dict[str, Any]:
-        """Flush the job's committed step to the persist directory now; wait up to ``timeout``."""
-        await self._ensure_started()
-        return await self.flusher.persist(job, timeout)
-
-    async def persisted_plan(
-        self, job: str, rank: int, reason: str, restarted: bool, timeout: float
-    ) -> dict[str, Any]:
-        """The persisted step every rank restores from when memory cannot serve the job."""
-        await self._ensure_started()
-        return await fallback.restore_plan(self, job, rank, reason, restarted, timeout)
-
-    async def persisted_bad(self, job: str, path: str, problem: str) -> None:
-        """A rank found a file of a planned persisted step corrupt."""
-        await self._ensure_started()
-        fallback.mark_bad(self, job, path, problem)
-
-    async def persisted(self, job: str) -> list[dict[str, Any]]:
-        """The job's complete persisted steps, oldest first (as last listed)."""
-        await self._ensure_started()
-        await self.flusher.refresh(job)
-        return list(self.flusher.job(job).steps)
-
-    # -- observing ------------------------------------------------------------
-
-    async def record(self, job: str) -> bytes | None:
-        await self._ensure_started()
-        js = self.jobs.get(job)
-        return None if js is None or js.committed is None else js.committed.to_bytes()
-
-    async def node_list(self) -> list[dict[str, Any]]:
-        await self._ensure_started()
-        out = []
-        group_of = {n: i for i, g in enumerate(self.groups) for n in g}
-        for ns in self.nodes.values():
-            d = ns.summary()
-            d["group"] = group_of.get(ns.node_id)
-            out.append(d)
-        return out
-
-    async def snapshot(self, events: int = 200) -> dict[str, Any]:
-        """Everything ``status`` and the REST server show, computed without waiting on SMPs."""
-        await self._ensure_started()
-        alive = set(self.alive())
-        jobs = []
-        for js in self.jobs.values():
-            rec = js.committed
-            j: dict[str, Any] = {
-                "job": js.name,
-                "world_size": js.world_size,
-                "status": js.status,
-                "status_detail": js.status_detail,
-                "latest_step": None if rec is None else rec.step,
-                "pending_steps": sorted(js.pending),
-                "commits": js.commits,
-                "last_commit_latency": js.last_commit_latency,
-                "protected_at": js.protected_at,
-                "unrecoverable": {str(r): v for r, v in js.unrecoverable.items()},
-                "relocated": {str(r): n for r, n in js.relocated.items()},
-                "pending": [
-                    {
-                        "step": p.step,
-                        "staged": sorted(p.staged),
-                        "world_size": p.world_size,
-                        "started_at": p.started_at,
-                        "committing": p.committing,
-                    }
-                    for p in sorted(js.pending.values(), key=lambda p: p.step)
-                ],
-            }
-            if rec is not None:
-                j["record"] = _record_summary(rec, alive)
-            j.update(self.flusher.job_entry(js.name))
-            jobs.append(j)
-        jobs.extend(self.flusher.disk_only_jobs(set(self.jobs)))
-        return {
-            "store_id": self.store_id,
-            "time": time.time(),
-            "started_at": self.started_at,
-            "config": self.config_dict,
-            "nodes": await self.node_list(),
-            "groups": [list(g) for g in self.groups],
-            "jobs": jobs,
-            "events": self.events.recent(events),
-            "metrics": self.events.metrics.snapshot(),
-        }
-
-    async def shutdown(self) -> None:
-        """Stop background work (``snapstore down`` kills the actor next)."""
-        for t in self._bg + list(self._tasks):
-            t.cancel()
-
-
-def _record_summary(rec: StepRecord, alive: set[str]) -> dict[str, Any]:
-    ranks = {}
-    for r, e in sorted(rec.ranks.items()):
-        ranks[str(r)] = {"node": e.node, "size": e.size, "home_alive": e.node in alive}
-    return {
-        "step": rec.step,
-        "version": rec.version,
-        "k": rec.k,
-        "m": rec.m,
-        "committed_at": rec.committed_at,
-        "data_bytes": rec.data_bytes(),
-        "parity_bytes": rec.parity_bytes(),
-        "groups": [list(g) for g in rec.groups],
-        "ranks": ranks,
-        "stripes": stripe_health(rec, alive),
-    }
+        self.plane.events.add("smp_deployed", f"SMP deployed on node {node_id[:12]}", node=node_id)
+        logger.info("deployed SMP on %s at %.0f", node_id[:12], time.time())

@@ -1,65 +1,59 @@
-"""The coordinator's side of the persisted tier: flushing steps to disk, restoring from disk.
+"""The coordinator's side of the persisted tier: flushing committed steps to disk.
 
-The bytes side (files, manifest, checksums) is :mod:`snapstore.persist`,
-run by the SMPs for rank files and by the coordinator (in a worker thread)
-for manifests, renames and retention. One :class:`Flusher` per coordinator.
+The bytes side (files, manifest, checksums) is :mod:`snapstore.persist`, run
+by nodes for rank files and by the coordinator (off its event loop) for
+manifests, publication and retention. One :class:`Flusher` per coordinator.
 
 Call protocol of a flush:
 
-1. Periodic: :func:`snapstore.control.commit.commit_step` asks :meth:`Flusher.hold_for`
-   before publishing a record; when the step crosses a multiple of
-   ``persist_every`` the record goes out with a hold, and each SMP holds
-   its data slots of the step as it commits it, so no later commit can
-   reuse them before they are read. Then :meth:`Flusher.start`. On demand
-   (:meth:`Flusher.persist`, from ``Client.persist``): the committed step is
-   held with :meth:`SMP.hold` under the job's lock, so no commit interleaves.
+1. Periodic: when a commit's step crosses a multiple of ``persist_every``,
+   :meth:`Flusher.hold_for` gives a hold token that travels with the
+   commit's decision: each node holds its data slots of the step as it
+   commits it, so no later commit can reuse them before they are read.
+   Then :meth:`Flusher.start`. On demand (:meth:`Flusher.persist`, from
+   ``Client.persist``): the committed step is held with ``hold`` calls under
+   the job's lock, so no re-protection interleaves.
 2. :meth:`Flusher._flush` (a background task; at most one per job) orders
-   every node holding ranks of the step to write them
-   (:meth:`SMP.persist`) into ``step-<N>.partial``; each SMP paces itself
-   with its token bucket, fsyncs, releases its hold and returns the
-   checksums of what it wrote.
+   every node holding ranks of the step to write them into the step's
+   partial directory; each paces itself, fsyncs, releases its hold and
+   returns the checksums of what it wrote.
 3. When every rank is written and its checksums equal the record's, the
-   manifest is written and the directory renamed to ``step-<N>``
-   (:func:`snapstore.persist.publish_step`); then retention deletes the
-   oldest complete steps beyond ``persist_keep``.
-4. A failure before 3 releases the holds, leaves the ``.partial`` directory
-   for the next flush of the job to delete, and adds a ``persist_failed``
-   event; the previous persisted step is untouched. Training is never
-   blocked: commits go on while a flush runs (the SMPs allocate the next
-   slots beside the held ones).
+   manifest is published; then retention deletes the oldest complete steps
+   beyond ``persist_keep``.
+4. A failure before 3 releases the holds, leaves the partial directory for
+   the next flush of the job to delete, and adds a ``persist_failed`` event;
+   the previous persisted step is untouched. Training is never blocked.
 
-Restoring from disk when memory cannot serve a job is :mod:`snapstore.control.fallback`.
+Restoring from disk when memory cannot serve a job is
+:mod:`snapstore.control.fallback`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from snapstore import persist
-from snapstore.control.state import JobState
+from snapstore.control.jobs import Job, JobRecord
+from snapstore.control.messages import ErrorKind, ErrorReply
 from snapstore.errors import SnapstoreError
-from snapstore.format.record import StepRecord
+from snapstore.format.work import PersistOrder
+from snapstore.persist import PersistedRank, PersistManifest, rank_file
+from snapstore.persist.backend import Tier
 from snapstore.rpc import describe
 
 if TYPE_CHECKING:
-    from snapstore.control.coordinator import Coordinator
+    from snapstore.control.plane import ControlPlane
 
-__all__ = ["Flusher"]
+__all__ = ["Flusher", "JobPersist"]
 
 logger = logging.getLogger(__name__)
 
 INDEX_INTERVAL = 5.0  # seconds between listings of the persist directory
 HOLD_TIMEOUT = 30.0  # for the hold and release calls themselves
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -86,15 +80,19 @@ def _fail(kind: str, message: str, **extra: Any) -> dict[str, Any]:
 class Flusher:
     """Flushes of every job of one coordinator, and the index of what is on disk."""
 
-    def __init__(self, coord: Coordinator) -> None:
-        self.coord = coord
-        self.cfg = coord.cfg
-        self.root = coord.cfg.persist_dir
+    def __init__(self, plane: ControlPlane, tier: Tier | None) -> None:
+        self.plane = plane
+        self.cfg = plane.cfg
+        self.tier = tier
         self.jobs: dict[str, JobPersist] = {}
 
     @property
     def enabled(self) -> bool:
-        return bool(self.root)
+        return self.tier is not None
+
+    @property
+    def root(self) -> str:
+        return self.tier.root if self.tier is not None else ""
 
     def job(self, name: str) -> JobPersist:
         jp = self.jobs.get(name)
@@ -102,20 +100,17 @@ class Flusher:
             jp = self.jobs[name] = JobPersist()
         return jp
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking file work on the default executor: the event loop never waits on I/O."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(fn, *args))
-
     # -- the index of persisted steps -------------------------------------------------
 
     async def open(self) -> None:
         """List the persist directory once, then keep listing it in the background."""
-        if not self.enabled:
+        if self.tier is None:
             return
-        with contextlib.suppress(Exception):
+        try:
             await self.refresh()
-        self.coord._bg.append(asyncio.create_task(self._index_loop()))
+        except Exception as e:
+            logger.info("cannot list %s: %s", self.root, e)
+        self.plane.tasks.spawn(self._index_loop(), "persisted index")
 
     async def _index_loop(self) -> None:
         while True:
@@ -127,12 +122,15 @@ class Flusher:
 
     async def refresh(self, job: str | None = None) -> None:
         """Re-read the complete steps on disk (of ``job``, or of every job)."""
+        tier = self.tier
+        if tier is None:
+            return
 
-        def scan() -> dict[str, list[persist.PersistedStep]]:
-            names = [job] if job is not None else persist.list_jobs(self.root)
-            return {n: persist.list_steps(self.root, n) for n in names}
+        def scan() -> dict[str, list[Any]]:
+            names = [job] if job is not None else tier.list_jobs()
+            return {n: tier.list_steps(n) for n in names}
 
-        found = await self.in_thread(scan)
+        found = await self.plane.offload(scan)
         for name, listed in found.items():
             jp = self.job(name)
             self._corrupt_manifests(name, jp, listed)
@@ -147,7 +145,7 @@ class Flusher:
             if s.problem is None or jp.verdicts.get(s.path) == s.problem:
                 continue
             jp.verdicts[s.path] = s.problem
-            self.coord.events.add(
+            self.plane.events.add(
                 "persisted_corrupt",
                 f"job {job!r} persisted step {s.step} is unusable: {s.problem}",
                 job=job,
@@ -156,8 +154,8 @@ class Flusher:
             )
 
     def newest(self, job: str, intact: bool = False) -> int | None:
-        """The job's newest complete persisted step; with ``intact``, the newest
-        not found corrupt by a restore (a corrupt one is flushed again)."""
+        """The job's newest complete persisted step; with ``intact``, the newest not
+        found corrupt by a restore (a corrupt one is flushed again)."""
         jp = self.jobs.get(job)
         if jp is None:
             return None
@@ -168,8 +166,10 @@ class Flusher:
 
     # -- periodic flushes --------------------------------------------------------------
 
-    def hold_for(self, js: JobState, record: StepRecord) -> dict[str, Any] | None:
-        """Whether committing ``record`` should hold its slots for a flush; the hold if so.
+    def hold_for(
+        self, job: Job, previous: JobRecord | None, record: JobRecord
+    ) -> tuple[str, float] | None:
+        """Whether committing ``record`` should hold its slots for a flush; (token, ttl).
 
         Due when the step crosses a multiple of ``persist_every`` since the
         job's previous committed step (the first commit: when the step is a
@@ -179,25 +179,27 @@ class Flusher:
         every = self.cfg.persist_every
         if not self.enabled or every <= 0:
             return None
-        prev = js.committed.step if js.committed is not None else None
         step = record.step
+        prev = previous.step if previous is not None else None
         due = step % every == 0 if prev is None else step // every > prev // every
         if not due:
             return None
-        jp = self.job(js.name)
+        jp = self.job(job.name)
         if jp.running is not None:
             jp.again = True
             return None
         jp.running = step
-        return {
-            "token": f"flush.{js.name}.{step}.{uuid.uuid4().hex[:8]}",
-            "ttl": self.cfg.persist_timeout,
-        }
+        return f"flush.{job.name}.{step}.{uuid.uuid4().hex[:8]}", self.cfg.persist_timeout
 
-    def start(self, record: StepRecord, hold: dict[str, Any]) -> None:
-        """The record was published with ``hold``: flush it in the background."""
+    def start(self, record: JobRecord, token: str) -> None:
+        """The record was committed with hold ``token``: flush it in the background, once
+        the nodes applied the decision (and with it, took the hold)."""
         jp = self.job(record.job)
-        jp.task = self.coord.spawn(self._flush(record, str(hold["token"])))
+        job = self.plane.jobs.get(record.job)
+        applied = job.applied if job is not None else None
+        jp.task = self.plane.tasks.spawn(
+            self._flush(record, token, applied), f"flush {record.job!r}"
+        )
 
     def on_commit(self, job: str) -> None:
         """A new step is in memory: a fallback plan handed out before is over."""
@@ -205,29 +207,35 @@ class Flusher:
         if jp is not None:
             jp.plan = None
 
-    # -- one flush -------------------------------------------------------------------------
+    # -- one flush ----------------------------------------------------------------------------
 
-    def _homes(self, js: JobState | None, record: StepRecord) -> dict[str, list[int]]:
-        relocated = js.relocated if js is not None else {}
+    def _homes(self, record: JobRecord) -> dict[str, list[int]]:
+        job = self.plane.jobs.get(record.job)
+        relocated = job.relocated if job is not None else {}
         out: dict[str, list[int]] = {}
-        for r, e in sorted(record.ranks.items()):
-            out.setdefault(relocated.get(r, e.node), []).append(r)
+        for r, node in sorted(record.homes().items()):
+            out.setdefault(relocated.get(r, node), []).append(r)
         return out
 
-    def _release(self, nodes: list[str], token: str) -> None:
+    async def _release(self, nodes: list[str], token: str) -> None:
         for n in nodes:
-            ns = self.coord.nodes.get(n)
-            if ns is not None:
-                with contextlib.suppress(Exception):
-                    ns.handle.release.remote(token)
+            with contextlib.suppress(SnapstoreError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.plane.fabric.node(n).release(token), HOLD_TIMEOUT)
 
-    async def _flush(self, record: StepRecord, token: str) -> dict[str, Any]:
-        """Write every rank of ``record``, then the manifest, then rename; never raises."""
+    async def _flush(
+        self, record: JobRecord, token: str, applied: asyncio.Event | None = None
+    ) -> dict[str, Any]:
+        """Write every rank of ``record``, then the manifest, then publish; never raises."""
+        plane = self.plane
         job, step = record.job, record.step
         jp = self.job(job)
         jp.running = step
-        homes = self._homes(self.coord.jobs.get(job), record)
-        t0 = time.time()
+        homes = self._homes(record)
+        t0 = plane.clock.now()
+        if applied is not None:
+            # A node that did not acknowledge holds nothing: its ranks fail the flush.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(applied.wait(), HOLD_TIMEOUT)
         try:
             result = await self._write(record, token, homes)
         except Exception as e:  # a bug must not leave `running` set forever
@@ -239,7 +247,7 @@ class Flusher:
             jp.error = None
             jp.last = result
             jp.verdicts.pop(result["path"], None)  # a corrupt copy was replaced
-            self.coord.events.add(
+            plane.events.add(
                 "persisted",
                 f"job {job!r} step {step} persisted to {result['path']} "
                 f"({result['bytes']} bytes in {result['duration']:.3f} s)",
@@ -252,52 +260,46 @@ class Flusher:
                 removed=result["removed"] or None,
             )
         else:
-            self._release(list(homes), token)
+            await self._release(list(homes), token)
             jp.error = result["message"]
-            self.coord.events.add(
+            plane.events.add(
                 "persist_failed",
                 f"job {job!r} step {step} was not persisted: {result['message']} (the previous "
                 "persisted step is intact)",
                 job=job,
                 step=step,
                 failures=result.get("failures") or None,
-                duration=round(time.time() - t0, 4),
+                duration=round(plane.clock.now() - t0, 4),
             )
         if jp.again:
             jp.again = False
-            self.coord.spawn(self.persist(job, self.cfg.persist_timeout))
+            plane.tasks.spawn(self.persist(job, self.cfg.persist_timeout), f"flush {job!r}")
         return result
 
     async def _write(
-        self, record: StepRecord, token: str, homes: dict[str, list[int]]
+        self, record: JobRecord, token: str, homes: dict[str, list[int]]
     ) -> dict[str, Any]:
+        plane = self.plane
+        tier = self.tier
+        assert tier is not None
         job, step = record.job, record.step
-        root = self.root
-        t0 = time.monotonic()
+        t0 = plane.clock.now()
         try:
             # No flush of the job runs now: leftovers of ones that died go too.
-            partial = await self.in_thread(persist.begin_step, root, job, step)
+            partial = await plane.offload(tier.begin_step, job, step)
         except (OSError, SnapstoreError) as e:
-            where = persist.step_dir(root, job, step)
-            return _fail("persist_failed", f"cannot prepare {where}: {e}")
+            return _fail("persist_failed", f"cannot prepare {tier.step_dir(job, step)}: {e}")
         nodes = list(homes)
         calls = []
         for n in nodes:
-            order = {
-                "job": job,
-                "step": step,
-                "k": record.k,
-                "dir": partial,
-                "token": token,
-                "ranks": [[r, record.ranks[r].size, list(record.ranks[r].sums)] for r in homes[n]],
-            }
-            ns = self.coord.nodes.get(n)
-            if ns is None:
-                calls.append(_missing(n))
-            else:
-                calls.append(
-                    asyncio.wait_for(ns.handle.persist.remote(order), self.cfg.persist_timeout)
-                )
+            ranks = tuple(
+                (r, record.entry(r).size, tuple(record.entry(r).sums))  # type: ignore[union-attr]
+                for r in homes[n]
+            )
+            order = PersistOrder(job, step, record.k, partial, token, ranks)
+            calls.append(
+                asyncio.wait_for(plane.fabric.node(n).persist(order), self.cfg.persist_timeout)
+            )
         results = await asyncio.gather(*calls, return_exceptions=True)
         failures: dict[str, str] = {}
         written: dict[int, list[int]] = {}
@@ -305,40 +307,43 @@ class Flusher:
             if isinstance(res, BaseException):
                 failures[f"node {n[:12]}"] = describe(res)
                 continue
-            for r, info in res["ranks"].items():
-                written[int(r)] = [int(x) for x in info["sums"]]
-        for r, entry in record.ranks.items():
+            for r, info in res.ranks.items():
+                written[int(r)] = [int(x) for x in info.sums]
+        for r in record.ranks:
+            entry = record.entry(r)
+            assert entry is not None
             if r not in written and not failures:
                 failures[f"rank {r}"] = "no node wrote it"
             elif r in written and written[r] != list(entry.sums):
                 failures[f"rank {r}"] = "written bytes do not hash to the record's checksums"
         if failures:
             return _fail("persist_failed", "writing the rank files failed", failures=failures)
-        manifest = persist.PersistManifest(
+        manifest = PersistManifest(
             job=job,
             step=step,
             world_size=record.world_size,
             k=record.k,
             ranks={
-                r: persist.PersistedRank(r, persist.rank_file(r), e.size, e.sums)
-                for r, e in record.ranks.items()
+                r: PersistedRank(r, rank_file(r), entry.size, entry.sums)
+                for r in record.ranks
+                if (entry := record.entry(r)) is not None
             },
-            created_at=time.time(),
+            created_at=plane.clock.wall(),
             committed_at=record.committed_at,
-            store_id=self.coord.store_id,
+            store_id=plane.store_id,
             record_version=record.version,
         )
 
         def publish() -> tuple[str, list[int]]:
-            path = persist.publish_step(root, manifest)
-            return path, persist.retain(root, job, self.cfg.persist_keep)
+            path = tier.publish_step(manifest)
+            return path, tier.retain(job, self.cfg.persist_keep)
 
         try:
-            path, removed = await self.in_thread(publish)
+            path, removed = await plane.offload(publish)
         except Exception as e:
             return _fail("persist_failed", f"publishing the manifest failed: {e}")
         await self.refresh(job)
-        duration = time.monotonic() - t0
+        duration = plane.clock.now() - t0
         nbytes = manifest.data_bytes()
         return {
             "ok": True,
@@ -350,66 +355,71 @@ class Flusher:
             "removed": removed,
         }
 
-    # -- on demand --------------------------------------------------------------------------
+    # -- on demand ------------------------------------------------------------------------------
 
-    async def persist(self, job: str, timeout: float) -> dict[str, Any]:
+    async def persist(self, name: str, timeout: float) -> dict[str, Any] | ErrorReply:
         """Flush the job's committed step now (or wait for the flush of it that runs).
 
-        Returns ``ok``, ``step``, ``path``, or an ``error`` (``off``, ``not_found``,
-        ``persist_failed``, ``timeout``) with a ``message``.
+        Returns ``{"ok": True, "step", "path"}`` or an ErrorReply (``off``,
+        ``not_found``, ``persist_failed``, ``timeout``).
         """
-        if not self.enabled:
-            return _fail("off", "this store has no persist directory")
-        deadline = time.monotonic() + timeout
-        jp = self.job(job)
+        plane = self.plane
+        if self.tier is None:
+            return ErrorReply(ErrorKind.OFF, "this store has no persist directory")
+        deadline = plane.clock.now() + timeout
+        jp = self.job(name)
         while True:
-            left = deadline - time.monotonic()
+            left = deadline - plane.clock.now()
             if left <= 0:
-                return _fail("timeout", f"job {job!r} was not persisted within {timeout} s")
-            js = self.coord.jobs.get(job)
-            if js is None or js.committed is None:
-                return _fail("not_found", f"job {job!r} has no committed step in memory")
-            target = js.committed.step
-            newest = self.newest(job, intact=True)
+                return ErrorReply(
+                    ErrorKind.TIMEOUT, f"job {name!r} not persisted within {timeout} s"
+                )
+            job = plane.jobs.get(name)
+            if job is None or job.record is None:
+                return ErrorReply(
+                    ErrorKind.NOT_FOUND, f"job {name!r} has no committed step in memory"
+                )
+            target = job.record.step
+            newest = self.newest(name, intact=True)
             if newest is not None and newest >= target:
-                path = persist.step_dir(self.root, job, newest)
-                return {"ok": True, "step": newest, "path": path}
+                return {"ok": True, "step": newest, "path": self.tier.step_dir(name, newest)}
             if jp.running is not None and jp.task is not None:
                 running = jp.running
                 res = await _wait(jp.task, left)
                 if res is None:
                     continue  # timed out: the loop reports it
                 if running >= target and not res["ok"]:
-                    return res
+                    return _as_error(res)
                 continue
-            task = await self._hold_and_start(js, target)
-            if isinstance(task, dict):
-                if task["error"] == "retry":
+            task = await self._hold_and_start(job, target)
+            if isinstance(task, ErrorReply):
+                if task.kind is ErrorKind.RETRY:
                     continue
                 return task
-            res = await _wait(task, deadline - time.monotonic())
+            res = await _wait(task, deadline - plane.clock.now())
             if res is None:
                 continue
             if not res["ok"]:
-                return res
+                return _as_error(res)
 
     async def _hold_and_start(
-        self, js: JobState, target: int
-    ) -> asyncio.Task[dict[str, Any]] | dict[str, Any]:
-        jp = self.job(js.name)
-        async with js.lock:
-            rec = js.committed
+        self, job: Job, target: int
+    ) -> asyncio.Task[dict[str, Any]] | ErrorReply:
+        plane = self.plane
+        jp = self.job(job.name)
+        async with job.lock:
+            rec = job.record
             if rec is None or rec.step != target or jp.running is not None:
-                return _fail("retry", "the job moved on, or a flush started meanwhile")
-            token = f"flush.{js.name}.{rec.step}.{uuid.uuid4().hex[:8]}"
-            homes = self._homes(js, rec)
+                return ErrorReply(ErrorKind.RETRY, "the job moved on, or a flush started meanwhile")
+            token = f"flush.{job.name}.{rec.step}.{uuid.uuid4().hex[:8]}"
+            homes = self._homes(rec)
             jp.running = rec.step
             nodes = list(homes)
             results = await asyncio.gather(
                 *(
                     asyncio.wait_for(
-                        self.coord.handle(n).hold.remote(
-                            js.name, rec.step, token, self.cfg.persist_timeout
+                        plane.fabric.node(n).hold(
+                            job.name, rec.step, token, self.cfg.persist_timeout
                         ),
                         HOLD_TIMEOUT,
                     )
@@ -426,13 +436,13 @@ class Flusher:
                     missing[f"node {n[:12]}"] = f"does not hold ranks {lost} of step {rec.step}"
             if missing:
                 jp.running = None
-                self._release(nodes, token)
-                return _fail(
-                    "persist_failed",
-                    f"cannot hold step {rec.step} of job {js.name!r} for a flush",
+                await self._release(nodes, token)
+                return ErrorReply(
+                    ErrorKind.PERSIST_FAILED,
+                    f"cannot hold step {rec.step} of job {job.name!r} for a flush",
                     failures=missing,
                 )
-            task = self.coord.spawn(self._flush(rec, token))
+            task = plane.tasks.spawn(self._flush(rec, token), f"flush {job.name!r}")
             jp.task = task
             return task
 
@@ -455,7 +465,7 @@ class Flusher:
         }
 
     def disk_only_jobs(self, known: set[str]) -> list[dict[str, Any]]:
-        """Snapshot entries of jobs that are on disk but not in memory (e.g. after a restart)."""
+        """Snapshot entries of jobs on disk but not in memory (e.g. after a restart)."""
         out = []
         for name, jp in sorted(self.jobs.items()):
             if name in known or not jp.steps:
@@ -480,12 +490,14 @@ class Flusher:
         return out
 
 
+def _as_error(res: dict[str, Any]) -> ErrorReply:
+    return ErrorReply(
+        ErrorKind.PERSIST_FAILED, str(res.get("message", "")), failures=res.get("failures") or {}
+    )
+
+
 async def _wait(task: asyncio.Task[dict[str, Any]], timeout: float) -> dict[str, Any] | None:
     try:
         return await asyncio.wait_for(asyncio.shield(task), max(0.0, timeout))
     except asyncio.TimeoutError:
         return None
-
-
-async def _missing(node: str) -> dict[str, Any]:
-    raise RuntimeError(f"node {node[:12]} is not a node of this store")

@@ -348,7 +348,7 @@ class Store:
         ensure_ray(self.address, self.namespace, self.ray_token_file)
 
     def coordinator(self) -> Any:
-        from snapstore.node.smp import COORDINATOR_NAME
+        from snapstore.node.store import COORDINATOR_NAME
 
         self.connect_ray()
         import ray

@@ -1,32 +1,29 @@
-"""Byte-work orders for SMPs, derived from step records: what to read, what to write.
+"""Byte-work orders for nodes, derived from step records: what to read, what to write.
 
-The coordinator decides *what* an SMP computes (parity for a new step, a lost
-rank's pieces, a lost parity chunk); :mod:`snapstore.node.stripes` does the byte
-work. Orders are plain dicts (msgpack-able) so they cross process boundaries
-without pickling anything of ours.
-
-A *source* is one member of a stripe, read over the same range of the stripe
-as the output: ``{"index": RS index, "peer": PeerInfo dict or None,
-"extents": [[segment name, offset, length, range_offset], ...],
-"checks": [[segment name, offset, length, checksum], ...]}``, with
-``"lost": True`` for a member whose bytes are needed but whose node is gone
-(listed so errors can name it; never read). Extents say
-where the member's bytes of the range are; bytes of the range no extent
-covers are zeros (the member's chunk is shorter). ``checks`` are whole
-pieces or parity chunks that must hash right before the source is trusted.
-A member with no bytes in the range needs no peer at all: its zeros are known
-from the record, even when its node is lost.
+The control plane decides *what* a node computes (parity for a new step, a
+lost rank's pieces, a lost parity chunk); :mod:`snapstore.node.stripes` does
+the byte work. Orders are :class:`snapstore.format.work.WorkOrder` messages
+(see that module for what a source, an extent and a check are).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from snapstore.control.placement import chunk_extents, data_stripe, stripe_members
 from snapstore.format.record import ParityEntry, StepRecord, piece_bounds
+from snapstore.format.work import (
+    Check,
+    Delta,
+    DeltaUpdate,
+    Output,
+    PeerInfo,
+    Source,
+    SourceExtent,
+    WorkKind,
+    WorkOrder,
+)
 from snapstore.node.segments import data_name, parity_name
-from snapstore.node.transport import PeerInfo
 
 __all__ = [
     "parity_build_orders",
@@ -36,8 +33,6 @@ __all__ = [
     "same_geometry",
     "stripe_sources",
 ]
-
-Order = dict[str, Any]
 
 
 def _parity_index(record: StepRecord) -> dict[tuple[int, int, int], ParityEntry]:
@@ -53,7 +48,7 @@ def stripe_sources(
     peers: Mapping[str, PeerInfo],
     usable: Iterable[str],
     exclude: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Source]:
     """Every member of a stripe that can supply bytes [lo, hi) of the stripe.
 
     ``usable`` are nodes whose SMPs may be read; ``exclude`` is the node being
@@ -62,88 +57,75 @@ def stripe_sources(
     usable = set(usable)
     members = stripe_members(record.groups[group], stripe, record.k, record.m)
     pindex = _parity_index(record)
-    out: list[dict[str, Any]] = []
+    out: list[Source] = []
     for mb in members:
         if mb.node == exclude:
             continue
-        extents: list[list[Any]] = []
-        checks: list[list[Any]] = []
+        extents: list[SourceExtent] = []
+        checks: list[Check] = []
         if mb.index < record.k:
             for e in chunk_extents(record.ranks, mb.node, mb.index, record.k):
                 a, b = max(lo, e.chunk_offset), min(hi, e.chunk_offset + e.length)
                 if a >= b:
                     continue
                 name = data_name(record.job, e.rank, record.step)
-                extents.append([name, e.offset + (a - e.chunk_offset), b - a, a - lo])
-                checks.append([name, e.offset, e.length, record.ranks[e.rank].sums[mb.index]])
+                extents.append(SourceExtent(name, e.offset + (a - e.chunk_offset), b - a, a - lo))
+                checks.append(Check(name, e.offset, e.length, record.ranks[e.rank].sums[mb.index]))
         else:
             p = pindex.get((group, stripe, mb.index))
             if p is not None and lo < p.length:
                 name = parity_name(record.job, record.step, record.version)
                 b = min(hi, p.length)
-                extents.append([name, p.offset + lo, b - lo, 0])
-                checks.append([name, p.offset, p.length, p.sum])
+                extents.append(SourceExtent(name, p.offset + lo, b - lo, 0))
+                checks.append(Check(name, p.offset, p.length, p.sum))
         peer = peers.get(mb.node)
         if extents and (mb.node not in usable or peer is None):
             # Its bytes are needed but its node is gone: listed, so that an
             # error can name it, and never read.
-            out.append(
-                {
-                    "index": mb.index,
-                    "node": mb.node,
-                    "lost": True,
-                    "peer": None,
-                    "extents": extents,
-                    "checks": checks,
-                }
-            )
+            out.append(Source(mb.index, mb.node, None, tuple(extents), tuple(checks), lost=True))
             continue
         out.append(
-            {
-                "index": mb.index,
-                "node": mb.node,
-                "peer": peer.to_dict() if (extents and peer is not None) else None,
-                "extents": extents,
-                "checks": checks,
-            }
+            Source(
+                mb.index,
+                mb.node,
+                peer if (extents and peer is not None) else None,
+                tuple(extents),
+                tuple(checks),
+            )
         )
     return out
 
 
 def parity_build_orders(
     record: StepRecord, peers: Mapping[str, PeerInfo], backend: str
-) -> dict[str, Order]:
-    """For each parity holder: compute its parity chunks of a new step from the data members."""
-    orders: dict[str, Order] = {}
+) -> dict[str, WorkOrder]:
+    """For each parity holder: compute its parity chunks of a new step from the data members.
+
+    The k data members are the only sources: each is checked as it is read
+    for coding (:func:`snapstore.node.stripes.run_order`), not in a read of
+    its own.
+    """
+    outputs: dict[str, list[Output]] = {}
     for p in record.parity:
         group = record.groups[p.group]
         sources = stripe_sources(record, p.group, p.stripe, 0, p.length, peers, group)
-        data_sources = [s for s in sources if s["index"] < record.k]
-        order = orders.setdefault(
-            p.node,
-            {
-                "k": record.k,
-                "m": record.m,
-                "backend": backend,
-                "file": parity_name(record.job, record.step, record.version),
-                "file_size": record.parity_file_size(p.node),
-                "job": record.job,
-                # The k data members are the only sources: check each as it is
-                # read for coding (stripes.run_order), not in a read of its own.
-                "verify": "inline",
-                "outputs": [],
-            },
+        data_sources = tuple(s for s in sources if s.index < record.k)
+        outputs.setdefault(p.node, []).append(Output(p.index, p.offset, p.length, data_sources))
+    name = parity_name(record.job, record.step, record.version)
+    return {
+        node: WorkOrder(
+            WorkKind.PARITY,
+            record.job,
+            name,
+            record.parity_file_size(node),
+            record.k,
+            record.m,
+            backend,
+            tuple(outs),
+            target=node,
         )
-        order["outputs"].append(
-            {
-                "index": p.index,
-                "offset": p.offset,
-                "length": p.length,
-                "sources": data_sources,
-                "expect": None,
-            }
-        )
-    return orders
+        for node, outs in outputs.items()
+    }
 
 
 def rank_rebuild_orders(
@@ -154,7 +136,8 @@ def rank_rebuild_orders(
     usable: Iterable[str],
     backend: str,
     pieces: Iterable[int] | None = None,
-) -> Order:
+    pin: bool = False,
+) -> WorkOrder:
     """Rebuild rank ``rank``'s pieces (all, or ``pieces``) into its data file on ``target``.
 
     Sources are the other members of each piece's stripe in ``record``; the
@@ -167,7 +150,7 @@ def rank_rebuild_orders(
         raise ValueError(f"rank {rank}'s home {home[:12]} is in no group of the record")
     group = record.groups[gi]
     usable = set(usable)
-    outputs: list[dict[str, Any]] = []
+    outputs: list[Output] = []
     wanted = range(record.k) if pieces is None else sorted(set(pieces))
     for j in wanted:
         off, ln = piece_bounds(entry.size, record.k, j)
@@ -178,25 +161,27 @@ def rank_rebuild_orders(
         lo, hi = extent.chunk_offset, extent.chunk_offset + ln
         sources = stripe_sources(record, gi, s, lo, hi, peers, usable, exclude=home)
         outputs.append(
-            {
-                "index": j,
-                "offset": off,
-                "length": ln,
-                "sources": sources,
-                "expect": entry.sums[j],
-                "what": f"rank {rank} piece {j} (stripe {s} of group {gi}, data index {j})",
-            }
+            Output(
+                j,
+                off,
+                ln,
+                tuple(sources),
+                expect=entry.sums[j],
+                what=f"rank {rank} piece {j} (stripe {s} of group {gi}, data index {j})",
+            )
         )
-    return {
-        "k": record.k,
-        "m": record.m,
-        "backend": backend,
-        "file": data_name(record.job, rank, record.step),
-        "file_size": entry.size,
-        "job": record.job,
-        "target": target,
-        "outputs": outputs,
-    }
+    return WorkOrder(
+        WorkKind.REBUILD,
+        record.job,
+        data_name(record.job, rank, record.step),
+        entry.size,
+        record.k,
+        record.m,
+        backend,
+        tuple(outputs),
+        target=target,
+        pin=pin,
+    )
 
 
 def parity_rebuild_orders(
@@ -205,7 +190,7 @@ def parity_rebuild_orders(
     peers: Mapping[str, PeerInfo],
     usable: Iterable[str],
     backend: str,
-) -> Order | None:
+) -> WorkOrder | None:
     """Rebuild the parity chunks ``node`` holds in ``record`` (its SMP lost them)."""
     mine = record.parity_on(node)
     if not mine:
@@ -217,34 +202,35 @@ def parity_rebuild_orders(
             record, p.group, p.stripe, 0, p.length, peers, usable, exclude=node
         )
         outputs.append(
-            {
-                "index": p.index,
-                "offset": p.offset,
-                "length": p.length,
-                "sources": sources,
-                "expect": p.sum,
-                "what": f"parity {p.index} of stripe {p.stripe} in group {p.group}",
-            }
+            Output(
+                p.index,
+                p.offset,
+                p.length,
+                tuple(sources),
+                expect=p.sum,
+                what=f"parity {p.index} of stripe {p.stripe} in group {p.group}",
+            )
         )
-    return {
-        "k": record.k,
-        "m": record.m,
-        "backend": backend,
-        "file": parity_name(record.job, record.step, record.version),
-        "file_size": record.parity_file_size(node),
-        "job": record.job,
-        "target": node,
-        "outputs": outputs,
-    }
+    return WorkOrder(
+        WorkKind.REBUILD,
+        record.job,
+        parity_name(record.job, record.step, record.version),
+        record.parity_file_size(node),
+        record.k,
+        record.m,
+        backend,
+        tuple(outputs),
+        target=node,
+    )
 
 
 def parity_delta_orders(
     record: StepRecord,
     base: StepRecord,
-    deltas: Mapping[int, dict[str, Any]],
+    deltas: Mapping[int, Delta],
     peers: Mapping[str, PeerInfo],
     backend: str,
-) -> dict[str, Order]:
+) -> dict[str, WorkOrder]:
     """Parity of ``record`` as ``base``'s parity plus the data deltas of each rank.
 
     Valid only when both records place the same bytes in the same stripes
@@ -252,47 +238,48 @@ def parity_delta_orders(
     and each rank's delta is against ``base``'s step.
     """
     base_name = parity_name(record.job, base.step, base.version)
-    orders: dict[str, Order] = {}
+    outputs: dict[str, list[Output]] = {}
     for p in record.parity:
         group = record.groups[p.group]
-        updates: list[dict[str, Any]] = []
+        updates: list[DeltaUpdate] = []
         for mb in stripe_members(group, p.stripe, record.k, record.m)[: record.k]:
-            peer = peers[mb.node].to_dict()
+            peer = peers[mb.node]
             for e in chunk_extents(record.ranks, mb.node, mb.index, record.k):
                 d = deltas[e.rank]
-                for off, ln, at in d["ranges"]:
+                for off, ln, at in d.ranges:
                     a, b = max(off, e.offset), min(off + ln, e.offset + e.length)
                     if a >= b:
                         continue
                     updates.append(
-                        {
-                            "data_index": mb.index,
-                            "node": mb.node,
-                            "peer": peer,
-                            "name": d["file"],
-                            "src": at + (a - off),
-                            "length": b - a,
-                            "at": e.chunk_offset + (a - e.offset),
-                        }
+                        DeltaUpdate(
+                            mb.index,
+                            mb.node,
+                            peer,
+                            d.file,
+                            at + (a - off),
+                            b - a,
+                            e.chunk_offset + (a - e.offset),
+                        )
                     )
-        order = orders.setdefault(
-            p.node,
-            {
-                "mode": "delta",
-                "k": record.k,
-                "m": record.m,
-                "backend": backend,
-                "job": record.job,
-                "file": parity_name(record.job, record.step, record.version),
-                "file_size": record.parity_file_size(p.node),
-                "base": base_name,
-                "outputs": [],
-            },
+        outputs.setdefault(p.node, []).append(
+            Output(p.index, p.offset, p.length, updates=tuple(updates))
         )
-        order["outputs"].append(
-            {"index": p.index, "offset": p.offset, "length": p.length, "updates": updates}
+    name = parity_name(record.job, record.step, record.version)
+    return {
+        node: WorkOrder(
+            WorkKind.PARITY_DELTA,
+            record.job,
+            name,
+            record.parity_file_size(node),
+            record.k,
+            record.m,
+            backend,
+            tuple(outs),
+            target=node,
+            base=base_name,
         )
-    return orders
+        for node, outs in outputs.items()
+    }
 
 
 def same_geometry(a: StepRecord, b: StepRecord) -> bool:

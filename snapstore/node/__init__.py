@@ -7,6 +7,7 @@
   on one host, a token-checked TCP data server across hosts).
 - :mod:`snapstore.node.stripes` -- byte work of an order: encode, decode,
   fold deltas into parity, verify.
-- :mod:`snapstore.node.smp` -- the SMP actor that owns all of the above on
-  its node.
+- :mod:`snapstore.node.api` -- the node interface the control plane uses.
+- :mod:`snapstore.node.store` -- the real one: all of the above in shared
+  memory (the SMP actor of :mod:`snapstore.control.smp` holds one).
 """

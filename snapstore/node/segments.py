@@ -27,6 +27,7 @@ chunk without asking its SMP, and a restarted SMP re-adopts what it had:
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import re
@@ -45,6 +46,7 @@ __all__ = [
     "iter_dir",
     "parity_name",
     "parse_name",
+    "prepared_name",
     "record_name",
     "shm_root",
     "spare_name",
@@ -96,6 +98,11 @@ def record_name(job: str) -> str:
     return f"rec.{job}.msgpack"
 
 
+def prepared_name(job: str, step: int, version: int) -> str:
+    """A prepared (not yet committed) slice of a step record kept by a node."""
+    return f"prep.{job}.s{step}.v{version}.msgpack"
+
+
 @dataclass(frozen=True)
 class SegmentName:
     """What a segment file name says: kind "data", "parity", "spare", "work" or "delta"."""
@@ -107,7 +114,11 @@ class SegmentName:
     version: int | None = None
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_name(name: str) -> SegmentName | None:
+    """What a segment file name says, or None for a name that is not a segment's.
+
+    Cached: the slot table asks for the same few names on every operation."""
     if m := _DATA_RE.fullmatch(name):
         return SegmentName("data", m["job"], rank=int(m["rank"]), step=int(m["step"]))
     if m := _PARITY_RE.fullmatch(name):

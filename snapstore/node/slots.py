@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Collection
 from typing import Any
 
 from snapstore.errors import MemoryBudgetError, SnapstoreError
@@ -42,6 +42,7 @@ from snapstore.node.segments import (
     iter_dir,
     parity_name,
     parse_name,
+    prepared_name,
     record_name,
     spare_name,
     work_name,
@@ -50,9 +51,6 @@ from snapstore.node.segments import (
 __all__ = ["SlotTable"]
 
 logger = logging.getLogger(__name__)
-
-Abandon = Callable[[str, int, int], None]
-"""``abandon(job, rank, step)``: make sure ``step`` will not commit before its slot is reused."""
 
 
 class SlotTable:
@@ -65,6 +63,7 @@ class SlotTable:
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
         self._records: dict[str, StepRecord] = {}
+        self._prepared: dict[tuple[str, int, int], StepRecord] = {}
         self._pinned: dict[str, str] = {}  # name -> job: relocated data, see pin()
         self._content: dict[str, int] = {}  # spare/work name -> step its bytes are from
         self._seq = 0
@@ -83,11 +82,14 @@ class SlotTable:
             if f.endswith(".new"):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            elif f.startswith("rec.") and f.endswith(".msgpack"):
+            elif f.startswith(("rec.", "prep.")) and f.endswith(".msgpack"):
                 try:
                     with open(path, "rb") as fh:
                         rec = StepRecord.from_bytes(fh.read())
-                    self._records[rec.job] = rec
+                    if f.startswith("rec."):
+                        self._records[rec.job] = rec
+                    else:
+                        self._prepared[(rec.job, rec.step, rec.version)] = rec
                 except (OSError, SnapstoreError) as e:
                     logger.warning("dropping unreadable record %s: %s", f, e)
                     with contextlib.suppress(OSError):
@@ -110,6 +112,10 @@ class SlotTable:
     def records(self) -> dict[str, StepRecord]:
         with self.lock:
             return dict(self._records)
+
+    def prepared(self) -> list[StepRecord]:
+        with self.lock:
+            return list(self._prepared.values())
 
     def sizes(self) -> dict[str, int]:
         """Bytes held, by kind: used (all), data, parity, spare, work, delta."""
@@ -144,8 +150,23 @@ class SlotTable:
 
     # -- saving -------------------------------------------------------------------
 
+    def abandon_candidates(self, job: str, rank: int) -> list[int]:
+        """Steps in progress whose data slot a lease of ``rank`` would give up."""
+        with self.lock:
+            out = []
+            for n in self._reusable(job, rank):
+                p = parse_name(n)
+                if p is not None and p.kind == "data" and p.step is not None:
+                    out.append(p.step)
+            return sorted(out)
+
     def lease(
-        self, job: str, rank: int, nbytes: int, abandon: Abandon, hold_wait: float = 0.0
+        self,
+        job: str,
+        rank: int,
+        nbytes: int,
+        abandoned: Collection[int] = (),
+        hold_wait: float = 0.0,
     ) -> dict[str, Any]:
         """The slot ``rank``'s trainer writes its next step into, at least ``nbytes`` long.
 
@@ -160,7 +181,7 @@ class SlotTable:
         deadline = time.monotonic() + hold_wait
         while True:
             try:
-                return self._lease_once(job, rank, nbytes, abandon)
+                return self._lease_once(job, rank, nbytes, abandoned)
             except MemoryBudgetError:
                 with self.lock:
                     tokens = self._job_hold_tokens(job)
@@ -175,21 +196,22 @@ class SlotTable:
                     )
                     self._released.wait(min(left, 1.0))
 
-    def _lease_once(self, job: str, rank: int, nbytes: int, abandon: Abandon) -> dict[str, Any]:
+    def _lease_once(
+        self, job: str, rank: int, nbytes: int, abandoned: Collection[int]
+    ) -> dict[str, Any]:
         work = work_name(job, rank)
         with self.lock:
             seg = self._segments.get(work)
             if seg is not None and seg.size >= nbytes:
                 return self._leased(work, seg)
-            candidates = self._reusable(job, rank)
-        # Slots of steps in progress are given up only once their step cannot commit.
-        for n in candidates:
-            p = parse_name(n)
-            if p is not None and p.kind == "data" and p.step is not None:
-                abandon(job, rank, p.step)
-        with self.lock:
-            protected = self.protected(job)
-            candidates = [n for n in candidates if n in self._segments and n not in protected]
+            # Slots of steps in progress are given up only once their step cannot
+            # commit: the caller had the coordinator end the steps in ``abandoned``.
+            candidates = [
+                n
+                for n in self._reusable(job, rank)
+                if (p := parse_name(n)) is not None
+                and (p.kind != "data" or p.step is None or p.step in abandoned)
+            ]
             fits = sorted(
                 (n for n in candidates if self._segments[n].size >= nbytes),
                 key=lambda n: (n != work, self._segments[n].size),
@@ -280,41 +302,128 @@ class SlotTable:
         with self.lock:
             self._pinned[name] = job
 
-    def commit(self, rec: StepRecord, record_bytes: bytes) -> bool:
-        """A step is committed: remember its record, free what is older. False if stale."""
-        with self.lock:
-            old = self._records.get(rec.job)
-            if old is not None and (old.step, old.version) >= (rec.step, rec.version):
-                return False
-            for n in [n for n, j in self._pinned.items() if j == rec.job]:
-                del self._pinned[n]
-            tmp = os.path.join(self.dir, record_name(rec.job) + ".new")
-            with open(tmp, "wb") as f:
-                f.write(record_bytes)
-            os.replace(tmp, os.path.join(self.dir, record_name(rec.job)))
-            self._records[rec.job] = rec
-            for n, p in self._parsed(rec.job):
-                if p.kind not in ("data", "parity") or p.step is None or p.step > rec.step:
-                    continue  # spares, leases, deltas, and newer steps in progress stay
-                if p.kind == "data":
-                    home = rec.ranks.get(p.rank) if p.rank is not None else None
-                    keep = p.step == rec.step and home is not None and home.node == self.node_id
-                else:
-                    keep = (p.step, p.version) == (rec.step, rec.version)
-                if not keep:
-                    self._retire(n, p)
-            return True
+    def keep_prepared(self, rec: StepRecord) -> None:
+        """Keep a prepared slice of a step record (file first: it survives an SMP restart).
 
-    def abort(self, job: str, step: int) -> None:
-        """A step will not commit: its slots become spares."""
+        Refused (SnapstoreError) when the slice homes a rank here whose data slot this
+        node does not hold: a record must never describe bytes that are not there.
+        """
+        data = rec.to_bytes()
+        with self.lock:
+            key = (rec.job, rec.step, rec.version)
+            committed = self._records.get(rec.job)
+            if committed is not None and (committed.step, committed.version) >= key[1:]:
+                return  # already committed (or superseded): nothing to prepare
+            missing = [
+                r
+                for r in rec.ranks_on(self.node_id)
+                if (seg := self._segments.get(data_name(rec.job, r, rec.step))) is None
+                or seg.size < rec.ranks[r].size
+            ]
+            if missing:
+                raise SnapstoreError(
+                    f"node {self.node_id[:12]} does not hold ranks {missing} of job "
+                    f"{rec.job!r} step {rec.step} that the prepared record homes here"
+                )
+            self._write_file(prepared_name(*key), data)
+            self._prepared[key] = rec
+
+    def commit_prepared(self, job: str, step: int, version: int) -> tuple[bool, list[int], str]:
+        """Commit the prepared (step, version): ``(ok, ranks missing here, why not)``.
+
+        Refused, changing nothing, when a data slot of a rank homed here is
+        gone (its bytes are not what the record says). A node with no slice of
+        the step lets go of the job's older steps: the step is committed
+        elsewhere and nothing of it is here.
+        """
+        with self.lock:
+            current = self._records.get(job)
+            if current is not None and (current.step, current.version) >= (step, version):
+                return True, [], ""
+            rec = self._prepared.get((job, step, version))
+            if rec is None:
+                self._supersede(job, step)
+                return True, [], ""
+            missing = [
+                r
+                for r in rec.ranks_on(self.node_id)
+                if (seg := self._segments.get(data_name(job, r, step))) is None
+                or seg.size < rec.ranks[r].size
+            ]
+            if missing:
+                return False, missing, f"slots of ranks {missing} are gone"
+            self._commit(rec, rec.to_bytes())
+            return True, [], ""
+
+    def commit(self, rec: StepRecord, record_bytes: bytes) -> bool:
+        """Install a committed record directly (tests, tools). False if stale."""
+        with self.lock:
+            return self._commit(rec, record_bytes)
+
+    def _commit(self, rec: StepRecord, record_bytes: bytes) -> bool:
+        old = self._records.get(rec.job)
+        if old is not None and (old.step, old.version) >= (rec.step, rec.version):
+            return False
+        for n in [n for n, j in self._pinned.items() if j == rec.job]:
+            del self._pinned[n]
+        self._write_file(record_name(rec.job), record_bytes)
+        self._records[rec.job] = rec
+        self._drop_prepared(rec.job, lambda k: (k[1], k[2]) <= (rec.step, rec.version))
+        for n, p in self._parsed(rec.job):
+            if p.kind not in ("data", "parity") or p.step is None or p.step > rec.step:
+                continue  # spares, leases, deltas, and newer steps in progress stay
+            if p.kind == "data":
+                home = rec.ranks.get(p.rank) if p.rank is not None else None
+                keep = p.step == rec.step and home is not None and home.node == self.node_id
+            else:
+                keep = (p.step, p.version) == (rec.step, rec.version)
+            if not keep:
+                self._retire(n, p)
+        return True
+
+    def _supersede(self, job: str, step: int) -> None:
+        """The job committed ``step`` elsewhere: drop this node's older record and slots."""
+        rec = self._records.pop(job, None)
+        if rec is not None and rec.step >= step:
+            self._records[job] = rec
+            return
+        for n in [n for n, j in self._pinned.items() if j == job]:
+            del self._pinned[n]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.dir, record_name(job)))
+        self._drop_prepared(job, lambda k: k[1] <= step)
+        for n, p in self._parsed(job):
+            if p.kind in ("data", "parity") and p.step is not None and p.step < step:
+                self._retire(n, p)
+
+    def abort(self, job: str, step: int, ranks: Collection[int] | None = None) -> None:
+        """A step (of ``ranks``, or all) will not commit: its slots become spares and its
+        prepared slices are dropped. The committed step is never touched."""
         with self.lock:
             protected = self.protected(job)
+            self._drop_prepared(job, lambda k: k[1] == step)
             for n, p in self._parsed(job):
-                if p.step == step and p.kind in ("data", "parity") and n not in protected:
+                if p.step != step or n in protected:
+                    continue
+                if (p.kind == "data" and (ranks is None or p.rank in ranks)) or p.kind == "parity":
                     self._retire(n, p)
+
+    def _drop_prepared(self, job: str, which: Any) -> None:
+        for key in [k for k in self._prepared if k[0] == job and which(k)]:
+            del self._prepared[key]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.dir, prepared_name(*key)))
+
+    def _write_file(self, name: str, data: bytes) -> None:
+        tmp = os.path.join(self.dir, name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(self.dir, name))
 
     def drop_job(self, job: str) -> None:
         with self.lock:
+            self._drop_prepared(job, lambda k: True)
             for n, _ in self._parsed(job):
                 if n in self._holds:
                     self._deferred[n] = "drop"
@@ -331,6 +440,7 @@ class SlotTable:
         drop its record and turn its data and parity into spares."""
         with self.lock:
             self._records.pop(job, None)
+            self._drop_prepared(job, lambda k: True)
             for n in [n for n, j in self._pinned.items() if j == job]:
                 del self._pinned[n]
             with contextlib.suppress(FileNotFoundError):
@@ -420,11 +530,19 @@ class SlotTable:
             if p is not None and name in self._segments:
                 self._retire(name, p)
 
+    def close(self) -> None:
+        """Unmap every segment and keep the files (a restarted SMP re-adopts them)."""
+        with self.lock:
+            for seg in self._segments.values():
+                seg.close()
+            self._segments.clear()
+
     def destroy(self) -> None:
         """Delete every segment and record of this node, and the directory."""
         with self.lock:
             self._holds.clear()
             self._deferred.clear()
+            self._prepared.clear()
             for n in list(self._segments):
                 self._drop(n)
             self._records.clear()

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 
 from snapstore.coding import checksum
+from snapstore.format.work import PeerInfo
 from snapstore.node import wire
 from snapstore.node.dataserver import DataServer
 from snapstore.node.segments import MappingCache
@@ -60,36 +61,6 @@ def host_key() -> str:
     except OSError:
         boot = "noboot"
     return f"{socket.gethostname()}/{boot}"
-
-
-@dataclass(frozen=True)
-class PeerInfo:
-    """How to reach one SMP's bytes: its node, host, segment directory and data server."""
-
-    node_id: str
-    host: str
-    directory: str
-    address: str
-    port: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "host": self.host,
-            "directory": self.directory,
-            "address": self.address,
-            "port": self.port,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PeerInfo:
-        return cls(
-            str(d["node_id"]),
-            str(d["host"]),
-            str(d["directory"]),
-            str(d["address"]),
-            int(d["port"]),
-        )
 
 
 @dataclass

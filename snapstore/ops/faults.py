@@ -23,10 +23,12 @@ from typing import Any
 import psutil
 
 from snapstore.control.handle import EmbeddedNode, ProcessRef, Store, connect
+from snapstore.control.messages import NodeInfo
 from snapstore.errors import FaultInjectionError
 from snapstore.format.record import StepRecord, piece_bounds
+from snapstore.format.wire import decode
 from snapstore.node.segments import data_name, parity_name
-from snapstore.node.smp import node_dir, smp_name
+from snapstore.node.store import node_dir, smp_name
 from snapstore.ops.cluster import kill_tree
 from snapstore.ops.lifecycle import add_embedded_node
 
@@ -39,6 +41,7 @@ __all__ = [
     "kill_nodes",
     "kill_smp",
     "kill_trainer",
+    "stall_smp",
     "store_nodes",
 ]
 
@@ -141,8 +144,8 @@ def kill_smp(node_id: str, wipe: bool = False, store: Store | None = None) -> di
     store = _embedded(store)
     store.connect_ray()
     handle = ray.get_actor(smp_name(node_id), namespace=store.namespace)
-    info = ray.get(handle.info.remote(), timeout=30)
-    pid = int(info["pid"])
+    info = decode(ray.get(handle.info.remote(), timeout=30), NodeInfo)
+    pid = info.pid
     if pid not in _our_pids(store):
         raise FaultInjectionError(f"SMP pid {pid} is not a process of this embedded store")
     killed_at = time.time()
@@ -157,7 +160,7 @@ def kill_smp(node_id: str, wipe: bool = False, store: Store | None = None) -> di
         "node_id": node_id,
         "pid": pid,
         "killed_at": killed_at,
-        "incarnation": info["incarnation"],
+        "incarnation": info.incarnation,
     }
 
 
@@ -278,3 +281,42 @@ def _flip_object(url: str, offset: int) -> None:
         raise FaultInjectionError(f"offset {offset} outside {url} of {len(data)} bytes")
     data[offset] ^= 0xFF
     fs.pipe_file(where, bytes(data))
+
+
+def stall_smp(node_id: str, seconds: float, store: Store | None = None) -> dict[str, Any]:
+    """Freeze a node's SMP process (SIGSTOP) for ``seconds``, then let it run on (SIGCONT).
+
+    A healthy node that stops answering for a while -- a CPU hog, a long GC or
+    swap storm -- as opposed to one that died. Returns at once; the process is
+    continued by a timer thread (``"resumed"``: a threading.Event set when it is).
+    A stalled process that the store stops meanwhile (``down``) dies as usual.
+    """
+    import signal
+    import threading
+
+    import ray
+
+    if not 0 < seconds <= 600:
+        raise FaultInjectionError(f"stall seconds must be in (0, 600], got {seconds!r}")
+    store = _embedded(store)
+    store.connect_ray()
+    handle = ray.get_actor(smp_name(node_id), namespace=store.namespace)
+    pid = decode(ray.get(handle.info.remote(), timeout=30), NodeInfo).pid
+    ref = ProcessRef.identify(pid)
+    if ref is None or pid not in _our_pids(store):
+        raise FaultInjectionError(f"SMP pid {pid} is not a process of this embedded store")
+    resumed = threading.Event()
+
+    def _resume() -> None:
+        # Only the very process stopped: its pid may name another one by now.
+        if ref.current():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        resumed.set()
+
+    stopped_at = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(seconds, _resume)
+    timer.daemon = True
+    timer.start()
+    return {"node_id": node_id, "pid": pid, "stopped_at": stopped_at, "resumed": resumed}

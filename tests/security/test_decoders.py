@@ -27,12 +27,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapstore import persist
+from snapstore.control.events import EventLog
 from snapstore.control.flush import Flusher
-from snapstore.control.state import EventLog
 from snapstore.errors import FormatError, PersistedStepCorruptError
 from snapstore.format.frame import read_frame
 from snapstore.format.pack import unpack
 from snapstore.node.dataserver import DataServer, _Refused
+from snapstore.persist.backend import FilesTier
 from snapstore.persist.manifest import MAX_WORLD_SIZE
 from tests.security.helpers import staged_buffer
 
@@ -94,13 +95,16 @@ def test_a_bad_manifest_is_a_corrupt_step_and_the_listing_goes_on(tmp_path: Any)
     assert "world_size" in str(listed[1].problem)
 
     # The coordinator's index: the corrupt step is an event and left out; every job listed.
-    coord = SimpleNamespace(cfg=SimpleNamespace(persist_dir=root), events=EventLog())
-    flusher = Flusher(coord)  # type: ignore[arg-type]
+    async def offload(fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    plane = SimpleNamespace(cfg=SimpleNamespace(), events=EventLog(), offload=offload)
+    flusher = Flusher(plane, FilesTier(root))  # type: ignore[arg-type]
     for _ in range(2):  # a second listing adds no second event
         asyncio.run(flusher.refresh())
     assert [s["step"] for s in flusher.jobs["good"].steps] == [1]
     assert [s["step"] for s in flusher.jobs["bad"].steps] == [1]
-    corrupt = coord.events.recent(kinds=["persisted_corrupt"])
+    corrupt = plane.events.recent(kinds=["persisted_corrupt"])
     assert [(e["job"], e["step"], e["path"]) for e in corrupt] == [("bad", 2, bomb)]
     assert flusher.newest("bad", intact=True) == 1
 

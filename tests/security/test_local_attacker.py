@@ -147,14 +147,19 @@ def test_attacker_cannot_read_the_data_servers(store: Any) -> None:
     # store's token they answer nothing but a refusal (the token never crosses the wire).
     import ray
 
-    from snapstore.node.smp import smp_name
+    from snapstore.control.messages import NodeInfo
+    from snapstore.format.wire import decode
+    from snapstore.node.store import smp_name
 
     store.connect_ray()
     peers = [
-        ray.get(
-            ray.get_actor(smp_name(n["node_id"]), namespace=store.namespace).info.remote(),
-            timeout=30,
-        )["peer"]
+        decode(
+            ray.get(
+                ray.get_actor(smp_name(n["node_id"]), namespace=store.namespace).info.remote(),
+                timeout=30,
+            ),
+            NodeInfo,
+        ).peer.to_dict()
         for n in store.nodes()
     ]
     assert len(peers) == 2

@@ -1,0 +1,247 @@
+"""What the coordinator keeps per job: its committed record (by group), attempts in flight.
+
+A committed step's record is kept as one *slice* per stripe group
+(:class:`JobRecord`): each slice is a :class:`StepRecord` of the ranks homed
+in that group, its parity, and the group alone (group index 0). That is the
+record the group's nodes keep, what group leaders prepare, and what orders
+are derived from: no per-step work of the coordinator grows with the number
+of ranks. A whole-job view (:meth:`JobRecord.merged`) is built on demand
+for status, flushes and export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapstore.control.states import JobLife, Redundancy, StepLife
+from snapstore.format.record import ParityEntry, RankEntry, StepRecord
+
+__all__ = ["Attempt", "Job", "JobRecord", "session_of"]
+
+FAILED_KEPT = 64
+HISTORY_KEPT = 16
+
+
+@dataclass(frozen=True, eq=False)
+class JobRecord:
+    """The committed (step, version) of a job, as one slice per group."""
+
+    job: str
+    step: int
+    version: int
+    k: int
+    m: int
+    world_size: int
+    slices: tuple[StepRecord, ...]
+    committed_at: float = 0.0
+
+    @functools.cached_property
+    def _index(self) -> dict[int, int]:
+        return {r: i for i, s in enumerate(self.slices) for r in s.ranks}
+
+    def slice_of(self, rank: int) -> StepRecord | None:
+        i = self._index.get(rank)
+        return None if i is None else self.slices[i]
+
+    def entry(self, rank: int) -> RankEntry | None:
+        s = self.slice_of(rank)
+        return None if s is None else s.ranks[rank]
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(self._index)
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(g for s in self.slices for g in s.groups)
+
+    @property
+    def protected(self) -> bool:
+        return all(s.groups for s in self.slices)
+
+    def nodes(self) -> set[str]:
+        out: set[str] = set()
+        for s in self.slices:
+            out |= s.nodes()
+        return out
+
+    def homes(self) -> dict[int, str]:
+        return {r: e.node for s in self.slices for r, e in s.ranks.items()}
+
+    def data_bytes(self) -> int:
+        return sum(s.data_bytes() for s in self.slices)
+
+    def parity_bytes(self) -> int:
+        return sum(s.parity_bytes() for s in self.slices)
+
+    def slice_on(self, node: str) -> StepRecord | None:
+        """The slice a node holds: of the group it is in, or the one homing its ranks."""
+        for s in self.slices:
+            if any(node in g for g in s.groups) or any(e.node == node for e in s.ranks.values()):
+                return s
+        return None
+
+    @functools.cached_property
+    def merged(self) -> StepRecord:
+        """The whole record: every rank, every group, parity re-indexed by group."""
+        ranks: dict[int, RankEntry] = {}
+        groups: list[tuple[str, ...]] = []
+        parity: list[ParityEntry] = []
+        for s in self.slices:
+            base = len(groups)
+            ranks.update(s.ranks)
+            groups.extend(s.groups)
+            for p in s.parity:
+                parity.append(
+                    ParityEntry(
+                        base + p.group, p.stripe, p.index, p.node, p.offset, p.length, p.sum
+                    )
+                )
+        return StepRecord(
+            job=self.job,
+            step=self.step,
+            version=self.version,
+            k=self.k,
+            m=self.m,
+            world_size=self.world_size,
+            ranks=ranks,
+            groups=tuple(groups),
+            parity=tuple(parity),
+            committed_at=self.committed_at,
+        )
+
+    @classmethod
+    def of(cls, slices: list[StepRecord] | tuple[StepRecord, ...]) -> JobRecord:
+        first = slices[0]
+        return cls(
+            job=first.job,
+            step=first.step,
+            version=first.version,
+            k=first.k,
+            m=first.m,
+            world_size=first.world_size,
+            slices=tuple(slices),
+            committed_at=max(s.committed_at for s in slices),
+        )
+
+
+@dataclass
+class Attempt:
+    """One attempt at committing a step (or a new version of the committed one).
+
+    ``ranks``: rank -> (client session, group it was staged in);
+    ``leaders``: group -> the leader that reported it; ``prepared``: group ->
+    its prepared slice. A re-protection (``reprotect``) has no sessions: its
+    ranks are the committed record's, given to each group's leader.
+    """
+
+    life: StepLife
+    world_size: int
+    epoch: int
+    started_at: float
+    wall_started: float
+    ranks: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    leaders: dict[tuple[str, ...], str] = field(default_factory=dict)
+    prepared: dict[tuple[str, ...], StepRecord] = field(default_factory=dict)
+    stats: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
+    orders: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    reprotect: bool = False
+    prepare_sent: float = 0.0
+
+    @property
+    def step(self) -> int:
+        return self.life.step
+
+    @property
+    def version(self) -> int:
+        return self.life.version
+
+    def sessions(self) -> set[str]:
+        return {s for s, _ in self.ranks.values()}
+
+    def groups(self) -> set[tuple[str, ...]]:
+        return set(self.leaders)
+
+    def group_sessions(self, group: tuple[str, ...]) -> dict[int, str]:
+        return {r: s for r, (s, g) in self.ranks.items() if g == group}
+
+
+@dataclass
+class Job:
+    """One job at the coordinator: lifecycle, committed record, attempts, recovery state."""
+
+    name: str
+    world_size: int
+    life: JobLife
+    redundancy: Redundancy = Redundancy.NONE
+    detail: str = ""
+    record: JobRecord | None = None
+    attempts: dict[int, Attempt] = field(default_factory=dict)
+    failed: collections.OrderedDict[int, list[tuple[int, frozenset[str], str]]] = field(
+        default_factory=collections.OrderedDict
+    )
+    sessions: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """rank -> (client session, ``restore_seq`` of its last restore, -1 if it never did)."""
+    restore_seq: int = 0
+    """Counts restores of the job: a staging of a failed step is refused unless its
+    client restored after the failure."""
+    history: collections.OrderedDict[int, tuple[JobRecord, dict[int, Any]]] = field(
+        default_factory=collections.OrderedDict
+    )
+    """The last committed steps: their record, and rank -> (staging, group) committed
+    (kept by reference: no per-rank work per commit)."""
+    commit_seq: int = 0
+    """``restore_seq`` at the last commit: ranks that restored after it hold that step."""
+    retired: set[str] = field(default_factory=set)
+    """Client sessions replaced by a restarted process of their rank: never saved from again."""
+    next_version: int = 0
+    relocated: dict[int, str] = field(default_factory=dict)
+    preferred_home: dict[int, str] = field(default_factory=dict)
+    unrecoverable: dict[int, list[str]] = field(default_factory=dict)
+    unacked: dict[tuple[str, ...], tuple[Any, float]] = field(default_factory=dict)
+    applied: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once every group acknowledged the last commit decision (a flush holding the
+    step's slots waits for it: the holds travel with the decision)."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    commits: int = 0
+    last_commit_latency: float | None = None
+    protected_at: float | None = None
+    committed_stats: dict[str, Any] = field(default_factory=dict)
+
+    def take_version(self) -> int:
+        v = self.next_version
+        self.next_version += 1
+        return v
+
+    def note_failed(self, step: int, stagings: frozenset[str], reason: str) -> None:
+        self.failed.setdefault(step, []).append((self.restore_seq, stagings, reason))
+        while len(self.failed) > FAILED_KEPT:
+            self.failed.popitem(last=False)
+
+    def failed_since(self, step: int, since: int) -> str | None:
+        """Why ``step`` failed after restore number ``since``, or None."""
+        for seq, _stagings, reason in self.failed.get(step, []):
+            if since <= seq:
+                return reason
+        return None
+
+    def note_committed(self, record: JobRecord, stagings: dict[int, Any]) -> None:
+        self.history[record.step] = (record, stagings)
+        self.history.move_to_end(record.step)
+        while len(self.history) > HISTORY_KEPT:
+            self.history.popitem(last=False)
+
+    def touch(self) -> None:
+        """Wake everyone waiting for this job to change (restores waiting on a rebuild)."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+def session_of(staging: str) -> str:
+    """The client session of a staging id (``<session>/<save number>``)."""
+    return staging.split("/", 1)[0]

@@ -1,0 +1,428 @@
+"""A stripe group's leader: the coordinator's delegate for one group.
+
+The membership names one node of each group its leader (the first member
+that is not dead); that node's :class:`snapstore.control.member.Member`
+hosts a :class:`Leader`. It keeps the coordinator's work per step to a few
+messages per *group*, whatever the number of ranks:
+
+1. Members send it a notice per step of the ranks staged on them; it
+   reports the group's staged ranks to the coordinator (coalesced, and
+   re-sent until the step is decided).
+2. On the coordinator's :class:`PrepareOrder` (every rank of the step is
+   staged somewhere) it plans the group's slice of the step record, orders
+   the group's parity holders to compute parity (from the data, or from the
+   deltas when only a few bytes changed), has every member keep the slice,
+   and reports the group prepared -- or failed, naming why.
+3. It relays the coordinator's :class:`Decision` to every member and
+   acknowledges once all alive members applied it.
+4. It gathers its members' heartbeats and sends the coordinator one beat
+   for the group, naming members it has not heard from.
+
+A leader holds only soft state: when it dies the coordinator names another
+member, members re-send their notices to it, and steps it was preparing are
+failed and saved again by the trainers' next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from snapstore.config import StoreConfig
+from snapstore.control.links import Fabric, NodeLink
+from snapstore.control.messages import (
+    Decision,
+    GroupBeat,
+    GroupReport,
+    MemberBeat,
+    NodeConfig,
+    NodeInfo,
+    NodeNotice,
+    OutcomeStatus,
+    PrepareOrder,
+    StagedEntry,
+)
+from snapstore.control.orders import parity_build_orders, parity_delta_orders, same_geometry
+from snapstore.control.placement import plan_parity
+from snapstore.control.runtime import Clock, Tasks
+from snapstore.errors import SnapstoreError
+from snapstore.format.record import RankEntry, StepRecord
+from snapstore.format.work import Delta, PeerInfo
+from snapstore.node.api import NodeStore
+from snapstore.rpc import describe
+
+if TYPE_CHECKING:
+    from snapstore.control.member import Member
+
+__all__ = ["Leader"]
+
+logger = logging.getLogger(__name__)
+
+PARITY_TIMEOUT = 120.0
+KEEP_TIMEOUT = 30.0
+RPC_TIMEOUT = 30.0
+
+
+@dataclass
+class _GroupStep:
+    """What the leader collected of one step of one job in its group."""
+
+    entries: dict[int, tuple[str, StagedEntry]] = field(default_factory=dict)
+    since: float = 0.0
+    preparing: set[int] = field(default_factory=set)
+
+
+class Leader:
+    """The leader of one stripe group for one membership epoch. See the module docstring."""
+
+    def __init__(
+        self,
+        node: str,
+        config: NodeConfig,
+        store: NodeStore,
+        fabric: Fabric,
+        clock: Clock,
+        cfg: StoreConfig,
+        local: Member | None = None,
+    ) -> None:
+        self.node = node
+        self.config = config
+        self.store = store
+        self.fabric = fabric
+        self.clock = clock
+        self.cfg = cfg
+        self.local = local
+        self.tasks = Tasks()
+        self._steps: dict[tuple[str, int], _GroupStep] = {}
+        self._beats: dict[str, tuple[NodeInfo, float]] = {}
+        self._inflight: set[tuple[str, int]] = set()
+        self._dirty: set[tuple[str, int]] = set()
+        self._closed: dict[tuple[str, int, int], str] = {}
+        self._client: dict[str, dict[str, float]] = {}
+        self._stopped = False
+
+    @property
+    def group(self) -> tuple[str, ...]:
+        return self.config.group
+
+    def link(self, node: str) -> NodeLink:
+        if node == self.node and self.local is not None:
+            return self.local
+        return self.fabric.node(node)
+
+    def start(self) -> None:
+        now = self.clock.now()
+        for n in self.group:
+            self._beats.setdefault(n, (_unknown(n), now))
+        self.tasks.spawn(self._beat_loop(), "leader beats")
+        self.tasks.spawn(self._resend_loop(), "leader re-sends")
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.tasks.cancel_all()
+
+    # -- from members -----------------------------------------------------------------
+
+    async def notice(self, notice: NodeNotice) -> None:
+        if notice.epoch != self.config.epoch or notice.node not in self.group:
+            return  # sent under another membership: the member re-sends to its new leader
+        key = (notice.job, notice.step)
+        gs = self._steps.get(key)
+        if gs is None:
+            gs = self._steps[key] = _GroupStep(since=self.clock.now())
+        for e in notice.entries:
+            prev = gs.entries.get(e.staged.rank)
+            if prev is None or prev[1].session != e.session:
+                counts = self._client.setdefault(notice.job, {})
+                for name, value in e.client.items():
+                    counts[name] = counts.get(name, 0.0) + float(value)
+            gs.entries[e.staged.rank] = (notice.node, e)
+        self._report_soon(key)
+
+    async def beat(self, beat: MemberBeat) -> None:
+        if beat.info.node in self.group:
+            self._beats[beat.info.node] = (beat.info, self.clock.now())
+
+    # -- from the coordinator ------------------------------------------------------------
+
+    async def prepare(self, order: PrepareOrder) -> None:
+        if order.epoch != self.config.epoch or self._stopped:
+            return
+        if (order.job, order.step, order.version) in self._closed:
+            return
+        gs = self._steps.setdefault((order.job, order.step), _GroupStep(since=self.clock.now()))
+        if order.version in gs.preparing:
+            return  # a repeated order: already preparing
+        gs.preparing.add(order.version)
+        self.tasks.spawn(self._prepare(order), f"prepare {order.job!r} step {order.step}")
+
+    async def decide(self, decision: Decision) -> None:
+        self._closed[(decision.job, decision.step, decision.version)] = decision.status.value
+        while len(self._closed) > 256:
+            self._closed.pop(next(iter(self._closed)))
+        key = (decision.job, decision.step)
+        if decision.status is OutcomeStatus.COMMITTED:
+            for k in [k for k in self._steps if k[0] == decision.job and k[1] <= decision.step]:
+                self._steps.pop(k, None)
+        else:
+            gs = self._steps.get(key)
+            if gs is not None:
+                failed = set(decision.sessions)
+                for r, (_, e) in list(gs.entries.items()):
+                    if not failed or e.session in failed:
+                        del gs.entries[r]
+                if not gs.entries:
+                    self._steps.pop(key, None)
+        self.tasks.spawn(self._apply(decision), f"decision {decision.job!r} {decision.step}")
+
+    # -- preparing a step -------------------------------------------------------------------
+
+    async def _prepare(self, order: PrepareOrder) -> None:
+        t0 = self.clock.now()
+        try:
+            record, deltas = self._slice(order)
+            stats: dict[str, Any] = {}
+            if record.parity:
+                record = await self._parity(record, deltas, stats)
+            data = record.to_bytes()
+            await self._keep(record, data)
+            stats["parity_seconds"] = round(self.clock.now() - t0, 6)
+            await self._report(order, prepared=data, stats=stats)
+        except Exception as e:
+            reason = describe(e)
+            logger.info("prepare of %s step %d failed: %s", order.job, order.step, reason)
+            await self._report(order, failed=f"group of {self.node[:12]}: {reason}")
+
+    def _slice(self, order: PrepareOrder) -> tuple[StepRecord, dict[int, Delta | None]]:
+        cfg = self.config
+        deltas: dict[int, Delta | None] = {}
+        if order.ranks is not None:
+            ranks = dict(StepRecord.from_bytes(order.ranks).ranks)
+        else:
+            gs = self._steps.get((order.job, order.step))
+            ranks = {}
+            for rank, session in order.sessions.items():
+                got = gs.entries.get(rank) if gs is not None else None
+                if got is None or got[1].session != session:
+                    raise SnapstoreError(
+                        f"rank {rank}'s staging of step {order.step} (session {session[:8]}) "
+                        "is not in this group"
+                    )
+                node, e = got
+                ranks[rank] = RankEntry(node, e.staged.size, tuple(e.staged.sums))
+                deltas[rank] = e.staged.delta
+        groups = (cfg.group,) if cfg.protected else ()
+        parity = tuple(plan_parity(ranks, groups, cfg.k, cfg.m)) if groups else ()
+        record = StepRecord(
+            job=order.job,
+            step=order.step,
+            version=order.version,
+            k=cfg.k,
+            m=cfg.m,
+            world_size=order.world_size,
+            ranks=ranks,
+            groups=groups,
+            parity=parity,
+        )
+        return record, deltas
+
+    async def _parity(
+        self, record: StepRecord, deltas: dict[int, Delta | None], stats: dict[str, Any]
+    ) -> StepRecord:
+        peers = self.config.peers
+        base = self.store.record(record.job)
+        full = [d for d in deltas.values() if d is not None]
+        if (
+            base is not None
+            and deltas
+            and len(full) == len(record.ranks)
+            and all(d.base_step == base.step for d in full)
+            and same_geometry(record, base)
+        ):
+            orders = parity_delta_orders(
+                record, base, {r: d for r, d in deltas.items() if d}, peers, self.config.backend
+            )
+            stats["delta"] = True
+            stats["delta_bytes"] = sum(d.bytes for d in full)
+        else:
+            orders = parity_build_orders(record, peers, self.config.backend)
+            stats["delta"] = False
+        nodes = list(orders)
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(self.link(n).build_parity(orders[n]), PARITY_TIMEOUT)
+                for n in nodes
+            ),
+            return_exceptions=True,
+        )
+        failures = {
+            f"node {n[:12]}": describe(r)
+            for n, r in zip(nodes, results, strict=True)
+            if isinstance(r, BaseException)
+        }
+        if failures:
+            detail = "; ".join(f"{who}: {why}" for who, why in failures.items())
+            raise SnapstoreError(f"parity failed ({detail})")
+        sums = {n: list(r.sums) for n, r in zip(nodes, results, strict=True) if hasattr(r, "sums")}
+        stats["peer_bytes"] = sum(
+            int(r.peer_bytes) for r in results if not isinstance(r, BaseException)
+        )
+        filled = []
+        cursor: dict[str, int] = {}
+        for pe in record.parity:
+            i = cursor.get(pe.node, 0)
+            cursor[pe.node] = i + 1
+            filled.append(
+                type(pe)(
+                    pe.group, pe.stripe, pe.index, pe.node, pe.offset, pe.length, sums[pe.node][i]
+                )
+            )
+        return record.replace(parity=tuple(filled), committed_at=self.clock.wall())
+
+    async def _keep(self, record: StepRecord, data: bytes) -> None:
+        """Every member keeps the slice; one holding data of it must, the others may fail."""
+        members = list(self.group) if self.group else sorted(record.nodes())
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.link(n).keep_prepared(data), KEEP_TIMEOUT) for n in members),
+            return_exceptions=True,
+        )
+        needed = record.nodes()
+        failures = {
+            f"node {n[:12]}": describe(r)
+            for n, r in zip(members, results, strict=True)
+            if isinstance(r, BaseException) and n in needed
+        }
+        if failures:
+            detail = "; ".join(f"{who}: {why}" for who, why in failures.items())
+            raise SnapstoreError(f"members could not keep the prepared record ({detail})")
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def _report_soon(self, key: tuple[str, int]) -> None:
+        if key in self._inflight:
+            self._dirty.add(key)
+            return
+        self._inflight.add(key)
+        self.tasks.spawn(self._send_staged(key), f"report of {key[0]!r} step {key[1]}")
+
+    async def _send_staged(self, key: tuple[str, int]) -> None:
+        try:
+            while not self._stopped:
+                self._dirty.discard(key)
+                gs = self._steps.get(key)
+                if gs is None or not gs.entries:
+                    return
+                world = max(e.world_size for _, e in gs.entries.values())
+                client = self._client.pop(key[0], {})
+                report = GroupReport(
+                    job=key[0],
+                    step=key[1],
+                    version=-1,
+                    epoch=self.config.epoch,
+                    leader=self.node,
+                    group=self.group,
+                    world_size=world,
+                    ranks=tuple(sorted(gs.entries)),
+                    sessions={r: e.session for r, (_, e) in gs.entries.items()},
+                    stats={"client": client} if client else {},
+                )
+                try:
+                    await asyncio.wait_for(self.fabric.coordinator().report(report), RPC_TIMEOUT)
+                except (SnapstoreError, asyncio.TimeoutError) as e:
+                    logger.info("report to the coordinator failed: %s", e)
+                    return
+                if key not in self._dirty:
+                    return
+        finally:
+            self._inflight.discard(key)
+
+    async def _report(
+        self,
+        order: PrepareOrder,
+        prepared: bytes | None = None,
+        failed: str = "",
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        report = GroupReport(
+            job=order.job,
+            step=order.step,
+            version=order.version,
+            epoch=self.config.epoch,
+            leader=self.node,
+            group=self.group,
+            world_size=order.world_size,
+            ranks=tuple(sorted(order.sessions)),
+            sessions=dict(order.sessions),
+            prepared=prepared,
+            failed=failed,
+            stats=stats or {},
+        )
+        try:
+            await asyncio.wait_for(self.fabric.coordinator().report(report), RPC_TIMEOUT)
+        except (SnapstoreError, asyncio.TimeoutError) as e:
+            # The coordinator asks again (or fails the step by its timeout).
+            logger.info("prepared report to the coordinator failed: %s", e)
+        gs = self._steps.get((order.job, order.step))
+        if gs is not None:
+            gs.preparing.discard(order.version)
+
+    async def _apply(self, decision: Decision) -> None:
+        members = list(self.group) or [self.node]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.link(n).decide(decision), RPC_TIMEOUT) for n in members),
+            return_exceptions=True,
+        )
+        for n, r in zip(members, results, strict=True):
+            if isinstance(r, BaseException):
+                logger.info("member %s did not apply a decision: %s", n[:12], describe(r))
+        ack = GroupReport(
+            job=decision.job,
+            step=decision.step,
+            version=decision.version,
+            epoch=self.config.epoch,
+            leader=self.node,
+            group=self.group,
+            world_size=0,
+            applied=True,
+        )
+        try:
+            await asyncio.wait_for(self.fabric.coordinator().report(ack), RPC_TIMEOUT)
+        except (SnapstoreError, asyncio.TimeoutError) as e:
+            logger.info("decision ack to the coordinator failed: %s", e)
+
+    # -- background ---------------------------------------------------------------------------
+
+    async def _beat_loop(self) -> None:
+        interval = max(self.cfg.heartbeat_interval, 0.5)
+        while not self._stopped:
+            await asyncio.sleep(interval)
+            now = self.clock.now()
+            infos = tuple(info for info, _ in self._beats.values() if info.incarnation)
+            silent = {
+                n: round(now - heard, 3)
+                for n, (_, heard) in self._beats.items()
+                if now - heard > self.cfg.failure_timeout and n != self.node
+            }
+            beat = GroupBeat(self.config.epoch, self.node, infos, silent)
+            try:
+                await asyncio.wait_for(
+                    self.fabric.coordinator().group_beat(beat), self.cfg.failure_timeout
+                )
+            except (SnapstoreError, asyncio.TimeoutError) as e:
+                logger.debug("group beat failed: %s", e)
+
+    async def _resend_loop(self) -> None:
+        interval = self.cfg.resend_interval
+        while not self._stopped:
+            await asyncio.sleep(interval)
+            now = self.clock.now()
+            for key, gs in list(self._steps.items()):
+                if gs.entries and now - gs.since >= interval and not gs.preparing:
+                    self._report_soon(key)
+
+
+def _unknown(node: str) -> NodeInfo:
+    """A member not heard from yet (its beat fills in the rest)."""
+    return NodeInfo(node, "", PeerInfo(node, "", "", "", 0))

@@ -1,0 +1,278 @@
+"""Control-plane messages: what members, group leaders, the coordinator and clients say.
+
+Every message is a frozen dataclass with the one wire encoding of
+:mod:`snapstore.format.wire`. Step records travel as their own versioned
+bytes (:meth:`snapstore.format.record.StepRecord.to_bytes`) inside them.
+
+Who sends what (see docs/architecture.md, "The commit protocol"):
+
+- member -> its group leader: :class:`NodeNotice` (ranks staged here),
+  :class:`MemberBeat` (alive, and what it holds).
+- leader -> coordinator: :class:`GroupReport` (ranks staged in the group,
+  the group prepared, or failed), :class:`GroupBeat`.
+- coordinator -> leaders: :class:`PrepareOrder`, :class:`Decision`;
+  -> every node: :class:`NodeConfig` (membership epoch, group, leader).
+- node -> client: :class:`Outcome` of a step, with the rank's next lease.
+- coordinator -> client: :class:`RestorePlan` or :class:`ErrorReply`.
+- everyone -> the event log: :class:`Event`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapstore.format.wire import message
+from snapstore.format.work import Lease, PeerInfo, RankStaged
+
+__all__ = [
+    "Decision",
+    "ErrorKind",
+    "ErrorReply",
+    "Event",
+    "GroupBeat",
+    "GroupReport",
+    "MemberBeat",
+    "NodeConfig",
+    "NodeInfo",
+    "NodeNotice",
+    "Outcome",
+    "OutcomeStatus",
+    "PrepareOrder",
+    "RestorePlan",
+    "StagedEntry",
+]
+
+
+@message
+@dataclass(frozen=True)
+class NodeInfo:
+    """Who and where an SMP is, and what it holds (sent when it registers and in beats)."""
+
+    node: str
+    incarnation: str
+    peer: PeerInfo
+    pid: int = 0
+    started_at: float = 0.0
+    budget: int = 0
+    used: int = 0
+    data_bytes: int = 0
+    parity_bytes: int = 0
+    spare_bytes: int = 0
+    held: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@message
+@dataclass(frozen=True)
+class NodeConfig:
+    """A node's place in the membership of one epoch: its group and that group's leader.
+
+    ``group`` is empty for a node in no group (too few nodes to protect
+    anything: its data is kept without parity). ``peers`` reach every member.
+    """
+
+    epoch: int
+    node: str
+    group: tuple[str, ...]
+    leader: str
+    protected: bool
+    k: int
+    m: int
+    backend: str
+    peers: dict[str, PeerInfo] = field(default_factory=dict)
+
+
+@message
+@dataclass(frozen=True)
+class StagedEntry:
+    """One rank's staged step as its node reports it."""
+
+    staged: RankStaged
+    session: str
+    world_size: int
+    client: dict[str, float] = field(default_factory=dict)
+    """What the trainer's client counted since its last save (waits, skips, bytes)."""
+
+
+@message
+@dataclass(frozen=True)
+class NodeNotice:
+    """Member -> leader: ranks of ``job`` staged ``step`` on ``node`` (one notice per node
+    per step, more only when ranks stage far apart)."""
+
+    job: str
+    step: int
+    node: str
+    epoch: int
+    entries: tuple[StagedEntry, ...]
+
+
+@message
+@dataclass(frozen=True)
+class MemberBeat:
+    """Member -> leader, every heartbeat interval."""
+
+    info: NodeInfo
+    epoch: int
+
+
+@message
+@dataclass(frozen=True)
+class GroupReport:
+    """Leader -> coordinator about ``step`` (and record ``version``) of ``job`` in its group.
+
+    ``ranks``: the ranks staged in the group so far. ``prepared``: the group's
+    slice of the step record, parity computed and every alive member holding
+    it (record bytes). ``failed``: why the group cannot prepare the step.
+    """
+
+    job: str
+    step: int
+    version: int
+    epoch: int
+    leader: str
+    group: tuple[str, ...]
+    world_size: int
+    ranks: tuple[int, ...] = ()
+    sessions: dict[int, str] = field(default_factory=dict)
+    prepared: bytes | None = None
+    failed: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    applied: bool = False
+    """The leader applied a decision of this step to every alive member (an ack)."""
+
+
+@message
+@dataclass(frozen=True)
+class GroupBeat:
+    """Leader -> coordinator: its members' latest beats and how long each has been silent."""
+
+    epoch: int
+    leader: str
+    infos: tuple[NodeInfo, ...]
+    silent: dict[str, float] = field(default_factory=dict)
+
+
+@message
+@dataclass(frozen=True)
+class PrepareOrder:
+    """Coordinator -> leader: prepare the group's slice of ``step`` (version ``version``).
+
+    For a new step the leader uses the ranks its members reported; for a
+    re-protection (version > 0) ``ranks`` gives the record bytes of the
+    ranks now homed in the group (their entries only, in a record).
+    """
+
+    job: str
+    step: int
+    version: int
+    epoch: int
+    world_size: int
+    sessions: dict[int, str] = field(default_factory=dict)
+    """A new step: the staging (client session) of each of the group's ranks to use."""
+    ranks: bytes | None = None
+
+
+class OutcomeStatus(str, enum.Enum):
+    COMMITTED = "committed"
+    FAILED = "failed"
+    PENDING = "pending"
+    UNKNOWN = "unknown"
+
+
+@message
+@dataclass(frozen=True)
+class Decision:
+    """Coordinator -> leader -> members: ``step`` (record ``version``) of ``job`` committed,
+    or failed (``reason``). ``hold``: a flush token; members hold their data slots of a
+    committed step for it as they commit (``ttl`` seconds)."""
+
+    job: str
+    step: int
+    version: int
+    status: OutcomeStatus
+    reason: str = ""
+    hold: str = ""
+    hold_ttl: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    sessions: tuple[str, ...] = ()
+    """FAILED: the stagings (by client session) that failed; empty means every one."""
+    restore: bool = False
+    """FAILED because those processes must restore first (the job restarted)."""
+
+
+@message
+@dataclass(frozen=True)
+class Outcome:
+    """Node -> client: what became of a saved step, and the slot to write the next one to."""
+
+    status: OutcomeStatus
+    step: int
+    reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    lease: Lease | None = None
+    restore: bool = False
+    """FAILED because this process must restore before it saves again."""
+
+
+class ErrorKind(str, enum.Enum):
+    NOT_FOUND = "not_found"
+    UNRECOVERABLE = "unrecoverable"
+    TIMEOUT = "timeout"
+    STALE = "stale"
+    REFUSED = "refused"
+    MEMORY = "memory"
+    OFF = "off"
+    PERSIST_FAILED = "persist_failed"
+    RETRY = "retry"
+
+
+@message
+@dataclass(frozen=True)
+class ErrorReply:
+    """The one error shape of the control plane: what kind, why, and who failed.
+
+    ``lost`` names lost or corrupt chunks (UNRECOVERABLE); ``failures`` maps
+    each party that failed (a node, a rank) to its error; ``fallback`` says
+    the job restores from its persisted step.
+    """
+
+    kind: ErrorKind
+    message: str
+    lost: tuple[str, ...] = ()
+    failures: dict[str, str] = field(default_factory=dict)
+    fallback: bool = False
+
+
+@message
+@dataclass(frozen=True)
+class RestorePlan:
+    """Where a rank reads its committed buffer: ``home`` (or the asking node when ``local``)."""
+
+    step: int
+    version: int
+    size: int
+    sums: tuple[int, ...]
+    home: str
+    home_peer: PeerInfo
+    local: bool
+    incarnation: int = 0
+
+
+@message
+@dataclass(frozen=True)
+class Event:
+    """One entry of the event log: failures, rebuilds, commits, errors."""
+
+    seq: int
+    time: float
+    kind: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"seq": self.seq, "time": self.time, "kind": self.kind, "message": self.message}
+        out.update(self.fields)
+        return out

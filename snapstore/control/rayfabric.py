@@ -1,0 +1,234 @@
+"""The control plane's links over Ray actor calls (see :mod:`snapstore.control.links`).
+
+Every message crosses as the bytes of :mod:`snapstore.format.wire` (Ray
+pickles only those bytes and plain scalars); replies are decoded and
+checked on arrival. Ray's errors become snapstore's: an actor that is dead
+or restarting raises :class:`ActorUnavailableError`, an error raised in the
+actor arrives as itself when it is a :class:`SnapstoreError`.
+
+A node's watch is one pending call to its SMP's ``watch`` method, which
+never returns while the SMP lives: Ray fails it the moment the SMP's
+process or node dies (measured here: 23 ms after a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any, TypeVar
+
+from snapstore.control.links import AbandonReply, NodeSnapshot
+from snapstore.control.messages import (
+    Decision,
+    GroupBeat,
+    GroupReport,
+    MemberBeat,
+    NodeConfig,
+    NodeInfo,
+    NodeNotice,
+    Outcome,
+    PrepareOrder,
+)
+from snapstore.errors import ActorUnavailableError, SnapstoreError
+from snapstore.format.wire import decode, encode
+from snapstore.format.work import (
+    CommitResult,
+    PersistOrder,
+    PersistResult,
+    VerifyReport,
+    WorkOrder,
+    WorkResult,
+)
+from snapstore.node.store import COORDINATOR_NAME, smp_name
+from snapstore.rpc import describe
+
+__all__ = ["RayFabric", "await_ref"]
+
+T = TypeVar("T")
+
+
+async def await_ref(ref: Any, what: str) -> Any:
+    """Await a Ray call, raising snapstore errors instead of Ray's wrappers."""
+    import ray
+
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, SnapstoreError):
+            raise cause from None
+        raise SnapstoreError(f"{what} failed: {describe(cause or e)}") from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        raise ActorUnavailableError(f"{what}: actor unavailable ({describe(e)})") from None
+
+
+class _Handles:
+    """Actor handles by name, looked up once (off the event loop) and kept."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._cache: dict[str, Any] = {}
+
+    async def get(self, name: str) -> Any:
+        handle = self._cache.get(name)
+        if handle is None:
+            import ray
+
+            loop = asyncio.get_running_loop()
+            try:
+                handle = await loop.run_in_executor(
+                    None, functools.partial(ray.get_actor, name, namespace=self.namespace)
+                )
+            except ValueError:
+                raise ActorUnavailableError(f"no actor {name} (not started, or gone)") from None
+            self._cache[name] = handle
+        return handle
+
+    def forget(self, name: str) -> None:
+        self._cache.pop(name, None)
+
+
+class _RayNode:
+    def __init__(self, handles: _Handles, node: str) -> None:
+        self.node = node
+        self._handles = handles
+        self._name = smp_name(node)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        handle = await self._handles.get(self._name)
+        try:
+            return await await_ref(
+                getattr(handle, method).remote(*args), f"SMP {self.node[:12]}.{method}"
+            )
+        except ActorUnavailableError:
+            self._handles.forget(self._name)
+            raise
+
+    async def configure(self, config: NodeConfig) -> None:
+        await self._call("configure", encode(config))
+
+    async def build_parity(self, order: WorkOrder) -> WorkResult:
+        return decode(await self._call("build_parity", encode(order)), WorkResult)
+
+    async def keep_prepared(self, record: bytes) -> None:
+        await self._call("keep_prepared", record)
+
+    async def decide(self, decision: Decision) -> CommitResult:
+        return decode(await self._call("decide", encode(decision)), CommitResult)
+
+    async def rebuild(self, order: WorkOrder) -> WorkResult:
+        return decode(await self._call("rebuild", encode(order)), WorkResult)
+
+    async def verify(self, record: bytes) -> VerifyReport:
+        return decode(await self._call("verify", record), VerifyReport)
+
+    async def hold(self, job: str, step: int, token: str, ttl: float) -> list[int]:
+        return [int(r) for r in await self._call("hold", job, step, token, ttl)]
+
+    async def release(self, token: str) -> None:
+        await self._call("release", token)
+
+    async def persist(self, order: PersistOrder) -> PersistResult:
+        return decode(await self._call("persist", encode(order)), PersistResult)
+
+    async def verify_persisted(self, path: str, ranks: list[int]) -> dict[int, str | None]:
+        got = await self._call("verify_persisted", path, ranks)
+        return {int(r): (None if v is None else str(v)) for r, v in got.items()}
+
+    async def forget(self, job: str) -> None:
+        await self._call("forget", job)
+
+    async def drop_job(self, job: str) -> None:
+        await self._call("drop_job", job)
+
+    async def snapshot(self) -> NodeSnapshot:
+        return decode(await self._call("snapshot"), NodeSnapshot)
+
+
+class _RayLeader:
+    def __init__(self, node: _RayNode) -> None:
+        self.node = node.node
+        self._n = node
+
+    async def notice(self, notice: NodeNotice) -> None:
+        await self._n._call("leader_notice", encode(notice))
+
+    async def beat(self, beat: MemberBeat) -> None:
+        await self._n._call("leader_beat", encode(beat))
+
+    async def prepare(self, order: PrepareOrder) -> None:
+        await self._n._call("leader_prepare", encode(order))
+
+    async def decide(self, decision: Decision) -> None:
+        await self._n._call("leader_decide", encode(decision))
+
+
+class _RayCoordinator:
+    def __init__(self, handles: _Handles) -> None:
+        self._handles = handles
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        handle = await self._handles.get(COORDINATOR_NAME)
+        try:
+            return await await_ref(getattr(handle, method).remote(*args), f"coordinator.{method}")
+        except ActorUnavailableError:
+            self._handles.forget(COORDINATOR_NAME)
+            raise
+
+    async def register(self, info: NodeInfo) -> NodeConfig | None:
+        got = await self._call("register", encode(info))
+        return None if got is None else decode(got, NodeConfig)
+
+    async def report(self, report: GroupReport) -> None:
+        await self._call("report", encode(report))
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        await self._call("group_beat", encode(beat))
+
+    async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
+        return decode(await self._call("abandon", job, rank, step, session), AbandonReply)
+
+    async def step_status(self, job: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
+        return decode(await self._call("step_status", job, step, rank, list(sums)), Outcome)
+
+
+class RayFabric:
+    """Links to SMPs, their leaders and the coordinator, as named Ray actors."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._handles = _Handles(namespace)
+        self._nodes: dict[str, _RayNode] = {}
+
+    def node(self, node: str) -> _RayNode:
+        link = self._nodes.get(node)
+        if link is None:
+            link = self._nodes[node] = _RayNode(self._handles, node)
+        return link
+
+    def leader(self, node: str) -> _RayLeader:
+        return _RayLeader(self.node(node))
+
+    def coordinator(self) -> _RayCoordinator:
+        return _RayCoordinator(self._handles)
+
+    async def watch(self, node: str) -> None:
+        """Returns or raises when the node's SMP (this incarnation of it) is gone."""
+        await self.node(node)._call("watch")
+
+    async def discover(self) -> list[str]:
+        """Nodes with a running SMP of this store's namespace (a restarted coordinator)."""
+        import ray
+
+        loop = asyncio.get_running_loop()
+        named = await loop.run_in_executor(
+            None, functools.partial(ray.util.list_named_actors, all_namespaces=True)
+        )
+        prefix = smp_name("")
+        return sorted(
+            str(n["name"])[len(prefix) :]
+            for n in named
+            if isinstance(n, dict)
+            and n.get("namespace") == self.namespace
+            and str(n.get("name", "")).startswith(prefix)
+        )
