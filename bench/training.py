@@ -6,11 +6,14 @@ every step (lazily: the copy overlaps the next forward and backward). The
 optimizer state and parameters are replicated across ranks, so each rank
 stores only its share of them (data-parallel de-duplication).
 
-:func:`run` is the job controller (what torchelastic or Ray Train would be):
-it starts the ranks, injects failures at set steps (a trainer process killed,
-an SMP killed, a whole node killed), notices, restarts the ranks, has every
-rank restore the last committed step, and trains on. It measures, per
-failure, the time to detect, to restore, and the steps of work lost.
+:func:`run` is the launcher (what torchelastic or Ray Train is to a user's
+job): it starts the ranks, injects failures at set steps (a trainer process
+killed, an SMP killed, a whole node killed), notices, replaces the failed
+ranks, has every rank restore the last committed step, and trains on. It
+calls nothing of the store's between a failure and the restores: ending the
+failed incarnation's pending steps and rebuilding lost ranks happen in the
+store when ranks restore. It measures, per failure, the time to detect, to
+restore, and the steps of work lost.
 """
 
 from __future__ import annotations
@@ -450,7 +453,10 @@ def run(
     Recovery follows the surviving-ranks model (as torchft does): failed
     ranks' processes are replaced (on replacement nodes if their nodes died),
     the surviving processes stay, every rank joins a new process group and
-    restores the last committed step in place, and training goes on.
+    restores the last committed step in place, and training goes on. The
+    store is told nothing: the first restore of a replaced rank ends the
+    steps the failed job left pending, and a lost node's ranks are rebuilt
+    onto the replacement nodes as they restore.
     """
     import ray
 
@@ -477,10 +483,6 @@ def run(
                 break
             with contextlib.suppress(Exception):
                 report.losses.update(dict(ray.get(ranks[0].train_losses.remote(), timeout=5)))
-            if snapshot:
-                # Survivors may wait on a step the failed rank never staged.
-                with contextlib.suppress(Exception):
-                    store.call("abort_pending", job, f"{failure.kind} failure: job restarting")
             _drain(refs)
             stuck = [
                 i

@@ -364,8 +364,12 @@ class SlotTable:
         old = self._records.get(rec.job)
         if old is not None and (old.step, old.version) >= (rec.step, rec.version):
             return False
+        # Relocated data of this very step stays pinned: a late commit of the record that
+        # still homes the rank on its lost node must not free the only intact copy.
         for n in [n for n, j in self._pinned.items() if j == rec.job]:
-            del self._pinned[n]
+            p = parse_name(n)
+            if p is None or p.step is None or p.step < rec.step:
+                del self._pinned[n]
         self._write_file(record_name(rec.job), record_bytes)
         self._records[rec.job] = rec
         self._drop_prepared(rec.job, lambda k: (k[1], k[2]) <= (rec.step, rec.version))
@@ -374,7 +378,8 @@ class SlotTable:
                 continue  # spares, leases, deltas, and newer steps in progress stay
             if p.kind == "data":
                 home = rec.ranks.get(p.rank) if p.rank is not None else None
-                keep = p.step == rec.step and home is not None and home.node == self.node_id
+                here = home is not None and home.node == self.node_id
+                keep = p.step == rec.step and (here or n in self._pinned)
             else:
                 keep = (p.step, p.version) == (rec.step, rec.version)
             if not keep:

@@ -79,10 +79,15 @@ class SimJob:
         for t in self.trainers:
             t.start()
 
-    async def barrier(self, trainer: SimTrainer, step: int) -> None:
-        """Ranks of one generation move from step to step together, as DDP's all-reduce
-        makes them; a rank whose generation is being replaced waits to be killed."""
-        key = (trainer.gen, step)
+    async def barrier(self, trainer: SimTrainer, iteration: int) -> None:
+        """Ranks of one generation move from iteration to iteration together, as DDP's
+        all-reduce makes them; a rank whose generation is being replaced waits to be killed.
+
+        Iterations, not step numbers: collectives match by their order, so a rank that
+        restored another step than its peers (it restored the pinned step, then the job
+        fell back to disk) trains along with them until its save is refused.
+        """
+        key = (trainer.gen, iteration)
         self._reached.setdefault(key, set()).add(trainer.rank)
         while len(self._reached[key]) < self.size or self.restarting:
             await asyncio.sleep(0.05)
@@ -202,7 +207,7 @@ class SimTrainer:
                 start = got
             for step in range(start + 1, self.steps + 1):
                 self.state = f"at {step}"
-                await self.job.barrier(self, step)
+                await self.job.barrier(self, step - start)
                 self.state = f"saving {step}"
                 await self.save(step)
                 await asyncio.sleep(self.world.rng.uniform(0.01, 0.2))

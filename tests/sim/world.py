@@ -78,7 +78,8 @@ class Spec:
         ]
         kinds = [
             "trainer",
-            "trainer",
+            "trainer_in_prepare",
+            "abort_in_prepare",
             "smp",
             "smp_wipe",
             "node",
