@@ -34,7 +34,12 @@ from snapstore.format.pack import pack, unpack
 
 
 class StoreStandIn:
-    """What SnapstoreWriter/Reader use of a Client, over packed bytes."""
+    """What SnapstoreWriter/Reader use of a Client, over packed bytes of one rank.
+
+    The reader restores its own rank through ``restore`` and peeks the
+    others (here there is only rank 0); the writer proposes one past the
+    client's ``_last_step``, which ``save`` and ``restore`` set as a Client does.
+    """
 
     job = "dcp"
     rank = 0
@@ -42,6 +47,7 @@ class StoreStandIn:
 
     def __init__(self) -> None:
         self.steps: dict[int, tuple[bytes, bytes]] = {}
+        self._last_step: int | None = None
 
     def latest_step(self) -> int | None:
         return max(self.steps, default=None)
@@ -49,12 +55,20 @@ class StoreStandIn:
     def save(self, step: int, state: Any) -> Any:
         packed = pack(state)
         self.steps[step] = (bytes(packed.manifest), np.asarray(packed.data).tobytes())
+        self._last_step = step
         return SimpleNamespace(result=lambda timeout=None: step)
 
-    def peek(self, rank: int, copy: bool = True) -> tuple[int, Any]:
+    def peek(
+        self, rank: int | None = None, *, timeout: float | None = None, copy: bool = False
+    ) -> tuple[int, Any]:
         step = max(self.steps)
         manifest, data = self.steps[step]
         return step, unpack(manifest, data)
+
+    def restore(self, into: Any = None, *, timeout: float | None = None) -> tuple[int, Any]:
+        step, state = self.peek(self.rank)
+        self._last_step = step
+        return step, state
 
 
 def _quiet() -> Any:
