@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hmac
-import secrets
 import socket
 import socketserver
 import threading
@@ -23,12 +21,15 @@ import numpy as np
 from snapstore.coding import checksum
 from snapstore.node import wire
 from snapstore.node.wire import (
+    AuthenticationError,
     ChunkUnavailableError,
-    Mac,
-    NoMac,
+    Sealer,
     check_name,
     recv_exact_into,
-    recv_frame,
+    recv_sealed,
+    send_payload,
+    send_sealed,
+    staging_buffer,
     wait_readable,
 )
 
@@ -65,10 +66,10 @@ class DataServer:
         token: str,
         resolve: Callable[[str], np.ndarray],
         *,
-        _authenticate: bool = True,
+        _seal: bool = True,
     ) -> None:
-        self._req_key, self._rep_key = wire.keys(token)
-        self._mac: type[Mac] = Mac if _authenticate else NoMac
+        self._token = token
+        self._seal = _seal
         self._resolve = resolve
         self._conns: set[socket.socket] = set()
         self._pending: collections.OrderedDict[socket.socket, None] = collections.OrderedDict()
@@ -146,54 +147,46 @@ class DataServer:
 
     def _serve(self, sock: socket.socket) -> None:
         """Serve one connection until it closes, idles out or misbehaves."""
-        authenticated = False
-        nonce = secrets.token_bytes(wire.NONCE)
+        server_salt = wire.new_salt()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(wire.IO_TIMEOUT)
-            hello = msgpack.packb({"v": wire.PROTOCOL, "nonce": nonce}, use_bin_type=True)
-            sock.sendall(wire.HDR.pack(len(hello)) + hello)
-            seq = 0
+            sock.sendall(wire.plain_hello(v=wire.PROTOCOL, salt=server_salt))
+            if not wait_readable(sock, wire.AUTH_TIMEOUT):
+                return
+            deadline = time.monotonic() + wire.HEADER_TIMEOUT  # the salt and the first request
+            client_salt = bytearray(wire.SALT)
+            recv_exact_into(sock, memoryview(client_salt), deadline)
+            k_req, k_rep = wire.keys(self._token, server_salt, bytes(client_salt))
+            requests = Sealer(k_req if self._seal else None)
+            replies = Sealer(k_rep if self._seal else None)
+            staging: bytearray | None = None
+            authenticated = False
             while True:
-                wait = wire.IDLE_TIMEOUT if authenticated else wire.AUTH_TIMEOUT
-                if not wait_readable(sock, wait):
-                    return
-                body, mac = self._read_request(sock)
-                expected = self._mac(self._req_key)
-                expected.update(nonce + body)
-                if not hmac.compare_digest(mac, expected.digest()):
-                    self._reply(
-                        sock,
-                        nonce,
-                        seq,
-                        {"ok": False, "error": "bad token: the request fails authentication"},
-                        None,
-                    )
+                try:
+                    body = recv_sealed(sock, requests, wire.MAX_REQUEST, deadline)
+                except AuthenticationError:
+                    sock.sendall(wire.HDR.pack(wire.REFUSED))
                     return
                 if not authenticated:
                     authenticated = True
                     self._authenticated(sock)
+                close = False
                 try:
-                    reply, payload = self._answer(body, seq)
+                    reply, payload = self._answer(body)
                 except _Refused as e:
-                    reply, payload = {"ok": False, "error": str(e)}, None
-                    if e.close:
-                        self._reply(sock, nonce, seq, reply, None)
-                        return
-                self._reply(sock, nonce, seq, reply, payload)
-                seq += 1
+                    reply, payload, close = {"ok": False, "error": str(e)}, None, e.close
+                send_sealed(sock, replies, msgpack.packb(reply, use_bin_type=True))
+                if payload is not None:
+                    staging = staging or staging_buffer()
+                    send_payload(sock, replies, payload.data.cast("B"), staging)
+                if close or not wait_readable(sock, wire.IDLE_TIMEOUT):
+                    return
+                deadline = time.monotonic() + wire.HEADER_TIMEOUT
         except (OSError, EOFError, ValueError):
             return
 
-    def _read_request(self, sock: socket.socket) -> tuple[bytes, bytes]:
-        deadline = time.monotonic() + wire.HEADER_TIMEOUT
-        body = recv_frame(sock, wire.MAX_REQUEST, deadline)
-        mac = bytearray(wire.TAG)
-        recv_exact_into(sock, memoryview(mac), deadline)
-        sock.settimeout(wire.IO_TIMEOUT)
-        return body, bytes(mac)
-
-    def _answer(self, body: bytes, seq: int) -> tuple[dict[str, Any], np.ndarray | None]:
+    def _answer(self, body: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
         """The reply to an authenticated request body; _Refused for a bad one."""
         try:
             req = msgpack.unpackb(body, raw=False)
@@ -201,8 +194,6 @@ class DataServer:
             raise _Refused(f"request is not msgpack: {e}", close=True) from None
         if not isinstance(req, dict):
             raise _Refused("request is not a map", close=True)
-        if req.get("seq") != seq or type(req.get("seq")) is not int:
-            raise _Refused(f"request sequence {req.get('seq')!r:.40}, expected {seq}", close=True)
         name = req.get("name")
         if not isinstance(name, str):
             raise _Refused(f"name must be a string, got {name!r:.40}")
@@ -221,26 +212,6 @@ class DataServer:
         if op == "read":
             return {"ok": True, "length": ln}, view
         raise _Refused(f"unknown op {op!r:.40}")
-
-    def _reply(
-        self,
-        sock: socket.socket,
-        nonce: bytes,
-        seq: int,
-        reply: dict[str, Any],
-        payload: np.ndarray | None,
-    ) -> None:
-        head = msgpack.packb(reply, use_bin_type=True)
-        tag = self._mac(self._rep_key)
-        tag.update(nonce + wire.SEQ.pack(seq) + head)
-        sock.sendall(wire.HDR.pack(len(head)) + head)
-        if payload is not None:
-            mv = payload.data.cast("B")
-            for at in range(0, len(mv), wire.IO_BLOCK):
-                block = mv[at : at + wire.IO_BLOCK]
-                tag.update(block)
-                sock.sendall(block)
-        sock.sendall(tag.digest())
 
     def stop(self) -> None:
         """Stop accepting, and close the connections being served."""

@@ -12,13 +12,13 @@ Parity and rebuilds need byte ranges of segments held by other nodes' SMPs.
 The ``tcp`` setting forces TCP even between same-host peers, to measure or
 test the cross-host path on one machine.
 
-The wire protocol (authenticated requests and replies, limits) is
-:mod:`snapstore.node.wire`; the server side :mod:`snapstore.node.dataserver`.
+The wire protocol (requests and replies sealed with AES-256-GCM under keys
+derived from the store's token, limits) is :mod:`snapstore.node.wire`; the
+server side :mod:`snapstore.node.dataserver`.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
@@ -37,11 +37,13 @@ from snapstore.node.dataserver import DataServer
 from snapstore.node.segments import MappingCache
 from snapstore.node.wire import (
     ChunkUnavailableError,
-    Mac,
-    NoMac,
+    Sealer,
     check_name,
-    recv_exact_into,
     recv_frame,
+    recv_payload_into,
+    recv_sealed,
+    send_sealed,
+    staging_buffer,
 )
 
 __all__ = ["ChunkUnavailableError", "DataServer", "PeerInfo", "Transport", "host_key"]
@@ -65,27 +67,34 @@ def host_key() -> str:
 
 @dataclass
 class _Conn:
-    """A client connection: its socket, the server's nonce, the next sequence number."""
+    """A client connection: its socket, its two directions' sealers, a staging buffer."""
 
     sock: socket.socket
-    nonce: bytes
-    seq: int = 0
+    requests: Sealer
+    replies: Sealer
+    staging: bytearray | None = None
     used: float = 0.0
+
+    def fresh(self, now: float) -> bool:
+        """Whether to reuse it: not idle long enough for the server to close it, and its
+        keys not past :data:`~snapstore.node.wire.REKEY_BYTES`."""
+        carried = self.requests.bytes + self.replies.bytes
+        return now - self.used < _POOL_IDLE and carried < wire.REKEY_BYTES
 
 
 class Transport:
     """Reads byte ranges of peers' segments. Thread-safe.
 
-    ``_authenticate=False`` (with a server made the same way) drops the MACs,
-    only to measure what they cost.
+    ``_seal=False`` (with a server made the same way) sends plaintext, only
+    to measure what sealing costs.
     """
 
     def __init__(
-        self, host: str, token: str, force_tcp: bool = False, *, _authenticate: bool = True
+        self, host: str, token: str, force_tcp: bool = False, *, _seal: bool = True
     ) -> None:
         self._host = host
-        self._req_key, self._rep_key = wire.keys(token)
-        self._mac: type[Mac] = Mac if _authenticate else NoMac
+        self._token = token
+        self._seal = _seal
         self._force_tcp = force_tcp
         self._lock = threading.Lock()
         self._maps = MappingCache(MAPPINGS_KEPT)
@@ -158,14 +167,18 @@ class Transport:
             if not isinstance(hello, dict) or hello.get("v") != wire.PROTOCOL:
                 found = hello.get("v") if isinstance(hello, dict) else None
                 raise ValueError(f"data server speaks protocol {found!r}, not {wire.PROTOCOL}")
-            nonce = hello.get("nonce")
-            if not isinstance(nonce, bytes) or len(nonce) != wire.NONCE:
-                raise ValueError("data server sent no nonce")
+            server_salt = hello.get("salt")
+            if not isinstance(server_salt, bytes) or len(server_salt) != wire.SALT:
+                raise ValueError("data server sent no salt")
+            client_salt = wire.new_salt()
+            k_req, k_rep = wire.keys(self._token, server_salt, client_salt)
             sock.settimeout(wire.IO_TIMEOUT)
+            sock.sendall(client_salt)
         except BaseException:
             sock.close()
             raise
-        return _Conn(sock, nonce)
+        seal = self._seal
+        return _Conn(sock, Sealer(k_req if seal else None), Sealer(k_rep if seal else None))
 
     def _pooled(self, key: tuple[str, int]) -> _Conn | None:
         now = time.monotonic()
@@ -173,7 +186,7 @@ class Transport:
             pool = self._conns.setdefault(key, [])
             while pool:
                 c = pool.pop()
-                if now - c.used < _POOL_IDLE:
+                if c.fresh(now):
                     return c
                 c.sock.close()
         return None
@@ -216,17 +229,12 @@ class Transport:
     def _exchange(
         self, conn: _Conn, req: dict[str, Any], dest: np.ndarray | None
     ) -> dict[str, Any]:
-        """One authenticated request and its verified reply; the connection stays usable
-        unless this raises."""
-        seq = conn.seq
-        conn.seq += 1
-        body = msgpack.packb(dict(req, seq=seq), use_bin_type=True)
-        mac = self._mac(self._req_key)
-        mac.update(conn.nonce + body)
-        conn.sock.sendall(wire.HDR.pack(len(body)) + body + mac.digest())
-        head = recv_frame(conn.sock, wire.MAX_REPLY, time.monotonic() + wire.IO_TIMEOUT)
-        tag = self._mac(self._rep_key)
-        tag.update(conn.nonce + wire.SEQ.pack(seq) + head)
+        """One sealed request and its reply, opened; the connection stays usable unless
+        this raises (then ``dest`` holds bytes that mean nothing)."""
+        send_sealed(conn.sock, conn.requests, msgpack.packb(req, use_bin_type=True))
+        head = recv_sealed(
+            conn.sock, conn.replies, wire.MAX_REPLY, time.monotonic() + wire.IO_TIMEOUT
+        )
         reply = msgpack.unpackb(head, raw=False)
         if not isinstance(reply, dict):
             raise ValueError("reply header is not a map")
@@ -235,17 +243,6 @@ class Transport:
             raise ValueError(f"reply announces {n!r:.40} bytes for a {req.get('length')}-byte read")
         if n:
             assert dest is not None
-            view = dest.data.cast("B")[:n]
-            for at in range(0, n, wire.IO_BLOCK):
-                block = view[at : at + wire.IO_BLOCK]
-                recv_exact_into(conn.sock, block)
-                tag.update(block)
-        got = bytearray(wire.TAG)
-        recv_exact_into(conn.sock, memoryview(got))
-        if not hmac.compare_digest(bytes(got), tag.digest()):
-            # Nothing of this reply is trusted; the connection is dropped.
-            raise ValueError(
-                "reply fails authentication (altered in transit, or the peer holds another "
-                f"store token; it said {reply.get('error', 'ok')!s:.200})"
-            )
+            conn.staging = conn.staging or staging_buffer()
+            recv_payload_into(conn.sock, conn.replies, dest.data.cast("B")[:n], conn.staging)
         return reply
