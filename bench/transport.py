@@ -1,4 +1,4 @@
-"""What authenticating the data servers' bytes costs: protocol 2 with and without its MACs.
+"""What sealing the data servers' bytes costs: protocol 3 with and without AES-256-GCM.
 
 Run: ``python -m bench.transport``; ``--quick`` for a smoke run; ``--json FILE``
 writes every sample. Prints markdown tables (docs/operating.md, Security,
@@ -10,20 +10,23 @@ over a segment of ``--size`` bytes in shared memory (as an SMP serves its
 chunks to a peer on another host). Each rep reads the whole segment in
 ``--block``-sized requests (``read_into``, as a rebuild does), or asks for
 checksums of 64 KiB ranges (``checksum``: small requests, where the
-per-request MAC would show). Two pairs run in round robin, so drifting load
+per-request cost would show). Two pairs run in round robin, so drifting load
 hits both alike:
 
-- **authenticated**: the protocol as SMPs speak it (HMAC-SHA256 of every
-  request, and of every reply's header and payload, each side checking);
-- **unauthenticated**: the same protocol, framing and threads with the MACs
+- **sealed**: the protocol as SMPs speak it (every request and reply,
+  header and payload, encrypted and authenticated with AES-256-GCM, each
+  side sealing what it sends and opening what it receives);
+- **plaintext**: the same protocol, framing and threads with sealing
   replaced by nothing (a private constructor flag that only this benchmark
-  sets): what the data path cost before this protocol.
+  and a control test set; payload bytes go from the segment to the socket
+  and from the socket into place, as the data path did before any
+  protection).
 
 The baseline is ``np.copyto`` of the same bytes (one memcpy). Medians of
-``--reps``; ratios are to the unauthenticated path of the same run. Loopback
+``--reps``; ratios are to the plaintext path of the same run. Loopback
 has no network in the way and both ends share the machine's cores, so the
-MACs' share (each byte hashed once by each end, HMAC-SHA256 at about 1 GB/s
-per core here) is the largest it can be.
+cipher's share (each byte encrypted once and decrypted once) is the
+largest it can be.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,7 +59,7 @@ NAME = data_name("bench", 0, 1)
 SUM_RANGE = 64 << 10
 
 
-def _pair(directory: str, authenticate: bool) -> tuple[DataServer, Transport, PeerInfo]:
+def _pair(directory: str, seal: bool) -> tuple[DataServer, Transport, PeerInfo]:
     # Mapped once, as an SMP's slot table holds its segments mapped.
     segment = Segment.open(os.path.join(directory, NAME))
 
@@ -64,8 +68,8 @@ def _pair(directory: str, authenticate: bool) -> tuple[DataServer, Transport, Pe
             raise ChunkUnavailableError(f"no segment {name}")
         return segment.array
 
-    server = DataServer("127.0.0.1", TOKEN, resolve, _authenticate=authenticate)
-    client = Transport("bench-client", TOKEN, force_tcp=True, _authenticate=authenticate)
+    server = DataServer("127.0.0.1", TOKEN, resolve, _seal=seal)
+    client = Transport("bench-client", TOKEN, force_tcp=True, _seal=seal)
     peer = PeerInfo("bench-node", "bench-server", directory, "127.0.0.1", server.port)
     return server, client, peer
 
@@ -88,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(directory, NAME), "wb") as f:
             f.write(src.tobytes())
         dest = prefaulted(size)
-        pairs = {
-            "unauthenticated": _pair(directory, False),
-            "authenticated": _pair(directory, True),
-        }
+        pairs = {"plaintext": _pair(directory, False), "sealed": _pair(directory, True)}
 
         def read_all(path: str) -> None:
             _, client, peer = pairs[path]
@@ -109,30 +110,28 @@ def main(argv: list[str] | None = None) -> int:
             assert np.array_equal(dest, src), f"{path}: bytes differ"
         for _ in range(reps):
             for path in pairs:
-                samples.setdefault(f"read {path}", []).extend(
-                    timed(lambda p=path: read_all(p), 1, 0)
-                )
-                samples.setdefault(f"sum {path}", []).extend(timed(lambda p=path: sums(p), 1, 0))
+                samples.setdefault(f"read {path}", []).extend(timed(partial(read_all, path), 1, 0))
+                samples.setdefault(f"sum {path}", []).extend(timed(partial(sums, path), 1, 0))
         samples["memcpy"] = timed(lambda: np.copyto(dest, src), reps)
         n_sums = len(range(0, min(size, 256 * SUM_RANGE), SUM_RANGE))
 
         reads = Table(
             f"Reading {human(size)} from a peer's data server over loopback TCP, "
             f"{human(block)} per request (median of {reps})",
-            ["path", "seconds", "GB/s", "x unauthenticated", "x memcpy"],
+            ["path", "seconds", "GB/s", "x plaintext", "x memcpy"],
         )
-        base, mem = median(samples["read unauthenticated"]), median(samples["memcpy"])
-        for path in ("unauthenticated", "authenticated"):
+        base, mem = median(samples["read plaintext"]), median(samples["memcpy"])
+        for path in ("plaintext", "sealed"):
             t = median(samples[f"read {path}"])
             reads.add(path, f"{t:.4f}", f"{size / t / 1e9:.2f}", ratio(t, base), ratio(t, mem))
         reads.add("memcpy (np.copyto)", f"{mem:.4f}", f"{size / mem / 1e9:.2f}", "-", "1.00x")
 
         small = Table(
             f"{n_sums} checksum requests of {human(SUM_RANGE)} each (median of {reps})",
-            ["path", "ms per request", "x unauthenticated"],
+            ["path", "ms per request", "x plaintext"],
         )
-        sbase = median(samples["sum unauthenticated"])
-        for path in ("unauthenticated", "authenticated"):
+        sbase = median(samples["sum plaintext"])
+        for path in ("plaintext", "sealed"):
             t = median(samples[f"sum {path}"])
             small.add(path, f"{t / n_sums * 1e3:.3f}", ratio(t, sbase))
         payload: dict[str, Any] = {"info": info, "samples": samples, "size": size, "block": block}
