@@ -109,7 +109,7 @@ def test_tcp_reads_and_sums_ranges(
 
 
 def test_tcp_read_spanning_many_records(tmp_path: Path) -> None:
-    # Replies go out in sealed records of 1 MiB; one read spans nine of them.
+    # Replies go out in sealed records of 256 KiB; one read spans 33 of them.
     big = np.random.default_rng(1).integers(0, 256, (8 << 20) + 4099, dtype=np.uint8)
     (tmp_path / NAME).write_bytes(big.tobytes())
     s = DataServer("127.0.0.1", TOKEN, _resolver(tmp_path))
