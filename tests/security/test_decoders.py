@@ -212,9 +212,7 @@ def test_fuzz_frames_and_what_they_hold(edits: list[tuple[int, int, str]]) -> No
         unpack(framed.manifest, framed.data)
 
 
-_REQUEST = msgpack.packb(
-    {"op": "read", "name": "d.job.r0.s3.seg", "offset": 0, "length": 8, "seq": 0}
-)
+_REQUEST = msgpack.packb({"op": "read", "name": "d.job.r0.s3.seg", "offset": 0, "length": 8})
 _server = object.__new__(DataServer)  # only the request parser: no socket, no thread
 _server._resolve = lambda name: np.zeros(64, dtype=np.uint8)
 
@@ -224,4 +222,4 @@ _server._resolve = lambda name: np.zeros(64, dtype=np.uint8)
 def test_fuzz_data_server_requests(edits: list[tuple[int, int, str]]) -> None:
     """An authenticated peer's request, damaged: refused with a reason, never a crash."""
     with contextlib.suppress(_Refused):
-        _server._answer(_mutate(_REQUEST, edits), 0)
+        _server._answer(_mutate(_REQUEST, edits))
