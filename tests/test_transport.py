@@ -271,7 +271,7 @@ def test_oversized_header_is_dropped(tcp: tuple[Transport, PeerInfo], payload: n
     t, peer = tcp
     with socket.create_connection(("127.0.0.1", peer.port), timeout=10) as s:
         assert _frame(s) is not None  # the hello
-        s.sendall(struct.pack("!I", 1 << 30))
+        s.sendall(os.urandom(wire.SALT) + struct.pack("!I", 1 << 30))  # salt, then a huge length
         assert s.recv(4) == b""  # the server hangs up rather than buffer a gigabyte
     _assert_still_serving(t, peer, payload)
 
