@@ -11,6 +11,10 @@ exact interleaving:
 - an abort after the commit point changes nothing;
 - a restarted rank's restore during a prepare ends that step, and every
   rank of the restart restores the same step;
+- after a coordinator restart, stagings of processes that ended are refused
+  once other processes of their ranks restored;
+- a node configured in a newer epoch (by a dead coordinator) moves the
+  coordinator past it, and every node is configured again;
 - fallback counts only lost nodes, never silent or merely dead ones;
 - lifecycles refuse illegal transitions and say which.
 """
@@ -240,6 +244,48 @@ def test_a_process_that_did_not_restore_is_told_to() -> None:
         await asyncio.sleep(0.01)
         refused = [d for d in _decisions(fabric, 2) if "b/2" in d.sessions]
         assert refused and refused[0].restore and refused[0].status is OutcomeStatus.FAILED
+
+    run(test)
+
+
+def test_after_a_coordinator_restart_stagings_of_ended_processes_are_refused() -> None:
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        # A restarted coordinator knows the committed step, not which processes saved it.
+        job = plane.jobs[JOB]
+        job.sessions.clear()
+        job.retired.clear()
+        for rank, session in ((0, "a2"), (1, "b2")):
+            plan = await plane.restore_plan(JOB, rank, NODES[rank], session, True, 2, 5.0)
+            assert isinstance(plan, RestorePlan) and plan.step == 1
+        # The old processes' stagings of step 2, re-sent by their nodes: never a step
+        # that the restored ranks did not take.
+        group, leader = _group(plane)
+        old = {0: "a/2", 1: "b/2"}
+        late = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, (0, 1), old)
+        await plane.report(late)
+        await asyncio.sleep(0.01)
+        assert not plane.jobs[JOB].attempts
+        refused = [d for d in _decisions(fabric, 2) if d.status is OutcomeStatus.FAILED]
+        assert refused and all(d.restore for d in refused)
+        assert {s for d in refused for s in d.sessions} == {"a/2", "b/2"}
+        order = await _staged(plane, 2, {0: "a2/1", 1: "b2/1"})
+        await _prepared(plane, order)
+        assert plane.jobs[JOB].record.step == 2  # type: ignore[union-attr]
+
+    run(test)
+
+
+def test_a_node_in_a_newer_epoch_moves_the_coordinator_past_it() -> None:
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        group, leader = _group(plane)
+        ahead = plane.membership.epoch + 5  # a dead coordinator's late configure
+        await plane.report(GroupReport(JOB, 1, -1, ahead, leader, group, 2, (0,), {0: "a/1"}))
+        await asyncio.sleep(0.01)
+        assert plane.membership.epoch == ahead + 1
+        configs = [c for c in fabric.sent("configure") if c.epoch == ahead + 1]
+        assert {c.node for c in configs} == set(NODES)
+        assert all(c.incarnation == "inc1" for c in configs)
 
     run(test)
 

@@ -171,6 +171,13 @@ class Commits:
                 f"{job.name!r} (another process of that rank restored since)"
             )
         mine = job.sessions.get(rank)
+        if mine is not None and mine[0] != session and mine[1] >= 0:
+            # Another process of the rank restored (after a coordinator restart the
+            # sessions of ended incarnations are not known, only that one).
+            return (
+                f"{RESTORE_FIRST}: rank {rank} of job {job.name!r} was restored by another "
+                "process; a process must restore before it saves"
+            )
         since = mine[1] if mine is not None and mine[0] == session else -1
         failed = job.failed_since(step, since)
         if failed is not None:

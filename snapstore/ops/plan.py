@@ -30,7 +30,7 @@ Time until a step is protected (a full snapshot, every byte changed)
     coordinator publishing the record. Deltas only make it faster.
 
 Time to re-protect after a node loss (the window ``w`` of the survival model)
-    detection (``failure_timeout + reprotect_delay``) + rebuilding the lost
+    detection (Ray's death report + ``reprotect_delay``) + rebuilding the lost
     node's ``G S`` bytes onto one node: each of its k chunks is decoded from
     k members of its stripe, so that node reads ``k G S`` bytes (at the
     bandwidth; checked, decoded, the output checksummed) + new parity over

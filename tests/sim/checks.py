@@ -65,6 +65,9 @@ class Checker:
         """Something that can change restorability happened (a fault, a commit)."""
         self._events = 0
         self._records: dict[str, JobRecord] = {}
+        self.first_saved: dict[tuple[str, int], float] = {}
+        """When the first staging of each step began: memory lost after it counts
+        against the step's m (a node may lose it between prepare and commit)."""
         self._failed: dict[int, tuple[str, Attempt]] = {}
         """Attempts the coordinator failed (by identity): none may ever open or commit."""
 
@@ -109,6 +112,10 @@ class Checker:
                 self.fail("c", f"{key}: a staging told committed is now told failed ({why})")
             self.told_failed[key].add(sums)
         self.after_event()
+
+    def saving(self, job: str, step: int) -> None:
+        """A trainer starts saving ``step``: its bytes are in memory from about now."""
+        self.first_saved.setdefault((job, step), self.world.loop.time())
 
     def restored(self, job: str, rank: int, incarnation: int, step: int, plane: int) -> None:
         # Incarnations count per coordinator: a restarted one starts over.
@@ -201,6 +208,8 @@ class Checker:
             for key in [k for k in table if k[0] == job and k[2] > step]:
                 del table[key]
         self.max_told[job] = min(self.max_told[job], step)
+        for key in [k for k in self.first_saved if k[0] == job and k[1] > step]:
+            del self.first_saved[key]
 
     def _failed_stays_failed(self, name: str, attempts: Iterable[Attempt]) -> None:
         """An attempt the coordinator failed never opens or commits again (it is watched
@@ -251,8 +260,9 @@ class Checker:
         key = (rec.step, rec.version)
         seen = self.seen.get(name)
         if seen is None or seen[:2] != key:
-            self.seen[name] = (rec.step, rec.version, self.world.loop.time())
-            since = self.world.loop.time()
+            now = self.world.loop.time()
+            since = min(now, self.first_saved.get((name, rec.step), now))
+            self.seen[name] = (rec.step, rec.version, since)
         else:
             since = seen[2]
         world = self.world

@@ -88,9 +88,25 @@ class SimJob:
         fell back to disk) trains along with them until its save is refused.
         """
         key = (trainer.gen, iteration)
-        self._reached.setdefault(key, set()).add(trainer.rank)
-        while len(self._reached[key]) < self.size or self.restarting:
+        reached = self._reached.setdefault(key, set())
+        reached.add(trainer.rank)
+        alone_since: float | None = None
+        while len(reached) < self.size or self.restarting:
             await asyncio.sleep(0.05)
+            # Peers that exited (they restored the last step and had nothing to train)
+            # never join: the collective fails after its timeout, the process exits with
+            # an error, and the launcher restarts every rank.
+            gone = [t.rank for t in self.trainers if t.done and t.rank not in reached]
+            if not gone or self.restarting:
+                alone_since = None
+                continue
+            now = self.world.loop.time()
+            alone_since = now if alone_since is None else alone_since
+            if now - alone_since >= COLLECTIVE_TIMEOUT:
+                self.world.log(f"{self.name}: rank {trainer.rank}'s collective failed: {gone} left")
+                trainer.kill()
+                self.died(trainer)
+                raise asyncio.CancelledError
 
     def died(self, trainer: SimTrainer) -> None:
         """A rank died: the launcher restarts every rank of the job shortly."""
@@ -125,6 +141,10 @@ class SimJob:
     def describe(self) -> str:
         states = ", ".join(f"r{t.rank}:{t.state}" for t in self.trainers)
         return f"{self.name} gen {self.gen} [{states}]"
+
+
+COLLECTIVE_TIMEOUT = 2.0
+"""Seconds a rank waits in a collective for peers that exited before it fails."""
 
 
 class SimTrainer:
@@ -240,6 +260,7 @@ class SimTrainer:
         self.saves += 1
         staging = f"{self.session}/{self.saves}"
         self.saving, self.saving_since = step, self.world.loop.time()
+        self.world.checker.saving(job, step)
         try:
             lease = await self._call_smp("lease", lambda m, s: m.lease(job, self.rank, size))
             with open(lease.path, "r+b") as f:
