@@ -360,14 +360,19 @@ def _kill_leftovers(rundir: str) -> None:
     A raylet whose start timed out is not recorded in the store's state file,
     yet some of its processes (e.g. its runtime-env agent) may already run;
     every process of this store has the private runtime dir on its command
-    line, so that finds exactly ours.
+    line, so that finds exactly ours (of this user: another user's process
+    could name the directory too).
     """
     import psutil
 
     mine = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "cmdline", "uids"]):
         with contextlib.suppress(psutil.Error):
-            if p.pid != os.getpid() and any(rundir in a for a in p.info["cmdline"] or ()):
+            if (
+                p.pid != os.getpid()
+                and p.info["uids"].real == os.getuid()
+                and any(rundir in a for a in p.info["cmdline"] or ())
+            ):
                 mine.append(p)
     for p in mine:
         with contextlib.suppress(psutil.Error):

@@ -19,6 +19,18 @@ step carries everything a load needs and appears atomically when snapstore
 commits it. Metadata is encoded with msgpack: DCP's own pickled
 ``.metadata`` file is not used.
 
+Non-tensor values (DCP's BYTE_IO items: step counters, param groups, RNG
+states...) reach a storage writer as ``torch.save`` bytes, a pickle. The
+writer does not store that pickle: it loads it with
+``torch.load(weights_only=True)`` (tensors, numbers, strings, containers,
+and types allowed with ``torch.serialization.add_safe_globals``) and stores
+the value in snapstore's own format (msgpack and raw tensor bytes), so a
+value that could not be read back safely fails the save, with
+:class:`~snapstore.errors.FormatError` naming it. The reader hands DCP's
+planner the stored value; nothing read from the store is unpickled (a step
+from an older writer, holding such bytes, is read with
+``weights_only=True`` too).
+
 ``dcp.load`` reads the last committed step, and is this rank's restore: the
 reader restores its own rank through :meth:`Client.restore` (a restarted
 process joins the job's new incarnation there, and may save again
@@ -49,6 +61,7 @@ import dataclasses
 import io
 import os
 import re
+import warnings
 from typing import Any
 
 import msgpack
@@ -144,6 +157,41 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
+def _safe_load(data: bytes, key: str) -> Any:
+    """A BYTE_IO value from ``torch.save`` bytes, through the weights-only unpickler only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "WeightsUnpickler error" in ln), None)
+        why = why or (lines[0] if lines else type(e).__name__)
+        raise FormatError(
+            f"DCP item {key!r}: torch.load(weights_only=True) refuses it ({why:.300}). "
+            "snapstore never unpickles arbitrary objects: store plain values (tensors, numbers, "
+            "strings, lists, dicts), or allow a type with torch.serialization.add_safe_globals"
+        ) from None
+
+
+def _as_bytes_io(value: Any) -> io.BytesIO:
+    """A value as DCP's planner expects a BYTE_IO item: ``torch.save`` bytes.
+
+    ``value`` came out of snapstore's decoder or the weights-only unpickler,
+    so it holds only types those allow; the bytes are made here, not read.
+    """
+    out = io.BytesIO()
+    torch.save(value, out)
+    out.seek(0)
+    return out
+
+
+def _rank(v: object) -> int:
+    if type(v) is not int or not 0 <= v < 1 << 31:
+        raise ValueError(f"rank must be an integer in [0, 2**31), got {v!r:.40}")
+    return v
+
+
 def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -154,7 +202,10 @@ def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
             if e["kind"] == "bytes":
                 sdm[fqn] = BytesStorageMetadata()
                 continue
-            dtype = getattr(torch, str(e["dtype"]))
+            name = e["dtype"]
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+                raise ValueError(f"dtype {name!r:.40} is not a dtype name")
+            dtype = getattr(torch, name, None)
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {e['dtype']!r}")
             chunks = [
@@ -166,9 +217,13 @@ def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
         where = {}
         storage_data = {}
         for fqn, off, rank in doc["storage"]:
+            if off is not None and (
+                not isinstance(off, list) or not all(type(o) is int for o in off)
+            ):
+                raise ValueError(f"offset of {fqn!r:.80} must be a list of integers")
             idx = MetadataIndex(fqn, off)
-            storage_data[idx] = int(rank)
-            where[_key(idx)] = int(rank)
+            storage_data[idx] = _rank(rank)
+            where[_key(idx)] = _rank(rank)
         pd = doc.get("planner_data")
         if isinstance(pd, dict):
             pd = {k: tuple(v) if isinstance(v, list) else v for k, v in pd.items()}
@@ -179,8 +234,8 @@ def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
             storage_meta=StorageMeta(),
             version=doc.get("version"),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise FormatError(f"snapstore DCP metadata is malformed: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+        raise FormatError(f"snapstore DCP metadata is malformed: {e!s:.300}") from None
     return meta, where
 
 
@@ -307,18 +362,21 @@ class SnapstoreWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         items: dict[str, Any] = {}
+        objects: dict[str, Any] = {}
         results = []
         for item in plan.items:
             data = planner.resolve_data(item)
+            key = _key(item.index)
             if isinstance(data, io.BytesIO):
-                value: Any = data.getvalue()
-                size = len(value)
+                raw = data.getvalue()
+                objects[key] = _safe_load(raw, key)
+                size = len(raw)
             else:
                 value = data.detach()
+                items[key] = value
                 size = value.numel() * value.element_size()
-            items[_key(item.index)] = value
             results.append(WriteResult(item.index, size, self.client.rank))
-        state: dict[str, Any] = {"items": items}
+        state: dict[str, Any] = {"items": items, "objects": objects}
         if self.is_coordinator and self._plans is not None:
             meta = getattr(planner, "metadata", None)
             state["metadata"] = _encode_metadata(
@@ -429,11 +487,19 @@ class SnapstoreReader(StorageReader):
             rank = self._where.get(key)
             if rank is None:
                 raise SnapshotNotFoundError(f"no rank holds {key} in the snapstore step")
-            value = self._state(rank)["items"][key]
+            state = self._state(rank)
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(value))
+                objects = state.get("objects") or {}
+                if key in objects:
+                    value = objects[key]
+                else:  # a step of an older writer: torch.save bytes
+                    raw = state["items"][key]
+                    if not isinstance(raw, bytes):
+                        raise FormatError(f"DCP item {key!r} is not a stored value")
+                    value = _safe_load(raw, key)
+                planner.load_bytes(item, _as_bytes_io(value))
                 continue
-            src = value
+            src = state["items"][key]
             for dim, (off, ln) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
                 src = src.narrow(dim, int(off), int(ln))
             target = planner.resolve_tensor(item).detach()

@@ -3,7 +3,8 @@
 Steps, in order:
 
 1. Decide the token (:func:`snapstore.server.auth.decide_token`: ``--token`` over
-   ``$SNAPSTORE_REST_TOKEN``; generated when bound beyond loopback without one).
+   ``$SNAPSTORE_REST_TOKEN``; generated when bound beyond loopback without one)
+   and the Host names answered (:func:`snapstore.server.auth.allowed_hosts`).
 2. Bind the listening socket (``--port 0``: a free port), so a taken port
    fails at once with a clear message.
 3. Find the store through its state file in ``--runtime-dir``, connect to its
@@ -32,7 +33,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from snapstore.server.auth import TOKEN_ENV, TokenDecision, decide_token
+from snapstore.server.auth import TOKEN_ENV, TokenDecision, allowed_hosts, decide_token
 
 logger = logging.getLogger("server")
 
@@ -48,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
         "--token",
         default=None,
         help=f"bearer token to require (prefer ${TOKEN_ENV}: the command line is visible in ps)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests with this Host header (repeat; '*': any) [only the bound "
+        "address, and 127.0.0.1/localhost/::1 when that is loopback]",
     )
     p.add_argument("--ready-file", default=None, help="JSON file written once serving")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between snapshots")
@@ -83,12 +92,11 @@ def url_of(host: str, port: int) -> str:
 
 
 def write_ready(path: str, info: dict[str, Any]) -> None:
-    """Write ``info`` to ``path`` atomically, readable only by this user (it holds the token)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, path)
+    """Write ``info`` to ``path`` atomically, readable only by this user (it holds the token):
+    an exclusive, no-follow 0600 file renamed into place."""
+    from snapstore.private import write_private
+
+    write_private(path, json.dumps(info).encode())
 
 
 async def _serve(
@@ -144,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.first_snapshot_timeout,
             poller.state().last_error,
         )
-    app = create_app(poller, decision.token)
+    app = create_app(poller, decision.token, allowed_hosts(args.host, args.allow_host))
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     info = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
@@ -24,7 +25,7 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry, generate_latest
 
 from snapstore.config import JOB_NAME_RE
-from snapstore.server.auth import check_bearer
+from snapstore.server.auth import HostCheck, check_bearer
 from snapstore.server.metrics import CONTENT_TYPE, SnapshotCollector
 from snapstore.server.models import (
     ErrorBody,
@@ -64,11 +65,18 @@ _NODE_PATTERN = r"^[0-9a-f]{1,64}$"
 
 
 def _asset(name: str) -> bytes:
-    return importlib.resources.files("server").joinpath("static", name).read_bytes()
+    return importlib.resources.files("snapstore.server").joinpath("static", name).read_bytes()
 
 
-def create_app(poller: Poller, token: str | None = None) -> FastAPI:
-    """The app serving ``poller``'s snapshots; with ``token``, every data endpoint needs it."""
+def create_app(
+    poller: Poller, token: str | None = None, hosts: Sequence[str] | None = None
+) -> FastAPI:
+    """The app serving ``poller``'s snapshots; with ``token``, every data endpoint needs it.
+
+    ``hosts``: the Host header values answered (:func:`snapstore.server.auth.allowed_hosts`),
+    400 for any other; None answers any (the server process always passes a list
+    unless bound to a wildcard address).
+    """
     app = FastAPI(
         title="snapstore",
         summary="Monitoring of an erasure-coded in-memory snapshot store",
@@ -313,6 +321,8 @@ def create_app(poller: Poller, token: str | None = None) -> FastAPI:
     async def dashboard_css() -> Response:
         return asset("dashboard.css")
 
+    if hosts is not None:
+        app.add_middleware(HostCheck, allowed=hosts)
     return app
 
 

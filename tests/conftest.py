@@ -16,15 +16,20 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @contextlib.contextmanager
-def running_store(**settings: Any) -> Iterator[Any]:
+def running_store(rundir: str | None = None, **settings: Any) -> Iterator[Any]:
     """Start an embedded store in a private runtime dir; stop it whatever happens.
 
     The runtime dir is short (Ray's socket paths must fit 107 bytes) and
-    private, so tests never touch a store the user may be running.
+    private, so tests never touch a store the user may be running; ``rundir``
+    names one for ``up`` to create (the caller removes its parent).
+
+    Nothing here handles Ray's token: ``up`` starts the cluster with one,
+    and every driver that finds the store through its state file (this
+    process, clients in subprocesses, the REST server) presents it.
     """
     import snapstore
 
-    rundir = tempfile.mkdtemp(prefix="ss-", dir="/tmp")
+    rundir = rundir or tempfile.mkdtemp(prefix="ss-", dir="/tmp")
     store = None
     try:
         settings.setdefault("rest", False)  # REST tests ask for it; it costs a process

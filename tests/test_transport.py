@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from snapstore.coding import checksum
+from snapstore.node import wire
 from snapstore.node.segments import Segment, data_name, parity_name
 from snapstore.node.transport import (
     ChunkUnavailableError,
@@ -107,8 +108,8 @@ def test_tcp_reads_and_sums_ranges(
     assert t.checksum(peer, NAME, offset, length) == checksum(payload[offset : offset + length])
 
 
-def test_tcp_read_larger_than_one_io_block(tmp_path: Path) -> None:
-    # Replies go out in 8 MiB sends; one read spans two of them.
+def test_tcp_read_spanning_many_records(tmp_path: Path) -> None:
+    # Replies go out in sealed records of 256 KiB; one read spans 33 of them.
     big = np.random.default_rng(1).integers(0, 256, (8 << 20) + 4099, dtype=np.uint8)
     (tmp_path / NAME).write_bytes(big.tobytes())
     s = DataServer("127.0.0.1", TOKEN, _resolver(tmp_path))
@@ -138,7 +139,7 @@ def _assert_still_serving(t: Transport, peer: PeerInfo, payload: np.ndarray) -> 
         (parity_name("job", 3, 0), 0, 10, "No such file"),
         (NAME, SIZE - 5, 6, "outside"),
         (NAME, SIZE + 1, 0, "outside"),
-        (NAME, -1, 10, "outside"),
+        (NAME, -1, 10, "non-negative"),
     ],
     ids=[
         "dotdot",
@@ -194,52 +195,83 @@ def test_tcp_unreachable_peer_is_chunk_unavailable(node_dir: Path) -> None:
         t.close()
 
 
-def _raw_request(port: int, body: bytes) -> dict[str, object] | None:
-    """Send one framed request; return the reply header, or None if the server hung up."""
+def _frame(s: socket.socket) -> bytes | None:
+    head = s.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        return None
+    (n,) = struct.unpack("!I", head)
+    return s.recv(n, socket.MSG_WAITALL)
+
+
+def _raw_request(port: int, body: bytes, token: str = TOKEN) -> dict[str, object] | None:
+    """Send one request sealed with ``token``'s key as protocol 3 does; return the opened
+    reply header, ``{"refused": True}`` for a refusal, or None if the server hung up."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(struct.pack("!I", len(body)) + body)
+        hello = msgpack.unpackb(_frame(s), raw=False)
+        client_salt = os.urandom(wire.SALT)
+        k_req, k_rep = wire.keys(token, hello["salt"], client_salt)
+        record = wire.Sealer(k_req).seal(body)
+        s.sendall(client_salt + struct.pack("!I", len(record)) + record)
         head = s.recv(4, socket.MSG_WAITALL)
         if len(head) < 4:
             return None
         (n,) = struct.unpack("!I", head)
-        reply: dict[str, object] = msgpack.unpackb(s.recv(n, socket.MSG_WAITALL), raw=False)
+        if n == wire.REFUSED:
+            return {"refused": True}
+        reply: dict[str, object] = msgpack.unpackb(
+            wire.Sealer(k_rep).open(s.recv(n, socket.MSG_WAITALL)), raw=False
+        )
         return reply
+
+
+def _req(**kw: object) -> bytes:
+    return msgpack.packb({"op": "read", "name": NAME, "offset": 0, "length": 1, **kw})
 
 
 @pytest.mark.parametrize(
     ("body", "answered"),
     [
-        (b"\xc1\xc1\xc1", False),  # not msgpack: hang up
-        (msgpack.packb([1, 2, 3]), False),  # not a map: hang up
-        (
-            msgpack.packb({"op": "sum", "token": TOKEN, "name": NAME, "offset": "x", "length": 1}),
-            True,
-        ),
-        (
-            msgpack.packb({"op": "dance", "token": TOKEN, "name": NAME, "offset": 0, "length": 1}),
-            True,
-        ),
-        (msgpack.packb({"op": "read", "token": TOKEN, "name": 5, "offset": 0, "length": 1}), True),
-        (msgpack.packb({"op": "read", "name": NAME, "offset": 0, "length": 1}), True),
+        (b"\xc1\xc1\xc1", True),  # authenticated, not msgpack: an error, then hang up
+        (msgpack.packb([1, 2, 3]), True),  # not a map: an error, then hang up
+        (_req(op="sum", offset="x"), True),
+        (_req(op="dance"), True),
+        (_req(name=5), True),
+        (_req(offset=float("inf")), True),
+        (_req(length=2**64 - 1), True),
     ],
-    ids=["garbage", "not-a-map", "bad-offset", "unknown-op", "name-not-str", "no-token"],
+    ids=[
+        "garbage",
+        "not-a-map",
+        "bad-offset",
+        "unknown-op",
+        "name-not-str",
+        "offset-inf",
+        "length-huge",
+    ],
 )
 def test_malformed_requests_never_stop_the_server(
     tcp: tuple[Transport, PeerInfo], payload: np.ndarray, body: bytes, answered: bool
 ) -> None:
     t, peer = tcp
     reply = _raw_request(peer.port, body)
-    if answered:
-        assert reply is not None and reply.get("ok") is False and reply.get("error")
-    else:
-        assert reply is None
+    assert reply is not None and reply.get("ok") is False and reply.get("error")
+    _assert_still_serving(t, peer, payload)
+
+
+def test_unauthenticated_requests_are_refused_before_parsing(
+    tcp: tuple[Transport, PeerInfo], payload: np.ndarray
+) -> None:
+    t, peer = tcp
+    for body in (_req(), b"\xc1"):
+        assert _raw_request(peer.port, body, token="guess") == {"refused": True}
     _assert_still_serving(t, peer, payload)
 
 
 def test_oversized_header_is_dropped(tcp: tuple[Transport, PeerInfo], payload: np.ndarray) -> None:
     t, peer = tcp
     with socket.create_connection(("127.0.0.1", peer.port), timeout=10) as s:
-        s.sendall(struct.pack("!I", 1 << 30))
+        assert _frame(s) is not None  # the hello
+        s.sendall(os.urandom(wire.SALT) + struct.pack("!I", 1 << 30))  # salt, then a huge length
         assert s.recv(4) == b""  # the server hangs up rather than buffer a gigabyte
     _assert_still_serving(t, peer, payload)
 

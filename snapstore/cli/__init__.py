@@ -34,6 +34,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         rest_host=args.host,
         rest_port=args.port,
         rest_token=args.token or os.environ.get("SNAPSTORE_REST_TOKEN") or None,
+        rest_allow_hosts=args.allow_host,
+        allow_unauthenticated_ray=args.allow_unauthenticated_ray,
         persist_dir=args.persist_dir,
         persist_every=args.persist_every,
         persist_keep=args.persist_keep,
@@ -47,6 +49,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     every = f"every {cfg.persist_every} steps" if cfg.persist_every else "on demand only"
     print(f"  persisted to: {cfg.persist_dir}  ({every}, last {cfg.persist_keep} kept)")
     print(f"  state file:   {store.path}")
+    if store.ray_token_file:
+        print(f"  Ray token:    {store.ray_token_file}  (token authentication on)")
+    else:
+        print("  WARNING:      the Ray cluster has no token authentication: anyone who reaches")
+        print("                its ports can drive this store and read its snapshots")
     print("  clients:      clients.Client(job, rank, world_size) finds it through the state file")
     server = store.state.get("server")
     if server:
@@ -65,6 +72,9 @@ def _cmd_down(args: argparse.Namespace) -> int:
         f"snapstore stopped: {report['actors']} actors removed, "
         f"{report['processes']} processes stopped"
     )
+    if report["not_ours"]:
+        pids = ", ".join(map(str, report["not_ours"]))
+        print(f"  left alone: pids {pids} now belong to other processes than the ones recorded")
     return 0
 
 
@@ -282,6 +292,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="bearer token the REST server requires [$SNAPSTORE_REST_TOKEN; generated "
         "when --host is not loopback]",
+    )
+    up.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="REST server: also answer this Host header (repeat; '*': any) [the bound address]",
+    )
+    up.add_argument(
+        "--allow-unauthenticated-ray",
+        action="store_true",
+        help="attach even to a Ray cluster without token authentication (anyone reaching its "
+        "ports can then drive the store and read snapshots; see docs/operating.md, Security)",
     )
     up.add_argument("--no-rest", action="store_true", help="do not start the REST server")
     up.add_argument(

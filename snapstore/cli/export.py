@@ -60,9 +60,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from snapstore.config import check_job_name
     from snapstore.control.handle import connect, default_persist_dir
     from snapstore.ops.export import export_states, persisted_states, persisted_step
 
+    # A job name is a path component under the persist root: "/etc" or ".." must not escape it.
+    check_job_name(args.job)
     store = None
     if args.source in ("auto", "memory"):
         try:

@@ -131,11 +131,27 @@ class Flusher:
             return {n: tier.list_steps(n) for n in names}
 
         found = await self.plane.offload(scan)
-        for name, steps in found.items():
+        for name, listed in found.items():
             jp = self.job(name)
+            self._corrupt_manifests(name, jp, listed)
+            steps = [s for s in listed if s.problem is None]
             jp.steps = [s.to_dict() for s in steps]
             if steps:
                 jp.world_size = steps[-1].world_size
+
+    def _corrupt_manifests(self, job: str, jp: JobPersist, listed: list[Any]) -> None:
+        """A step whose manifest is unusable is corrupt: a verdict and one event."""
+        for s in listed:
+            if s.problem is None or jp.verdicts.get(s.path) == s.problem:
+                continue
+            jp.verdicts[s.path] = s.problem
+            self.plane.events.add(
+                "persisted_corrupt",
+                f"job {job!r} persisted step {s.step} is unusable: {s.problem}",
+                job=job,
+                step=s.step,
+                path=s.path,
+            )
 
     def newest(self, job: str, intact: bool = False) -> int | None:
         """The job's newest complete persisted step; with ``intact``, the newest not

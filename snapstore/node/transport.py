@@ -7,47 +7,52 @@ Parity and rebuilds need byte ranges of segments held by other nodes' SMPs.
   no copy at all, as NCCL and Ray's object store do for same-host peers.
 - Otherwise: every SMP runs a :class:`DataServer`, a small TCP server on its
   node's address that streams ranges of its segments, and answers checksum
-  requests computed where the bytes are. Requests carry the store's token.
+  requests computed where the bytes are.
 
-Requests and replies are msgpack headers followed by raw bytes; nothing is
-unpickled. The ``tcp`` setting forces TCP even between same-host peers, to
-measure or test the cross-host path on one machine.
+The ``tcp`` setting forces TCP even between same-host peers, to measure or
+test the cross-host path on one machine.
+
+The wire protocol (requests and replies sealed with AES-256-GCM under keys
+derived from the store's token, limits) is :mod:`snapstore.node.wire`; the
+server side :mod:`snapstore.node.dataserver`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hmac
 import logging
 import os
 import socket
-import socketserver
-import struct
 import threading
-from collections.abc import Callable
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from snapstore.coding import checksum
-from snapstore.errors import SnapstoreError
 from snapstore.format.work import PeerInfo
-from snapstore.node.segments import MappingCache, parse_name
+from snapstore.node import wire
+from snapstore.node.dataserver import DataServer
+from snapstore.node.segments import MappingCache
+from snapstore.node.wire import (
+    ChunkUnavailableError,
+    Sealer,
+    check_name,
+    recv_frame,
+    recv_payload_into,
+    recv_sealed,
+    send_sealed,
+    staging_buffer,
+)
 
 __all__ = ["ChunkUnavailableError", "DataServer", "PeerInfo", "Transport", "host_key"]
 
 logger = logging.getLogger(__name__)
 
-_HDR = struct.Struct("!I")
-_MAX_HEADER = 1 << 16
-_IO_BLOCK = 8 << 20
 MAPPINGS_KEPT = 64
 """Peers' segments a Transport keeps mapped (a few per rank and parity holder it reads)."""
-
-
-class ChunkUnavailableError(SnapstoreError):
-    """A peer's chunk cannot be read: its node or SMP is gone, or the file is missing."""
+_POOL_IDLE = wire.IDLE_TIMEOUT / 2  # a client drops pooled connections the server may soon close
 
 
 def host_key() -> str:
@@ -60,21 +65,40 @@ def host_key() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def _check_name(name: str) -> None:
-    if "/" in name or parse_name(name) is None:
-        raise ChunkUnavailableError(f"not a segment name: {name!r}")
+@dataclass
+class _Conn:
+    """A client connection: its socket, its two directions' sealers, a staging buffer."""
+
+    sock: socket.socket
+    requests: Sealer
+    replies: Sealer
+    staging: bytearray | None = None
+    used: float = 0.0
+
+    def fresh(self, now: float) -> bool:
+        """Whether to reuse it: not idle long enough for the server to close it, and its
+        keys not past :data:`~snapstore.node.wire.REKEY_BYTES`."""
+        carried = self.requests.bytes + self.replies.bytes
+        return now - self.used < _POOL_IDLE and carried < wire.REKEY_BYTES
 
 
 class Transport:
-    """Reads byte ranges of peers' segments. Thread-safe."""
+    """Reads byte ranges of peers' segments. Thread-safe.
 
-    def __init__(self, host: str, token: str, force_tcp: bool = False) -> None:
+    ``_seal=False`` (with a server made the same way) sends plaintext, only
+    to measure what sealing costs.
+    """
+
+    def __init__(
+        self, host: str, token: str, force_tcp: bool = False, *, _seal: bool = True
+    ) -> None:
         self._host = host
         self._token = token
+        self._seal = _seal
         self._force_tcp = force_tcp
         self._lock = threading.Lock()
         self._maps = MappingCache(MAPPINGS_KEPT)
-        self._conns: dict[tuple[str, int], list[socket.socket]] = {}
+        self._conns: dict[tuple[str, int], list[_Conn]] = {}
 
     def same_host(self, peer: PeerInfo) -> bool:
         return not self._force_tcp and peer.host == self._host
@@ -85,7 +109,7 @@ class Transport:
         """A zero-copy read-only view of the range, or None when the peer is on another host."""
         if not self.same_host(peer):
             return None
-        _check_name(name)
+        check_name(name)
         path = os.path.join(peer.directory, name)
         try:
             with self._lock:
@@ -127,164 +151,98 @@ class Transport:
     def close(self) -> None:
         with self._lock:
             self._maps.close()
-            for socks in self._conns.values():
-                for s in socks:
-                    s.close()
+            for conns in self._conns.values():
+                for c in conns:
+                    c.sock.close()
             self._conns.clear()
 
     # -- TCP -----------------------------------------------------------------
+
+    def _connect(self, key: tuple[str, int]) -> _Conn:
+        sock = socket.create_connection(key, timeout=wire.CONNECT_TIMEOUT)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            body = recv_frame(sock, wire.MAX_REPLY, time.monotonic() + wire.CONNECT_TIMEOUT)
+            hello = msgpack.unpackb(body, raw=False)
+            if not isinstance(hello, dict) or hello.get("v") != wire.PROTOCOL:
+                found = hello.get("v") if isinstance(hello, dict) else None
+                raise ValueError(f"data server speaks protocol {found!r}, not {wire.PROTOCOL}")
+            server_salt = hello.get("salt")
+            if not isinstance(server_salt, bytes) or len(server_salt) != wire.SALT:
+                raise ValueError("data server sent no salt")
+            client_salt = wire.new_salt()
+            k_req, k_rep = wire.keys(self._token, server_salt, client_salt)
+            sock.settimeout(wire.IO_TIMEOUT)
+            sock.sendall(client_salt)
+        except BaseException:
+            sock.close()
+            raise
+        seal = self._seal
+        return _Conn(sock, Sealer(k_req if seal else None), Sealer(k_rep if seal else None))
+
+    def _pooled(self, key: tuple[str, int]) -> _Conn | None:
+        now = time.monotonic()
+        with self._lock:
+            pool = self._conns.setdefault(key, [])
+            while pool:
+                c = pool.pop()
+                if c.fresh(now):
+                    return c
+                c.sock.close()
+        return None
 
     def _request(
         self, peer: PeerInfo, req: dict[str, Any], dest: np.ndarray | None = None
     ) -> dict[str, Any]:
         key = (peer.address, peer.port)
-        with self._lock:
-            pool = self._conns.setdefault(key, [])
-            sock = pool.pop() if pool else None
+        conn = self._pooled(key)
         try:
-            if sock is None:
-                sock = socket.create_connection(key, timeout=30)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            req = dict(req, token=self._token)
-            body = msgpack.packb(req, use_bin_type=True)
-            sock.sendall(_HDR.pack(len(body)) + body)
-            reply = _recv_header(sock)
-            if not reply.get("ok"):
-                raise ChunkUnavailableError(
-                    f"node {peer.node_id[:12]}: {reply.get('error', 'request failed')}"
-                )
-            n = int(reply.get("length", 0))
-            if n:
-                if dest is None or n > len(dest):
-                    raise ChunkUnavailableError(f"node {peer.node_id[:12]}: unexpected payload")
-                _recv_exact_into(sock, dest.data[:n])
-        except (OSError, EOFError, ValueError, OverflowError, TypeError) as e:
-            if sock is not None:
-                sock.close()
+            if conn is None:
+                conn = self._connect(key)
+            reply = self._exchange(conn, req, dest)
+        except (
+            OSError,
+            EOFError,
+            ValueError,
+            OverflowError,
+            TypeError,
+            msgpack.UnpackException,
+        ) as e:
+            if conn is not None:
+                conn.sock.close()
             raise ChunkUnavailableError(
                 f"node {peer.node_id[:12]} at {peer.address}:{peer.port}: {e}"
             ) from None
         except BaseException:
-            if sock is not None:
-                sock.close()
+            if conn is not None:
+                conn.sock.close()
             raise
+        conn.used = time.monotonic()
         with self._lock:
-            self._conns.setdefault(key, []).append(sock)
+            self._conns.setdefault(key, []).append(conn)
+        if not reply.get("ok"):
+            raise ChunkUnavailableError(
+                f"node {peer.node_id[:12]}: {reply.get('error', 'request failed')}"
+            )
         return reply
 
-
-def _recv_exact_into(sock: socket.socket, buf: memoryview) -> None:
-    while len(buf):
-        n = sock.recv_into(buf, min(len(buf), _IO_BLOCK))
-        if n == 0:
-            raise EOFError("connection closed mid-transfer")
-        buf = buf[n:]
-
-
-def _recv_header(sock: socket.socket) -> dict[str, Any]:
-    raw = bytearray(_HDR.size)
-    _recv_exact_into(sock, memoryview(raw))
-    (n,) = _HDR.unpack(raw)
-    if n > _MAX_HEADER:
-        raise ValueError(f"header of {n} bytes exceeds {_MAX_HEADER}")
-    body = bytearray(n)
-    _recv_exact_into(sock, memoryview(body))
-    doc = msgpack.unpackb(bytes(body), raw=False)
-    if not isinstance(doc, dict):
-        raise ValueError("header is not a map")
-    return doc
-
-
-class DataServer:
-    """Serves ranges and checksums of one node's segments over TCP.
-
-    ``resolve(name)`` maps a segment name to a read-only numpy view of the
-    whole segment, or raises ChunkUnavailableError; it is the SMP's, so the
-    server never opens files the SMP does not vouch for.
-    """
-
-    def __init__(self, address: str, token: str, resolve: Callable[[str], np.ndarray]) -> None:
-        self._token = token.encode()
-        self._resolve = resolve
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        self._stopped = False
-        outer = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                with outer._conns_lock:
-                    if outer._stopped:
-                        return
-                    outer._conns.add(self.request)
-                try:
-                    outer._serve(self.request)
-                finally:
-                    with outer._conns_lock:
-                        outer._conns.discard(self.request)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server((address, 0), Handler)
-        self.address = address
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="snapstore-data-server",
-            daemon=True,
+    def _exchange(
+        self, conn: _Conn, req: dict[str, Any], dest: np.ndarray | None
+    ) -> dict[str, Any]:
+        """One sealed request and its reply, opened; the connection stays usable unless
+        this raises (then ``dest`` holds bytes that mean nothing)."""
+        send_sealed(conn.sock, conn.requests, msgpack.packb(req, use_bin_type=True))
+        head = recv_sealed(
+            conn.sock, conn.replies, wire.MAX_REPLY, time.monotonic() + wire.IO_TIMEOUT
         )
-        self._thread.start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while True:
-            try:
-                req = _recv_header(sock)
-            except (OSError, EOFError, ValueError, msgpack.UnpackException):
-                return
-            try:
-                token = str(req.get("token", "")).encode()
-                if not hmac.compare_digest(token, self._token):
-                    raise ChunkUnavailableError("bad token")
-                name = str(req.get("name", ""))
-                _check_name(name)
-                off, ln = int(req.get("offset", -1)), int(req.get("length", -1))
-                whole = self._resolve(name)
-                if off < 0 or ln < 0 or off + ln > len(whole):
-                    raise ChunkUnavailableError(f"range [{off}, {off + ln}) outside {name}")
-                view = whole[off : off + ln]
-                if req.get("op") == "sum":
-                    reply: dict[str, Any] = {"ok": True, "sum": checksum(view), "length": 0}
-                    payload = None
-                elif req.get("op") == "read":
-                    reply = {"ok": True, "length": ln}
-                    payload = view
-                else:
-                    raise ChunkUnavailableError(f"unknown op {req.get('op')!r}")
-            except (ChunkUnavailableError, TypeError, ValueError) as e:
-                reply, payload = {"ok": False, "error": str(e)}, None
-            body = msgpack.packb(reply, use_bin_type=True)
-            try:
-                sock.sendall(_HDR.pack(len(body)) + body)
-                if payload is not None:
-                    mv = payload.data
-                    for at in range(0, len(mv), _IO_BLOCK):
-                        sock.sendall(mv[at : at + _IO_BLOCK])
-            except OSError:
-                return
-
-    def stop(self) -> None:
-        """Stop accepting, and close the connections being served."""
-        with self._conns_lock:
-            self._stopped = True
-            conns = list(self._conns)
-        self._server.shutdown()
-        with contextlib.suppress(OSError):
-            self._server.server_close()
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-                c.close()
+        reply = msgpack.unpackb(head, raw=False)
+        if not isinstance(reply, dict):
+            raise ValueError("reply header is not a map")
+        n = reply.get("length", 0) if reply.get("ok") else 0
+        if type(n) is not int or n < 0 or n > (0 if dest is None else len(dest)):
+            raise ValueError(f"reply announces {n!r:.40} bytes for a {req.get('length')}-byte read")
+        if n:
+            assert dest is not None
+            conn.staging = conn.staging or staging_buffer()
+            recv_payload_into(conn.sock, conn.replies, dest.data.cast("B")[:n], conn.staging)
+        return reply

@@ -2,9 +2,15 @@
 
 Processes are started through Ray's own node launcher (what ``ray start`` and
 ``ray.cluster_utils.Cluster`` use) without fate sharing, so they outlive the
-``snapstore up`` command, like ``ray start``. Every process id is recorded in
-the store's state file: ``down`` and the fault injector stop exactly those
-processes (and their children: the raylet's workers), never anything else.
+``snapstore up`` command, like ``ray start``. Every process is recorded in
+the store's state file as a :class:`~snapstore.control.handle.ProcessRef`
+(pid, start time, executable): ``down`` and the fault injector stop exactly
+those processes (and their children: the raylet's workers), and only while
+the pid still names the process recorded, never anything else.
+
+Every node starts with Ray's token authentication (``ray_token_file``, see
+:func:`snapstore.control.handle.use_ray_token`), and Ray's temporary
+directory, which Ray makes world-writable, is narrowed back to 0700.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
 
-from snapstore.control.handle import EmbeddedNode
+from snapstore.control.handle import EmbeddedNode, ProcessRef, use_ray_token
 from snapstore.errors import ClusterError
+from snapstore.private import DIR_MODE
 
 __all__ = ["kill_tree", "start_head", "start_worker", "wait_node_alive"]
 
@@ -61,24 +70,52 @@ def _params(temp_dir: str, cpus: int, object_store: int, **extra: Any) -> Any:
     return params
 
 
-def _pids(node: Any) -> list[int]:
+def _procs(node: Any) -> list[ProcessRef]:
     out = []
     for infos in node.all_processes.values():
         for info in infos:
             if info.process is not None:
-                out.append(int(info.process.pid))
+                ref = ProcessRef.identify(int(info.process.pid))
+                if ref is not None:
+                    out.append(ref)
     return out
 
 
+def _prepare(temp_dir: str, ray_token_file: str | None) -> None:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(temp_dir, DIR_MODE)
+    st = os.lstat(temp_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise ClusterError(
+            f"Ray temporary directory {temp_dir} is a symlink, a file or another user's"
+        )
+    _narrow(temp_dir)
+    use_ray_token(ray_token_file)
+
+
+def _narrow(temp_dir: str) -> None:
+    # Ray chmods its temporary directory 0777 ("so others can use it") whenever a
+    # node or driver starts; it sits in the private runtime directory, still.
+    os.chmod(temp_dir, DIR_MODE)
+
+
 def start_head(
-    temp_dir: str, object_store: int, cpus: int = 1, control: bool = True
+    temp_dir: str,
+    object_store: int,
+    cpus: int = 1,
+    control: bool = True,
+    *,
+    ray_token_file: str | None,
 ) -> tuple[str, EmbeddedNode]:
     """Start a head node on loopback; return its GCS address and the node.
 
     ``control``: mark it as snapstore's control node (the coordinator's,
-    with no SMP), as the embedded cluster does.
+    with no SMP), as the embedded cluster does. ``ray_token_file``: the
+    cluster's Ray token (None: a cluster without authentication, which
+    only a test of that refusal should start).
     """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _prepare(temp_dir, ray_token_file)
     from ray._private.node import Node
 
     from snapstore.control.coordinator import CONTROL_RESOURCE
@@ -98,11 +135,21 @@ def start_head(
         )
     except Exception as e:
         raise ClusterError(f"cannot start the Ray head on {LOOPBACK}: {e}") from e
-    return str(node.gcs_address), EmbeddedNode(str(node.node_id), _pids(node), head=True)
+    finally:
+        _narrow(temp_dir)
+    return str(node.gcs_address), EmbeddedNode(str(node.node_id), _procs(node), head=True)
 
 
-def start_worker(gcs_address: str, temp_dir: str, object_store: int, cpus: int) -> EmbeddedNode:
+def start_worker(
+    gcs_address: str,
+    temp_dir: str,
+    object_store: int,
+    cpus: int,
+    *,
+    ray_token_file: str | None,
+) -> EmbeddedNode:
     """Start one more raylet on loopback and join it to the head at ``gcs_address``."""
+    _prepare(temp_dir, ray_token_file)
     from ray._private.node import Node
 
     params = _params(
@@ -123,19 +170,33 @@ def start_worker(gcs_address: str, temp_dir: str, object_store: int, cpus: int) 
         raise ClusterError(
             f"cannot start a Ray worker node on {LOOPBACK}: {e} (is the machine overloaded?)"
         ) from e
-    return EmbeddedNode(str(node.node_id), _pids(node))
+    finally:
+        _narrow(temp_dir)
+    return EmbeddedNode(str(node.node_id), _procs(node))
 
 
-def kill_tree(pids: list[int], sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
-    """Send ``sig`` to each pid and all its descendants; wait for them to exit.
+def kill_tree(refs: Sequence[ProcessRef], sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+    """Send ``sig`` to each recorded process and all its descendants; wait for them to exit.
 
-    Returns how many processes were signalled. Children are collected before
-    the parent dies (afterwards they would be re-parented and lost from view).
+    A process is signalled only while its pid still names the process
+    recorded (same start time, executable and boot, :meth:`ProcessRef.current`):
+    a pid reused by an unrelated process after ours exited is left alone
+    (and logged). Returns how many processes were signalled. Children are
+    collected before the parent dies (afterwards they would be re-parented
+    and lost from view).
     """
     procs: list[psutil.Process] = []
-    for pid in pids:
+    for ref in refs:
+        if not ref.current():
+            if psutil.pid_exists(ref.pid):
+                logger.warning(
+                    "not signalling pid %d: it is no longer the process recorded (%s)",
+                    ref.pid,
+                    ref.exe or "unknown executable",
+                )
+            continue
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            p = psutil.Process(pid)
+            p = psutil.Process(ref.pid)
             procs.extend(p.children(recursive=True))
             procs.append(p)
     for p in procs:

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from snapstore.control.handle import Store, connect
+from snapstore.control.handle import EmbeddedNode, ProcessRef, Store, connect
 from snapstore.control.messages import NodeInfo
 from snapstore.errors import FaultInjectionError
 from snapstore.format.record import StepRecord, piece_bounds
@@ -57,15 +57,23 @@ def _embedded(store: Store | None) -> Store:
 
 
 def _our_pids(store: Store) -> set[int]:
-    """Every live process of the embedded cluster: recorded pids and their descendants."""
+    """Every live process of the embedded cluster: recorded processes (still the ones
+    recorded) and their descendants."""
     out: set[int] = set()
     for n in store.embedded_nodes():
-        for pid in n.pids:
+        for ref in n.procs:
+            if not ref.current():
+                continue
             with contextlib.suppress(psutil.NoSuchProcess):
-                p = psutil.Process(pid)
-                out.add(pid)
+                p = psutil.Process(ref.pid)
+                out.add(ref.pid)
                 out.update(c.pid for c in p.children(recursive=True))
     return out
+
+
+def _ref(pid: int) -> list[ProcessRef]:
+    ref = ProcessRef.identify(pid)
+    return [] if ref is None else [ref]
 
 
 def store_nodes(store: Store | None = None) -> list[str]:
@@ -75,7 +83,7 @@ def store_nodes(store: Store | None = None) -> list[str]:
     for n in store.embedded_nodes():
         if n.head or n.to_dict().get("killed_at"):
             continue
-        if any(psutil.pid_exists(p) for p in n.pids):
+        if any(ref.current() for ref in n.procs):
             out.append(n.node_id)
     return out
 
@@ -97,7 +105,7 @@ def kill_nodes(node_ids: list[str], store: Store | None = None) -> list[dict[str
             raise FaultInjectionError("refusing to kill the head node: it runs the control plane")
         entries.append(entry)
     killed_at = time.time()
-    count = kill_tree([int(p) for e in entries for p in e["pids"]])
+    count = kill_tree([r for e in entries for r in EmbeddedNode.from_dict(e).procs])
     out = []
     for entry in entries:
         shutil.rmtree(
@@ -141,7 +149,7 @@ def kill_smp(node_id: str, wipe: bool = False, store: Store | None = None) -> di
     if pid not in _our_pids(store):
         raise FaultInjectionError(f"SMP pid {pid} is not a process of this embedded store")
     killed_at = time.time()
-    kill_tree([pid])
+    kill_tree(_ref(pid))
     if wipe:
         directory = node_dir(store.state["shm_dir"], store.store_id, node_id)
         with contextlib.suppress(FileNotFoundError):
@@ -164,7 +172,7 @@ def kill_trainer(pid: int, store: Store | None = None) -> float:
             f"pid {pid} is not a process of this embedded store's Ray cluster; refusing to kill it"
         )
     killed_at = time.time()
-    kill_tree([pid])
+    kill_tree(_ref(pid))
     return killed_at
 
 
@@ -294,13 +302,16 @@ def stall_smp(node_id: str, seconds: float, store: Store | None = None) -> dict[
     store.connect_ray()
     handle = ray.get_actor(smp_name(node_id), namespace=store.namespace)
     pid = decode(ray.get(handle.info.remote(), timeout=30), NodeInfo).pid
-    if pid not in _our_pids(store):
+    ref = ProcessRef.identify(pid)
+    if ref is None or pid not in _our_pids(store):
         raise FaultInjectionError(f"SMP pid {pid} is not a process of this embedded store")
     resumed = threading.Event()
 
     def _resume() -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        # Only the very process stopped: its pid may name another one by now.
+        if ref.current():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         resumed.set()
 
     stopped_at = time.time()

@@ -1,7 +1,8 @@
 """The persisted tier: committed steps flushed to a directory or an object store.
 
-- :mod:`snapstore.persist.tier` -- layout, manifest, atomic publication,
-  retention and verified reads (the functions re-exported here).
+- :mod:`snapstore.persist.tier` -- layout, atomic publication, retention
+  and verified reads (the functions re-exported here).
+- :mod:`snapstore.persist.manifest` -- a step's manifest, bounded decoding.
 - :mod:`snapstore.persist.objstore` -- the publication protocol of fsspec URLs.
 - :mod:`snapstore.persist.throttle` -- the token bucket that paces flushes.
 
@@ -23,6 +24,7 @@ from snapstore.persist.tier import (
     newest_first,
     partial_dir,
     prepare_dir,
+    prepare_root,
     publish_step,
     rank_file,
     read_manifest,
@@ -48,6 +50,7 @@ __all__ = [
     "newest_first",
     "partial_dir",
     "prepare_dir",
+    "prepare_root",
     "publish_step",
     "rank_file",
     "read_manifest",

@@ -249,10 +249,14 @@ def list_jobs(root_url: str) -> list[str]:
     return sorted(n for n in names if JOB_NAME_RE.fullmatch(n))
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+    """The object's bytes; with ``limit``, at most ``limit + 1`` of them (the caller
+    refuses more than ``limit``: a forged object must not fill memory)."""
     fs, path = _fs(url)
     with _failing_as(OSError, f"reading {url}"):
-        return bytes(fs.cat_file(path))
+        if limit is None:
+            return bytes(fs.cat_file(path))
+        return bytes(fs.cat_file(path, start=0, end=limit + 1))
 
 
 def open_read(url: str) -> tuple[Any, int]:

@@ -1,4 +1,6 @@
-"""The persisted tier: layout, manifest, atomic publication, retention, verified reads.
+"""The persisted tier: layout, atomic publication, retention, verified reads.
+
+The manifest's format and checks are :mod:`snapstore.persist.manifest`.
 
 Pure files (no Ray, no torch), so it is tested on its own and read with no
 running store (``snapstore export``). The root is a directory (local disk or
@@ -38,6 +40,18 @@ removes the manifest first (see :mod:`snapstore.persist.objstore`).
 Reads verify every piece against the manifest (:func:`read_rank`,
 :func:`verify_rank`) and raise :class:`PersistedStepCorruptError` naming the
 file and what is wrong.
+
+Whoever can write the root is not trusted further than that: a manifest is
+read only up to :data:`MAX_MANIFEST_BYTES` and every count in it is bounded
+before anything is allocated (:data:`MAX_WORLD_SIZE`, :data:`MAX_K`); a
+manifest that fails any check makes its step *corrupt* in listings
+(:attr:`PersistedStep.problem`), never an exception out of them.
+
+Permissions (directory roots): every directory snapstore creates under the
+root is 0700 and every file 0600, whatever the umask; job directories are
+checked (owned by this user, not a symlink) before a flush writes into
+them. A URL root's access is the object store's (bucket policies, ACLs);
+see docs/operating.md, Security.
 """
 
 from __future__ import annotations
@@ -46,19 +60,26 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
 import xxhash
 
-from snapstore.config import JOB_NAME_RE
+from snapstore.config import JOB_NAME_RE, check_job_name
 from snapstore.errors import FormatError, PersistedStepCorruptError, PersistFailedError
 from snapstore.format.record import piece_bounds
 from snapstore.persist import objstore
+from snapstore.persist.manifest import (
+    MAX_MANIFEST_BYTES,
+    PERSIST_VERSION,
+    PersistedRank,
+    PersistManifest,
+    rank_file,
+)
 from snapstore.persist.throttle import TokenBucket
+from snapstore.private import DIR_MODE, FILE_MODE, private_dir
 
 __all__ = [
     "MANIFEST_NAME",
@@ -75,6 +96,7 @@ __all__ = [
     "newest_first",
     "partial_dir",
     "prepare_dir",
+    "prepare_root",
     "publish_step",
     "rank_file",
     "read_manifest",
@@ -85,10 +107,7 @@ __all__ = [
     "write_rank",
 ]
 
-PERSIST_VERSION = 1
 MANIFEST_NAME = objstore.MANIFEST_NAME
-CHECKSUM_NAME = "xxh3_64"
-_KIND = "snapstore-persisted-step"
 PARTIAL = ".partial"
 TRASH = ".trash"
 CHUNK = 8 << 20
@@ -106,7 +125,8 @@ def is_url(root: str) -> bool:
 
 
 def job_dir(root: str, job: str) -> str:
-    return os.path.join(root, job)
+    """``root/job``; ConfigError for a job name the store would not accept (``/etc``, ``..``)."""
+    return os.path.join(root, check_job_name(job))
 
 
 def step_dir(root: str, job: str, step: int) -> str:
@@ -115,133 +135,6 @@ def step_dir(root: str, job: str, step: int) -> str:
 
 def partial_dir(root: str, job: str, step: int) -> str:
     return step_dir(root, job, step) + PARTIAL
-
-
-def rank_file(rank: int) -> str:
-    return f"rank-{rank}.bin"
-
-
-# -- manifest -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PersistedRank:
-    """One rank's file: ``size`` bytes, k piece checksums (pieces as in :func:`piece_bounds`)."""
-
-    rank: int
-    file: str
-    size: int
-    sums: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PersistManifest:
-    """Everything needed to find and verify a persisted step; msgpack at rest."""
-
-    job: str
-    step: int
-    world_size: int
-    k: int
-    ranks: Mapping[int, PersistedRank]
-    created_at: float = 0.0
-    committed_at: float = 0.0
-    store_id: str = ""
-    record_version: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def data_bytes(self) -> int:
-        return sum(r.size for r in self.ranks.values())
-
-    def to_bytes(self) -> bytes:
-        doc = {
-            "v": PERSIST_VERSION,
-            "kind": _KIND,
-            "checksum": CHECKSUM_NAME,
-            "job": self.job,
-            "step": self.step,
-            "world_size": self.world_size,
-            "k": self.k,
-            "ranks": [
-                [e.rank, e.file, e.size, list(e.sums)] for _, e in sorted(self.ranks.items())
-            ],
-            "created_at": self.created_at,
-            "committed_at": self.committed_at,
-            "store_id": self.store_id,
-            "record_version": self.record_version,
-            "extra": dict(self.extra),
-        }
-        return msgpack.packb(doc, use_bin_type=True)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> PersistManifest:
-        """Decode and validate; FormatError naming the first problem."""
-        try:
-            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as e:
-            raise FormatError(f"persisted manifest is not valid msgpack: {e}") from None
-        if not isinstance(doc, dict) or doc.get("kind") != _KIND:
-            raise FormatError("not a snapstore persisted-step manifest")
-        if doc.get("v") != PERSIST_VERSION:
-            raise FormatError(
-                f"persisted manifest version {doc.get('v')!r}, this snapstore reads "
-                f"{PERSIST_VERSION}"
-            )
-        if doc.get("checksum") != CHECKSUM_NAME:
-            raise FormatError(f"persisted manifest checksum {doc.get('checksum')!r} is unknown")
-        try:
-            ranks = {}
-            for r, f, size, sums in doc["ranks"]:
-                entry = PersistedRank(_int(r), _str(f), _int(size), tuple(_int(x) for x in sums))
-                if entry.rank in ranks:
-                    raise ValueError(f"rank {entry.rank} listed twice")
-                ranks[entry.rank] = entry
-            man = cls(
-                job=_str(doc["job"]),
-                step=_int(doc["step"]),
-                world_size=_int(doc["world_size"]),
-                k=_int(doc["k"]),
-                ranks=ranks,
-                created_at=float(doc.get("created_at", 0.0)),
-                committed_at=float(doc.get("committed_at", 0.0)),
-                store_id=_str(doc.get("store_id", "")),
-                record_version=_int(doc.get("record_version", 0)),
-                extra=dict(doc.get("extra") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"persisted manifest is malformed: {e}") from None
-        man.validate()
-        return man
-
-    def validate(self) -> None:
-        if not JOB_NAME_RE.fullmatch(self.job):
-            raise FormatError(f"persisted manifest names job {self.job!r}, not a job name")
-        if self.k < 1 or self.step < 0 or self.world_size < 1:
-            raise FormatError(
-                f"persisted manifest k={self.k}, step={self.step}, world_size={self.world_size}"
-            )
-        if sorted(self.ranks) != list(range(self.world_size)):
-            raise FormatError(
-                f"persisted manifest lists ranks {sorted(self.ranks)}, expected 0.."
-                f"{self.world_size - 1}"
-            )
-        for r, e in self.ranks.items():
-            if e.file != rank_file(r) or e.size < 0 or len(e.sums) != self.k:
-                raise FormatError(
-                    f"persisted manifest rank {r}: file {e.file!r}, size {e.size}, "
-                    f"{len(e.sums)} sums for k={self.k}"
-                )
-
-
-def _int(v: object) -> int:
-    if type(v) is not int or not 0 <= v < 1 << 64:
-        raise ValueError(f"expected a non-negative integer, found {v!r}")
-    return v
-
-
-def _str(v: object) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, found {v!r}")
-    return v
 
 
 # -- writing ----------------------------------------------------------------------
@@ -268,7 +161,9 @@ class _FileSink:
     the page cache as it grows, fsynced at the end."""
 
     def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(path, flags, FILE_MODE)
+        os.fchmod(self.fd, FILE_MODE)  # a file left by an older flush may have another mode
         self.written = self.synced = 0
 
     def write(self, view: np.ndarray) -> None:
@@ -287,12 +182,32 @@ class _FileSink:
         os.close(self.fd)
 
 
+def _makedirs(path: str) -> None:
+    """``os.makedirs`` giving every directory it creates mode 0700, whatever the umask."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        _makedirs(parent)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
+
+
+def prepare_root(root: str) -> None:
+    """Create a directory root (0700) if it is missing; an existing one keeps its mode."""
+    if not is_url(root):
+        _makedirs(root)
+
+
 def prepare_dir(path: str) -> None:
-    """Create the directory ``path`` (on an object store: nothing to create)."""
+    """Create the directory ``path``, 0700 (on an object store: nothing to create)."""
     if is_url(path):
         objstore.prepare_dir(path)
     else:
-        os.makedirs(path, exist_ok=True)
+        _makedirs(path)
 
 
 def write_rank(
@@ -365,10 +280,12 @@ def begin_step(root: str, job: str, step: int) -> str:
     if is_url(root):
         return objstore.begin_step(job_dir(root, job), step_dir(root, job, step))
     partial = partial_dir(root, job, step)
-    os.makedirs(job_dir(root, job), exist_ok=True)
+    _makedirs(root)
+    private_dir(job_dir(root, job), f"job directory of {job!r} in the persist root")
     clean_leftovers(root, job)
     shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    os.mkdir(partial, DIR_MODE)
+    os.chmod(partial, DIR_MODE)
     return partial
 
 
@@ -399,7 +316,10 @@ def publish_step(root: str, manifest: PersistManifest) -> str:
                 f"the manifest says {e.size}"
             )
     tmp = os.path.join(partial, MANIFEST_NAME + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, FILE_MODE)
     try:
         _write_all(fd, manifest.to_bytes())
         os.fsync(fd)
@@ -430,13 +350,19 @@ def _trash(path: str) -> None:
 
 @dataclass(frozen=True)
 class PersistedStep:
-    """A complete persisted step, as listed: its directory, when it was written, its bytes."""
+    """A complete persisted step, as listed: its directory, when it was written, its bytes.
+
+    ``problem``: why its manifest cannot be used (unreadable, malformed);
+    None for a step whose manifest reads. Its rank files are not checked
+    by a listing (:func:`verify_rank` does).
+    """
 
     step: int
     path: str
     time: float
     bytes: int
     world_size: int
+    problem: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -476,15 +402,19 @@ def _complete_dirs(root: str, job: str) -> list[tuple[int, str]]:
 
 
 def list_steps(root: str, job: str) -> list[PersistedStep]:
-    """The job's complete persisted steps, oldest first (a step with an unreadable
-    manifest is listed with 0 bytes: it exists, and reading it will say why it fails)."""
+    """The job's complete persisted steps, oldest first.
+
+    A step whose manifest cannot be used is listed with its ``problem``
+    (and 0 bytes): one bad file never fails the listing.
+    """
     out = []
     for step, path in _complete_dirs(root, job):
         try:
-            man = PersistManifest.from_bytes(_read_bytes(os.path.join(path, MANIFEST_NAME)))
-            out.append(PersistedStep(step, path, man.created_at, man.data_bytes(), man.world_size))
-        except (OSError, FormatError):
-            out.append(PersistedStep(step, path, 0.0, 0, 0))
+            man = read_manifest(path)
+        except PersistedStepCorruptError as e:
+            out.append(PersistedStep(step, path, 0.0, 0, 0, problem=str(e)))
+            continue
+        out.append(PersistedStep(step, path, man.created_at, man.data_bytes(), man.world_size))
     return out
 
 
@@ -523,11 +453,17 @@ def clean_leftovers(root: str, job: str, keep: str | None = None) -> list[str]:
 # -- reading --------------------------------------------------------------------------
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, limit: int | None = None) -> bytes:
+    """The file's bytes; FormatError when it holds more than ``limit`` (a manifest's)."""
+    limit = MAX_MANIFEST_BYTES if limit is None else limit
     if is_url(path):
-        return objstore.read_bytes(path)
-    with open(path, "rb") as f:
-        return f.read()
+        data = objstore.read_bytes(path, limit)
+    else:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FormatError(f"{path} holds more than {limit} bytes; not a manifest")
+    return data
 
 
 def _why(e: OSError) -> str:
@@ -543,6 +479,9 @@ def read_manifest(path: str) -> PersistManifest:
         raise PersistedStepCorruptError(mpath, f"cannot read the manifest: {_why(e)}") from None
     except FormatError as e:
         raise PersistedStepCorruptError(mpath, str(e)) from None
+    except (MemoryError, ValueError, TypeError, OverflowError, RecursionError) as e:
+        # Bounded decoding makes these unreachable; a listing must survive them regardless.
+        raise PersistedStepCorruptError(mpath, f"cannot decode the manifest: {e!r:.200}") from None
 
 
 def _open_rank(path: str, man: PersistManifest, rank: int) -> tuple[Any, PersistedRank, str]:
