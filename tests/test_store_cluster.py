@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.conftest import events, job_status, running_store, wait_for
@@ -86,11 +87,17 @@ def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, An
 
 
 def test_smp_killed_keeps_its_segments(store: Any, cluster: dict[str, Any]) -> None:
+    from snapstore.clients import Client
     from snapstore.ops import faults
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     before = len(events(store, "readopted"))
+    # A trainer of another job on that node saves the moment its SMP dies: the lease
+    # waits for the restarted SMP instead of failing the save.
+    other = Client("smp-kill", 0, 1, store=store, node_id=nodes[1], timeout=60)
     info = faults.kill_smp(nodes[1], store=store)
+    assert other.save(1, {"x": np.arange(256, dtype=np.float32)}).result(60) == 1
+    other.close()
     wait_for(lambda: len(events(store, "readopted")) > before, 60, "the restarted SMP re-adopting")
     assert any(
         n["node_id"] == nodes[1] and n["incarnation"] != info["incarnation"] for n in store.nodes()
