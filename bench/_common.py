@@ -33,6 +33,7 @@ __all__ = [
     "add_disk_budget",
     "bench_header",
     "cluster_messages_to",
+    "deaths_of_others",
     "disk_dir",
     "human",
     "job_status",
@@ -53,6 +54,7 @@ __all__ = [
     "timed",
     "touch",
     "training_state",
+    "wait_node_dead",
     "wait_until",
     "write_json",
 ]
@@ -567,6 +569,38 @@ def store_events(store: Any, kind: str | None = None, n: int = 2000) -> list[dic
     """The coordinator's recent events, oldest first (``kind`` filters)."""
     evs = store.status(events=n)["events"]
     return [e for e in evs if kind is None or e["kind"] == kind]
+
+
+DEATHS = ("node_dead", "node_lost")
+"""Events by which the coordinator acts on a node: Ray reported its SMP dead; then lost.
+(A ``node_silent`` is a suspicion only: logged, never acted on.)"""
+
+
+def wait_node_dead(store: Any, node: str, since: float, timeout: float, what: str) -> Any:
+    """The coordinator's first ``node_dead`` event for ``node`` at or after wall time
+    ``since`` (a kill's ``killed_at``); TimeoutError naming ``what`` after ``timeout`` s."""
+    return wait_until(
+        lambda: [
+            e
+            for e in store_events(store, "node_dead")
+            if e.get("node") == node and e["time"] >= since
+        ],
+        timeout,
+        what,
+        poll=0.02,
+    )[0]
+
+
+def deaths_of_others(store: Any, since: float, killed: set[str]) -> list[str]:
+    """Nodes the coordinator took for dead or lost since ``since`` that nobody killed:
+    Ray's own health check on a loaded machine, which stops a raylet it stops hearing."""
+    return sorted(
+        {
+            e["node"]
+            for e in store_events(store)
+            if e["kind"] in DEATHS and e["time"] >= since and e.get("node") not in killed
+        }
+    )
 
 
 def job_status(store: Any, job: str) -> dict[str, Any]:

@@ -4,8 +4,9 @@
 counterpart of the deterministic simulation (``python -m tests.sim``). It
 trains the small GPT of :mod:`snapstore.bench.gpt` with 4 data-parallel
 ranks over gloo (one per store node, a snapshot every step) twice: once
-without faults (the reference), once while N faults drawn from the seed land
-at random steps on random ranks:
+without faults (the reference; cached on disk for the same code and settings,
+see :mod:`snapstore.bench.reference`), once while N faults drawn from the
+seed land at random steps on random ranks:
 
 - ``trainer``: SIGKILL of a rank's process;
 - ``smp``: SIGKILL of a node's SMP (Ray restarts it; it re-adopts its memory);
@@ -36,6 +37,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from snapstore.bench import reference as cached
 from snapstore.bench._common import (
     Table,
     bench_header,
@@ -177,10 +179,16 @@ def soak(args: Any) -> dict[str, Any]:
         reprotect_delay=1.0,
         failure_timeout=2.0,
     ) as store:
-        t0 = time.perf_counter()
-        reference = run(store, "chaos-reference", steps, [], cfg, world=WORLD)
-        ref_seconds = time.perf_counter() - t0
-        print(f"reference: {steps} steps in {ref_seconds:.0f} s", flush=True)
+        reference = None if args.fresh_reference else cached.load(cfg, steps, WORLD)
+        ref_seconds: float | None = None
+        if reference is not None:
+            print(f"reference: cached ({cached.cache_path(cfg, steps, WORLD)})", flush=True)
+        else:
+            t0 = time.perf_counter()
+            reference = run(store, "chaos-reference", steps, [], cfg, world=WORLD).to_dict()
+            ref_seconds = time.perf_counter() - t0
+            cached.save(cfg, steps, WORLD, reference)
+            print(f"reference: {steps} steps in {ref_seconds:.0f} s", flush=True)
         start = store_faults.store_nodes(store)[:WORLD]
         began = time.time()
 
@@ -193,7 +201,7 @@ def soak(args: Any) -> dict[str, Any]:
             got = run(store, "chaos", steps, faults, cfg, world=WORLD, on_progress=progress)
         seconds = time.perf_counter() - t1
         events = [e for e in tap.events() if e["time"] >= began]
-    equal = got.digests == reference.digests
+    equal = got.digests == reference["digests"]
     deaths, suspicions = false_detections(events, got.failures, _placements(got, start))
     by_kind = Table(
         "faults by kind (seconds from the fault to training again)",
@@ -217,7 +225,10 @@ def soak(args: Any) -> dict[str, Any]:
     summary.add("saves that failed (all ranks)", got.saves_failed)
     summary.add("false detections (dead or lost, nothing killed)", len(deaths))
     summary.add("suspicions (silent, nothing stalled or killed; not acted on)", len(suspicions))
-    summary.add("run with faults / reference", f"{seconds:.0f} s / {ref_seconds:.0f} s")
+    summary.add(
+        "run with faults / reference",
+        f"{seconds:.0f} s / " + (f"{ref_seconds:.0f} s" if ref_seconds is not None else "cached"),
+    )
     summary.add("final state bitwise equal to the reference", "yes" if equal else "NO")
     report(
         [by_kind, summary],
@@ -244,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     p = bench_parser("chaos", __doc__, "one fault of each kind (about a minute)")
     p.add_argument("--faults", type=int, default=20, help="faults to inject [20]")
     p.add_argument("--seed", type=int, default=0, help="draws the faults [0]")
+    p.add_argument(
+        "--fresh-reference",
+        action="store_true",
+        help="run the reference again even if a cached one exists (bench.reference)",
+    )
     args = p.parse_args(argv)
     if args.faults < 1:
         p.error("--faults must be at least 1")

@@ -114,21 +114,12 @@ def verify_after_loss(
     (as a restarted trainer would); compare bitwise."""
     import time
 
-    from snapstore.bench._common import store_events, wait_until
+    from snapstore.bench._common import wait_node_dead
     from snapstore.clients import Client
     from snapstore.ops import faults
 
     t_kill = faults.kill_node(nodes[1], store)["killed_at"]
-    wait_until(
-        lambda: [
-            e
-            for e in store_events(store, "node_silent")
-            if e.get("node") == nodes[1] and e["time"] >= t_kill
-        ],
-        60,
-        "the store to notice the lost node",
-        poll=0.1,
-    )
+    wait_node_dead(store, nodes[1], t_kill, 60, "the store to see the killed node dead")
     client = Client(job, 1, WORLD, store=store, node_id=nodes[2], timeout=300)
     try:
         t0 = time.perf_counter()

@@ -21,15 +21,13 @@ Everything it starts it stops, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from snapstore.bench import reference as cached
 from snapstore.bench._common import cluster_messages_to, private_store
 
 __all__ = ["main", "parse_failures"]
@@ -48,25 +46,6 @@ def parse_failures(text: str, world: int) -> list[Any]:
             raise SystemExit(f"bad failure {part!r}: use trainer@STEP, smp@STEP or node@STEP")
         out.append(Failure(kind, int(at), rank=1 + i % max(1, world - 1)))
     return out
-
-
-def _cache_key(cfg: dict[str, Any], steps: int, world: int) -> str:
-    """Reference results depend on the model code, the data and the settings."""
-    from snapstore.bench import gpt, training
-
-    h = hashlib.sha256()
-    for mod in (gpt, training):
-        h.update(Path(mod.__file__ or "").read_bytes())
-    h.update(json.dumps([cfg, steps, world], sort_keys=True).encode())
-    import torch
-
-    h.update(torch.__version__.encode())
-    return h.hexdigest()[:16]
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "snapstore"
 
 
 def _progress(console: Any, total: int, label: str) -> tuple[Any, Any]:
@@ -119,14 +98,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             reprotect_delay=1.0,
         ) as store,
     ):
-        key = _cache_key(cfg, args.steps, world)
-        cache = _cache_dir() / f"demo-reference-{key}.json"
-        reference: dict[str, Any] | None = None
-        if cache.exists() and not args.fresh_reference:
-            with contextlib.suppress(OSError, ValueError):
-                reference = json.loads(cache.read_text())
-                console.print(f"reference run: cached ({cache})")
-        if reference is None:
+        reference = None if args.fresh_reference else cached.load(cfg, args.steps, world)
+        if reference is not None:
+            console.print(f"reference run: cached ({cached.cache_path(cfg, args.steps, world)})")
+        else:
             progress, task = _progress(console, args.steps, "reference (no failures)")
             with progress:
                 ref = run(
@@ -140,9 +115,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 progress.update(task, completed=args.steps)
             reference = ref.to_dict()
-            with contextlib.suppress(OSError):
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps(reference))
+            cached.save(cfg, args.steps, world, reference)
 
         progress, task = _progress(console, args.steps, "with failures")
         with progress:

@@ -46,7 +46,7 @@ from typing import Any
 
 from snapstore.clients.dp import DPGroup, fill, localize, placeholders, shard
 from snapstore.clients.future import DEFAULT_TIMEOUT, SaveFuture
-from snapstore.clients.locate import find_smp
+from snapstore.clients.locate import find_smp, node_given_up
 from snapstore.clients.persisted import (
     Opened,
     install_sigterm,
@@ -83,6 +83,8 @@ __all__ = ["Client", "SaveFuture"]
 logger = logging.getLogger(__name__)
 
 POLICIES = ("wait", "skip")
+LEASE_RETRY = 0.2
+"""Seconds between lease requests while this node's SMP restarts."""
 
 
 class Client:
@@ -180,7 +182,11 @@ class Client:
         Blocks only for the staging copy (``lazy=False``), or not at all
         (``lazy=True``: the copy runs on a background thread; call
         :meth:`wait_staged` before anything modifies the state's tensors,
-        i.e. before the optimizer step).
+        i.e. before the optimizer step). Raises RestoreRequiredError (restore
+        first), MemoryBudgetError (the node has no room for the slot),
+        StoreTimeoutError, or ActorUnavailableError when this node's SMP gave
+        no slot within ``timeout`` or its node is lost (a restarting SMP is
+        waited for).
         """
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
@@ -236,7 +242,7 @@ class Client:
                 write_trailer(seg.array, binding.layout.nbytes, manifest, step)
             except BaseException as e:
                 self._stager.forget()
-                fut._fail(SnapstoreError(f"staging copy of step {step} failed: {e!r}"))
+                fut._fail(SaveFailedError(f"staging copy of step {step} failed: {e!r}"))
                 raise
             self._stager.wrote(step, binding, plan, slot)
             fut.stats["stage_seconds"] = time.perf_counter() - t0
@@ -342,8 +348,24 @@ class Client:
         return self._new_lease(size, timeout)
 
     def _new_lease(self, size: int, timeout: float) -> Lease:
-        got = call(self.smp.lease.remote(self.job, self.rank, size), timeout, "SMP.lease")
-        return decode(got, Lease)
+        """A slot from this node's SMP. One that is restarting (Ray restarts a crashed SMP
+        in about a second) is asked again until ``timeout``; once the store gave the node
+        up, its SMP will not come back: ActorUnavailableError at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(deadline - time.monotonic(), 0.1)
+            try:
+                got = call(self.smp.lease.remote(self.job, self.rank, size), left, "SMP.lease")
+                return decode(got, Lease)
+            except ActorUnavailableError as e:
+                if time.monotonic() + LEASE_RETRY >= deadline or node_given_up(
+                    self.store, self.node_id
+                ):
+                    raise ActorUnavailableError(
+                        f"job {self.job!r} rank {self.rank}: no slot from the SMP of store node "
+                        f"{self.node_id[:12]} ({e}); this process must run on a live store node"
+                    ) from None
+            time.sleep(LEASE_RETRY)
 
     def _count(self, **deltas: float) -> None:
         for k, v in deltas.items():

@@ -23,7 +23,10 @@ class SaveFuture:
 
     ``result(timeout)`` waits until the step is committed and returns it, or
     raises SaveFailedError (the step will never commit; the previous one is
-    intact) or StoreTimeoutError. ``stats`` says what the save moved.
+    intact), StoreTimeoutError, MemoryBudgetError (the node refused the
+    staging for room), or ActorUnavailableError (this node's SMP died with
+    the step in flight; a restarted SMP fails the steps in flight, and the
+    next save goes to it). ``stats`` says what the save moved.
     """
 
     def __init__(self, job: str, step: int, skipped: bool = False) -> None:

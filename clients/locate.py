@@ -38,6 +38,7 @@ __all__ = [
     "choose_node",
     "find_smp",
     "local_store_nodes",
+    "node_given_up",
     "resolve_node",
     "segment_dir_exists",
     "smp_handle",
@@ -157,3 +158,13 @@ def find_smp(store: Store, rank: int, node_id: str | None) -> tuple[str, Any]:
             f"store's nodes; node_id= or ${NODE_ENV} chooses one)"
         )
     return node, handles[node]
+
+
+def node_given_up(store: Store, node: str) -> bool:
+    """Whether the store gave ``node`` up (lost, or no longer listed): its SMP will not
+    come back. False when the coordinator cannot say now (it may be restarting)."""
+    try:
+        listed = store.nodes()
+    except SnapstoreError:
+        return False
+    return not any(n["node_id"] == node and n["status"] != "lost" for n in listed)

@@ -178,7 +178,7 @@ def _restore_source(
     relocated_to: str | None,
     unrecoverable: bool,
 ) -> RestoreSource:
-    """Mirror of the restore plan (:func:`snapstore.control.recovery.restore_plan`)."""
+    """Mirror of the restore plan (:meth:`snapstore.control.recovery.Recovery.restore_plan`)."""
     if unrecoverable:
         return RestoreSource(kind="unrecoverable", nodes=[])
     if relocated_to is not None and relocated_to != node and relocated_to in alive:

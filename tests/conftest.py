@@ -66,3 +66,11 @@ def job_status(store: Any, job: str) -> dict[str, Any]:
 def events(store: Any, kind: str | None = None, n: int = 500) -> list[dict[str, Any]]:
     evs = store.status(events=n)["events"]
     return [e for e in evs if kind is None or e["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One directory of cached fault-free training runs for the session (bench.reference):
+    ``bench.chaos --quick`` and the demo train the same reference (same code, steps and
+    ranks), and the second to run reuses the first's instead of training it again."""
+    return str(tmp_path_factory.mktemp("reference-cache"))

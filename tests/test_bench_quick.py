@@ -59,13 +59,16 @@ def _scratch_glob() -> str:
 
 
 @pytest.fixture(scope="module")
-def runs() -> Iterator[dict[str, dict[str, Any]]]:
+def runs(reference_cache: str) -> Iterator[dict[str, dict[str, Any]]]:
     """Run every benchmark with --quick, one at a time; collect output, exit code, JSON."""
+    from snapstore.bench.reference import CACHE_ENV
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     before = set(glob.glob("/tmp/ssb-*"))
     scratch_before = set(glob.glob(_scratch_glob()))
     out_dir = tempfile.mkdtemp(prefix="bench-quick-")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # bench.chaos shares its fault-free reference with test_demo (the same training).
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{CACHE_ENV: reference_cache})
     results: dict[str, dict[str, Any]] = {}
     for name in BENCHES:
         path = os.path.join(out_dir, f"{name}.json")

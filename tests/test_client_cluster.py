@@ -1,7 +1,9 @@
 """The client on a real 4-node loopback store: lazy saves, deltas, DP shards, bitwise resume.
 
 Clients run in the test process, each pinned to a store node with
-``node_id=`` (the node's slots are files on this same host).
+``node_id=`` (the node's slots are files on this same host). One store
+serves the module and tests run in order: the one that kills a node comes
+last (its loss changes the store's membership for a while after it ends).
 """
 
 from __future__ import annotations
@@ -222,6 +224,34 @@ def test_errors_are_clear(store: Any, nodes: list[str]) -> None:
     c.close()
 
 
+def test_job_control_reads_the_job_and_ends_steps_in_flight(store: Any, nodes: list[str]) -> None:
+    from snapstore.clients import JobControl
+    from snapstore.errors import SnapshotNotFoundError
+
+    small = {"x": torch.arange(256, dtype=torch.float32)}
+    r0 = _client(store, nodes[0], "ctl", 0, 2)
+    r1 = _client(store, nodes[1], "ctl", 1, 2)
+    r0.save(1, small)
+    r1.save(1, small).result(60)
+    ctl = JobControl("ctl", store=store)
+    assert ctl.latest() == 1
+    pending = r0.save(2, small)  # rank 1 never saves step 2: it stays in flight
+    wait_for(lambda: 2 in ctl.info()["pending_steps"], 30, "step 2 in flight")
+    assert ctl.abort_pending("the scheduler preempts the job") == [2]
+    with pytest.raises(SaveFailedError, match="the scheduler preempts the job"):
+        pending.result(30)
+    info = ctl.info()
+    assert info["latest_step"] == 1 and info["phase"] == "active"
+    kinds = [e["kind"] for e in ctl.events(20)]
+    assert "commit" in kinds and "save_failed" in kinds
+    with pytest.raises(ValueError, match="reason"):
+        ctl.abort_pending("  ")
+    with pytest.raises(SnapshotNotFoundError, match="no job 'never'"):
+        JobControl("never", store=store).info()
+    for c in (r0, r1):
+        c.close()
+
+
 def test_delta_moves_few_bytes_and_parity_stays_right(store: Any, nodes: list[str]) -> None:
     from snapstore.ops import faults
 
@@ -271,31 +301,3 @@ def test_delta_moves_few_bytes_and_parity_stays_right(store: Any, nodes: list[st
             assert torch.equal(got[k], v), k
     for cl in [*clients, c]:
         cl.close()
-
-
-def test_job_control_reads_the_job_and_ends_steps_in_flight(store: Any, nodes: list[str]) -> None:
-    from snapstore.clients import JobControl
-    from snapstore.errors import SnapshotNotFoundError
-
-    small = {"x": torch.arange(256, dtype=torch.float32)}
-    r0 = _client(store, nodes[0], "ctl", 0, 2)
-    r1 = _client(store, nodes[1], "ctl", 1, 2)
-    r0.save(1, small)
-    r1.save(1, small).result(60)
-    ctl = JobControl("ctl", store=store)
-    assert ctl.latest() == 1
-    pending = r0.save(2, small)  # rank 1 never saves step 2: it stays in flight
-    wait_for(lambda: 2 in ctl.info()["pending_steps"], 30, "step 2 in flight")
-    assert ctl.abort_pending("the scheduler preempts the job") == [2]
-    with pytest.raises(SaveFailedError, match="the scheduler preempts the job"):
-        pending.result(30)
-    info = ctl.info()
-    assert info["latest_step"] == 1 and info["phase"] == "active"
-    kinds = [e["kind"] for e in ctl.events(20)]
-    assert "commit" in kinds and "save_failed" in kinds
-    with pytest.raises(ValueError, match="reason"):
-        ctl.abort_pending("  ")
-    with pytest.raises(SnapshotNotFoundError, match="no job 'never'"):
-        JobControl("never", store=store).info()
-    for c in (r0, r1):
-        c.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.conftest import events, job_status, running_store, wait_for
@@ -86,11 +87,17 @@ def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, An
 
 
 def test_smp_killed_keeps_its_segments(store: Any, cluster: dict[str, Any]) -> None:
+    from snapstore.clients import Client
     from snapstore.ops import faults
 
     ranks, nodes = cluster["ranks"], cluster["nodes"]
     before = len(events(store, "readopted"))
+    # A trainer of another job on that node saves the moment its SMP dies: the lease
+    # waits for the restarted SMP instead of failing the save.
+    other = Client("smp-kill", 0, 1, store=store, node_id=nodes[1], timeout=60)
     info = faults.kill_smp(nodes[1], store=store)
+    assert other.save(1, {"x": np.arange(256, dtype=np.float32)}).result(60) == 1
+    other.close()
     wait_for(lambda: len(events(store, "readopted")) > before, 60, "the restarted SMP re-adopting")
     assert any(
         n["node_id"] == nodes[1] and n["incarnation"] != info["incarnation"] for n in store.nodes()
@@ -209,6 +216,42 @@ def test_memory_budget_exceeded_is_clear_and_harmless(store: Any, cluster: dict[
     assert JOB in err and "budget" in err and nodes[3][:12] in err
     assert store.call("latest", JOB) == 5
     assert all(r["ok"] and r["step"] == 5 for r in _restore_all(ranks))
+
+
+def test_coordinator_restart_rebuilds_state_from_smps(store: Any, cluster: dict[str, Any]) -> None:
+    """The coordinator's state comes back from the SMPs; the node-loss test after this
+    one runs on the restarted coordinator."""
+    import ray
+
+    from snapstore.control.coordinator import COORDINATOR_NAME
+
+    nodes = cluster["nodes"]
+    ranks = [_start_rank(store, nodes[r], "crs", r, nbytes=(1 << 20) + 4096 * r) for r in range(4)]
+    for step in (1, 2):
+        _save_all(ranks, step)
+    coord = ray.get_actor(COORDINATOR_NAME, namespace=store.namespace)
+    ray.kill(coord, no_restart=False)
+    wait_for(
+        lambda: any(e["kind"] == "coordinator_recovered" for e in _events_or_none(store)),
+        60,
+        "the coordinator to come back",
+    )
+    assert store.call("latest", "crs") == 2
+    assert store.call("latest", JOB) == 5
+    assert all(r["ok"] and r["step"] == 2 for r in _restore_all(ranks))
+    _save_all(ranks, 3)
+    assert store.call("latest", "crs") == 3
+    assert events(store, "commit")
+    for r in ranks:
+        ray.kill(r)
+
+
+def _events_or_none(store: Any) -> list[dict[str, Any]]:
+    """The events, or none while the coordinator is restarting."""
+    try:
+        return events(store)
+    except Exception:
+        return []
 
 
 def test_node_lost_rebuilt_on_replacement_then_second_loss(

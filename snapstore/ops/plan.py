@@ -15,7 +15,7 @@ Memory per node (what an SMP allocates for one job; G ranks of S bytes on it)
       per node for (3, 1) and 4.0 x for (2, 2), which is ``2 + 2m/k``;
     - XOR deltas: two per rank (by step parity), each the changed bytes of a
       step, kept only while at most half of a rank changed
-      (``snapstore.node.smp.DELTA_MAX_FRACTION``): ``2 f G S`` for a changed
+      (``snapstore.node.store.DELTA_MAX_FRACTION``): ``2 f G S`` for a changed
       fraction f <= 0.5, else 0. The default f = 0.5 is the most they take;
     - persisting (optional): a step being flushed holds its slots, so one
       more slot per rank: ``G S``.
@@ -90,7 +90,7 @@ __all__ = [
 MAX_WIDTH = 32
 """k + m at most (StoreConfig, the codec)."""
 DELTA_MAX_FRACTION = 0.5
-"""``snapstore.node.smp.DELTA_MAX_FRACTION`` (not imported: that module needs Ray)."""
+"""``snapstore.node.store.DELTA_MAX_FRACTION``, copied (tests/test_plan.py checks they agree)."""
 GB = 1e9
 HOUR = 3600.0
 _STORE = StoreConfig()
