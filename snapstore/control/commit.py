@@ -83,7 +83,11 @@ class Commits:
         self._count_client(r.stats.get("client"))
         refused: dict[str, list[str]] = {}
         accepted: dict[int, str] = {}
+        open_att = job.attempts.get(r.step)
+        known = open_att.by_group.get(r.group, {}) if open_att and open_att.life.open else {}
         for rank, session in sorted(r.sessions.items()):
+            if known.get(rank) == session:
+                continue  # accepted from an earlier report of this group: checked then
             past = job.history.get(r.step)
             if past is not None and past[1].get(rank, ("",))[0] == session:
                 continue  # a late report of a staging that committed: nothing to say
@@ -122,7 +126,7 @@ class Commits:
             if prev is not None and prev[0] != session and att.life.phase is StepPhase.PREPARING:
                 self.fail(job, att, f"rank {rank} staged step {r.step} again from a new process")
                 return
-            att.ranks[rank] = (session, r.group)
+            att.add(rank, session, r.group)
             att.leaders[r.group] = r.leader
             mine = job.sessions.get(rank)
             if mine is None or mine[0] != session_of(session):
@@ -224,7 +228,7 @@ class Commits:
         except FormatError as e:
             self.fail(job, att, f"group of {r.leader[:12]} sent a malformed slice: {e}")
             return
-        expected = {rank for rank, (_, g) in att.ranks.items() if g == r.group}
+        expected = set(att.by_group.get(r.group, {}))
         if (piece.step, piece.version) != (att.step, att.version) or set(piece.ranks) != expected:
             self.fail(job, att, f"group of {r.leader[:12]} prepared another slice")
             return

@@ -462,7 +462,7 @@ class Recovery:
                 parity=(),
             )
             for r in ranks:
-                att.ranks[r] = ("", g)
+                att.add(r, "", g)
             att.leaders[g] = leader
             att.orders[g] = PrepareOrder(
                 job.name,
