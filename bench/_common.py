@@ -32,6 +32,7 @@ __all__ = [
     "Table",
     "add_disk_budget",
     "bench_header",
+    "cluster_messages_to",
     "disk_dir",
     "human",
     "job_status",
@@ -306,6 +307,52 @@ def private_store(prefix: str = "ssb-", **settings: Any) -> Iterator[Any]:
                 shutil.rmtree(rundir, ignore_errors=True)
         finally:
             stack.close()
+
+
+@contextlib.contextmanager
+def cluster_messages_to(path: str) -> Iterator[None]:
+    """Within: what Ray and snapstore report on this driver goes to ``path``, not the terminal.
+
+    A Ray driver prints the errors its cluster publishes -- a worker died
+    ("A worker died or was killed ... OOM killer ..."), a node was marked
+    dead -- on stdout, prefixed ``(raylet)``, from a background thread
+    (``ray._private.worker.listen_error_messages`` calls the module's
+    ``print_to_stdstream``). ``log_to_driver=False`` stops the workers' own
+    output, not these, and ``RAY_DEDUP_LOGS`` only folds repeats. A
+    benchmark that kills workers and nodes on purpose routes them to a log
+    file: ``print_to_stdstream`` is swapped for a writer to ``path`` (Ray is
+    pinned to one minor release, see pyproject.toml), and the ``ray`` and
+    ``snapstore`` loggers (Ray's own stderr handler, Python's last-resort
+    one) write there instead while it lasts.
+    """
+    import logging
+
+    import ray._private.worker as ray_worker
+
+    lock = threading.Lock()
+    loggers = [logging.getLogger(name) for name in ("ray", "snapstore")]
+    with open(path, "a", buffering=1) as log:
+
+        def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+            with lock:
+                for line in data.get("lines", []):
+                    log.write(f"({data.get('pid', '?')}) {line}\n")
+
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+        original = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = to_log
+        for lg in loggers:
+            lg.handlers[:] = [handler]  # Ray's own handler on "ray" writes to stderr
+            lg.propagate = False
+        try:
+            yield
+        finally:
+            ray_worker.print_to_stdstream = original
+            for lg, handlers, propagate in saved:
+                lg.handlers[:] = handlers
+                lg.propagate = propagate
 
 
 def _kill_leftovers(rundir: str) -> None:

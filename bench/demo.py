@@ -12,6 +12,9 @@
    reference, prints a table per failure, writes a JSON report and a PNG
    (loss curves with failure markers, and a recovery timeline).
 
+It prints only its own report: Ray's messages about the processes and the
+node it kills on purpose go to ``<out>/cluster-messages.log``.
+
 Everything it starts it stops, also on Ctrl-C or failure.
 """
 
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from snapstore.bench._common import private_store
+from snapstore.bench._common import cluster_messages_to, private_store
 
 __all__ = ["main", "parse_failures"]
 
@@ -100,14 +103,22 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.steps} steps of a small GPT ({world}-way data parallel over gloo), "
         f"failures: {args.failures}"
     )
-    with private_store(
-        prefix="ss-demo-",
-        nodes=args.nodes,
-        k=args.k,
-        m=args.m,
-        memory_per_node="512MiB",
-        reprotect_delay=1.0,
-    ) as store:
+    # Ray reports the deaths the demo causes on purpose; they go to a log, the
+    # terminal shows the demo's own report.
+    messages = out / "cluster-messages.log"
+    messages.write_text("")
+    console.print(f"Ray's and the store's own messages about the injected failures: {messages}")
+    with (
+        cluster_messages_to(str(messages)),
+        private_store(
+            prefix="ss-demo-",
+            nodes=args.nodes,
+            k=args.k,
+            m=args.m,
+            memory_per_node="512MiB",
+            reprotect_delay=1.0,
+        ) as store,
+    ):
         key = _cache_key(cfg, args.steps, world)
         cache = _cache_dir() / f"demo-reference-{key}.json"
         reference: dict[str, Any] | None = None

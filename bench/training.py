@@ -6,11 +6,14 @@ every step (lazily: the copy overlaps the next forward and backward). The
 optimizer state and parameters are replicated across ranks, so each rank
 stores only its share of them (data-parallel de-duplication).
 
-:func:`run` is the job controller (what torchelastic or Ray Train would be):
-it starts the ranks, injects failures at set steps (a trainer process killed,
-an SMP killed, a whole node killed), notices, restarts the ranks, has every
-rank restore the last committed step, and trains on. It measures, per
-failure, the time to detect, to restore, and the steps of work lost.
+:func:`run` is the launcher (what torchelastic or Ray Train is to a user's
+job): it starts the ranks, injects failures at set steps (a trainer process
+killed, an SMP killed, a whole node killed), notices, replaces the failed
+ranks, has every rank restore the last committed step, and trains on. It
+calls nothing of the store's between a failure and the restores: ending the
+failed incarnation's pending steps and rebuilding lost ranks happen in the
+store when ranks restore. It measures, per failure, the time to detect, to
+restore, and the steps of work lost.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 __all__ = ["KINDS", "Failure", "GPTRank", "RankSpec", "RunReport", "run"]
 
 
-KINDS = ("trainer", "smp", "node", "nodes", "corrupt")
+KINDS = ("trainer", "smp", "node", "nodes", "corrupt", "stall")
 
 
 @dataclass
@@ -39,13 +42,16 @@ class Failure:
     the rank restarts on a replacement node), ``nodes`` (``count`` nodes at
     once, ranks ``rank`` .. ``rank + count - 1``), ``corrupt`` (flip a byte of
     the rank's last committed snapshot, then kill its trainer, so the
-    restore must detect and repair it).
+    restore must detect and repair it), ``stall`` (freeze the SMP of its node
+    with SIGSTOP for ``seconds``: a healthy node that stops answering; nothing
+    is restarted, and nothing should be lost or rolled back).
     """
 
     kind: str
     at_step: int
     rank: int = 1
     count: int = 1
+    seconds: float = 3.0
     # Filled in when it happens:
     injected_at: float = 0.0
     injected_perf: float = field(default=0.0, repr=False)
@@ -58,6 +64,8 @@ class Failure:
     steps_lost: int = 0
     bytes_rebuilt: int = 0
     downtime_seconds: float | None = None
+    replacement: str = ""
+    """The node a lost node's rank restarted on."""
     note: str = ""
 
 
@@ -367,6 +375,10 @@ class GPTRank:
                 fut.result(timeout)
         return self.client.latest_step()
 
+    def latest_committed(self) -> int | None:
+        """The job's latest committed step, as the store says."""
+        return None if self.client is None else self.client.latest_step()
+
     def digest(self) -> str:
         """SHA-256 over parameters and optimizer state, bitwise."""
         import torch
@@ -441,7 +453,10 @@ def run(
     Recovery follows the surviving-ranks model (as torchft does): failed
     ranks' processes are replaced (on replacement nodes if their nodes died),
     the surviving processes stay, every rank joins a new process group and
-    restores the last committed step in place, and training goes on.
+    restores the last committed step in place, and training goes on. The
+    store is told nothing: the first restore of a replaced rank ends the
+    steps the failed job left pending, and a lost node's ranks are rebuilt
+    onto the replacement nodes as they restore.
     """
     import ray
 
@@ -468,10 +483,6 @@ def run(
                 break
             with contextlib.suppress(Exception):
                 report.losses.update(dict(ray.get(ranks[0].train_losses.remote(), timeout=5)))
-            if snapshot:
-                # Survivors may wait on a step the failed rank never staged.
-                with contextlib.suppress(Exception):
-                    store.call("abort_pending", job, f"{failure.kind} failure: job restarting")
             _drain(refs)
             stuck = [
                 i
@@ -578,6 +589,7 @@ def _recover(
     if failure.kind in ("node", "nodes"):
         for f in victims:
             placement[f] = faults.add_node(store)  # replacement nodes join the store
+        failure.replacement = placement[failure.rank]
     rdv = _rendezvous(spec)
     joins = [r.join.remote(rdv) for i, r in enumerate(ranks) if i not in replaced]
     for f in replaced:
@@ -655,6 +667,10 @@ def _watch(
                 info = faults.kill_smp(placement[f.rank], store=store)
                 _wait_smp_back(store, placement[f.rank], info["incarnation"], f)
                 continue  # trainers keep going: nothing to restart
+            elif f.kind == "stall":
+                stall = faults.stall_smp(placement[f.rank], f.seconds, store)
+                _wait_stall_over(store, ranks, stall, f)
+                continue  # trainers keep going: nothing to restart
             else:
                 raise ValueError(f"unknown failure kind {f.kind!r}")
             injected = f
@@ -678,13 +694,40 @@ def _wait_smp_back(store: Any, node: str, old: str, f: Failure, timeout: float =
     f.note = "the SMP did not come back in time"
 
 
+def _wait_stall_over(
+    store: Any, ranks: list[Any], stall: dict[str, Any], f: Failure, timeout: float = 120.0
+) -> None:
+    """A stalled SMP stops nothing for good: wait until it runs again and the job commits
+    a step past the one it had reached; that is the stall's downtime."""
+    import ray
+
+    stall["resumed"].wait(f.seconds + 30)
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        with contextlib.suppress(Exception):
+            latest = ray.get(ranks[0].latest_committed.remote(), timeout=10)
+            if latest is not None and latest > f.step_reached:
+                f.downtime_seconds = time.perf_counter() - f.injected_perf
+                f.restore_seconds = 0.0
+                f.steps_lost = 0
+                f.note = f"SMP frozen {f.seconds:.1f} s; training went on once it ran again"
+                _collect_store_view(store, "", f)
+                return
+        time.sleep(0.05)
+    f.note = "the job committed no step after the stall in time"
+
+
+_DETECTED = ("node_dead", "node_silent", "smp_restarted")
+"""Events by which the store first notices a failure."""
+
+
 def _collect_store_view(store: Any, job: str, f: Failure) -> None:
     """The store's own account: when it noticed the failure, and bytes it rebuilt."""
     with contextlib.suppress(Exception):
         for e in store.status(events=500)["events"]:
             if e["time"] < f.injected_at:
                 continue
-            if e["kind"] in ("node_silent", "smp_restarted") and f.store_detect_seconds is None:
+            if e["kind"] in _DETECTED and f.store_detect_seconds is None:
                 f.store_detect_seconds = round(e["time"] - f.injected_at, 3)
             if e["kind"] in ("rebuild", "repaired") and isinstance(e.get("bytes"), int):
                 f.bytes_rebuilt += e["bytes"]

@@ -5,10 +5,14 @@
 - :class:`snapstore.clients.dp.DPGroup` stores data-parallel replicated state once.
 - :mod:`snapstore.clients.dcp` plugs snapstore into ``torch.distributed.checkpoint``.
 - :mod:`snapstore.clients.ray_train` saves and restores from a Ray Train loop.
+- :mod:`snapstore.clients.hf` snapshots a Hugging Face Trainer every step and resumes it.
+- :class:`JobControl` reads a job's latest step and events and ends its
+  steps in flight, from Python.
 """
 
 from snapstore.clients.client import Client
+from snapstore.clients.control import JobControl
 from snapstore.clients.dp import DPGroup
 from snapstore.clients.future import SaveFuture
 
-__all__ = ["Client", "DPGroup", "SaveFuture"]
+__all__ = ["Client", "DPGroup", "JobControl", "SaveFuture"]

@@ -46,6 +46,7 @@ from typing import Any
 
 from snapstore.clients.dp import DPGroup, fill, localize, placeholders, shard
 from snapstore.clients.future import DEFAULT_TIMEOUT, SaveFuture
+from snapstore.clients.locate import find_smp
 from snapstore.clients.persisted import (
     Opened,
     install_sigterm,
@@ -74,7 +75,7 @@ from snapstore.format.frame import frame_size, read_frame, write_trailer
 from snapstore.format.wire import decode, decode_any, encode
 from snapstore.format.work import Lease
 from snapstore.format.work import Opened as NodeOpened
-from snapstore.node.store import smp_name
+from snapstore.node.transport import ChunkUnavailableError
 from snapstore.rpc import call
 
 __all__ = ["Client", "SaveFuture"]
@@ -87,8 +88,11 @@ POLICIES = ("wait", "skip")
 class Client:
     """Save and restore one rank's state of one job.
 
-    ``node_id`` defaults to the Ray node this process runs on; the client
-    stages into that node's SMP. ``policy`` says what ``save`` does while the
+    The client stages into the SMP of one store node on this host:
+    ``node_id`` (an id or a unique prefix), else ``$SNAPSTORE_NODE``, else
+    the Ray node this process runs on when it has an SMP, else the host's
+    store node at ``rank`` modulo their number (sorted by id); see
+    :mod:`snapstore.clients.locate`. ``policy`` says what ``save`` does while the
     previous save is still committing: ``"wait"`` for it (default) or
     ``"skip"`` this step. ``dp`` (a :class:`snapstore.clients.dp.DPGroup`, or a
     torch.distributed process group of the DP ranks) stores replicated state
@@ -135,16 +139,8 @@ class Client:
         self.dp = _dp_group(dp, replicated)
         self.store = store or connect(rundir)
         self.store.connect_ray()
-        import ray
-
-        self.node_id = node_id or ray.get_runtime_context().get_node_id()
-        try:
-            self.smp = ray.get_actor(smp_name(self.node_id), namespace=self.store.namespace)
-        except ValueError:
-            raise SnapstoreError(
-                f"no SMP on node {self.node_id[:12]}: is this process on a store node? "
-                "(pass node_id= to choose one)"
-            ) from None
+        self.node_id, self.smp = find_smp(self.store, rank, node_id)
+        """The store node this client stages into (:mod:`snapstore.clients.locate`)."""
         self._stager = Stager(deltas=deltas, threads=threads)
         self._layout: Any = None
         self._lease: Lease | None = None
@@ -492,7 +488,9 @@ class Client:
     ) -> tuple[int, Any, int, str, list[int]]:
         """Map rank ``rank``'s committed buffer on this node (fetched or rebuilt if needed)."""
         coord = self.store.coordinator()
-        for _attempt in range(4):
+        attempts = 0
+        while attempts < 8 and time.monotonic() < deadline:
+            attempts += 1
             left = max(0.1, deadline - time.monotonic())
             reply = call(
                 coord.restore_plan.remote(
@@ -519,9 +517,17 @@ class Client:
                     self.job, rank, step, size, sums, encode(plan.home_peer)
                 )
                 source = f"node {plan.home[:12]}"
-            res = decode(
-                call(ref, left, "SMP.open_committed" if plan.local else "SMP.fetch"), NodeOpened
-            )
+            try:
+                res = decode(
+                    call(ref, left, "SMP.open_committed" if plan.local else "SMP.fetch"),
+                    NodeOpened,
+                )
+            except (ChunkUnavailableError, ActorUnavailableError) as e:
+                # The home died and the store has not been told yet (Ray reports a dead
+                # node within about a second): plan again once it knows.
+                logger.info("reading rank %d from %s failed (%s); planning again", rank, source, e)
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                continue
             if res.path and not res.bad:
                 try:
                     seg, _ = self._stager.maps.get(res.path, writable=False)

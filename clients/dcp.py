@@ -6,23 +6,46 @@
     dcp.save(state_dict, storage_writer=SnapstoreWriter(client))
     dcp.load(state_dict, storage_reader=SnapstoreReader(client))
 
-Each ``dcp.save`` is one snapstore step of the client's job (the step is
-taken from ``checkpoint_id`` when it is an int or ends in ``-<int>``,
-otherwise it is the last committed step plus one). Every rank stores the
-write items of its plan; the coordinator rank also stores the checkpoint's
-metadata (which items exist and which rank holds each), so a step carries
-everything a load needs and appears atomically when snapstore commits it.
-Metadata is encoded with msgpack: DCP's own pickled ``.metadata`` file is
-not used. ``dcp.load`` reads the last committed step.
+Each ``dcp.save`` is one snapstore step of the client's job. The step is
+taken from ``checkpoint_id`` when it is an int or ends in ``-<int>``;
+otherwise every rank proposes one more than the last step its client saved
+or restored, and the coordinator rank picks, for all ranks, the largest
+proposal and at least one past the job's last committed step (so a step
+that failed is not tried again by a live process, and every rank saves the
+same number; only the coordinator rank asks the store). Every rank
+stores the write items of its plan; the coordinator rank also stores the
+checkpoint's metadata (which items exist and which rank holds each), so a
+step carries everything a load needs and appears atomically when snapstore
+commits it. Metadata is encoded with msgpack: DCP's own pickled
+``.metadata`` file is not used.
 
-Call protocol (DCP's): set_up -> prepare_local_plan -> prepare_global_plan
-(coordinator) -> write_data (every rank; returns once the step is
-committed) -> finish (coordinator). Reading: read_metadata (coordinator, or
-every rank) -> set_up_storage_reader -> prepare plans -> read_data.
+``dcp.load`` reads the last committed step, and is this rank's restore: the
+reader restores its own rank through :meth:`Client.restore` (a restarted
+process joins the job's new incarnation there, and may save again
+afterwards) and reads other ranks' items with :meth:`Client.peek`, checking
+that they hold the same step. Ranks may be fewer than when the step was
+saved (an elastic restart): each rank restores its own buffer and DCP's
+planner reads the rest from the old ranks' buffers.
+
+Errors: DCP gathers every rank's exception into a
+``CheckpointException`` (a BaseException) whose ``failures`` map ranks to
+them; the snapstore ones keep their classes (SaveFailedError,
+RestoreRequiredError, SnapshotNotFoundError, StoreTimeoutError, ...), and
+:func:`snapstore_error` finds the first. A reader's restore error is raised
+from ``set_up_storage_reader`` rather than ``read_metadata``, because DCP
+turns any error of ``read_metadata`` into an AssertionError.
+
+Call protocol (DCP's): set_up -> prepare_local_plan (every rank proposes
+a step) -> prepare_global_plan (coordinator; picks the step) -> write_data
+(every rank; returns once the step is committed) -> finish (coordinator).
+Reading: read_metadata (every rank: restore its own rank, then read the
+coordinator rank's metadata) -> set_up_storage_reader -> prepare plans ->
+read_data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -51,9 +74,16 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from snapstore.clients.client import Client
-from snapstore.errors import FormatError, SnapshotNotFoundError
+from snapstore.errors import (
+    FormatError,
+    MemoryBudgetError,
+    SaveFailedError,
+    SnapshotNotFoundError,
+    SnapstoreError,
+    StoreTimeoutError,
+)
 
-__all__ = ["SnapstoreReader", "SnapstoreWriter"]
+__all__ = ["SnapstoreReader", "SnapstoreWriter", "snapstore_error"]
 
 _META_VERSION = 1
 
@@ -154,8 +184,90 @@ def _decode_metadata(data: bytes) -> tuple[Metadata, dict[str, int]]:
     return meta, where
 
 
+# -- which step a dcp.save is --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepChoice:
+    """``SavePlan.storage_data`` of this writer: the step a rank proposes (local plans),
+    then the step the coordinator chose for every rank (global plans). ``explicit``: the
+    step was asked for (a ``checkpoint_id``), not derived."""
+
+    step: int
+    explicit: bool = False
+
+
+def _propose_step(client: Client, explicit: int | None) -> _StepChoice:
+    """This rank's proposal: ``explicit``, else one more than the last step its client
+    saved or restored (0 for a client that did neither).
+
+    The client's own last step matters after a failure: a step that was aborted is
+    recorded as failed, and saving that number again is refused to a client that has
+    not restored since; a restored client's last step is the restored one, so it may
+    reuse the number. No call to the store: the coordinator rank adds the job's last
+    committed step (:func:`_agree_on_step`).
+    """
+    if explicit is not None:
+        return _StepChoice(explicit, explicit=True)
+    # The client's last saved or restored step: not public API of Client, read here only.
+    own = client._last_step
+    return _StepChoice(0 if own is None else own + 1)
+
+
+def _agree_on_step(plans: list[SavePlan], latest: int | None) -> list[SavePlan]:
+    """The coordinator's choice for every rank: an explicit step if one was asked for,
+    else the largest proposal and at least one past the job's last committed step."""
+    proposals = [p.storage_data for p in plans if isinstance(p.storage_data, _StepChoice)]
+    if not proposals:
+        return plans
+    explicit = [c.step for c in proposals if c.explicit]
+    if explicit:
+        chosen = _StepChoice(max(explicit), explicit=True)
+    else:
+        floor = 0 if latest is None else latest + 1
+        chosen = _StepChoice(max([floor, *(c.step for c in proposals)]))
+    return [dataclasses.replace(p, storage_data=chosen) for p in plans]
+
+
+def _chosen_step(plan: SavePlan, proposed: _StepChoice) -> int:
+    """The step to save: the coordinator's choice, or this rank's proposal if larger.
+
+    With DCP's plan caching a rank may get a cached plan whose choice is an older
+    step; steps only grow, so the larger of the two is the current one.
+    """
+    chosen = plan.storage_data
+    if proposed.explicit or not isinstance(chosen, _StepChoice):
+        return proposed.step
+    return max(chosen.step, proposed.step)
+
+
+def _save_step(client: Client, step: int, state: Any, timeout: float) -> None:
+    """Save ``state`` as ``step`` and wait for its commit, raising only documented classes.
+
+    SaveFailedError (RestoreRequiredError among them), StoreTimeoutError and
+    MemoryBudgetError go through as they are; any other snapstore error means the
+    step will not commit either (the rank's SMP was unreachable, its staging copy
+    failed...) and becomes a SaveFailedError naming it.
+    """
+    try:
+        client.save(step, state).result(timeout)
+    except (SaveFailedError, StoreTimeoutError, MemoryBudgetError):
+        raise
+    except SnapstoreError as e:
+        raise SaveFailedError(
+            f"job {client.job!r} step {step} was not saved: {type(e).__name__}: {e}",
+            {f"rank {client.rank}": str(e)},
+        ) from e
+
+
 class SnapstoreWriter(StorageWriter):
-    """A DCP StorageWriter that saves each rank's write items as one snapstore step."""
+    """A DCP StorageWriter that saves each rank's write items as one snapstore step.
+
+    ``step``: the step of the next ``dcp.save`` (default: chosen as the module
+    docstring says); a ``checkpoint_id`` ending in digits overrides it.
+    ``write_data`` returns once the step is committed, or raises SaveFailedError
+    (RestoreRequiredError: this process must restore first), StoreTimeoutError, ...
+    """
 
     def __init__(self, client: Client, step: int | None = None, timeout: float | None = None):
         super().__init__()
@@ -164,6 +276,7 @@ class SnapstoreWriter(StorageWriter):
         self.timeout = timeout
         self.checkpoint_id: str | None = None
         self._plans: list[SavePlan] | None = None
+        self._proposed: _StepChoice | None = None
         self.is_coordinator = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -172,6 +285,7 @@ class SnapstoreWriter(StorageWriter):
         if step is not None:
             self.step = step
         self._plans = None
+        self._proposed = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -181,11 +295,12 @@ class SnapstoreWriter(StorageWriter):
         self.is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+        self._proposed = _propose_step(self.client, self.step)
+        return dataclasses.replace(plan, storage_data=self._proposed)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self._plans = list(plans)
-        return plans
+        return _agree_on_step(plans, self.client.latest_step())  # one call per save, here
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.checkpoint_id)
@@ -211,12 +326,13 @@ class SnapstoreWriter(StorageWriter):
                 getattr(meta, "planner_data", None),
                 getattr(meta, "version", None),
             )
-        step = self.step
-        if step is None:
-            latest = self.client.latest_step()
-            step = 0 if latest is None else latest + 1
-        self.client.save(step, state).result(self.timeout or self.client.timeout)
-        self.step = step + 1 if self.checkpoint_id is None else step
+        proposed = self._proposed
+        if proposed is None:  # DCP always plans first; a caller driving the writer may not
+            proposed = _propose_step(self.client, self.step)
+        step = _chosen_step(plan, proposed)
+        if self.checkpoint_id is None:
+            self.step = None  # an explicit step is used once; later saves choose their own
+        _save_step(self.client, step, state, self.timeout or self.client.timeout)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -227,7 +343,11 @@ class SnapstoreWriter(StorageWriter):
 
 
 class SnapstoreReader(StorageReader):
-    """A DCP StorageReader over the last committed snapstore step of the client's job."""
+    """A DCP StorageReader over the last committed snapstore step of the client's job.
+
+    A load restores this rank (see the module docstring): call it once per
+    (re)started process before saving, as one would ``client.restore()``.
+    """
 
     def __init__(self, client: Client, coordinator_rank: int = 0):
         super().__init__()
@@ -236,19 +356,26 @@ class SnapstoreReader(StorageReader):
         self._where: dict[str, int] = {}
         self._states: dict[int, Any] = {}
         self._step: int | None = None
+        self._error: SnapstoreError | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self._states.clear()
         self._where.clear()
         self._step = None
+        self._error = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return _step_of(checkpoint_id) is not None
 
     def _state(self, rank: int) -> Any:
+        """Rank ``rank``'s state of the step being loaded: restored for this rank, peeked
+        (read-only, nothing aborted) for the others."""
         if rank not in self._states:
-            step, state = self.client.peek(rank)
+            if rank == self.client.rank:
+                step, state = self.client.restore()
+            else:
+                step, state = self.client.peek(rank)
             if self._step is not None and step != self._step:
                 raise SnapshotNotFoundError(
                     f"rank {rank} holds step {step}, not {self._step}: a save committed "
@@ -259,19 +386,34 @@ class SnapstoreReader(StorageReader):
         return self._states[rank]
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        state = self._state(self.coordinator_rank)
-        data = state.get("metadata") if isinstance(state, dict) else None
-        if not isinstance(data, bytes):
-            raise SnapshotNotFoundError(
-                f"job {self.client.job!r}: the last committed step holds no DCP metadata "
-                "(it was not saved through SnapstoreWriter)"
-            )
-        meta, self._where = _decode_metadata(data)
+        """Restore this rank, then read the checkpoint's metadata from the coordinator rank.
+
+        DCP turns an exception of this call into a logged warning and an
+        AssertionError; so a snapstore error here is kept, an empty Metadata
+        returned, and the error raised by :meth:`set_up_storage_reader`, which DCP
+        calls next on the same rank.
+        """
+        self._error = None
+        try:
+            self._state(self.client.rank)  # this rank's restore first: it pins the step
+            state = self._state(self.coordinator_rank)
+            data = state.get("metadata") if isinstance(state, dict) else None
+            if not isinstance(data, bytes):
+                raise SnapshotNotFoundError(
+                    f"job {self.client.job!r}: the last committed step holds no DCP metadata "
+                    "(it was not saved through SnapstoreWriter)"
+                )
+            meta, self._where = _decode_metadata(data)
+        except SnapstoreError as e:
+            self._error = e
+            return Metadata(state_dict_metadata={})
         return meta
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
+        if self._error is not None:
+            raise self._error
         if not self._where and metadata.storage_data:
             self._where = {_key(idx): int(r) for idx, r in metadata.storage_data.items()}
 
@@ -300,3 +442,24 @@ class SnapstoreReader(StorageReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+
+def snapstore_error(exc: BaseException) -> SnapstoreError | None:
+    """The snapstore error behind a failed ``dcp.save`` or ``dcp.load``, or None.
+
+    ``exc`` itself when it is one; for DCP's ``CheckpointException``, the
+    lowest rank's snapstore error among its ``failures``. A launcher acts on
+    its class: RestoreRequiredError -> let the process fail (every rank is
+    restarted and restores); SaveFailedError -> this step is lost, the next
+    ``dcp.save`` saves the next one.
+    """
+    if isinstance(exc, SnapstoreError):
+        return exc
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for rank in sorted(failures):
+            failure = failures[rank]
+            err = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(err, SnapstoreError):
+                return err
+    return None

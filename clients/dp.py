@@ -11,6 +11,14 @@ paths) always go to one owner, so they stay tied.
 
 FSDP / DTensor-sharded state is not replicated: store it per rank as it is
 (DTensors are stored as their local shard; see :func:`localize`).
+
+Elastic restores: a placeholder names the *global* rank that stored the
+tensor, in the world that saved the step, and restore reads it from that
+same step whatever the current world size. So a job that saved on N DP
+ranks restores on fewer (an owner whose node is gone is rebuilt from
+parity), and its next saves spread the replicated state over the new DP
+group. Restoring on more ranks than saved is not supported (a rank past the
+saved world size has no buffer of its own).
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ Three jobs:
   another tensor with an equal key. A region whose key is unchanged since
   the slot's last write is not copied; numpy arrays have no version and are
   always copied. A tensor changed through ``.data`` bypasses its version
-  counter: use ``deltas=False`` for such code.
+  counter: use ``deltas=False`` for such code. Optimizer steps are counted
+  as changes of every parameter with a gradient and of its optimizer state
+  (:func:`count_optimizer_steps`): fused and custom-kernel optimizers write
+  them without bumping their counters.
 - Copy: host tensors with ``memmove`` on a few threads (the GIL is released,
   so a lazy copy runs beside forward and backward); CUDA tensors with
   ``copy_(non_blocking=True)`` on a side stream into the slot, registered as
@@ -33,9 +36,46 @@ import torch
 from snapstore.format.bytecopy import copy_many
 from snapstore.node.segments import MappingCache, Segment
 
-__all__ = ["CopyPlan", "SlotMaps", "Stager", "region_keys"]
+__all__ = ["CopyPlan", "SlotMaps", "Stager", "count_optimizer_steps", "region_keys"]
 
 _ZERO = (ctypes.c_char * (1 << 16))()
+
+_step_hook: Any = None
+
+
+def count_optimizer_steps() -> None:
+    """Make every ``optimizer.step()`` in this process bump the version counters of what it
+    may have written: each parameter that has a gradient, and that parameter's state tensors.
+
+    Fused and custom-kernel optimizers -- torch's ``AdamW(fused=True)``, the default of the
+    Hugging Face Trainer; bitsandbytes; apex -- update parameters and moments in place
+    without bumping their version counters, so the skip-unchanged rule would keep the
+    previous bytes of a slot: a stale snapshot. A global post-step hook (installed once;
+    the first Stager with deltas does it) bumps them after every step, as
+    ``torch.autograd.graph.increment_version`` is documented for. Parameters without a
+    gradient (frozen ones) are not bumped and still skip their copy. DTensors are bumped
+    together with their local shard, which is what gets stored.
+    """
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_stepped)
+
+
+def _stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
+    from torch.autograd.graph import increment_version
+
+    written: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            written.append(p)
+            written.extend(v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+    local = [t._local_tensor for t in written if hasattr(t, "_local_tensor")]
+    if written:
+        increment_version(written + local)
 
 
 def region_keys(members: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...] | None]:
@@ -107,6 +147,8 @@ class Stager:
     """Plans and runs staging copies for one rank. Not thread-safe: one copy at a time."""
 
     def __init__(self, deltas: bool = True, threads: int | None = None) -> None:
+        if deltas:
+            count_optimizer_steps()
         self.deltas = deltas
         self.threads = threads
         self.maps = SlotMaps()

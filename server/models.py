@@ -247,13 +247,16 @@ class Event(_Model):
 
     seq: int = Field(ge=0, description="increases by one per event; restarts with the coordinator")
     time: float
-    kind: str = Field(description="node_silent, node_lost, rebuild, reprotected, commit, error…")
+    kind: str = Field(
+        description="node_dead, node_silent, node_lost, rebuild, reprotected, commit, error…"
+    )
     message: str
     node: str | None = None
     job: str | None = None
     step: int | None = None
     detection_latency: float | None = Field(
-        default=None, description="node_silent: seconds from its last heartbeat to detection"
+        default=None,
+        description="node_dead, node_silent: seconds from its last sign of life to detection",
     )
     duration: float | None = None
     bytes: int | None = None

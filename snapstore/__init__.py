@@ -32,8 +32,11 @@ from snapstore.errors import (
 )
 
 if TYPE_CHECKING:
+    from snapstore.clients.client import Client
+    from snapstore.clients.control import JobControl
+    from snapstore.control.handle import Store, connect, nodes
     from snapstore.format.pack import Packed, pack, unpack
-    from snapstore.ops.lifecycle import Store, connect, down, nodes, up
+    from snapstore.ops.lifecycle import down, up
     from snapstore.ops.plan import plan
 
 __version__ = "0.1.0"
@@ -45,17 +48,21 @@ _LAZY = {
     "Packed": "snapstore.format.pack",
     "up": "snapstore.ops.lifecycle",
     "down": "snapstore.ops.lifecycle",
-    "connect": "snapstore.ops.lifecycle",
-    "nodes": "snapstore.ops.lifecycle",
-    "Store": "snapstore.ops.lifecycle",
+    "connect": "snapstore.control.handle",
+    "nodes": "snapstore.control.handle",
+    "Store": "snapstore.control.handle",
     "plan": "snapstore.ops.plan",
+    "Client": "snapstore.clients.client",
+    "JobControl": "snapstore.clients.control",
 }
 
 __all__ = [
+    "Client",
     "ClusterError",
     "ConfigError",
     "FaultInjectionError",
     "FormatError",
+    "JobControl",
     "MemoryBudgetError",
     "Packed",
     "RestoreRequiredError",

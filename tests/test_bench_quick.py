@@ -39,12 +39,18 @@ BENCHES = {
     ],
     "persist": ["to a directory |", "to a file:// URL |", "every piece checked, file:// URL"],
     "scale": ["| 16 x 8 | 4 |", "coordinator CPU per step by cause", "a group loses m = 2"],
+    "chaos": [
+        "faults by kind",
+        "| faults injected | 5 |",
+        "| false detections (dead or lost, nothing killed) | 0 |",
+        "| final state bitwise equal to the reference | yes |",
+    ],
 }
 STORELESS = {"scale"}
 """Benchmarks that start no store (bench.scale --quick simulates its nodes)."""
 TIMEOUT = 240.0
 """Seconds one benchmark may take."""
-TIMEOUTS = {"peers": 480.0}
+TIMEOUTS = {"peers": 480.0, "chaos": 480.0}
 """bench.peers starts every peer's launchers, and may first build their environments."""
 PEERS = ("snapstore", "gemini", "dlrover", "torchft")
 

@@ -7,13 +7,15 @@ Clients run in the test process, each pinned to a store node with
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import running_store
+from snapstore.errors import SaveFailedError
+from tests.conftest import running_store, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -168,21 +170,42 @@ def test_data_parallel_state_is_stored_once(store: Any, nodes: list[str]) -> Non
 
 
 def test_skip_policy_and_backpressure_metrics(store: Any, nodes: list[str]) -> None:
-    c = _client(store, nodes[3], "skip", policy="skip")
-    big = {"x": torch.randn(8 << 20)}  # 32 MiB: its commit takes a while
-    first = c.save(1, big)
-    second = c.save(2, big)
-    if second.skipped:
-        assert c.metrics["skipped"] == 1
-        with pytest.raises(Exception, match="skipped"):
-            second.result(5)
+    """A save while the previous one is still committing: skipped, or waits for it.
+
+    Step 1 of a two-rank job cannot commit until rank 1 saves it, so rank 0's
+    next save meets a previous save in flight every time, whatever the timing.
+    """
+    import threading
+
+    small = {"x": torch.arange(1024, dtype=torch.float32)}
+    skip0 = _client(store, nodes[3], "skip", 0, 2, policy="skip")
+    skip1 = _client(store, nodes[2], "skip", 1, 2)
+    first = skip0.save(1, small)
+    second = skip0.save(2, small)
+    assert second.skipped and skip0.metrics["skipped"] == 1
+    with pytest.raises(SaveFailedError, match="skipped"):
+        second.result(5)
+    assert not first.done()
+    skip1.save(1, small).result(60)
     assert first.result(60) == 1
-    c.close()
-    w = _client(store, nodes[3], "wait")
-    w.save(1, big)
-    w.save(2, big).result(60)  # waits for step 1 before staging step 2
-    assert w.metrics["waits"] + w.metrics["skipped"] >= 0
-    w.close()
+
+    wait0 = _client(store, nodes[3], "wait", 0, 2)
+    wait1 = _client(store, nodes[2], "wait", 1, 2)
+    wait0.save(1, small)
+    saved: list[Any] = []
+    blocked = threading.Thread(target=lambda: saved.append(wait0.save(2, small)))
+    blocked.start()
+    time.sleep(0.5)
+    assert blocked.is_alive(), "policy 'wait' must wait for step 1 before staging step 2"
+    wait1.save(1, small).result(60)
+    blocked.join(60)
+    assert not blocked.is_alive() and saved
+    assert wait0.metrics["waits"] == 1 and wait0.metrics["wait_seconds"] >= 0.4
+    assert wait0.metrics["skipped"] == 0
+    wait1.save(2, small)
+    assert saved[0].result(60) == 2
+    for c in (skip0, skip1, wait0, wait1):
+        c.close()
 
 
 def test_errors_are_clear(store: Any, nodes: list[str]) -> None:
@@ -248,3 +271,31 @@ def test_delta_moves_few_bytes_and_parity_stays_right(store: Any, nodes: list[st
             assert torch.equal(got[k], v), k
     for cl in [*clients, c]:
         cl.close()
+
+
+def test_job_control_reads_the_job_and_ends_steps_in_flight(store: Any, nodes: list[str]) -> None:
+    from snapstore.clients import JobControl
+    from snapstore.errors import SnapshotNotFoundError
+
+    small = {"x": torch.arange(256, dtype=torch.float32)}
+    r0 = _client(store, nodes[0], "ctl", 0, 2)
+    r1 = _client(store, nodes[1], "ctl", 1, 2)
+    r0.save(1, small)
+    r1.save(1, small).result(60)
+    ctl = JobControl("ctl", store=store)
+    assert ctl.latest() == 1
+    pending = r0.save(2, small)  # rank 1 never saves step 2: it stays in flight
+    wait_for(lambda: 2 in ctl.info()["pending_steps"], 30, "step 2 in flight")
+    assert ctl.abort_pending("the scheduler preempts the job") == [2]
+    with pytest.raises(SaveFailedError, match="the scheduler preempts the job"):
+        pending.result(30)
+    info = ctl.info()
+    assert info["latest_step"] == 1 and info["phase"] == "active"
+    kinds = [e["kind"] for e in ctl.events(20)]
+    assert "commit" in kinds and "save_failed" in kinds
+    with pytest.raises(ValueError, match="reason"):
+        ctl.abort_pending("  ")
+    with pytest.raises(SnapshotNotFoundError, match="no job 'never'"):
+        JobControl("never", store=store).info()
+    for c in (r0, r1):
+        c.close()

@@ -99,19 +99,21 @@ def _file_state(root: str, job: str, step: int, rank: int) -> Any:
 
 
 def _held(store: Any) -> int:
-    return sum(int(n.get("held") or 0) for n in _smp_infos(store))
+    return sum(info.held for info in _smp_infos(store))
 
 
-def _smp_infos(store: Any) -> list[dict[str, Any]]:
+def _smp_infos(store: Any) -> list[Any]:
     import ray
 
-    from snapstore.node.smp import smp_name
+    from snapstore.control.messages import NodeInfo
+    from snapstore.format.wire import decode
+    from snapstore.node.store import smp_name
 
     out = []
     for n in store.nodes():
         if n["alive"]:
             h = ray.get_actor(smp_name(n["node_id"]), namespace=store.namespace)
-            out.append(ray.get(h.info.remote(), timeout=30))
+            out.append(decode(ray.get(h.info.remote(), timeout=30), NodeInfo))
     return out
 
 

@@ -22,6 +22,7 @@ current leader, or to each member directly) until they are.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -286,6 +287,7 @@ class Commits:
         # Every group hears of it, not only those holding the step: a node with no
         # slice of it lets go of the job's older steps.
         job.unacked.clear()
+        job.applied = asyncio.Event()
         targets = dict(att.leaders)
         for group in plane.membership.all_groups():
             leader = plane.membership.leader_of(group)
@@ -375,6 +377,8 @@ class Commits:
         pending = job.unacked.get(r.group)
         if pending is not None and (pending[0].step, pending[0].version) == (r.step, r.version):
             del job.unacked[r.group]
+            if not job.unacked:
+                job.applied.set()
 
     # -- questions from nodes -------------------------------------------------------------
 

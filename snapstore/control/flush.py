@@ -176,9 +176,14 @@ class Flusher:
         return f"flush.{job.name}.{step}.{uuid.uuid4().hex[:8]}", self.cfg.persist_timeout
 
     def start(self, record: JobRecord, token: str) -> None:
-        """The record was committed with hold ``token``: flush it in the background."""
+        """The record was committed with hold ``token``: flush it in the background, once
+        the nodes applied the decision (and with it, took the hold)."""
         jp = self.job(record.job)
-        jp.task = self.plane.tasks.spawn(self._flush(record, token), f"flush {record.job!r}")
+        job = self.plane.jobs.get(record.job)
+        applied = job.applied if job is not None else None
+        jp.task = self.plane.tasks.spawn(
+            self._flush(record, token, applied), f"flush {record.job!r}"
+        )
 
     def on_commit(self, job: str) -> None:
         """A new step is in memory: a fallback plan handed out before is over."""
@@ -201,7 +206,9 @@ class Flusher:
             with contextlib.suppress(SnapstoreError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.plane.fabric.node(n).release(token), HOLD_TIMEOUT)
 
-    async def _flush(self, record: JobRecord, token: str) -> dict[str, Any]:
+    async def _flush(
+        self, record: JobRecord, token: str, applied: asyncio.Event | None = None
+    ) -> dict[str, Any]:
         """Write every rank of ``record``, then the manifest, then publish; never raises."""
         plane = self.plane
         job, step = record.job, record.step
@@ -209,6 +216,10 @@ class Flusher:
         jp.running = step
         homes = self._homes(record)
         t0 = plane.clock.now()
+        if applied is not None:
+            # A node that did not acknowledge holds nothing: its ranks fail the flush.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(applied.wait(), HOLD_TIMEOUT)
         try:
             result = await self._write(record, token, homes)
         except Exception as e:  # a bug must not leave `running` set forever

@@ -214,6 +214,9 @@ class Job:
     preferred_home: dict[int, str] = field(default_factory=dict)
     unrecoverable: dict[int, list[str]] = field(default_factory=dict)
     unacked: dict[tuple[str, ...], tuple[Any, float]] = field(default_factory=dict)
+    applied: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once every group acknowledged the last commit decision (a flush holding the
+    step's slots waits for it: the holds travel with the decision)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     commits: int = 0

@@ -128,6 +128,7 @@ class Member:
         self._staged_at: dict[tuple[str, int], float] = {}
         self._waiters: dict[tuple[str, int], list[_Waiter]] = {}
         self._decided: dict[str, _Decided] = {}
+        self._order: dict[str, asyncio.Lock] = {}  # job -> decisions applied one at a time
         self._inflight: set[tuple[str, int]] = set()
         self._dirty: set[tuple[str, int]] = set()
         self._last_beat_ok = 0.0
@@ -151,6 +152,8 @@ class Member:
         """A new membership epoch: this node's group and leader (maybe itself)."""
         if self.config is not None and config.epoch < self.config.epoch:
             return  # a late message from an older epoch
+        if config.incarnation and config.incarnation != self.incarnation:
+            return  # meant for this node's former SMP: the coordinator must hear of this one
         self.config = config
         if config.leader == self.node:
             if self.leader is None or self.leader.config.epoch != config.epoch:
@@ -280,48 +283,71 @@ class Member:
     # -- decisions ----------------------------------------------------------------------
 
     async def decide(self, decision: Decision) -> CommitResult:
-        """Apply a decision of the coordinator (relayed by the leader, or sent directly)."""
+        """Apply a decision of the coordinator (relayed by the leader, or sent directly).
+
+        A job's decisions apply one at a time, in the order they arrive: an
+        abort's slots are spares before a later commit of the same step looks
+        for them (and refuses). An abort is whole once it began: the stagings
+        leave this node's table at once (never reported again) and the slots
+        are freed even when the relay that carries the decision is cancelled
+        (its leader stopped for a new epoch).
+        """
+        lock = self._order.setdefault(decision.job, asyncio.Lock())
+        async with lock:
+            if decision.status is OutcomeStatus.COMMITTED:
+                return await self._commit(decision)
+            await self._abort(decision)
+            return CommitResult(ok=True)
+
+    async def _commit(self, decision: Decision) -> CommitResult:
         job, step = decision.job, decision.step
         d = self._decided.setdefault(job, _Decided())
-        if decision.status is OutcomeStatus.COMMITTED:
-            result: CommitResult = await self.offload(
-                self.store.commit,
-                job,
-                step,
-                decision.version,
-                decision.hold,
-                decision.hold_ttl,
-            )
-            rec = self.store.record(job)
-            if rec is not None and (rec.step, rec.version) >= (step, decision.version):
-                if d.committed_step is None or step >= d.committed_step:
-                    d.committed_step, d.committed_version = rec.step, rec.version
-                    if step == rec.step:
-                        d.stats = dict(decision.stats)
-                if rec.step == step:
-                    d.history[step] = {r: tuple(e.sums) for r, e in rec.ranks.items()}
-                    while len(d.history) > DECIDED_KEPT:
-                        d.history.popitem(last=False)
-                for key in [k for k in self._staged if k[0] == job and k[1] <= rec.step]:
-                    self._staged.pop(key, None)
-                    self._staged_at.pop(key, None)
-                self._wake(job, rec.step)
-            return result
+        result: CommitResult = await self.offload(
+            self.store.commit,
+            job,
+            step,
+            decision.version,
+            decision.hold,
+            decision.hold_ttl,
+        )
+        rec = self.store.record(job)
+        if rec is not None and (rec.step, rec.version) >= (step, decision.version):
+            if d.committed_step is None or step >= d.committed_step:
+                d.committed_step, d.committed_version = rec.step, rec.version
+                if step == rec.step:
+                    d.stats = dict(decision.stats)
+            if rec.step == step:
+                d.history[step] = {r: tuple(e.sums) for r, e in rec.ranks.items()}
+                while len(d.history) > DECIDED_KEPT:
+                    d.history.popitem(last=False)
+            for key in [k for k in self._staged if k[0] == job and k[1] <= rec.step]:
+                self._staged.pop(key, None)
+                self._staged_at.pop(key, None)
+            self._wake(job, rec.step)
+        return result
+
+    async def _abort(self, decision: Decision) -> None:
+        job, step = decision.job, decision.step
+        d = self._decided.setdefault(job, _Decided())
         sessions = frozenset(decision.sessions)
         d.failed.setdefault(step, []).append((sessions, decision.reason, decision.restore))
         while len(d.failed) > DECIDED_KEPT:
             d.failed.popitem(last=False)
         entries = self._staged.get((job, step), {})
         ranks = [r for r, e in entries.items() if not sessions or e.session in sessions]
-        if ranks:
-            await self.offload(self.store.abort, job, step, ranks)
-            for r in ranks:
-                entries.pop(r, None)
-            if not entries:
-                self._staged.pop((job, step), None)
-                self._staged_at.pop((job, step), None)
+        for r in ranks:
+            entries.pop(r, None)
+        if not entries:
+            self._staged.pop((job, step), None)
+            self._staged_at.pop((job, step), None)
         self._wake(job, step)
-        return CommitResult(ok=True)
+        if ranks:
+            freeing = asyncio.ensure_future(self.offload(self.store.abort, job, step, ranks))
+            try:
+                await asyncio.shield(freeing)
+            except asyncio.CancelledError:
+                await freeing  # still in this job's order: later decisions find spares
+                raise
 
     def _wake(self, job: str, upto: int) -> None:
         for key in [k for k in self._waiters if k[0] == job and k[1] <= upto]:
@@ -476,6 +502,7 @@ class Member:
     async def drop_job(self, job: str) -> None:
         await self.offload(self.store.drop_job, job)
         self._decided.pop(job, None)
+        self._order.pop(job, None)
         for key in [k for k in self._staged if k[0] == job]:
             self._staged.pop(key, None)
             self._staged_at.pop(key, None)

@@ -66,6 +66,7 @@ class Membership:
         self.leaders: dict[tuple[str, ...], str | None] = {}
         self.epoch = 0
         self._group_of: dict[str, tuple[str, ...]] = {}
+        self._resent: dict[str, int] = {}  # node -> epoch whose configure was sent again
 
     # -- queries ----------------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class Membership:
     def config_for(self, node: str) -> NodeConfig:
         group = self._group_of.get(node, ())
         peers = {n: self.infos[n].peer for n in group if n in self.infos}
+        life = self.nodes.get(node)
         return NodeConfig(
             epoch=self.epoch,
             node=node,
@@ -106,6 +108,7 @@ class Membership:
             m=self.cfg.m,
             backend=self.cfg.backend,
             peers=peers,
+            incarnation=life.incarnation if life is not None else "",
         )
 
     # -- what nodes say ----------------------------------------------------------------
@@ -240,6 +243,22 @@ class Membership:
             )
         self.groups, self.unprotected = new, unprotected
         self.new_epoch(reason)
+
+    def heard_epoch(self, epoch: int, node: str) -> None:
+        """A node speaks in ``epoch``. One newer than ours came from a former coordinator
+        (its configure arrived after this one read the nodes): nodes refuse older epochs,
+        so move past it, and every node gets this coordinator's configuration again."""
+        if epoch > self.epoch:
+            self.epoch = epoch
+            self.new_epoch(
+                f"node {node[:12]} was configured in epoch {epoch} by a former coordinator"
+            )
+        elif epoch < self.epoch and self._resent.get(node) != self.epoch:
+            # Its configure was lost (or refused): once per epoch, send it again.
+            life = self.nodes.get(node)
+            if life is not None and life.readable:
+                self._resent[node] = self.epoch
+                self.tasks.spawn(self._configure(node), f"configure {node[:12]} again")
 
     def new_epoch(self, reason: str) -> None:
         self.epoch += 1

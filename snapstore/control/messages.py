@@ -71,6 +71,9 @@ class NodeConfig:
 
     ``group`` is empty for a node in no group (too few nodes to protect
     anything: its data is kept without parity). ``peers`` reach every member.
+    ``incarnation``: the SMP process the coordinator configures; another
+    process of the node (restarted before the coordinator heard) refuses it
+    and registers.
     """
 
     epoch: int
@@ -82,6 +85,7 @@ class NodeConfig:
     m: int
     backend: str
     peers: dict[str, PeerInfo] = field(default_factory=dict)
+    incarnation: str = ""
 
 
 @message

@@ -169,10 +169,12 @@ class ControlPlane:
 
     async def report(self, report: GroupReport) -> None:
         await self._started()
+        self.membership.heard_epoch(report.epoch, report.leader)
         self.commits.on_report(report)
 
     async def group_beat(self, beat: GroupBeat) -> None:
         await self._started()
+        self.membership.heard_epoch(beat.epoch, beat.leader)
         self.membership.group_beat(beat)
 
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:

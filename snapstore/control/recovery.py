@@ -491,10 +491,56 @@ class Recovery:
 
     # -- a restarted SMP -------------------------------------------------------------------
 
+    async def _recheck_relocated(self, job: Job, node: str) -> None:
+        """Ranks rebuilt onto a node whose SMP restarted: keep those it still holds intact,
+        rebuild the others again."""
+        plane = self.plane
+        rec = job.record
+        moved = sorted(r for r, n in job.relocated.items() if n == node)
+        if rec is None or not moved:
+            return
+        ranks = {}
+        for r in moved:
+            entry = rec.entry(r)
+            if entry is not None:
+                ranks[r] = RankEntry(node, entry.size, entry.sums)
+        probe = StepRecord(
+            job=rec.job,
+            step=rec.step,
+            version=rec.version,
+            k=rec.k,
+            m=rec.m,
+            world_size=rec.world_size,
+            ranks=ranks,
+            groups=(),
+            parity=(),
+        )
+        try:
+            report = await asyncio.wait_for(
+                plane.fabric.node(node).verify(probe.to_bytes()), REBUILD_TIMEOUT
+            )
+            bad = set(report.bad_pieces)
+        except Exception as e:
+            plane.events.add("error", f"cannot verify node {node[:12]}: {describe(e)}", node=node)
+            bad = set(ranks)
+        if bad:
+            for r in bad:
+                job.relocated.pop(r, None)
+            plane.events.add(
+                "error",
+                f"job {job.name!r}: ranks {sorted(bad)} rebuilt onto node {node[:12]} are gone "
+                "with its restart; rebuilding them again",
+                job=job.name,
+                node=node,
+            )
+            self.judge(job)
+            self.start_relocation(job)
+
     async def reconcile(self, node: str) -> None:
         """An SMP restarted on its node: re-adopt what verifies, rebuild the rest in place."""
         plane = self.plane
         for job in list(plane.jobs.values()):
+            await self._recheck_relocated(job, node)
             async with job.lock:
                 rec = job.record
                 piece = rec.slice_on(node) if rec is not None else None

@@ -27,6 +27,7 @@ chunk without asking its SMP, and a restarted SMP re-adopts what it had:
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import re
@@ -113,7 +114,11 @@ class SegmentName:
     version: int | None = None
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_name(name: str) -> SegmentName | None:
+    """What a segment file name says, or None for a name that is not a segment's.
+
+    Cached: the slot table asks for the same few names on every operation."""
     if m := _DATA_RE.fullmatch(name):
         return SegmentName("data", m["job"], rank=int(m["rank"]), step=int(m["step"]))
     if m := _PARITY_RE.fullmatch(name):

@@ -303,13 +303,28 @@ class SlotTable:
             self._pinned[name] = job
 
     def keep_prepared(self, rec: StepRecord) -> None:
-        """Keep a prepared slice of a step record (file first: it survives an SMP restart)."""
+        """Keep a prepared slice of a step record (file first: it survives an SMP restart).
+
+        Refused (SnapstoreError) when the slice homes a rank here whose data slot this
+        node does not hold: a record must never describe bytes that are not there.
+        """
         data = rec.to_bytes()
         with self.lock:
             key = (rec.job, rec.step, rec.version)
             committed = self._records.get(rec.job)
             if committed is not None and (committed.step, committed.version) >= key[1:]:
                 return  # already committed (or superseded): nothing to prepare
+            missing = [
+                r
+                for r in rec.ranks_on(self.node_id)
+                if (seg := self._segments.get(data_name(rec.job, r, rec.step))) is None
+                or seg.size < rec.ranks[r].size
+            ]
+            if missing:
+                raise SnapstoreError(
+                    f"node {self.node_id[:12]} does not hold ranks {missing} of job "
+                    f"{rec.job!r} step {rec.step} that the prepared record homes here"
+                )
             self._write_file(prepared_name(*key), data)
             self._prepared[key] = rec
 
@@ -349,8 +364,12 @@ class SlotTable:
         old = self._records.get(rec.job)
         if old is not None and (old.step, old.version) >= (rec.step, rec.version):
             return False
+        # Relocated data of this very step stays pinned: a late commit of the record that
+        # still homes the rank on its lost node must not free the only intact copy.
         for n in [n for n, j in self._pinned.items() if j == rec.job]:
-            del self._pinned[n]
+            p = parse_name(n)
+            if p is None or p.step is None or p.step < rec.step:
+                del self._pinned[n]
         self._write_file(record_name(rec.job), record_bytes)
         self._records[rec.job] = rec
         self._drop_prepared(rec.job, lambda k: (k[1], k[2]) <= (rec.step, rec.version))
@@ -359,7 +378,8 @@ class SlotTable:
                 continue  # spares, leases, deltas, and newer steps in progress stay
             if p.kind == "data":
                 home = rec.ranks.get(p.rank) if p.rank is not None else None
-                keep = p.step == rec.step and home is not None and home.node == self.node_id
+                here = home is not None and home.node == self.node_id
+                keep = p.step == rec.step and (here or n in self._pinned)
             else:
                 keep = (p.step, p.version) == (rec.step, rec.version)
             if not keep:

@@ -41,6 +41,7 @@ __all__ = [
     "kill_nodes",
     "kill_smp",
     "kill_trainer",
+    "stall_smp",
     "store_nodes",
 ]
 
@@ -272,3 +273,39 @@ def _flip_object(url: str, offset: int) -> None:
         raise FaultInjectionError(f"offset {offset} outside {url} of {len(data)} bytes")
     data[offset] ^= 0xFF
     fs.pipe_file(where, bytes(data))
+
+
+def stall_smp(node_id: str, seconds: float, store: Store | None = None) -> dict[str, Any]:
+    """Freeze a node's SMP process (SIGSTOP) for ``seconds``, then let it run on (SIGCONT).
+
+    A healthy node that stops answering for a while -- a CPU hog, a long GC or
+    swap storm -- as opposed to one that died. Returns at once; the process is
+    continued by a timer thread (``"resumed"``: a threading.Event set when it is).
+    A stalled process that the store stops meanwhile (``down``) dies as usual.
+    """
+    import signal
+    import threading
+
+    import ray
+
+    if not 0 < seconds <= 600:
+        raise FaultInjectionError(f"stall seconds must be in (0, 600], got {seconds!r}")
+    store = _embedded(store)
+    store.connect_ray()
+    handle = ray.get_actor(smp_name(node_id), namespace=store.namespace)
+    pid = decode(ray.get(handle.info.remote(), timeout=30), NodeInfo).pid
+    if pid not in _our_pids(store):
+        raise FaultInjectionError(f"SMP pid {pid} is not a process of this embedded store")
+    resumed = threading.Event()
+
+    def _resume() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        resumed.set()
+
+    stopped_at = time.time()
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(seconds, _resume)
+    timer.daemon = True
+    timer.start()
+    return {"node_id": node_id, "pid": pid, "stopped_at": stopped_at, "resumed": resumed}

@@ -30,34 +30,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="store_true", help="print every schedule's whole trace")
     p.add_argument("--plant", default=None, help="run with a planted bug (tests.sim.plant)")
     p.add_argument("--stop-after", type=int, default=1, help="stop after this many violations [1]")
+    p.add_argument("--jobs", type=int, default=1, help="processes to run schedules in [1]")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    t0 = time.monotonic()
+    seeds = list(range(args.seed, args.seed + args.schedules))
+    if args.jobs > 1 and len(seeds) > 1:
+        import multiprocessing
+
+        chunks = [seeds[i :: args.jobs] for i in range(args.jobs)]
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(args.jobs) as pool:
+            results = pool.starmap(
+                _run, [(c, args.plant, args.trace, args.stop_after) for c in chunks]
+            )
+    else:
+        results = [_run(seeds, args.plant, args.trace, args.stop_after)]
+    ran = sum(r[0] for r in results)
+    steps = sum(r[1] for r in results)
+    reports = [rep for r in results for rep in r[2]]
+    for text in sorted(reports)[: max(args.stop_after, 1)]:
+        print(text[1])
+    took = time.monotonic() - t0
+    print(f"({steps} callbacks in {took:.1f} s)")
+    print(f"{ran} schedules, {len(reports)} violations")
+    return 1 if reports else 0
+
+
+def _run(
+    seeds: list[int], plant_name: str | None, trace: bool, stop_after: int
+) -> tuple[int, int, list[tuple[int, str]]]:
+    """Run ``seeds`` in this process: (schedules run, callbacks, [(seed, report)])."""
     from tests.sim.plant import plant
     from tests.sim.world import run_schedule
 
-    undo = plant(args.plant) if args.plant else None
+    undo = plant(plant_name) if plant_name else None
     root = _scratch()
-    violations = 0
-    steps = 0
-    t0 = time.monotonic()
+    reports: list[tuple[int, str]] = []
+    steps = ran = 0
     try:
-        for seed in range(args.seed, args.seed + args.schedules):
-            world = run_schedule(seed, args.plant, root, args.trace)
+        for seed in seeds:
+            world = run_schedule(seed, plant_name, root, trace)
+            ran += 1
             steps += world.loop.steps
             v = world.violation  # type: ignore[attr-defined]
-            if args.trace:
+            if trace:
                 print(f"-- seed {seed}: {world.spec}")
                 print("\n".join(world.trace))
             if v is not None:
-                violations += 1
-                print(f"seed {seed}: VIOLATION {v}")
-                print(f"  schedule: {world.spec}")
-                print("  last events:")
-                for line in world.trace[-40:]:
-                    print(f"    {line}")
-                print(f"  replay: python -m tests.sim --seed {seed} --schedules 1 --trace")
-                if violations >= args.stop_after:
+                lines = [f"seed {seed}: VIOLATION {v}", f"  schedule: {world.spec}"]
+                lines.append("  last events:")
+                lines.extend(f"    {line}" for line in world.trace[-40:])
+                lines.append(f"  replay: python -m tests.sim --seed {seed} --schedules 1 --trace")
+                reports.append((seed, "\n".join(lines)))
+                if len(reports) >= stop_after:
                     break
     finally:
         if undo is not None:
@@ -65,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    ran = seed - args.seed + 1
-    took = time.monotonic() - t0
-    print(f"({steps} callbacks in {took:.1f} s)")
-    print(f"{ran} schedules, {violations} violations")
-    return 1 if violations else 0
+    return ran, steps, reports
 
 
 def _scratch() -> str:

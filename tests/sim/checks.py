@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from snapstore.control.health import rank_restorable
-from snapstore.control.jobs import JobRecord
+from snapstore.control.jobs import Attempt, JobRecord
+from snapstore.control.states import StepPhase
 from snapstore.node.segments import data_name, parity_name
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ class Checker:
         """Something that can change restorability happened (a fault, a commit)."""
         self._events = 0
         self._records: dict[str, JobRecord] = {}
+        self._failed: dict[int, tuple[str, Attempt]] = {}
+        """Attempts the coordinator failed (by identity): none may ever open or commit."""
 
     def fail(self, kind: str, detail: str) -> None:
         if self.violation is None:
@@ -111,6 +115,10 @@ class Checker:
         key = (job, str(incarnation), plane)
         self.restores[key].add(step)
         self.world.log(f"{job} rank {rank} restored step {step} (incarnation {incarnation})")
+        if step < self.max_told[job] and self._too_many_lost(job):
+            # Memory past what the store promises to survive is gone (no persisted step
+            # newer than this one): the job saves the later steps anew.
+            self._forget_told(job, step)
         if len(self.restores[key]) > 1:
             self.fail(
                 "a",
@@ -145,6 +153,7 @@ class Checker:
         # few events besides (a store deleting a file it must keep shows there).
         full = self.dirty or self._events % 16 == 0
         for name, job in plane.jobs.items():
+            self._failed_stays_failed(name, job.attempts.values())
             rec = job.record
             if rec is None:
                 continue
@@ -182,12 +191,30 @@ class Checker:
     def _fell_back(self, job: str, step: int) -> None:
         """A declared fallback to persisted ``step``: later steps are saved anew."""
         self.fallbacks.add(job)
+        self._forget_told(job, step)
+        self.last_step.pop(job, None)
+        self._records.pop(job, None)
+
+    def _forget_told(self, job: str, step: int) -> None:
+        """The job resumes from ``step``: what trainers were told of later steps is history."""
         for table in (self.told_committed, self.told_failed):
             for key in [k for k in table if k[0] == job and k[2] > step]:
                 del table[key]
         self.max_told[job] = min(self.max_told[job], step)
-        self.last_step.pop(job, None)
-        self._records.pop(job, None)
+
+    def _failed_stays_failed(self, name: str, attempts: Iterable[Attempt]) -> None:
+        """An attempt the coordinator failed never opens or commits again (it is watched
+        after it leaves the job's attempts too: a commit removes it from there)."""
+        for att in attempts:
+            if att.life.phase is StepPhase.FAILED:
+                self._failed[id(att)] = (name, att)
+        for job, att in self._failed.values():
+            if att.life.phase is not StepPhase.FAILED:
+                self.fail(
+                    "c",
+                    f"job {job} step {att.step}: the coordinator failed it "
+                    f"({att.life.reason}), then it was {att.life.phase.value} again",
+                )
 
     def _committed_not_failed(self, name: str, rec: JobRecord) -> None:
         for r in rec.ranks:

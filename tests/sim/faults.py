@@ -3,6 +3,13 @@
 ``inject(world, kind)``:
 
 - ``trainer``: one rank's process dies; the launcher restarts every rank.
+- ``trainer_in_prepare``: the same, timed into a commit: once some job has a
+  step whose groups are preparing (as the coordinator sees it), a rank of that
+  job dies, so its restart's restore lands while the prepared reports are on
+  their way.
+- ``abort_in_prepare``: a controller ends a job's steps in flight (what
+  ``JobControl.abort_pending`` does) the moment one of its steps is
+  preparing: the commit/abort race of issue 11, aimed at its window.
 - ``smp``: a node's SMP process dies with its memory kept; Ray restarts it.
 - ``smp_wipe``: the same, and its memory is gone.
 - ``node``: a node is lost for good (raylet, processes, memory); its ranks'
@@ -17,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 from typing import TYPE_CHECKING
 
@@ -38,6 +46,9 @@ def inject(world: World, kind: str) -> None:
             t = rng.choice(running)
             t.kill()
             t.job.died(t)
+    elif kind in ("trainer_in_prepare", "abort_in_prepare"):
+        kill = kind == "trainer_in_prepare"
+        _later(world, 0.0, lambda: _in_prepare(world, kill, world.loop.time() + 3.0))
     elif kind in ("smp", "smp_wipe") and with_smp:
         node = rng.choice(with_smp)
         world.crash_smp(node, wipe=kind == "smp_wipe")
@@ -80,6 +91,37 @@ def inject(world: World, kind: str) -> None:
                 world.log(f"corrupted {os.path.basename(path)} on {node[:3]} at {at}")
 
 
+def _in_prepare(world: World, kill: bool, give_up: float) -> None:
+    """Once a job has a step in PREPARING: kill one of its ranks (``kill``), or have a
+    controller abort its steps in flight. Look again shortly until ``give_up``."""
+    from snapstore.control.states import StepPhase
+
+    plane, proc = world.plane, world.coordinator_proc
+    preparing = []
+    if plane is not None:
+        preparing = sorted(
+            name
+            for name, job in plane.jobs.items()
+            if any(a.life.phase is StepPhase.PREPARING for a in job.attempts.values())
+        )
+    for name in preparing:
+        job = world.jobs.get(name)
+        running = [t for t in job.trainers if not t.done] if job is not None else []
+        if kill and job is not None and running:
+            t = world.rng.choice(running)
+            world.log(f"rank {t.rank} of {name} dies while a step prepares")
+            world.checker.dirty = True
+            t.kill()
+            job.died(t)
+            return
+        if not kill and plane is not None and proc is not None and proc.alive:
+            world.log(f"a controller aborts the steps of {name} in flight")
+            proc.spawn(plane.abort_pending(name, "preempted by a controller (simulated)"))
+            return
+    if world.loop.time() < give_up and not world.done:
+        _later(world, 0.005, lambda: _in_prepare(world, kill, give_up))
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
@@ -107,4 +149,4 @@ def _later(world: World, delay: float, fn: object) -> None:
         await asyncio.sleep(delay)
         fn()  # type: ignore[operator]
 
-    world.loop.create_task(run())
+    world.loop.create_task(run(), context=contextvars.Context())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from typing import TYPE_CHECKING, Any
 
 from snapstore.bench.vloop import Proc
@@ -78,10 +79,15 @@ class SimJob:
         for t in self.trainers:
             t.start()
 
-    async def barrier(self, trainer: SimTrainer, step: int) -> None:
-        """Ranks of one generation move from step to step together, as DDP's all-reduce
-        makes them; a rank whose generation is being replaced waits to be killed."""
-        key = (trainer.gen, step)
+    async def barrier(self, trainer: SimTrainer, iteration: int) -> None:
+        """Ranks of one generation move from iteration to iteration together, as DDP's
+        all-reduce makes them; a rank whose generation is being replaced waits to be killed.
+
+        Iterations, not step numbers: collectives match by their order, so a rank that
+        restored another step than its peers (it restored the pinned step, then the job
+        fell back to disk) trains along with them until its save is refused.
+        """
+        key = (trainer.gen, iteration)
         self._reached.setdefault(key, set()).add(trainer.rank)
         while len(self._reached[key]) < self.size or self.restarting:
             await asyncio.sleep(0.05)
@@ -100,7 +106,8 @@ class SimJob:
             self.restarting = False
             self.start(restore=True)
 
-        self.world.loop.create_task(relaunch())
+        # The launcher is its own process, not the dying rank's.
+        self.world.loop.create_task(relaunch(), context=contextvars.Context())
 
     def final_restore(self) -> None:
         """After the faults: every rank restores once more (a last incarnation)."""
@@ -200,10 +207,10 @@ class SimTrainer:
                 start = got
             for step in range(start + 1, self.steps + 1):
                 self.state = f"at {step}"
-                await self.job.barrier(self, step)
+                await self.job.barrier(self, step - start)
                 self.state = f"saving {step}"
                 await self.save(step)
-                await asyncio.sleep(self.world.rng.uniform(0.02, 0.3))
+                await asyncio.sleep(self.world.rng.uniform(0.01, 0.2))
             self.state = "done"
             self.done = True
         except asyncio.CancelledError:

@@ -71,14 +71,15 @@ class Spec:
     def random(cls, seed: int) -> Spec:
         rng = random.Random(seed * 7919 + 17)
         k, m = rng.choice([(2, 1), (3, 1), (2, 2)])
-        nodes = rng.randint(k + m, k + m + 3)
+        nodes = rng.randint(k + m, k + m + 2)
         njobs = 1 if rng.random() < 0.75 else 2
         jobs = [
-            (f"job{i}", rng.randint(1, min(2 * nodes, 6)), rng.randint(3, 8)) for i in range(njobs)
+            (f"job{i}", rng.randint(1, min(2 * nodes, 5)), rng.randint(3, 7)) for i in range(njobs)
         ]
         kinds = [
             "trainer",
-            "trainer",
+            "trainer_in_prepare",
+            "abort_in_prepare",
             "smp",
             "smp_wipe",
             "node",

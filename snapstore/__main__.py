@@ -1,0 +1,8 @@
+"""``python -m snapstore``: the ``snapstore`` command without its console script."""
+
+import sys
+
+from snapstore.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

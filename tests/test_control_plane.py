@@ -1,0 +1,301 @@
+"""The control plane driven one message at a time, without Ray (on the simulation's loop).
+
+A scripted fabric records what the coordinator sends and answers at once;
+the tests play leaders and nodes by hand, so each race of issue 11 is one
+exact interleaving:
+
+- an abort that lands while a step's groups prepare wins: the late prepared
+  report commits nothing, and every waiter hears "failed" (the old
+  coordinator installed such a step as committed after telling its
+  waiters it failed);
+- an abort after the commit point changes nothing;
+- a restarted rank's restore during a prepare ends that step, and every
+  rank of the restart restores the same step;
+- fallback counts only lost nodes, never silent or merely dead ones;
+- lifecycles refuse illegal transitions and say which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from snapstore.bench.vloop import SimLoop
+from snapstore.config import StoreConfig
+from snapstore.control.links import NodeSnapshot
+from snapstore.control.messages import (
+    Decision,
+    ErrorKind,
+    ErrorReply,
+    GroupReport,
+    NodeInfo,
+    OutcomeStatus,
+    PrepareOrder,
+    RestorePlan,
+)
+from snapstore.control.placement import plan_parity
+from snapstore.control.plane import ControlPlane
+from snapstore.control.runtime import LoopClock
+from snapstore.control.states import JobLife, NodeLife, NodePhase, StepLife
+from snapstore.errors import IllegalTransitionError
+from snapstore.format.record import RankEntry, StepRecord
+from snapstore.format.work import CommitResult, PeerInfo
+
+NODES = [f"n{i}" + "0" * 30 for i in range(4)]
+JOB = "race"
+SUMS = (1, 2, 3)
+
+
+class _Recorder:
+    """Any link: records each call (method, argument) and answers at once."""
+
+    def __init__(self, fabric: ScriptedFabric, node: str) -> None:
+        self.fabric = fabric
+        self.node = node
+
+    def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
+        async def call(*args: Any) -> Any:
+            self.fabric.calls.append((self.node, method, args))
+            if method == "decide":
+                return CommitResult(ok=True)
+            if method == "snapshot":
+                raise AssertionError("no node snapshots in these tests")
+            return None
+
+        return call
+
+
+class ScriptedFabric:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, tuple[Any, ...]]] = []
+        self.deaths: dict[str, asyncio.Future[None]] = {}
+
+    def node(self, node: str) -> Any:
+        return _Recorder(self, node)
+
+    def leader(self, node: str) -> Any:
+        return _Recorder(self, node)
+
+    def coordinator(self) -> Any:
+        raise AssertionError("the coordinator does not call itself")
+
+    def watch(self, node: str) -> Awaitable[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.deaths[node] = fut
+        return fut
+
+    def sent(self, method: str) -> list[Any]:
+        return [args[0] for _, m, args in self.calls if m == method]
+
+
+def run(test: Callable[[ControlPlane, ScriptedFabric], Awaitable[None]], **cfg: Any) -> None:
+    """Run ``test`` against a fresh plane with four registered nodes, on virtual time."""
+    loop = SimLoop()
+
+    async def main() -> None:
+        fabric = ScriptedFabric()
+
+        async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+            return fn(*args)
+
+        settings = {"k": 3, "m": 1, "nodes": 4, **cfg}
+        plane = ControlPlane("t", StoreConfig(**settings), fabric, LoopClock(0.0), offload, None)
+        await plane.start()
+        for n in NODES:
+            await plane.register(NodeInfo(n, "inc1", PeerInfo(n, "host", "/d", "127.0.0.1", 0)))
+        try:
+            await test(plane, fabric)
+        finally:
+            plane.stop()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _group(plane: ControlPlane) -> tuple[tuple[str, ...], str]:
+    group = plane.membership.groups[0]
+    leader = plane.membership.leader_of(group)
+    assert leader is not None
+    return group, leader
+
+
+async def _staged(plane: ControlPlane, step: int, sessions: dict[int, str]) -> PrepareOrder:
+    """Both ranks of the job staged ``step``: returns the prepare order the leader got."""
+    group, leader = _group(plane)
+    report = GroupReport(
+        JOB, step, -1, plane.membership.epoch, leader, group, 2, tuple(sessions), dict(sessions)
+    )
+    await plane.report(report)
+    await asyncio.sleep(0.01)
+    fabric = plane.fabric
+    assert isinstance(fabric, ScriptedFabric)
+    orders = [o for o in fabric.sent("prepare") if o.step == step]
+    assert orders, "all ranks staged: the group must be told to prepare"
+    return orders[-1]
+
+
+async def _prepared(plane: ControlPlane, order: PrepareOrder) -> None:
+    group, leader = _group(plane)
+    ranks = {r: RankEntry(NODES[r], 1000, SUMS) for r in order.sessions}
+    piece = StepRecord(
+        JOB,
+        order.step,
+        order.version,
+        3,
+        1,
+        order.world_size,
+        ranks,
+        (group,),
+        tuple(plan_parity(ranks, (group,), 3, 1)),
+    )
+    report = GroupReport(
+        JOB,
+        order.step,
+        order.version,
+        order.epoch,
+        leader,
+        group,
+        order.world_size,
+        tuple(order.sessions),
+        dict(order.sessions),
+        prepared=piece.to_bytes(),
+    )
+    await plane.report(report)
+    await asyncio.sleep(0.01)
+
+
+def _decisions(fabric: ScriptedFabric, step: int) -> list[Decision]:
+    return [d for d in fabric.sent("decide") if d.step == step]
+
+
+def test_an_abort_during_the_prepare_wins_and_the_late_report_commits_nothing() -> None:
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        order = await _staged(plane, 1, {0: "a/1", 1: "b/1"})
+        assert await plane.abort_pending(JOB, "a controller restarts the job") == [1]
+        await _prepared(plane, order)  # the group's report arrives after the abort
+        job = plane.jobs[JOB]
+        assert job.record is None and not job.attempts
+        decided = _decisions(fabric, 1)
+        assert decided and all(d.status is OutcomeStatus.FAILED for d in decided)
+        assert set(decided[0].sessions) == {"a/1", "b/1"}
+        status = await plane.step_status(JOB, 1, 0, SUMS)
+        assert status.status is OutcomeStatus.FAILED
+
+    run(test)
+
+
+def test_an_abort_after_the_commit_point_is_a_no_op() -> None:
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        order = await _staged(plane, 1, {0: "a/1", 1: "b/1"})
+        await _prepared(plane, order)
+        assert plane.jobs[JOB].record is not None
+        assert await plane.abort_pending(JOB, "too late") == []
+        assert plane.jobs[JOB].record.step == 1  # type: ignore[union-attr]
+        assert all(d.status is OutcomeStatus.COMMITTED for d in _decisions(fabric, 1))
+        status = await plane.step_status(JOB, 1, 0, SUMS)
+        assert status.status is OutcomeStatus.COMMITTED
+
+    run(test)
+
+
+def test_a_restore_during_a_prepare_ends_the_step_and_every_rank_gets_one_step() -> None:
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        order = await _staged(plane, 2, {0: "a/2", 1: "b/2"})
+        first = await plane.restore_plan(JOB, 0, NODES[0], "a2", True, 2, 5.0)
+        await _prepared(plane, order)  # the late report of step 2
+        second = await plane.restore_plan(JOB, 1, NODES[1], "b2", True, 2, 5.0)
+        assert isinstance(first, RestorePlan) and isinstance(second, RestorePlan)
+        assert first.step == second.step == 1
+        assert plane.jobs[JOB].record.step == 1  # type: ignore[union-attr]
+        assert all(d.status is OutcomeStatus.FAILED for d in _decisions(fabric, 2))
+        # The dead incarnation's stagings of step 2, reported again, are refused...
+        group, leader = _group(plane)
+        late = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, (0,), {0: "a/2"})
+        await plane.report(late)
+        await asyncio.sleep(0.01)
+        assert not plane.jobs[JOB].attempts
+        # ... and the new processes save step 2 again.
+        order = await _staged(plane, 2, {0: "a2/1", 1: "b2/1"})
+        await _prepared(plane, order)
+        assert plane.jobs[JOB].record.step == 2  # type: ignore[union-attr]
+
+    run(test)
+
+
+def test_a_process_that_did_not_restore_is_told_to() -> None:
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        plan = await plane.restore_plan(JOB, 0, NODES[0], "a2", True, 2, 5.0)
+        assert isinstance(plan, RestorePlan)
+        group, leader = _group(plane)
+        # Rank 1's old process saves on: refused, and told it must restore.
+        stale = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, (1,), {1: "b/2"})
+        await plane.report(stale)
+        await asyncio.sleep(0.01)
+        refused = [d for d in _decisions(fabric, 2) if "b/2" in d.sessions]
+        assert refused and refused[0].restore and refused[0].status is OutcomeStatus.FAILED
+
+    run(test)
+
+
+def test_fallback_counts_only_lost_nodes() -> None:
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        job = plane.jobs[JOB]
+        ms = plane.membership
+        for n in NODES[:2]:  # more than m = 1 of the group
+            ms.nodes[n].silent(plane.clock.now())
+        assert plane.fallback.unservable_ranks(job) == []  # silent: still readable
+        for n in NODES[:2]:
+            ms.died(n, "inc1", "its SMP process died")
+        assert plane.fallback.unservable_ranks(job) == []  # dead, not lost: may come back
+        reply = await plane.restore_plan(JOB, 0, NODES[2], "a2", True, 2, 1.0)
+        assert isinstance(reply, ErrorReply) and reply.kind is ErrorKind.TIMEOUT
+        for n in NODES[:2]:
+            ms.nodes[n].declare_lost(plane.clock.now())
+        assert plane.fallback.unservable_ranks(job) == [0, 1]
+        reply = await plane.restore_plan(JOB, 0, NODES[2], "a3", True, 2, 1.0)
+        assert isinstance(reply, ErrorReply) and reply.kind is ErrorKind.UNRECOVERABLE
+        assert reply.lost and all("lost" in x for x in reply.lost)
+
+    run(test)
+
+
+def test_lifecycles_refuse_illegal_transitions_naming_state_and_transition() -> None:
+    step = StepLife("j", 3)
+    with pytest.raises(IllegalTransitionError, match="job 'j' step 3: cannot commit in state"):
+        step.commit()
+    step.all_staged()
+    assert step.fail("a node died") and not step.fail("again")
+    with pytest.raises(IllegalTransitionError, match="cannot commit in state failed"):
+        step.commit()
+    node = NodeLife("n1" + "0" * 20, "inc")
+    with pytest.raises(IllegalTransitionError, match="cannot be declared lost in state alive"):
+        node.declare_lost(0.0)
+    node.died(1.0)
+    with pytest.raises(IllegalTransitionError, match="be heard from"):
+        node.heard(2.0)
+    assert node.restarted("inc2", 3.0) is NodePhase.DEAD
+    job = JobLife("j")
+    with pytest.raises(IllegalTransitionError, match="cannot record rank 0's restore"):
+        job.rank_restored(0, 2)
+    job.committed()
+    job.begin_restore(5)
+    with pytest.raises(IllegalTransitionError, match="before every rank restored"):
+        job.committed()
+    assert not job.rank_restored(0, 2) and job.rank_restored(1, 2)
+    job.committed()
+
+
+def test_a_node_snapshot_round_trips_its_wire_encoding() -> None:
+    from snapstore.format.wire import decode, encode
+
+    info = NodeInfo("n", "i", PeerInfo("n", "h", "/d", "127.0.0.1", 7), counters={"saves": 3})
+    snap = NodeSnapshot(info, None, (b"rec",), ())
+    assert decode(encode(snap), NodeSnapshot) == snap
