@@ -15,12 +15,15 @@ Checksums are stand-ins derived from (job, rank, step, piece): the control
 plane only compares them. What is not modelled (restores read no bytes, the
 persisted tier, holds, corrupt chunks, slots lost to a crash) raises
 :class:`snapstore.errors.SnapstoreError` saying so; ``bench.scale`` never
-asks for it.
+asks for it. Where it keeps the contract is checked against the real store by
+``tests/test_node_contract.py`` (:meth:`MemNodeStore.standalone` builds one
+outside a simulation, :meth:`MemNodeStore.holds` says whether a slot is held).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -137,6 +140,16 @@ def _sum(*parts: object) -> int:
 class MemNodeStore:
     """One node's store without bytes (see the module docstring)."""
 
+    @classmethod
+    def standalone(cls, node_id: str, k: int, m: int, budget: int) -> MemNodeStore:
+        """A store outside any simulation (byte work at the default model's speed, on the
+        monotonic clock): what the contract tests use. ``m`` is accepted for symmetry with
+        the real store's config; bookkeeping does not depend on it."""
+        if k < 1 or m < 0:
+            raise ValueError(f"k must be >= 1 and m >= 0, not k={k} m={m}")
+        peer = PeerInfo(node_id, "localhost", f"mem://{node_id[:12]}", "127.0.0.1", 0)
+        return cls(node_id, peer, k, budget, ByteModel(), time.monotonic)
+
     def __init__(
         self,
         node_id: str,
@@ -159,6 +172,9 @@ class MemNodeStore:
         self._records: dict[str, StepRecord] = {}
         self._prepared: dict[tuple[str, int, int], StepRecord] = {}
         self._parity: dict[tuple[str, int, int], int] = {}
+        self._pinned: set[tuple[str, int, int]] = set()
+        """(job, rank, step) rebuilt here: kept by a commit of that step (see the real
+        store's pin)."""
         self._bandwidth = _Shared(now)
         self._cost: tuple[str, str, int, int, float] | None = None
         self._counters = {"saves": 0, "parity_bytes_built": 0, "peer_bytes_read": 0}
@@ -212,6 +228,23 @@ class MemNodeStore:
 
     def prepared(self) -> list[StepRecord]:
         return list(self._prepared.values())
+
+    def holds(self, job: str, rank: int, step: int) -> bool:
+        """Whether this node holds the data slot of ``rank``'s ``step`` (staged or
+        committed)."""
+        r = self._ranks.get((job, rank))
+        return r is not None and (step in r.staged or r.committed == step)
+
+    def _missing(self, rec: StepRecord) -> list[int]:
+        """Ranks the record homes here whose slot of its step this node does not hold."""
+        out = []
+        for rank in rec.ranks_on(self.node_id):
+            r = self._ranks.get((rec.job, rank))
+            if not self.holds(rec.job, rank, rec.step) or (
+                r is not None and r.size < rec.ranks[rank].size
+            ):
+                out.append(rank)
+        return out
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -281,6 +314,7 @@ class MemNodeStore:
         elif order.pin and p is not None and p.rank is not None:
             r = self._rank(order.job, p.rank)
             r.committed, r.size = step, max(r.size, order.file_size)
+            self._pinned.add((order.job, p.rank, step))
         return WorkResult(tuple(sums), (), local + peer, written, peer)
 
     def keep_prepared(self, record: StepRecord) -> None:
@@ -290,6 +324,12 @@ class MemNodeStore:
             record.version,
         ):
             return
+        missing = self._missing(record)
+        if missing:
+            raise SnapstoreError(
+                f"node {self.node_id[:12]} does not hold ranks {missing} of job "
+                f"{record.job!r} step {record.step} that the prepared record homes here"
+            )
         self._prepared[(record.job, record.step, record.version)] = record
 
     def commit(self, job: str, step: int, version: int, hold: str, hold_ttl: float) -> CommitResult:
@@ -299,23 +339,32 @@ class MemNodeStore:
         rec = self._prepared.get((job, step, version))
         if rec is None:
             # Nothing of the step here: the job's older steps go.
-            if current is not None and current.step < step:
-                del self._records[job]
-                self._drop_parity(job, lambda s, v: s < step)
-                for (j, _), r in self._ranks.items():
-                    if j == job:
+            if current is not None and current.step >= step:
+                return CommitResult(True)
+            self._records.pop(job, None)
+            self._pinned = {p for p in self._pinned if p[0] != job}
+            self._drop_parity(job, lambda s, v: s < step)
+            for (j, _), r in self._ranks.items():
+                if j == job:
+                    r.staged = {s for s in r.staged if s >= step}
+                    if r.committed is not None and r.committed < step:
                         r.committed = None
             self._drop_prepared(job, lambda s, v: s <= step)
             return CommitResult(True)
+        missing = self._missing(rec)
+        if missing:
+            return CommitResult(False, tuple(missing), (), f"slots of ranks {missing} are gone")
         self._records[job] = rec
         self._drop_prepared(job, lambda s, v: (s, v) <= (step, version))
-        self._drop_parity(job, lambda s, v: (s, v) != (step, version))
+        self._drop_parity(job, lambda s, v: (s, v) != (step, version) and s <= step)
         mine = set(rec.ranks_on(self.node_id))
+        pinned = {p[1] for p in self._pinned if p[0] == job and p[2] == step}
+        self._pinned = {p for p in self._pinned if p[0] != job or p[2] >= step}
         for (j, rank), r in self._ranks.items():
             if j != job:
                 continue
             r.staged = {s for s in r.staged if s > step}
-            r.committed = step if rank in mine else None
+            r.committed = step if rank in mine or rank in pinned else None
         return CommitResult(True)
 
     def _drop_prepared(self, job: str, which: Callable[[int, int], bool]) -> None:
@@ -368,11 +417,13 @@ class MemNodeStore:
 
     def forget(self, job: str) -> None:
         self._records.pop(job, None)
+        self._pinned = {p for p in self._pinned if p[0] != job}
         self._drop_prepared(job, lambda s, v: True)
         self._drop_parity(job, lambda s, v: True)
         for (j, _), r in self._ranks.items():
             if j == job:
                 r.committed = None
+                r.staged.clear()
 
     def drop_job(self, job: str) -> None:
         self.forget(job)
