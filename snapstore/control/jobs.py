@@ -163,6 +163,15 @@ class Attempt:
         self.ranks[rank] = (session, group)
         self.by_group.setdefault(group, {})[rank] = session
 
+    def add_group(self, group: tuple[str, ...], stagings: dict[int, str]) -> None:
+        """Ranks ``stagings`` (rank -> session) staged this attempt in ``group``."""
+        for rank in self.ranks.keys() & stagings.keys():
+            prev = self.ranks[rank][1]
+            if prev != group:
+                self.by_group.get(prev, {}).pop(rank, None)
+        self.ranks.update((rank, (session, group)) for rank, session in stagings.items())
+        self.by_group.setdefault(group, {}).update(stagings)
+
     @property
     def step(self) -> int:
         return self.life.step
