@@ -10,8 +10,10 @@ stand-in impersonates many nodes and their group leaders:
 - it answers the coordinator's snapshot, configure, watch (a call that
   never returns while the node lives, one per node, as Ray's death watch),
   prepare and decide calls;
-- for each group it leads it sends a :class:`GroupBeat` with every member's
-  :class:`NodeInfo` each heartbeat interval;
+- for each group it leads it sends a :class:`GroupBeat` each heartbeat
+  interval, with every member's :class:`NodeInfo` when they changed (the
+  group saved since) or every :data:`snapstore.control.leader.FULL_BEAT_EVERY`
+  beats, as the real leader does;
 - on :meth:`StandIn.step`, one staged :class:`GroupReport` per group it
   leads (the fewest the real leaders send), then the prepared slice when
   ordered, then the decision's acknowledgement.
@@ -37,6 +39,7 @@ from typing import Any
 
 from snapstore.config import StoreConfig
 from snapstore.control.coordinator import Coordinator
+from snapstore.control.leader import FULL_BEAT_EVERY
 from snapstore.control.links import NodeSnapshot
 from snapstore.control.messages import (
     Decision,
@@ -216,6 +219,8 @@ class StandIn:
         self.groups: dict[str, _Group] = {}
         self.decided: dict[int, set[str]] = {}
         self.beats = 0
+        self.changed: set[str] = set()
+        """Leaders whose group saved since its last beat (its members' infos changed)."""
         self.refs: list[Any] = []
         self._never = asyncio.Event()
         self._beating: asyncio.Task[None] | None = None
@@ -310,15 +315,22 @@ class StandIn:
         return len(self.groups)
 
     async def _beat_loop(self) -> None:
+        rounds = 0
         while True:
             await asyncio.sleep(self.interval)
+            full = rounds % FULL_BEAT_EVERY == 0
+            rounds += 1
             for leader, g in list(self.groups.items()):
-                infos = tuple(info_of(n) for n in g.config.group)
+                infos = ()
+                if full or leader in self.changed:
+                    infos = tuple(info_of(n) for n in g.config.group)
                 self._send("group_beat", GroupBeat(g.config.epoch, leader, infos, {}))
                 self.beats += 1
+            self.changed.clear()
 
     async def step(self, step: int) -> None:
         """Every group this stand-in leads reports its ranks staged ``step``."""
+        self.changed.update(self.groups)
         for leader, g in self.groups.items():
             ranks = sorted(g.template.ranks)
             report = GroupReport(

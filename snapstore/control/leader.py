@@ -19,7 +19,10 @@ messages per *group*, whatever the number of ranks:
 3. It relays the coordinator's :class:`Decision` to every member and
    acknowledges once all alive members applied it.
 4. It gathers its members' heartbeats and sends the coordinator one beat
-   for the group, naming members it has not heard from.
+   for the group, naming members it has not heard from. A beat carries the
+   :class:`NodeInfo` of members whose info changed since the last beat the
+   coordinator took (and every member's every :data:`FULL_BEAT_EVERY`
+   beats): an idle group's beat is a few bytes.
 
 A leader holds only soft state: when it dies the coordinator names another
 member, members re-send their notices to it, and steps it was preparing are
@@ -66,6 +69,8 @@ logger = logging.getLogger(__name__)
 PARITY_TIMEOUT = 120.0
 KEEP_TIMEOUT = 30.0
 RPC_TIMEOUT = 30.0
+FULL_BEAT_EVERY = 20
+"""Every this many beats, a group beat carries every member's info, changed or not."""
 REPORT_HOLD = 0.05
 """Seconds a staged report waits for the rest of the ranks the group had at its last
 prepared step of the job (nothing waits on a partial report: the coordinator prepares a
@@ -109,6 +114,9 @@ class Leader:
         self._expect: dict[str, frozenset[int]] = {}
         """job -> the ranks of its last step this group was ordered to prepare."""
         self._held: set[tuple[str, int]] = set()
+        self._told: dict[str, NodeInfo] = {}
+        """The info of each member the coordinator took with the last beat."""
+        self._beats_sent = 0
         self._closed: dict[tuple[str, int, int], str] = {}
         self._client: dict[str, dict[str, float]] = {}
         self._stopped = False
@@ -428,7 +436,12 @@ class Leader:
         while not self._stopped:
             await asyncio.sleep(interval)
             now = self.clock.now()
-            infos = tuple(info for info, _ in self._beats.values() if info.incarnation)
+            full = self._beats_sent % FULL_BEAT_EVERY == 0
+            infos = tuple(
+                info
+                for n, (info, _) in self._beats.items()
+                if info.incarnation and (full or self._told.get(n) != info)
+            )
             silent = {
                 n: round(now - heard, 3)
                 for n, (_, heard) in self._beats.items()
@@ -441,6 +454,10 @@ class Leader:
                 )
             except (SnapstoreError, asyncio.TimeoutError) as e:
                 logger.debug("group beat failed: %s", e)
+                continue
+            self._beats_sent += 1
+            for info in infos:
+                self._told[info.node] = info
 
     async def _resend_loop(self) -> None:
         interval = self.cfg.resend_interval
