@@ -93,6 +93,13 @@ class Commits:
             if known.get(rank) != session
             and (past is None or past[1].get(rank, ("",))[0] != session)
         }
+        rec = job.record
+        if fresh and past is None and rec is not None and r.step == rec.step:
+            # The committed step, from nodes that missed its decision, and this coordinator
+            # never saw its stagings (it recovered the record from nodes): the decision
+            # again, and the nodes tell by the bytes whose staging it was.
+            self._tell(r.leader, Decision(job.name, rec.step, rec.version, OutcomeStatus.COMMITTED))
+            return
         accepted, refused = self._check(job, fresh, r.step, r.world_size)
         for why, sessions in refused.items():
             self._tell(
