@@ -38,6 +38,7 @@ BENCHES = {
         "| torchft 0.2.0",
     ],
     "persist": ["to a directory |", "to a file:// URL |", "every piece checked, file:// URL"],
+    "scale": ["| 16 x 8 | 4 |", "coordinator CPU per step by cause", "a group loses m = 2"],
     "chaos": [
         "faults by kind",
         "| faults injected | 5 |",
@@ -45,6 +46,8 @@ BENCHES = {
         "| final state bitwise equal to the reference | yes |",
     ],
 }
+STORELESS = {"scale"}
+"""Benchmarks that start no store (bench.scale --quick simulates its nodes)."""
 TIMEOUT = 240.0
 """Seconds one benchmark may take."""
 TIMEOUTS = {"peers": 480.0, "chaos": 480.0}
@@ -130,12 +133,29 @@ def test_peers_measures_each_system(runs: dict[str, Any], system: str) -> None:
     assert res["corruption"]["outcome"], res["corruption"]
 
 
+def test_scale_saves_and_reprotects(runs: dict[str, Any]) -> None:
+    """bench.scale's simulated stores commit every measured step (with and without the
+    coordinator's CPU charged), their commits take a bounded number of message delays,
+    and the 16-node store is protected again after each loss."""
+    data = runs["scale"]["json"]
+    assert data is not None, runs["scale"]["output"][-4000:]
+    sizes = {r["shape"]["nodes"]: r for r in data["sim"]}
+    assert set(sizes) == {4, 16}
+    for n, r in sizes.items():
+        assert r["failed_steps"] == 0 and r["steps_measured"] == 2, (n, r)
+        assert len(r["step_cpu"]) == 2 and min(r["step_cpu"]) > 0, (n, r["step_cpu"])
+        delays = sorted(r["beyond_free"])[len(r["beyond_free"]) // 2] / 0.0005
+        assert 4 <= delays <= 40, f"{n} nodes: a commit took {delays:.1f} message delays"
+    assert [loss["ok"] for loss in sizes[16]["losses"]] == [True, True], sizes[16]["losses"]
+    assert [loss["ok"] for loss in sizes[4]["losses"]] == [False, False]
+
+
 def test_no_store_left_behind(runs: dict[str, Any]) -> None:
     """Each benchmark stops its store: its runtime dir is gone and none of its processes run."""
     import psutil
 
     before = runs["_dirs_before"]["dirs"]
-    assert all("store up in" in runs[name]["output"] for name in BENCHES)
+    assert all("store up in" in runs[name]["output"] for name in BENCHES if name not in STORELESS)
     new_dirs = set(glob.glob("/tmp/ssb-*")) - before
     assert not new_dirs, f"benchmark runtime dirs left behind: {sorted(new_dirs)}"
     scratch = set(glob.glob(_scratch_glob())) - runs["_dirs_before"]["scratch"]

@@ -16,7 +16,9 @@ exact interleaving:
 - a node configured in a newer epoch (by a dead coordinator) moves the
   coordinator past it, and every node is configured again;
 - fallback counts only lost nodes, never silent or merely dead ones;
-- lifecycles refuse illegal transitions and say which.
+- lifecycles refuse illegal transitions and say which;
+- a restarted coordinator commits a step every node still keeps prepared (its
+  predecessor may have decided it), and leaves one some node dropped.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from snapstore.control.messages import (
     ErrorKind,
     ErrorReply,
     GroupReport,
+    NodeConfig,
     NodeInfo,
     OutcomeStatus,
     PrepareOrder,
@@ -345,3 +348,86 @@ def test_a_node_snapshot_round_trips_its_wire_encoding() -> None:
     info = NodeInfo("n", "i", PeerInfo("n", "h", "/d", "127.0.0.1", 7), counters={"saves": 3})
     snap = NodeSnapshot(info, None, (b"rec",), ())
     assert decode(encode(snap), NodeSnapshot) == snap
+
+
+def _slice(step: int, version: int) -> StepRecord:
+    group = tuple(NODES)
+    ranks = {r: RankEntry(NODES[r], 1000, SUMS) for r in range(2)}
+    parity = tuple(plan_parity(ranks, (group,), 3, 1))
+    return StepRecord(JOB, step, version, 3, 1, 2, ranks, (group,), parity)
+
+
+def _recover(held: dict[str, tuple[list[StepRecord], list[StepRecord]]]) -> tuple[Any, Any]:
+    """A restarted coordinator recovering from nodes holding (committed, prepared) records:
+    the job's recovered record and the decisions it sent."""
+    loop = SimLoop()
+    out: list[Any] = []
+
+    class Fabric(ScriptedFabric):
+        def node(self, node: str) -> Any:
+            rec = _Recorder(self, node)
+            if node not in held:
+                return rec
+
+            async def snapshot() -> NodeSnapshot:
+                committed, prepared = held[node]
+                info = NodeInfo(node, "inc1", PeerInfo(node, "host", "/d", "127.0.0.1", 0))
+                config = NodeConfig(3, node, tuple(NODES), NODES[0], True, 3, 1, "isa_l_rs_vand")
+                return NodeSnapshot(
+                    info,
+                    config,
+                    tuple(r.to_bytes() for r in committed),
+                    tuple(r.to_bytes() for r in prepared),
+                )
+
+            rec.snapshot = snapshot  # type: ignore[method-assign]
+            return rec
+
+    async def main() -> None:
+        fabric = Fabric()
+
+        async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+            return fn(*args)
+
+        async def discover() -> list[str]:
+            return list(NODES)
+
+        cfg = StoreConfig(k=3, m=1, nodes=4)
+        plane = ControlPlane("t", cfg, fabric, LoopClock(0.0), offload, None)
+        await plane.start(discover)
+        await asyncio.sleep(0.01)
+        job = plane.jobs.get(JOB)
+        out.extend([job.record if job else None, fabric.sent("decide")])
+        plane.stop()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return out[0], out[1]
+
+
+def test_a_restarted_coordinator_commits_a_step_every_node_still_holds_prepared() -> None:
+    """The old coordinator committed step 2 and died with the decision on its way (a
+    stalled leader applies it later): every node still keeps step 2 prepared, so the new
+    coordinator commits it too, and the late decision agrees with it."""
+    one, two = _slice(1, 0), _slice(2, 1)
+    record, decided = _recover({n: ([one], [two]) for n in NODES})
+    assert record is not None and (record.step, record.version) == (2, 1)
+    assert {d.step for d in decided} == {2}
+    assert all(d.status is OutcomeStatus.COMMITTED for d in decided)
+
+
+def test_a_restarted_coordinator_leaves_a_step_some_node_no_longer_holds() -> None:
+    """One node dropped step 2's slice (it applied an abort, or never kept it): the step
+    may have failed, so it stays uncommitted; so it does when a node is not reached."""
+    one, two = _slice(1, 0), _slice(2, 1)
+    held = {n: ([one], [two]) for n in NODES}
+    held[NODES[3]] = ([one], [])
+    record, decided = _recover(held)
+    assert record is not None and (record.step, record.version) == (1, 0)
+    assert not [d for d in decided if d.step == 2]
+    del held[NODES[3]]
+    held[NODES[2]] = ([one], [two])
+    record, _ = _recover(held)
+    assert record is not None and (record.step, record.version) == (1, 0)

@@ -82,17 +82,25 @@ class Commits:
             return  # a stale leader: members re-send to the current one
         job = plane.job(r.job, r.world_size)
         self._count_client(r.stats.get("client"))
-        refused: dict[str, list[str]] = {}
-        accepted: dict[int, str] = {}
-        for rank, session in sorted(r.sessions.items()):
-            past = job.history.get(r.step)
-            if past is not None and past[1].get(rank, ("",))[0] == session:
-                continue  # a late report of a staging that committed: nothing to say
-            why = self._refusal(job, rank, session, r.step, r.world_size)
-            if why:
-                refused.setdefault(why, []).append(session)
-            else:
-                accepted[rank] = session
+        open_att = job.attempts.get(r.step)
+        known = open_att.by_group.get(r.group, {}) if open_att and open_att.life.open else {}
+        past = job.history.get(r.step)
+        fresh = {
+            rank: session
+            for rank, session in sorted(r.sessions.items())
+            # Accepted from an earlier report of this group (checked then), or a late
+            # report of a staging that committed: nothing to say.
+            if known.get(rank) != session
+            and (past is None or past[1].get(rank, ("",))[0] != session)
+        }
+        rec = job.record
+        if fresh and past is None and rec is not None and r.step == rec.step:
+            # The committed step, from nodes that missed its decision, and this coordinator
+            # never saw its stagings (it recovered the record from nodes): the decision
+            # again, and the nodes tell by the bytes whose staging it was.
+            self._tell(r.leader, Decision(job.name, rec.step, rec.version, OutcomeStatus.COMMITTED))
+            return
+        accepted, refused = self._check(job, fresh, r.step, r.world_size)
         for why, sessions in refused.items():
             self._tell(
                 r.leader,
@@ -118,20 +126,24 @@ class Commits:
                 wall_started=plane.clock.wall(),
             )
             job.attempts[r.step] = att
-        for rank, session in accepted.items():
-            prev = att.ranks.get(rank)
-            if prev is not None and prev[0] != session and att.life.phase is StepPhase.PREPARING:
-                self.fail(job, att, f"rank {rank} staged step {r.step} again from a new process")
-                return
-            att.ranks[rank] = (session, r.group)
-            att.leaders[r.group] = r.leader
-            mine = job.sessions.get(rank)
-            if mine is None or mine[0] != session_of(session):
-                job.sessions[rank] = (session_of(session), -1)
-            for s, other in list(job.attempts.items()):
-                moved = s < r.step and rank in other.ranks and other.life.open
-                if moved and not other.reprotect:
-                    self.fail(job, other, f"rank {rank} moved on to step {r.step}")
+        if att.life.phase is StepPhase.PREPARING:
+            for rank, session in accepted.items():
+                prev = att.ranks.get(rank)
+                if prev is not None and prev[0] != session:
+                    self._note_sessions(job, {k: v for k, v in accepted.items() if k <= rank})
+                    self.fail(
+                        job, att, f"rank {rank} staged step {r.step} again from a new process"
+                    )
+                    return
+        att.add_group(r.group, accepted)
+        att.leaders[r.group] = r.leader
+        self._note_sessions(job, accepted)
+        for s, other in list(job.attempts.items()):
+            if s >= r.step or not other.life.open or other.reprotect:
+                continue
+            moved = other.ranks.keys() & accepted.keys()
+            if moved:
+                self.fail(job, other, f"rank {min(moved)} moved on to step {r.step}")
         if att.life.phase is StepPhase.COLLECTING and len(att.ranks) >= att.world_size:
             att.life.all_staged()
             self.send_prepare(job, att)
@@ -145,6 +157,44 @@ class Commits:
             value = client.get(key)
             if isinstance(value, (int, float)) and value > 0:
                 counters[name] += value
+
+    @staticmethod
+    def _note_sessions(job: Job, stagings: dict[int, str]) -> None:
+        """The client session each rank saves from now (its restore count kept if known)."""
+        sessions = job.sessions
+        for rank, staging in stagings.items():
+            session = session_of(staging)
+            mine = sessions.get(rank)
+            if mine is None or mine[0] != session:
+                sessions[rank] = (session, -1)
+
+    def _check(
+        self, job: Job, stagings: dict[int, str], step: int, world: int
+    ) -> tuple[dict[int, str], dict[str, list[str]]]:
+        """Stagings of ``step`` (rank -> staging) accepted, and those refused by reason.
+
+        When nothing about the job can refuse a rank (same world size, a newer step, no
+        retired sessions, the step never failed, no restore window), every rank in range is
+        accepted without a check per rank: a group's report costs the same at any size.
+        """
+        accepted: dict[int, str] = {}
+        refused: dict[str, list[str]] = {}
+        quiet = (
+            world == job.world_size
+            and (job.record is None or step > job.record.step)
+            and not job.retired
+            and not job.failed.get(step)
+            and job.life.phase is not JobPhase.RESTORING
+        )
+        if quiet and (not stagings or (min(stagings) >= 0 and max(stagings) < world)):
+            return stagings, refused
+        for rank, staging in stagings.items():
+            why = self._refusal(job, rank, staging, step, world)
+            if why:
+                refused.setdefault(why, []).append(staging)
+            else:
+                accepted[rank] = staging
+        return accepted, refused
 
     def _refusal(self, job: Job, rank: int, staging: str, step: int, world: int) -> str:
         """Why a staging (``<session>/<save number>``) of ``step`` by ``rank`` is refused."""
@@ -232,7 +282,7 @@ class Commits:
         except FormatError as e:
             self.fail(job, att, f"group of {r.leader[:12]} sent a malformed slice: {e}")
             return
-        expected = {rank for rank, (_, g) in att.ranks.items() if g == r.group}
+        expected = set(att.by_group.get(r.group, {}))
         if (piece.step, piece.version) != (att.step, att.version) or set(piece.ranks) != expected:
             self.fail(job, att, f"group of {r.leader[:12]} prepared another slice")
             return

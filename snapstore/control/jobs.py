@@ -151,6 +151,26 @@ class Attempt:
     orders: dict[tuple[str, ...], Any] = field(default_factory=dict)
     reprotect: bool = False
     prepare_sent: float = 0.0
+    by_group: dict[tuple[str, ...], dict[int, str]] = field(default_factory=dict)
+    """``ranks`` indexed by group (group -> rank -> session), kept by :meth:`add`: a
+    group's ranks are found without a pass over every rank of the job."""
+
+    def add(self, rank: int, session: str, group: tuple[str, ...]) -> None:
+        """Rank ``rank`` staged this attempt as ``session`` in ``group``."""
+        prev = self.ranks.get(rank)
+        if prev is not None and prev[1] != group:
+            self.by_group.get(prev[1], {}).pop(rank, None)
+        self.ranks[rank] = (session, group)
+        self.by_group.setdefault(group, {})[rank] = session
+
+    def add_group(self, group: tuple[str, ...], stagings: dict[int, str]) -> None:
+        """Ranks ``stagings`` (rank -> session) staged this attempt in ``group``."""
+        for rank in self.ranks.keys() & stagings.keys():
+            prev = self.ranks[rank][1]
+            if prev != group:
+                self.by_group.get(prev, {}).pop(rank, None)
+        self.ranks.update((rank, (session, group)) for rank, session in stagings.items())
+        self.by_group.setdefault(group, {}).update(stagings)
 
     @property
     def step(self) -> int:
@@ -167,7 +187,7 @@ class Attempt:
         return set(self.leaders)
 
     def group_sessions(self, group: tuple[str, ...]) -> dict[int, str]:
-        return {r: s for r, (s, g) in self.ranks.items() if g == group}
+        return dict(self.by_group.get(group, {}))
 
 
 @dataclass

@@ -7,7 +7,10 @@ messages per *group*, whatever the number of ranks:
 
 1. Members send it a notice per step of the ranks staged on them; it
    reports the group's staged ranks to the coordinator (coalesced, and
-   re-sent until the step is decided).
+   re-sent until the step is decided). Once the group prepared a step of a
+   job, the leader expects the same ranks at the next one and reports when
+   all of them staged, or after :data:`REPORT_HOLD` at the latest: one
+   report per group per step, whatever the order notices arrive in.
 2. On the coordinator's :class:`PrepareOrder` (every rank of the step is
    staged somewhere) it plans the group's slice of the step record, orders
    the group's parity holders to compute parity (from the data, or from the
@@ -16,7 +19,10 @@ messages per *group*, whatever the number of ranks:
 3. It relays the coordinator's :class:`Decision` to every member and
    acknowledges once all alive members applied it.
 4. It gathers its members' heartbeats and sends the coordinator one beat
-   for the group, naming members it has not heard from.
+   for the group, naming members it has not heard from. A beat carries the
+   :class:`NodeInfo` of members whose info changed since the last beat the
+   coordinator took (and every member's every :data:`FULL_BEAT_EVERY`
+   beats): an idle group's beat is a few bytes.
 
 A leader holds only soft state: when it dies the coordinator names another
 member, members re-send their notices to it, and steps it was preparing are
@@ -63,6 +69,12 @@ logger = logging.getLogger(__name__)
 PARITY_TIMEOUT = 120.0
 KEEP_TIMEOUT = 30.0
 RPC_TIMEOUT = 30.0
+FULL_BEAT_EVERY = 20
+"""Every this many beats, a group beat carries every member's info, changed or not."""
+REPORT_HOLD = 0.05
+"""Seconds a staged report waits for the rest of the ranks the group had at its last
+prepared step of the job (nothing waits on a partial report: the coordinator prepares a
+step only once every rank staged; only a refusal reaches its trainer this much later)."""
 
 
 @dataclass
@@ -99,6 +111,12 @@ class Leader:
         self._beats: dict[str, tuple[NodeInfo, float]] = {}
         self._inflight: set[tuple[str, int]] = set()
         self._dirty: set[tuple[str, int]] = set()
+        self._expect: dict[str, frozenset[int]] = {}
+        """job -> the ranks of its last step this group was ordered to prepare."""
+        self._held: set[tuple[str, int]] = set()
+        self._told: dict[str, NodeInfo] = {}
+        """The info of each member the coordinator took with the last beat."""
+        self._beats_sent = 0
         self._closed: dict[tuple[str, int, int], str] = {}
         self._client: dict[str, dict[str, float]] = {}
         self._stopped = False
@@ -156,6 +174,8 @@ class Leader:
         if order.version in gs.preparing:
             return  # a repeated order: already preparing
         gs.preparing.add(order.version)
+        if order.ranks is None:
+            self._expect[order.job] = frozenset(order.sessions)
         self.tasks.spawn(self._prepare(order), f"prepare {order.job!r} step {order.step}")
 
     async def decide(self, decision: Decision) -> None:
@@ -301,6 +321,23 @@ class Leader:
     # -- reports -----------------------------------------------------------------------------
 
     def _report_soon(self, key: tuple[str, int]) -> None:
+        expected = self._expect.get(key[0])
+        gs = self._steps.get(key)
+        if expected and gs is not None and not expected <= gs.entries.keys():
+            if key not in self._held:  # wait for the group's usual ranks, or REPORT_HOLD
+                self._held.add(key)
+                self.tasks.spawn(self._hold(key), f"hold the report of {key[0]!r} step {key[1]}")
+            return
+        self._held.discard(key)
+        self._send_soon(key)
+
+    async def _hold(self, key: tuple[str, int]) -> None:
+        await asyncio.sleep(REPORT_HOLD)
+        if key in self._held:
+            self._held.discard(key)
+            self._send_soon(key)
+
+    def _send_soon(self, key: tuple[str, int]) -> None:
         if key in self._inflight:
             self._dirty.add(key)
             return
@@ -399,7 +436,12 @@ class Leader:
         while not self._stopped:
             await asyncio.sleep(interval)
             now = self.clock.now()
-            infos = tuple(info for info, _ in self._beats.values() if info.incarnation)
+            full = self._beats_sent % FULL_BEAT_EVERY == 0
+            infos = tuple(
+                info
+                for n, (info, _) in self._beats.items()
+                if info.incarnation and (full or self._told.get(n) != info)
+            )
             silent = {
                 n: round(now - heard, 3)
                 for n, (_, heard) in self._beats.items()
@@ -412,6 +454,10 @@ class Leader:
                 )
             except (SnapstoreError, asyncio.TimeoutError) as e:
                 logger.debug("group beat failed: %s", e)
+                continue
+            self._beats_sent += 1
+            for info in infos:
+                self._told[info.node] = info
 
     async def _resend_loop(self) -> None:
         interval = self.cfg.resend_interval

@@ -375,10 +375,17 @@ class ControlPlane:
         Per job, the newest committed (step, version) any node holds wins: a
         commit is decided only after every group holding the step prepared
         it, so groups that did not hear of the decision hold the step as
-        prepared, and the decision is sent to them again. Newer prepared
-        slices nobody committed are left alone: no trainer heard of them, their
-        stagings are reported again by their nodes and committed by a new
-        attempt (another version), and the slices go with the next commit.
+        prepared, and the decision is sent to them again.
+
+        A newer (step, version) that *every* node of every group holding it
+        still keeps as prepared, covering every rank, is committed here too:
+        the previous coordinator may have decided it with the decision still
+        on its way (a stalled leader applies it after this recovery), and no
+        node applied an abort of it (an abort drops the slice). Newer
+        prepared slices short of that are left alone: no trainer heard of
+        them, their stagings are reported again by their nodes and committed
+        by a new attempt (another version), and the slices go with the next
+        commit.
         """
         if not nodes:
             return
@@ -431,7 +438,14 @@ class ControlPlane:
                         continue
                     kind.setdefault(rec.job, []).append((s.info.node, rec))
         out = {}
-        for name, held in committed.items():
+        for name in sorted(set(committed) | set(prepared)):
+            held = committed.get(name, [])
+            newest = max(((r.step, r.version) for _, r in held), default=None)
+            whole = _wholly_prepared(prepared.get(name, []), newest)
+            if whole is not None:
+                held = [(n, r) for n, r in prepared[name] if (r.step, r.version) == whole]
+            if not held:
+                continue
             top = max((r.step, r.version) for _, r in held)
             slices: dict[tuple[str, ...], StepRecord] = {}
             late: dict[tuple[str, ...], list[str]] = {}
@@ -464,6 +478,29 @@ class ControlPlane:
                 job.unacked[key] = (decision, self.clock.now())
             out[name] = top[0]
         return out
+
+
+def _wholly_prepared(
+    prepared: list[tuple[str, StepRecord]], newer_than: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The newest (step, version) after ``newer_than`` whose prepared slices cover every
+    rank, each slice kept by every node of its group (each of them reached); or None."""
+    by_version: dict[tuple[int, int], dict[tuple[str, ...], tuple[StepRecord, set[str]]]] = {}
+    for node, rec in prepared:
+        sv = (rec.step, rec.version)
+        if newer_than is not None and sv <= newer_than:
+            continue
+        got = by_version.setdefault(sv, {}).setdefault(_key(rec), (rec, set()))
+        got[1].add(node)
+    for sv in sorted(by_version, reverse=True):
+        slices = by_version[sv].values()
+        ranks = [r for rec, _ in slices for r in rec.ranks]
+        world = {rec.world_size for rec, _ in slices}
+        if len(world) != 1 or sorted(ranks) != list(range(world.pop())):
+            continue
+        if all(set(_key(rec)) <= holders for rec, holders in slices):
+            return sv
+    return None
 
 
 def _key(rec: StepRecord) -> tuple[str, ...]:

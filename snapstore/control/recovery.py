@@ -283,7 +283,9 @@ class Recovery:
             self._relocating.discard(job.name)
             job.touch()
 
-    def _choose_home(self, job: Job, rec: JobRecord, rank: int) -> str | None:
+    def _choose_home(self, job: Job, rec: JobRecord, rank: int, load: dict[str, int]) -> str | None:
+        """Where to rebuild ``rank``: its preferred home, else the least loaded readable
+        node (``load``: bytes homed per node, with this pass's earlier choices counted)."""
         plane = self.plane
         readable = plane.membership.readable()
         if not readable:
@@ -291,15 +293,19 @@ class Recovery:
         pref = job.preferred_home.get(rank)
         if pref in readable:
             return pref
-        load = dict.fromkeys(readable, 0)
-        for r, node in rec.homes().items():
-            home = job.relocated.get(r, node)
-            if home in load:
-                load[home] += rec.entry(r).size  # type: ignore[union-attr]
         # Fresh nodes (replacements) first: the restarted trainer likely runs there.
         holders = rec.nodes()
         fresh = [n for n in readable if n not in holders]
-        return min(fresh or readable, key=lambda n: (load[n], plane.membership.joined.get(n, 0)))
+        joined = plane.membership.joined
+        return min(fresh or readable, key=lambda n: (load.get(n, 0), joined.get(n, 0)))
+
+    def _load(self, job: Job, rec: JobRecord) -> dict[str, int]:
+        """Bytes of the committed step homed on each node (relocated ranks where they are)."""
+        load: dict[str, int] = {}
+        for r, node in rec.homes().items():
+            home = job.relocated.get(r, node)
+            load[home] = load.get(home, 0) + rec.entry(r).size  # type: ignore[union-attr]
+        return load
 
     async def relocate(self, job: Job) -> None:
         """Rebuild every rank homed on a node that is not readable onto one that is."""
@@ -319,14 +325,17 @@ class Recovery:
             t0 = plane.clock.now()
             plan: list[tuple[int, str]] = []
             calls = []
+            load = self._load(job, rec)
             for r in lost:
                 piece = rec.slice_of(r)
                 assert piece is not None
                 if not rank_restorable(piece, r, readable):
                     continue  # waits for its nodes (or falls back)
-                target = self._choose_home(job, rec, r)
+                target = self._choose_home(job, rec, r, load)
                 if target is None:
                     continue
+                # Counted now, so that a lost node's ranks spread over several nodes.
+                load[target] = load.get(target, 0) + piece.ranks[r].size
                 order = rank_rebuild_orders(
                     piece, r, target, plane.peers(), readable, plane.cfg.backend, pin=True
                 )
@@ -462,7 +471,7 @@ class Recovery:
                 parity=(),
             )
             for r in ranks:
-                att.ranks[r] = ("", g)
+                att.add(r, "", g)
             att.leaders[g] = leader
             att.orders[g] = PrepareOrder(
                 job.name,

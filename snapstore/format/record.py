@@ -68,6 +68,28 @@ def _str(v: object) -> str:
     return v
 
 
+def _rank_entries(rows: Any) -> dict[int, RankEntry]:
+    """``[[rank, node, size, [sums]], ...]`` as entries by rank. The common case (every
+    field of the right type) is checked column by column at C speed; otherwise each field
+    is checked in turn, which names the first one wrong."""
+    out = {}
+    ints: list[Any] = []
+    for r, n, s, sums in rows:
+        if type(n) is not str or type(sums) is not list:
+            raise ValueError(f"expected a string and a list, found {n!r} and {sums!r}")
+        out[r] = RankEntry(n, s, tuple(sums))
+        ints.append(r)
+        ints.append(s)
+        ints.extend(sums)
+    if set(map(type, ints)) <= {int} and (
+        not ints or (min(ints) >= -(1 << 63) and max(ints) <= _U64)
+    ):
+        return out
+    return {
+        _int(r): RankEntry(_str(n), _int(s), tuple(_int(x) for x in sums)) for r, n, s, sums in rows
+    }
+
+
 @dataclass(frozen=True)
 class RankEntry:
     """One rank's staged buffer: on ``node``, ``size`` bytes, k piece checksums."""
@@ -175,10 +197,7 @@ class StepRecord:
             found = doc.get("v") if isinstance(doc, dict) else type(doc).__name__
             raise FormatError(f"step record version {found!r}, expected {RECORD_VERSION}")
         try:
-            ranks = {
-                _int(r): RankEntry(_str(n), _int(s), tuple(_int(x) for x in sums))
-                for r, n, s, sums in doc["ranks"]
-            }
+            ranks = _rank_entries(doc["ranks"])
             parity = tuple(
                 ParityEntry(_int(g), _int(s), _int(i), _str(n), _int(o), _int(ln), _int(c))
                 for g, s, i, n, o, ln, c in doc["parity"]

@@ -63,10 +63,31 @@ def message(cls: type[T]) -> type[T]:
 # -- encoding ---------------------------------------------------------------------
 
 
+_SCALARS = frozenset({int, float, str, bool, bytes, type(None)})
+"""Types msgpack packs as they are: a container holding only these is copied, not walked."""
+_FIELDS: dict[type, tuple[str, ...]] = {}
+"""Field names of each dataclass met while encoding, in declaration order."""
+
+
 def to_plain(value: Any) -> Any:
     """A message (or anything inside one) as msgpack-able lists, dicts and scalars."""
+    t = type(value)
+    names = _FIELDS.get(t)
+    if names is not None:
+        return [to_plain(getattr(value, n)) for n in names]
+    if t in _SCALARS:
+        return value
+    if t is list or t is tuple:
+        if set(map(type, value)) <= _SCALARS:
+            return list(value)
+        return [to_plain(v) for v in value]
+    if t is dict:
+        if set(map(type, value)) <= _SCALARS and set(map(type, value.values())) <= _SCALARS:
+            return dict(value)
+        return {to_plain(k): to_plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
+        _FIELDS[t] = tuple(f.name for f in dataclasses.fields(value))
+        return to_plain(value)
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (list, tuple)):
@@ -194,6 +215,20 @@ def _any(v: Any) -> Any:
     return v
 
 
+def _all_ints(v: Any) -> bool:
+    """Every item of ``v`` (a list, or a map's keys or values) is an int in range."""
+    return set(map(type, v)) <= {int} and (not v or (min(v) >= -_I64 and max(v) <= _U64))
+
+
+def _all_strs(v: Any) -> bool:
+    return set(map(type, v)) <= {str}
+
+
+_BULK: dict[Callable[[Any], Any], Callable[[Any], bool]] = {_int: _all_ints, _str: _all_strs}
+"""Item checks done over a whole container at C speed; an item that fails one is then
+converted one by one, which raises the precise error."""
+
+
 def _make_converter(tp: Any) -> Callable[[Any], Any]:
     if tp is int:
         return _int
@@ -247,10 +282,13 @@ def _make_converter(tp: Any) -> Callable[[Any], Any]:
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             item = _converter(args[0])
+            bulk = _BULK.get(item)
 
             def var_tuple(v: Any) -> tuple[Any, ...]:
                 if not isinstance(v, list):
                     raise _fail("a list", v)
+                if bulk is not None and bulk(v):
+                    return tuple(v)
                 return tuple(item(x) for x in v)
 
             return var_tuple
@@ -274,10 +312,18 @@ def _make_converter(tp: Any) -> Callable[[Any], Any]:
         return seq
     if origin is dict:
         kc, vc = _converter(args[0]), _converter(args[1])
+        kbulk, vbulk = _BULK.get(kc), _BULK.get(vc)
 
         def mapping(v: Any) -> dict[Any, Any]:
             if not isinstance(v, dict):
                 raise _fail("a map", v)
+            if (
+                kbulk is not None
+                and (vbulk is not None or vc is _any)
+                and kbulk(v.keys())
+                and (vbulk is None or vbulk(v.values()))
+            ):
+                return dict(v)
             return {kc(k): vc(x) for k, x in v.items()}
 
         return mapping
@@ -296,17 +342,25 @@ def _dataclass_converter(cls: type) -> Callable[[Any], Any]:
     _DECODERS[cls] = specs
     required = sum(1 for _, _, d in specs if not d)
     name = cls.__name__
+    # The fields' converters, resolved at the first decode (messages may refer to each
+    # other, so not while this one is being made).
+    convs: list[Callable[[Any], Any]] = []
 
     def convert(v: Any) -> Any:
         if not isinstance(v, list) or not required <= len(v) <= len(specs):
             raise _fail(f"a {name} ({required}-{len(specs)} fields)", v)
-        kwargs = {}
+        if not convs:
+            convs.extend(_converter(hints[f.name]) for f in fields)
+        try:
+            return cls(*[c(x) for c, x in zip(convs, v, strict=False)])
+        except FormatError:
+            pass
         for (fname, conv, _), x in zip(specs, v, strict=False):
             try:
-                kwargs[fname] = conv(x)
+                conv(x)
             except FormatError as e:
                 raise FormatError(f"{name}.{fname}: {e}") from None
-        return cls(**kwargs)
+        raise AssertionError("unreachable: a field failed once and then passed")
 
     return convert
 

@@ -8,8 +8,10 @@ needs. Two implementations keep one contract, checked by one test suite
 - :class:`snapstore.node.store.ShmNodeStore` -- the real one: segments in
   shared memory, byte work through ISA-L, peers read over shared memory or
   TCP; it lives in the node's SMP actor;
-- ``tests/sim/fakestore.py`` -- an in-memory fake whose "bytes" are tokens
-  naming what was written, for the deterministic simulation.
+- :class:`snapstore.bench.scale_store.MemNodeStore` -- bookkeeping without
+  bytes (byte work as modelled time), for ``bench.scale``'s thousands of
+  simulated nodes. (The deterministic simulation, ``tests/sim``, runs the
+  real store on small buffers.)
 
 Call protocol (who calls what, in which order; every method is
 thread-safe and may be retried):

@@ -1,0 +1,332 @@
+"""The fabric of ``bench.scale``: the control plane's links with a modelled network latency.
+
+Every call is a message to the callee's simulated process after
+:attr:`NetModel.latency` seconds of virtual time, run there as a task of
+that process, and its reply after as long again, as a Ray actor call is; a
+trainer's calls to its own node's SMP take :attr:`NetModel.local`. A dead
+callee raises :class:`snapstore.errors.ActorUnavailableError`, as Ray does.
+
+What crosses to or from the coordinator is encoded with
+:mod:`snapstore.format.wire` by the sender and decoded by the receiver, in
+their own processes, as over Ray: the coordinator's CPU includes decoding
+every report and beat and encoding every order. Messages between members
+and their leader are passed as objects (their cost is not what the
+benchmark measures). Calls to the coordinator are counted by method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from snapstore.bench.vloop import CAUSE, Proc
+from snapstore.control.links import AbandonReply, NodeSnapshot
+from snapstore.control.messages import (
+    Decision,
+    GroupBeat,
+    GroupReport,
+    MemberBeat,
+    NodeConfig,
+    NodeInfo,
+    NodeNotice,
+    Outcome,
+    PrepareOrder,
+)
+from snapstore.errors import ActorUnavailableError, SnapstoreError
+from snapstore.format.wire import decode, encode
+from snapstore.format.work import (
+    CommitResult,
+    PersistOrder,
+    PersistResult,
+    VerifyReport,
+    WorkOrder,
+    WorkResult,
+)
+from snapstore.rpc import describe
+
+if TYPE_CHECKING:
+    from snapstore.bench.scale_sim import ScaleWorld
+
+__all__ = ["NetModel", "ScaleFabric", "call"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NetModel:
+    """One-way delays: ``latency`` between processes on different hosts (a Ray actor
+    call's share of a round trip), ``local`` between a trainer and its own node's SMP,
+    ``death`` from an SMP's death until Ray fails the coordinator's watch on it."""
+
+    latency: float = 0.0005
+    local: float = 0.0001
+    death: float = 0.02
+
+
+async def call(
+    world: ScaleWorld,
+    callee: Proc | None,
+    work: Callable[[], Coroutine[Any, Any, T]],
+    what: str,
+    delay: float,
+) -> T:
+    """Deliver a call to ``callee`` after ``delay``, run ``work`` there, and return its reply
+    after ``delay`` more."""
+    await asyncio.sleep(delay)
+    if callee is None or not callee.alive:
+        raise ActorUnavailableError(f"{what}: actor unavailable (dead)")
+    task = callee.spawn(work())
+    task.add_done_callback(_retrieve)
+    try:
+        result = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if task.cancelled() and (me is None or me.cancelling() == 0):
+            raise ActorUnavailableError(f"{what}: actor unavailable (it died)") from None
+        raise
+    except SnapstoreError:
+        raise
+    except Exception as e:
+        raise SnapstoreError(f"{what} failed: {describe(e)}") from None
+    await asyncio.sleep(delay)
+    return result
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A call whose caller went away: its error is nobody's to see."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _NodeLink:
+    """A node (its member agent) as the coordinator (``wire``) or a leader reaches it."""
+
+    def __init__(self, world: ScaleWorld, node: str, wire: bool) -> None:
+        self.world = world
+        self.node = node
+        self.wire = wire
+
+    def _call(self, what: str, work: Callable[[Any], Awaitable[T]]) -> Awaitable[T]:
+        world, node = self.world, self.node
+        target = world.nodes.get(node)
+
+        async def run() -> T:
+            current = world.nodes.get(node)
+            if current is None or current.member is None:
+                raise ActorUnavailableError(f"SMP {node[:8]}.{what}: no SMP")
+            return await work(current.member)
+
+        if self.wire:
+            world.sent[what] += 1
+        proc = target.proc if target is not None else None
+        return call(world, proc, run, f"SMP {node[:8]}.{what}", world.net.latency)
+
+    def _msg(self, msg: Any) -> Any:
+        """What the callee decodes: the message's bytes from the coordinator, else itself."""
+        return encode(msg) if self.wire else msg
+
+    def _read(self, data: Any, cls: type[T]) -> T:
+        out: T = decode(data, cls) if self.wire else data
+        return out
+
+    async def configure(self, config: NodeConfig) -> None:
+        data = self._msg(config)
+        await self._call("configure", lambda m: m.configure(self._read(data, NodeConfig)))
+
+    async def build_parity(self, order: WorkOrder) -> WorkResult:
+        data = self._msg(order)
+
+        async def work(m: Any) -> Any:
+            return self._msg(await m.build_parity(self._read(data, WorkOrder)))
+
+        return self._read(await self._call("build_parity", work), WorkResult)
+
+    async def keep_prepared(self, record: bytes) -> None:
+        await self._call("keep_prepared", lambda m: m.keep_prepared(record))
+
+    async def decide(self, decision: Decision) -> CommitResult:
+        data = self._msg(decision)
+
+        async def work(m: Any) -> Any:
+            return self._msg(await m.decide(self._read(data, Decision)))
+
+        return self._read(await self._call("decide", work), CommitResult)
+
+    async def rebuild(self, order: WorkOrder) -> WorkResult:
+        data = self._msg(order)
+
+        async def work(m: Any) -> Any:
+            return self._msg(await m.rebuild(self._read(data, WorkOrder)))
+
+        return self._read(await self._call("rebuild", work), WorkResult)
+
+    async def verify(self, record: bytes) -> VerifyReport:
+        async def work(m: Any) -> Any:
+            return self._msg(await m.verify(record))
+
+        return self._read(await self._call("verify", work), VerifyReport)
+
+    async def hold(self, job: str, step: int, token: str, ttl: float) -> list[int]:
+        return await self._call("hold", lambda m: m.hold(job, step, token, ttl))
+
+    async def release(self, token: str) -> None:
+        await self._call("release", lambda m: m.release(token))
+
+    async def persist(self, order: PersistOrder) -> PersistResult:
+        return await self._call("persist", lambda m: m.persist(order))
+
+    async def verify_persisted(self, path: str, ranks: list[int]) -> dict[int, str | None]:
+        return await self._call("verify_persisted", lambda m: m.verify_persisted(path, ranks))
+
+    async def forget(self, job: str) -> None:
+        await self._call("forget", lambda m: m.forget(job))
+
+    async def drop_job(self, job: str) -> None:
+        await self._call("drop_job", lambda m: m.drop_job(job))
+
+    async def snapshot(self) -> NodeSnapshot:
+        async def work(m: Any) -> Any:
+            return self._msg(await m.snapshot())
+
+        return self._read(await self._call("snapshot", work), NodeSnapshot)
+
+
+class _LeaderLink:
+    """The leader a node hosts (its SMP refuses when it does not lead, as the real one)."""
+
+    def __init__(self, node: _NodeLink) -> None:
+        self.node = node.node
+        self._n = node
+
+    def _lead(self, what: str, work: Callable[[Any], Awaitable[None]]) -> Awaitable[None]:
+        async def run(member: Any) -> None:
+            if member.leader is None:
+                raise SnapstoreError(f"node {self.node[:12]} does not lead a group now")
+            await work(member.leader)
+
+        return self._n._call(what, run)
+
+    async def notice(self, notice: NodeNotice) -> None:
+        await self._lead("leader_notice", lambda ld: ld.notice(notice))
+
+    async def beat(self, beat: MemberBeat) -> None:
+        await self._lead("leader_beat", lambda ld: ld.beat(beat))
+
+    async def prepare(self, order: PrepareOrder) -> None:
+        data = self._n._msg(order)
+        await self._lead("leader_prepare", lambda ld: ld.prepare(self._n._read(data, PrepareOrder)))
+
+    async def decide(self, decision: Decision) -> None:
+        data = self._n._msg(decision)
+
+        async def run(member: Any) -> None:
+            msg = self._n._read(data, Decision)
+            if member.leader is None:
+                await member.decide(msg)  # as the real SMP does
+            else:
+                await member.leader.decide(msg)
+
+        await self._n._call("leader_decide", run)
+
+
+class _CoordinatorLink:
+    """The coordinator as nodes reach it: every message as wire bytes, counted."""
+
+    def __init__(self, world: ScaleWorld) -> None:
+        self.world = world
+
+    def _call(self, what: str, work: Callable[[Any], Awaitable[T]], kind: str = "") -> Awaitable[T]:
+        world = self.world
+        cause = f"{what} ({kind})" if kind else what
+        world.received[cause] += 1
+
+        async def run() -> T:
+            CAUSE.set(cause)
+            plane = world.plane
+            if plane is None:
+                raise ActorUnavailableError(f"coordinator.{what}: no coordinator")
+            return await work(plane)
+
+        return call(world, world.coordinator_proc, run, f"coordinator.{what}", world.net.latency)
+
+    async def register(self, info: NodeInfo) -> NodeConfig | None:
+        data = encode(info)
+
+        async def work(p: Any) -> bytes | None:
+            config = await p.register(decode(data, NodeInfo))
+            return None if config is None else encode(config)
+
+        got = await self._call("register", work)
+        return None if got is None else decode(got, NodeConfig)
+
+    async def report(self, report: GroupReport) -> None:
+        data = encode(report)
+        kind = (
+            "applied"
+            if report.applied
+            else "failed"
+            if report.failed
+            else "prepared"
+            if report.version >= 0
+            else "staged"
+        )
+        await self._call("report", lambda p: p.report(decode(data, GroupReport)), kind)
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        data = encode(beat)
+        await self._call("group_beat", lambda p: p.group_beat(decode(data, GroupBeat)))
+
+    async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
+        async def work(p: Any) -> bytes:
+            return encode(await p.abandon(job, rank, step, session))
+
+        return decode(await self._call("abandon", work), AbandonReply)
+
+    async def step_status(self, job: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
+        async def work(p: Any) -> bytes:
+            return encode(await p.step_status(job, step, rank, sums))
+
+        return decode(await self._call("step_status", work), Outcome)
+
+
+class ScaleFabric:
+    """The fabric the coordinator (``coordinator=True``: it encodes what it sends) or the
+    nodes use to reach the others."""
+
+    def __init__(self, world: ScaleWorld, coordinator: bool) -> None:
+        self.world = world
+        self.wire = coordinator
+
+    def node(self, node: str) -> _NodeLink:
+        return _NodeLink(self.world, node, self.wire)
+
+    def leader(self, node: str) -> _LeaderLink:
+        return _LeaderLink(_NodeLink(self.world, node, self.wire))
+
+    def coordinator(self) -> _CoordinatorLink:
+        return _CoordinatorLink(self.world)
+
+    def watch(self, node: str) -> Awaitable[None]:
+        """Fails ``death`` seconds after the node's current SMP process dies."""
+        world = self.world
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        target = world.nodes.get(node)
+        proc = target.proc if target is not None else None
+        if proc is None or not proc.alive:
+            fut.set_exception(ActorUnavailableError(f"SMP {node[:8]}: dead"))
+            return fut
+
+        def died() -> None:
+            def report() -> None:
+                if not fut.done():
+                    fut.set_exception(ActorUnavailableError(f"SMP {node[:8]}.watch: actor died"))
+
+            world.loop.call_later(world.net.death, report)
+
+        proc.on_crash.append(died)
+        return fut
+
+    async def discover(self) -> list[str]:
+        return sorted(n for n, s in self.world.nodes.items() if s.proc is not None and s.proc.alive)

@@ -1,0 +1,115 @@
+"""The wire encoding of messages: round trips, and every wrongly typed field refused by name.
+
+Containers of plain ints and strings are checked in bulk (at C speed) and fall
+back to item-by-item conversion when any item is wrong: these tests pin that
+the fast path accepts exactly what the slow one does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from snapstore.control.messages import (
+    Decision,
+    GroupBeat,
+    GroupReport,
+    NodeInfo,
+    OutcomeStatus,
+    PrepareOrder,
+)
+from snapstore.errors import FormatError
+from snapstore.format.record import RankEntry, StepRecord
+from snapstore.format.wire import decode, encode
+from snapstore.format.work import PeerInfo
+
+GROUP = ("n0", "n1", "n2", "n3")
+
+
+def _report(**changes: Any) -> GroupReport:
+    base: dict[str, Any] = {
+        "job": "j",
+        "step": 7,
+        "version": -1,
+        "epoch": 3,
+        "leader": "n0",
+        "group": GROUP,
+        "world_size": 64,
+        "ranks": tuple(range(8)),
+        "sessions": {r: f"s{r}/7" for r in range(8)},
+        "stats": {"client": {"waits": 2}, "parity_seconds": 0.5},
+    }
+    base.update(changes)
+    return GroupReport(**base)
+
+
+def _tamper(msg: Any, index: int, value: Any) -> bytes:
+    """The message's wire bytes with field ``index`` replaced by ``value``."""
+    version, tag, fields = msgpack.unpackb(encode(msg), raw=False, strict_map_key=False)
+    fields[index] = value
+    return bytes(msgpack.packb([version, tag, fields], use_bin_type=True))
+
+
+def test_messages_round_trip() -> None:
+    info = NodeInfo("n0", "i0", PeerInfo("n0", "h", "/d", "127.0.0.1", 1), counters={"saves": 3})
+    for msg in (
+        _report(),
+        _report(version=2, prepared=b"\x00slice", applied=True, sessions={}),
+        GroupBeat(3, "n0", (info, info), {"n1": 2.5}),
+        PrepareOrder("j", 7, 2, 3, 64, {0: "s0/7", 63: "s63/7"}),
+        Decision("j", 7, 2, OutcomeStatus.FAILED, reason="x", sessions=("s0/7",)),
+    ):
+        assert decode(encode(msg), type(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "field"),
+    [
+        (7, [0, 1, True], "GroupReport.ranks"),  # a bool is not an int
+        (7, [0, 1, None], "GroupReport.ranks"),
+        (7, [0, 1.0], "GroupReport.ranks"),
+        (8, {0: "a", 1: 5}, "GroupReport.sessions"),  # a value of the wrong type
+        (8, {0: "a", "1": "b"}, "GroupReport.sessions"),  # a key of the wrong type
+        (8, {0: "a", 1: None}, "GroupReport.sessions"),
+        (5, ["n0", 1], "GroupReport.group"),
+        (5, "n0", "GroupReport.group"),
+    ],
+)
+def test_a_wrongly_typed_item_is_refused_naming_its_field(
+    index: int, value: Any, field: str
+) -> None:
+    with pytest.raises(FormatError, match=field):
+        decode(_tamper(_report(), index, value), GroupReport)
+
+
+def test_a_wrong_item_deep_in_a_nested_message_is_named() -> None:
+    info = NodeInfo("n0", "i0", PeerInfo("n0", "h", "/d", "127.0.0.1", 1), counters={"saves": 3})
+    beat = GroupBeat(3, "n0", (info,), {})
+    version, tag, fields = msgpack.unpackb(encode(beat), raw=False, strict_map_key=False)
+    fields[2][0][-1] = {"saves": "three"}
+    data = bytes(msgpack.packb([version, tag, fields], use_bin_type=True))
+    with pytest.raises(FormatError, match=r"GroupBeat.infos: NodeInfo.counters"):
+        decode(data, GroupBeat)
+
+
+def test_step_records_refuse_a_wrong_rank_field() -> None:
+    ranks = {r: RankEntry(GROUP[r % 4], 100, (1, 2)) for r in range(8)}
+    rec = StepRecord("j", 1, 0, 2, 2, 8, ranks, (GROUP,), ())
+    assert StepRecord.from_bytes(rec.to_bytes()) == rec
+    doc = msgpack.unpackb(rec.to_bytes(), raw=False)
+    for bad in ([0, "n0", 100, [1, True]], [0, "n0", -1.0, [1, 2]], [0, 5, 100, [1, 2]]):
+        doc["ranks"][0] = bad
+        with pytest.raises(FormatError):
+            StepRecord.from_bytes(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_integers_out_of_range_are_refused() -> None:
+    from snapstore.format.wire import from_plain
+
+    assert from_plain(tuple[int, ...], [0, (1 << 64) - 1]) == (0, (1 << 64) - 1)
+    with pytest.raises(FormatError, match="an integer"):
+        from_plain(tuple[int, ...], [0, 1 << 64])
+    with pytest.raises(FormatError, match="an integer"):
+        from_plain(dict[int, str], {-(1 << 63) - 1: "a"})
