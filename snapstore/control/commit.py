@@ -186,7 +186,14 @@ class Commits:
             and not job.failed.get(step)
             and job.life.phase is not JobPhase.RESTORING
         )
-        if quiet and (not stagings or (min(stagings) >= 0 and max(stagings) < world)):
+        in_range = not stagings or (min(stagings) >= 0 and max(stagings) < world)
+        # One look per rank of this report (its size, not the job's): a process other than
+        # the one that restored the rank is refused (see _refusal).
+        if (
+            quiet
+            and in_range
+            and not any(self._not_the_restored(job, k, v) for k, v in stagings.items())
+        ):
             return stagings, refused
         for rank, staging in stagings.items():
             why = self._refusal(job, rank, staging, step, world)
@@ -195,6 +202,12 @@ class Commits:
             else:
                 accepted[rank] = staging
         return accepted, refused
+
+    @staticmethod
+    def _not_the_restored(job: Job, rank: int, staging: str) -> bool:
+        """Another process of ``rank`` restored: not the one that staged ``staging``."""
+        mine = job.sessions.get(rank)
+        return mine is not None and mine[1] >= 0 and mine[0] != session_of(staging)
 
     def _refusal(self, job: Job, rank: int, staging: str, step: int, world: int) -> str:
         """Why a staging (``<session>/<save number>``) of ``step`` by ``rank`` is refused."""
@@ -221,7 +234,7 @@ class Commits:
                 f"{job.name!r} (another process of that rank restored since)"
             )
         mine = job.sessions.get(rank)
-        if mine is not None and mine[0] != session and mine[1] >= 0:
+        if self._not_the_restored(job, rank, staging):
             # Another process of the rank restored (after a coordinator restart the
             # sessions of ended incarnations are not known, only that one).
             return (
