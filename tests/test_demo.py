@@ -16,10 +16,13 @@ pytestmark = pytest.mark.cluster
 def test_demo_trains_through_failures_and_ends_bitwise_equal(
     tmp_path: Path, reference_cache: str
 ) -> None:
+    from snapstore.bench.chaos import quick_faults, steps_for
     from snapstore.bench.reference import CACHE_ENV
 
-    # The reference of 30 steps on 4 ranks: bench.chaos --quick (test_bench_quick)
-    # trains the same one; whichever runs first in the session leaves it for the other.
+    # As many steps on 4 ranks as bench.chaos --quick (test_bench_quick): the same
+    # reference, which whichever runs first in the session leaves for the other.
+    steps = steps_for(quick_faults())
+    failures = f"trainer@{steps // 4},smp@{steps // 2},node@{3 * steps // 4}"
     env = dict(os.environ, **{CACHE_ENV: reference_cache})
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -29,9 +32,9 @@ def test_demo_trains_through_failures_and_ends_bitwise_equal(
             "snapstore.cli",
             "demo",
             "--steps",
-            "30",
+            str(steps),
             "--failures",
-            "trainer@8,smp@15,node@22",
+            failures,
             "--out",
             str(out),
         ],
