@@ -83,6 +83,8 @@ class _GroupStep:
 
     entries: dict[int, tuple[str, StagedEntry]] = field(default_factory=dict)
     since: float = 0.0
+    sent: float = 0.0
+    """When the coordinator last took a staged report of this step."""
     preparing: set[int] = field(default_factory=set)
 
 
@@ -150,14 +152,18 @@ class Leader:
         gs = self._steps.get(key)
         if gs is None:
             gs = self._steps[key] = _GroupStep(since=self.clock.now())
+        changed = False
         for e in notice.entries:
             prev = gs.entries.get(e.staged.rank)
             if prev is None or prev[1].session != e.session:
                 counts = self._client.setdefault(notice.job, {})
                 for name, value in e.client.items():
                     counts[name] = counts.get(name, 0.0) + float(value)
-            gs.entries[e.staged.rank] = (notice.node, e)
-        self._report_soon(key)
+            if prev != (notice.node, e):
+                changed = True
+                gs.entries[e.staged.rank] = (notice.node, e)
+        if changed:  # a notice sent again repeats a report only through the re-send loop
+            self._report_soon(key)
 
     async def beat(self, beat: MemberBeat) -> None:
         if beat.info.node in self.group:
@@ -370,6 +376,7 @@ class Leader:
                 except (SnapstoreError, asyncio.TimeoutError) as e:
                     logger.info("report to the coordinator failed: %s", e)
                     return
+                gs.sent = self.clock.now()
                 if key not in self._dirty:
                     return
         finally:
@@ -465,7 +472,11 @@ class Leader:
             await asyncio.sleep(interval)
             now = self.clock.now()
             for key, gs in list(self._steps.items()):
-                if gs.entries and now - gs.since >= interval and not gs.preparing:
+                # Not while a report is on its way, nor within an interval of the last
+                # one the coordinator took: a coordinator slow to answer a large job is
+                # not sent the same reports again.
+                quiet = now - max(gs.since, gs.sent) >= interval
+                if gs.entries and quiet and not gs.preparing and key not in self._inflight:
                     self._report_soon(key)
 
 
