@@ -46,7 +46,7 @@ from typing import Any
 
 from snapstore.clients.dp import DPGroup, fill, localize, placeholders, shard
 from snapstore.clients.future import DEFAULT_TIMEOUT, SaveFuture
-from snapstore.clients.locate import find_smp, node_given_up
+from snapstore.clients.locate import find_smp, ray_node_alive
 from snapstore.clients.persisted import (
     Opened,
     install_sigterm,
@@ -185,8 +185,8 @@ class Client:
         i.e. before the optimizer step). Raises RestoreRequiredError (restore
         first), MemoryBudgetError (the node has no room for the slot),
         StoreTimeoutError, or ActorUnavailableError when this node's SMP gave
-        no slot within ``timeout`` or its node is lost (a restarting SMP is
-        waited for).
+        no slot within ``timeout`` or Ray reports its node dead (a restarting
+        SMP is waited for).
         """
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
@@ -349,8 +349,8 @@ class Client:
 
     def _new_lease(self, size: int, timeout: float) -> Lease:
         """A slot from this node's SMP. One that is restarting (Ray restarts a crashed SMP
-        in about a second) is asked again until ``timeout``; once the store gave the node
-        up, its SMP will not come back: ActorUnavailableError at once."""
+        within seconds) is asked again until ``timeout``; once Ray reports the node itself
+        dead, its SMP will not come back: ActorUnavailableError at once."""
         deadline = time.monotonic() + timeout
         while True:
             left = max(deadline - time.monotonic(), 0.1)
@@ -358,12 +358,13 @@ class Client:
                 got = call(self.smp.lease.remote(self.job, self.rank, size), left, "SMP.lease")
                 return decode(got, Lease)
             except ActorUnavailableError as e:
-                if time.monotonic() + LEASE_RETRY >= deadline or node_given_up(
-                    self.store, self.node_id
-                ):
+                gone = not ray_node_alive(self.node_id)
+                if gone or time.monotonic() + LEASE_RETRY >= deadline:
+                    why = "its node is dead" if gone else f"not back within {timeout} s"
                     raise ActorUnavailableError(
                         f"job {self.job!r} rank {self.rank}: no slot from the SMP of store node "
-                        f"{self.node_id[:12]} ({e}); this process must run on a live store node"
+                        f"{self.node_id[:12]}, {why} ({e}); this process must run on a live "
+                        "store node"
                     ) from None
             time.sleep(LEASE_RETRY)
 

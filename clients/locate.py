@@ -38,7 +38,7 @@ __all__ = [
     "choose_node",
     "find_smp",
     "local_store_nodes",
-    "node_given_up",
+    "ray_node_alive",
     "resolve_node",
     "segment_dir_exists",
     "smp_handle",
@@ -160,11 +160,10 @@ def find_smp(store: Store, rank: int, node_id: str | None) -> tuple[str, Any]:
     return node, handles[node]
 
 
-def node_given_up(store: Store, node: str) -> bool:
-    """Whether the store gave ``node`` up (lost, or no longer listed): its SMP will not
-    come back. False when the coordinator cannot say now (it may be restarting)."""
-    try:
-        listed = store.nodes()
-    except SnapstoreError:
-        return False
-    return not any(n["node_id"] == node and n["status"] != "lost" for n in listed)
+def ray_node_alive(node: str) -> bool:
+    """Whether Ray still lists ``node`` (a Ray node id) as alive. An SMP pinned to a node
+    Ray reports dead will not come back; on a live node Ray restarts it (even after the
+    store declared the node lost, which takes only ``reprotect_delay``)."""
+    import ray
+
+    return any(n.get("NodeID") == node and n.get("Alive") for n in ray.nodes())

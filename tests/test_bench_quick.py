@@ -63,7 +63,9 @@ def _scratch_glob() -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(reference_cache: str) -> Iterator[dict[str, dict[str, Any]]]:
+def runs(
+    reference_cache: str, request: pytest.FixtureRequest
+) -> Iterator[dict[str, dict[str, Any]]]:
     """Run every benchmark with --quick, one at a time; collect output, exit code, JSON."""
     from snapstore.bench.reference import CACHE_ENV
 
@@ -102,6 +104,13 @@ def runs(reference_cache: str) -> Iterator[dict[str, dict[str, Any]]]:
             "seconds": time.monotonic() - started,
         }
     results["_dirs_before"] = {"dirs": before, "scratch": scratch_before}
+    # What each benchmark costs the suite, on the terminal (CI time is budgeted).
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        took = ", ".join(f"{n} {results[n]['seconds']:.0f} s" for n in BENCHES)
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nbench --quick runs: {took}")
     yield results
     shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -24,7 +24,10 @@ NBYTES = 2 << 20
 
 @pytest.fixture(scope="module")
 def store() -> Any:
-    with running_store(nodes=4, k=3, m=1, memory_per_node="64MiB") as s:
+    # A killed SMP must be back before its node is declared lost, or it comes back
+    # empty (no re-adoption): on a loaded 2-core machine Ray reports the death after
+    # about a second and restarts the SMP in one or two more, past conftest's 1 s.
+    with running_store(nodes=4, k=3, m=1, memory_per_node="64MiB", reprotect_delay=3.0) as s:
         yield s
 
 
