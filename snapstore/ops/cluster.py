@@ -57,6 +57,21 @@ def _pids(node: Any) -> list[int]:
     return out
 
 
+def _stop_half_started(temp_dir: str) -> None:
+    """A node that failed to start may have started some of its processes (the GCS, the
+    dashboard, log and autoscaler monitors): stop each process of this user whose
+    command line names ``temp_dir`` (a fresh private directory), by its pid."""
+    me = os.getuid()
+    pids = []
+    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if p.info["uids"].real == me and any(temp_dir in a for a in p.info["cmdline"] or ()):
+                pids.append(int(p.info["pid"]))
+    if pids:
+        logger.warning("stopping %d processes of a node that failed to start", len(pids))
+        kill_tree(pids)
+
+
 def start_head(
     temp_dir: str, object_store: int, cpus: int = 1, control: bool = True
 ) -> tuple[str, EmbeddedNode]:
@@ -80,6 +95,7 @@ def start_head(
             spawn_reaper=False,
         )
     except Exception as e:
+        _stop_half_started(temp_dir)
         raise ClusterError(f"cannot start the Ray head on {LOOPBACK}: {e}") from e
     return str(node.gcs_address), EmbeddedNode(str(node.node_id), _pids(node), head=True)
 
