@@ -301,7 +301,8 @@ class Commits:
             return
         att.prepared[r.group] = piece
         att.stats[r.group] = dict(r.stats)
-        if all(g in att.prepared for g in att.leaders):
+        # Counted first: a pass over every group on every report is O(groups^2) per step.
+        if len(att.prepared) >= len(att.leaders) and all(g in att.prepared for g in att.leaders):
             self.commit(job, att)
 
     # -- the commit point -------------------------------------------------------------------

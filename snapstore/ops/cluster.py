@@ -100,6 +100,23 @@ def _narrow(temp_dir: str) -> None:
     os.chmod(temp_dir, DIR_MODE)
 
 
+def _stop_half_started(temp_dir: str) -> None:
+    """A node that failed to start may have started some of its processes (the GCS, the
+    dashboard, log and autoscaler monitors): stop each process of this user whose
+    command line names ``temp_dir`` (a fresh private directory), by its pid."""
+    me = os.getuid()
+    refs = []
+    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if p.info["uids"].real == me and any(temp_dir in a for a in p.info["cmdline"] or ()):
+                ref = ProcessRef.identify(int(p.info["pid"]))
+                if ref is not None:
+                    refs.append(ref)
+    if refs:
+        logger.warning("stopping %d processes of a node that failed to start", len(refs))
+        kill_tree(refs)
+
+
 def start_head(
     temp_dir: str,
     object_store: int,
@@ -134,6 +151,7 @@ def start_head(
             spawn_reaper=False,
         )
     except Exception as e:
+        _stop_half_started(temp_dir)
         raise ClusterError(f"cannot start the Ray head on {LOOPBACK}: {e}") from e
     finally:
         _narrow(temp_dir)
