@@ -283,18 +283,19 @@ class Recovery:
             self._relocating.discard(job.name)
             job.touch()
 
-    def _choose_home(self, job: Job, rec: JobRecord, rank: int, load: dict[str, int]) -> str | None:
+    def _choose_home(
+        self, job: Job, rank: int, load: dict[str, int], readable: list[str], holders: set[str]
+    ) -> str | None:
         """Where to rebuild ``rank``: its preferred home, else the least loaded readable
-        node (``load``: bytes homed per node, with this pass's earlier choices counted)."""
+        node (``load``: bytes homed per node, with this pass's earlier choices counted;
+        ``holders``: the nodes holding some of the committed step)."""
         plane = self.plane
-        readable = plane.membership.readable()
         if not readable:
             return None
         pref = job.preferred_home.get(rank)
-        if pref in readable:
+        if pref is not None and pref in readable:
             return pref
         # Fresh nodes (replacements) first: the restarted trainer likely runs there.
-        holders = rec.nodes()
         fresh = [n for n in readable if n not in holders]
         joined = plane.membership.joined
         return min(fresh or readable, key=lambda n: (load.get(n, 0), joined.get(n, 0)))
@@ -326,12 +327,13 @@ class Recovery:
             plan: list[tuple[int, str]] = []
             calls = []
             load = self._load(job, rec)
+            choices, holders = plane.membership.readable(), rec.nodes()
             for r in lost:
                 piece = rec.slice_of(r)
                 assert piece is not None
                 if not rank_restorable(piece, r, readable):
                     continue  # waits for its nodes (or falls back)
-                target = self._choose_home(job, rec, r, load)
+                target = self._choose_home(job, r, load, choices, holders)
                 if target is None:
                     continue
                 # Counted now, so that a lost node's ranks spread over several nodes.
@@ -450,12 +452,17 @@ class Recovery:
             reprotect=True,
         )
         att.life.all_staged()
+        # Each rank to the group of its home, in one pass (not one per group: O(groups x
+        # ranks) at thousands of nodes).
+        group_of = {n: g for g in groups for n in g}
+        by_group: dict[tuple[str, ...], dict[int, RankEntry]] = {}
+        for r in sorted(homes):
+            g = group_of.get(homes[r])
+            entry = rec.entry(r)
+            if g is not None and entry is not None:
+                by_group.setdefault(g, {})[r] = RankEntry(homes[r], entry.size, entry.sums)
         for g in groups:
-            ranks = {
-                r: RankEntry(homes[r], rec.entry(r).size, rec.entry(r).sums)  # type: ignore[union-attr]
-                for r in sorted(homes)
-                if homes[r] in g
-            }
+            ranks = by_group.get(g, {})
             leader = membership.leader_of(g)
             if not ranks or leader is None:
                 continue

@@ -94,6 +94,10 @@ class Agent:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        from snapstore.control.handle import ProcessRef
+
+        # Recorded at once, so that a kill never reaches a process that reused the pid.
+        self.ref = ProcessRef.identify(self.proc.pid)
 
     def worker(self, timeout: float = 60.0) -> psutil.Process:
         """The agent's training process (once it runs)."""
@@ -121,8 +125,8 @@ class Agent:
     def stop(self) -> None:
         from snapstore.ops.cluster import kill_tree
 
-        if self.proc.poll() is None:
-            kill_tree([self.proc.pid])
+        if self.proc.poll() is None and self.ref is not None:
+            kill_tree([self.ref])
         self.proc.wait(10)
 
 

@@ -27,7 +27,6 @@ def test_torchrun_job_survives_a_trainer_crash_and_a_node_loss_bitwise(
     store: Any, reference: str, tmp_path: Path
 ) -> None:
     from snapstore.ops import faults
-    from snapstore.ops.cluster import kill_tree
 
     job = "tr-fail"
     out = tmp_path / "out.json"
@@ -48,7 +47,7 @@ def test_torchrun_job_survives_a_trainer_crash_and_a_node_loss_bitwise(
         # 2. A node loss: the store node dies with everything on it, its agent too.
         lost_at = latest(store, job)
         faults.kill_node(victim.node, store)
-        kill_tree([victim.proc.pid])
+        victim.stop()
         # 3. A replacement node joins the store, and its agent the job.
         new = faults.add_node(store)
         replacement = Agent(store, new, job, host.port, False, tmp_path / "new.log", out=out)
