@@ -105,11 +105,15 @@ function renderGrid(nodesResp, details) {
         roles.push(job + "@" + step + " stripe " + stripe.stripe + " " + mine.role + " " +
           stripe.status + " (can lose " + stripe.can_lose + ")");
       }
-      const cls = st === "alive" ? h : "down";
-      overall = worst(overall, st === "alive" ? h : "degraded");
-      const text = st === "alive" ? h : st;
+      // A suspect node is only silent: still read from, its data counted (as the
+      // store does); it is marked, not shown down.
+      const up = st === "alive" || st === "suspect";
+      const cls = up ? h : "down";
+      overall = worst(overall, up ? h : "degraded");
+      const text = st === "alive" ? h : st === "suspect" ? h + " (silent)" : st;
       return el("td", {
-        class: "cell " + cls, "data-node": node, "data-group": c.label, "data-status": cls,
+        class: "cell " + cls + (st === "suspect" ? " suspect" : ""), "data-node": node,
+        "data-group": c.label, "data-status": cls,
         title: roles.join("\n") || "no stripes with data yet",
       }, text);
     });
