@@ -108,8 +108,8 @@ def false_detections(
     for i, f in enumerate(faults):
         if not f.injected_at:
             continue
-        for node in nodes_of.get(i, []):
-            struck.setdefault(node, []).append((f.injected_at, f.kind))
+        for hit in nodes_of.get(i, []):
+            struck.setdefault(hit, []).append((f.injected_at, f.kind))
     deaths, suspicions = [], []
     for e in events:
         node = e.get("node")

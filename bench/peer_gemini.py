@@ -179,11 +179,15 @@ def _saves(args: argparse.Namespace, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     # Rank 0 waits for torchrun's SIGTERM: GEMINI's handler flushes and mirrors.
     gemini_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(gemini_handler):
+        raise RuntimeError(
+            f"GEMINI installed no SIGTERM handler to flush with (found {gemini_handler!r})"
+        )
 
     def timed(signum: int, frame: Any) -> None:
         t0 = time.perf_counter()
         try:
-            gemini_handler(signum, frame)  # type: ignore[operator]
+            gemini_handler(signum, frame)
         finally:
             with open(os.path.join(args.out, "flush-rank0.txt"), "w") as f:
                 f.write(str(time.perf_counter() - t0))

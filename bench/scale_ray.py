@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -321,7 +322,7 @@ class StandIn:
             full = rounds % FULL_BEAT_EVERY == 0
             rounds += 1
             for leader, g in list(self.groups.items()):
-                infos = ()
+                infos: tuple[NodeInfo, ...] = ()
                 if full or leader in self.changed:
                     infos = tuple(info_of(n) for n in g.config.group)
                 self._send("group_beat", GroupBeat(g.config.epoch, leader, infos, {}))
@@ -553,17 +554,23 @@ def measure_ray(
     import ray
 
     from snapstore.ops.cluster import kill_tree, start_head
+    from snapstore.private import create_private
 
-    rundir = tempfile.mkdtemp(prefix="ssb-scale-", dir="/tmp")
+    scratch = tempfile.mkdtemp(prefix="ssb-scale-", dir="/tmp")  # 0700
+    # Ray's directory inside it (Ray makes its own 0777); the token beside it, as
+    # every store's cluster has one.
+    rundir = os.path.join(scratch, "ray")
+    token_file = os.path.join(scratch, "ray.token")
     head = None
     t0 = time.monotonic()
     try:
-        gcs, head = start_head(rundir, 100 << 20, cpus=2, control=True)
+        create_private(token_file, secrets.token_hex(32).encode())
+        gcs, head = start_head(rundir, 100 << 20, cpus=2, control=True, ray_token_file=token_file)
         ray.init(address=gcs, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
         log(f"Ray cluster up in {time.monotonic() - t0:.1f} s")
         return [_one(n, shape, standins, idle, steps, rundir, log) for n in sizes]
     finally:
         ray.shutdown()
         if head is not None:
-            kill_tree(head.pids)
-        shutil.rmtree(rundir, ignore_errors=True)
+            kill_tree(head.procs)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -257,7 +257,7 @@ def test_delta_moves_few_bytes_and_parity_stays_right(store: Any, nodes: list[st
 
     torch.manual_seed(1)
     world = 3
-    states = [
+    states: list[dict[str, Any]] = [
         {f"t{i}": torch.randn(64 * 1024) for i in range(20)} | {"step": 0} for _ in range(world)
     ]
     clients = [_client(store, nodes[r], "delta", r, world) for r in range(world)]

@@ -357,6 +357,27 @@ def _slice(step: int, version: int) -> StepRecord:
     return StepRecord(JOB, step, version, 3, 1, 2, ranks, (group,), parity)
 
 
+class _Holding(_Recorder):
+    """A node's link whose snapshot reports the (committed, prepared) records it holds."""
+
+    def __init__(
+        self, fabric: ScriptedFabric, node: str, held: tuple[list[StepRecord], list[StepRecord]]
+    ) -> None:
+        super().__init__(fabric, node)
+        self.held = held
+
+    async def snapshot(self) -> NodeSnapshot:
+        committed, prepared = self.held
+        info = NodeInfo(self.node, "inc1", PeerInfo(self.node, "host", "/d", "127.0.0.1", 0))
+        config = NodeConfig(3, self.node, tuple(NODES), NODES[0], True, 3, 1, "isa_l_rs_vand")
+        return NodeSnapshot(
+            info,
+            config,
+            tuple(r.to_bytes() for r in committed),
+            tuple(r.to_bytes() for r in prepared),
+        )
+
+
 def _recover(held: dict[str, tuple[list[StepRecord], list[StepRecord]]]) -> tuple[Any, Any]:
     """A restarted coordinator recovering from nodes holding (committed, prepared) records:
     the job's recovered record and the decisions it sent."""
@@ -365,23 +386,7 @@ def _recover(held: dict[str, tuple[list[StepRecord], list[StepRecord]]]) -> tupl
 
     class Fabric(ScriptedFabric):
         def node(self, node: str) -> Any:
-            rec = _Recorder(self, node)
-            if node not in held:
-                return rec
-
-            async def snapshot() -> NodeSnapshot:
-                committed, prepared = held[node]
-                info = NodeInfo(node, "inc1", PeerInfo(node, "host", "/d", "127.0.0.1", 0))
-                config = NodeConfig(3, node, tuple(NODES), NODES[0], True, 3, 1, "isa_l_rs_vand")
-                return NodeSnapshot(
-                    info,
-                    config,
-                    tuple(r.to_bytes() for r in committed),
-                    tuple(r.to_bytes() for r in prepared),
-                )
-
-            rec.snapshot = snapshot  # type: ignore[method-assign]
-            return rec
+            return _Holding(self, node, held[node]) if node in held else _Recorder(self, node)
 
     async def main() -> None:
         fabric = Fabric()

@@ -4,6 +4,7 @@ for real in this one process (``no_dist=True``)."""
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from typing import Any
 
@@ -246,13 +247,18 @@ def test_a_step_not_saved_through_the_writer_is_refused_clearly() -> None:
     assert isinstance(err, SnapshotNotFoundError) and "no DCP metadata" in str(err)
 
 
+def _failed(err: BaseException) -> tuple[BaseException, traceback.StackSummary]:
+    """A rank's failure as DCP records it: the exception and its (here empty) traceback."""
+    return err, traceback.StackSummary()
+
+
 def test_snapstore_error_finds_the_lowest_ranks_snapstore_error() -> None:
     refused = RestoreRequiredError("restore first")
     exc = CheckpointException(
         "write",
-        {2: (SaveFailedError("lost"), None), 1: (refused, None), 0: (ValueError("x"), None)},
+        {2: _failed(SaveFailedError("lost")), 1: _failed(refused), 0: _failed(ValueError("x"))},
     )
     assert snapstore_error(exc) is refused
-    assert snapstore_error(CheckpointException("write", {0: (ValueError("x"), None)})) is None
+    assert snapstore_error(CheckpointException("write", {0: _failed(ValueError("x"))})) is None
     assert snapstore_error(refused) is refused
     assert snapstore_error(KeyError("k")) is None

@@ -31,7 +31,7 @@ def test_copy_many_copies_every_byte_exactly_once_in_place(threads: int) -> None
 
 
 def test_unpack_into_strided_and_odd_targets() -> None:
-    state = {
+    state: dict[str, torch.Tensor | np.ndarray] = {
         "bf16_t": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4).t(),
         "f8": torch.arange(6, dtype=torch.float32).to(torch.float8_e4m3fn),
         "c": torch.arange(4.0).to(torch.complex128) * (1 + 2j),
@@ -39,7 +39,7 @@ def test_unpack_into_strided_and_odd_targets() -> None:
         "x": torch.arange(8.0),
     }
     packed = pack(state)
-    live = {
+    live: dict[str, Any] = {
         "bf16_t": torch.zeros(3, 4, dtype=torch.bfloat16).t(),  # non-contiguous target
         "f8": torch.zeros(6, dtype=torch.float8_e4m3fn),
         "c": torch.zeros(8, dtype=torch.complex128)[::2],

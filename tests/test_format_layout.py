@@ -323,5 +323,5 @@ def test_manifests_and_data_are_read_from_any_buffer(kind: str) -> None:
         "ndarray": np.frombuffer(packed.manifest, dtype=np.uint8),
         "bytearray": bytearray(packed.manifest),
     }[kind]
-    data = memoryview(np.asarray(packed.data))
+    data = np.asarray(packed.data).data  # a memoryview of the array
     assert_same(state, unpack(manifest, data))

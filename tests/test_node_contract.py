@@ -90,7 +90,7 @@ def _save(node: Impl, step: int, rank: int = 0, abandoned: tuple[int, ...] = ())
     lease = node.store.lease(JOB, rank, SIZE, abandoned)
     assert lease.capacity >= SIZE
     node.write(lease, step)
-    return node.store.stage(JOB, rank, step, SIZE, None, None)  # type: ignore[no-any-return]
+    return node.store.stage(JOB, rank, step, SIZE, None, None)
 
 
 def _record(step: int, staged: dict[int, RankStaged], version: int = 0) -> StepRecord:

@@ -253,6 +253,7 @@ def test_sigterm_persists_the_last_committed_step_then_dies(
     try:
         assert ready.wait(240), "the rank did not get ready"
         assert _steps(pdir, "sj") == []
+        assert proc.pid is not None  # started above
         os.kill(proc.pid, 15)
         proc.join(60)
         # It died of the signal as before: through Ray's driver handler (sys.exit(15)),

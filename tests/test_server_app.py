@@ -422,10 +422,11 @@ def test_unknown_extra_fields_do_not_break_the_view() -> None:
 # -- metrics ----------------------------------------------------------------------------
 
 
-def _metrics(client: TestClient) -> dict[str, Any]:
+def _metrics(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Each sample's value by (name, sorted labels)."""
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    out: dict[str, Any] = {}
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for fam in text_string_to_metric_families(r.text):
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value

@@ -25,16 +25,12 @@ NODE = "n" * 56
 SIZE = 4096
 
 
-def _never(job: str, rank: int, step: int) -> None:
-    pass
-
-
 def _record(step: int) -> StepRecord:
     return StepRecord(JOB, step, 0, 1, 1, 1, {0: RankEntry(NODE, SIZE, (0,))}, (), ())
 
 
 def _save(table: SlotTable, step: int) -> None:
-    lease = table.lease(JOB, 0, SIZE, _never)
+    lease = table.lease(JOB, 0, SIZE)
     assert lease["capacity"] >= SIZE
     table.stage(JOB, 0, step, SIZE)
     rec = _record(step)
@@ -70,7 +66,7 @@ def test_a_held_slot_is_never_leased_and_the_next_slot_fits_beside_it(table: Slo
     assert seg is not None
     before = seg.array.copy()
     for step in (2, 3, 4):
-        lease = table.lease(JOB, 0, SIZE, _never)
+        lease = table.lease(JOB, 0, SIZE)
         assert lease["path"] != seg.path
         with open(lease["path"], "r+b") as f:
             f.write(b"\xab" * SIZE)
@@ -100,7 +96,7 @@ def test_a_lease_short_of_memory_waits_for_the_release_and_marks_it_wanted(
     t = threading.Thread(target=flush_finishes)
     t.start()
     t0 = time.monotonic()
-    lease = table.lease(JOB, 0, SIZE, _never, hold_wait=10)
+    lease = table.lease(JOB, 0, SIZE, hold_wait=10)
     t.join()
     assert seen == [True] and lease["capacity"] >= SIZE
     assert time.monotonic() - t0 < 5
@@ -114,10 +110,10 @@ def test_a_lease_waits_only_bounded_then_names_the_budget(tmp_path: Any) -> None
     _save(table, 2)
     t0 = time.monotonic()
     with pytest.raises(MemoryBudgetError, match="budget"):
-        table.lease(JOB, 0, SIZE, _never, hold_wait=0.3)
+        table.lease(JOB, 0, SIZE, hold_wait=0.3)
     assert 0.25 <= time.monotonic() - t0 < 3
     with pytest.raises(MemoryBudgetError):
-        table.lease(JOB, 0, SIZE, _never)  # no wait asked: at once, as before holds existed
+        table.lease(JOB, 0, SIZE)  # no wait asked: at once, as before holds existed
 
 
 def test_an_expired_hold_lets_go(table: SlotTable) -> None:

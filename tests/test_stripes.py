@@ -35,7 +35,7 @@ from snapstore.control.placement import (
 )
 from snapstore.errors import UnrecoverableError
 from snapstore.format.record import RankEntry, StepRecord, piece_bounds
-from snapstore.format.work import WorkKind, WorkOrder, WorkResult
+from snapstore.format.work import Source, WorkKind, WorkOrder, WorkResult
 from snapstore.node.segments import Segment, data_name, parity_name
 from snapstore.node.stripes import run_order
 from snapstore.node.transport import (
@@ -116,9 +116,7 @@ class FakeStore:
         finally:
             seg.unlink()
 
-    def rank_order(
-        self, rank: int, alive: set[str], pieces: list[int] | None = None
-    ) -> dict[str, Any]:
+    def rank_order(self, rank: int, alive: set[str], pieces: list[int] | None = None) -> WorkOrder:
         # Never the home itself: its original file is what the result is compared with.
         target = min(n for n in alive if n != self.record.ranks[rank].node)
         order = rank_rebuild_orders(
@@ -436,15 +434,13 @@ def test_corrupt_piece_is_repaired_from_the_other_members(store: FakeStore) -> N
             assert result.bad_sources == ()
 
 
-def _checked_sources(order: dict[str, Any]) -> list[dict[str, Any]]:
+def _checked_sources(order: WorkOrder) -> list[Source]:
     """Sources of the order's one output whose bytes are verified before use, in order."""
     (out,) = order.outputs
     return [s for s in out.sources if s.checks]
 
 
-def _flip_sources(
-    store: FakeStore, sources: list[dict[str, Any]]
-) -> contextlib.AbstractContextManager[None]:
+def _flip_sources(store: FakeStore, sources: list[Source]) -> contextlib.ExitStack[bool | None]:
     stack = contextlib.ExitStack()
     for s in sources:
         name, off, ln = s.checks[0].name, s.checks[0].offset, s.checks[0].length
@@ -649,7 +645,8 @@ def tcp_store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FakeStore]:
     """Shared by the TCP tests (servers are slow to stop); each test leaves it as found."""
-    s = build(tmp_path_factory.mktemp("tcp"), *request.param, tcp=True)
+    k, m, n_nodes = request.param
+    s = build(tmp_path_factory.mktemp("tcp"), k, m, n_nodes, tcp=True)
     yield s
     s.close()
 

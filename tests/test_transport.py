@@ -207,7 +207,9 @@ def _raw_request(port: int, body: bytes, token: str = TOKEN) -> dict[str, object
     """Send one request sealed with ``token``'s key as protocol 3 does; return the opened
     reply header, ``{"refused": True}`` for a refusal, or None if the server hung up."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        hello = msgpack.unpackb(_frame(s), raw=False)
+        frame = _frame(s)
+        assert frame is not None, "the server hung up before its hello"
+        hello = msgpack.unpackb(frame, raw=False)
         client_salt = os.urandom(wire.SALT)
         k_req, k_rep = wire.keys(token, hello["salt"], client_salt)
         record = wire.Sealer(k_req).seal(body)

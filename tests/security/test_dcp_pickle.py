@@ -107,7 +107,7 @@ def test_a_crafted_byte_item_runs_no_code_on_load(tmp_path: Any) -> None:
 
 def test_values_round_trip_without_pickle_at_rest() -> None:
     store = StoreStandIn()
-    saved = {
+    saved: dict[str, Any] = {
         "w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
         "step": 7,
         "cfg": {"lr": 0.1, "betas": (0.9, 0.99), "name": "adamw", "rng": torch.arange(5)},

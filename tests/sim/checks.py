@@ -208,8 +208,8 @@ class Checker:
             for key in [k for k in table if k[0] == job and k[2] > step]:
                 del table[key]
         self.max_told[job] = min(self.max_told[job], step)
-        for key in [k for k in self.first_saved if k[0] == job and k[1] > step]:
-            del self.first_saved[key]
+        for saved in [k for k in self.first_saved if k[0] == job and k[1] > step]:
+            del self.first_saved[saved]
 
     def _failed_stays_failed(self, name: str, attempts: Iterable[Attempt]) -> None:
         """An attempt the coordinator failed never opens or commits again (it is watched
@@ -282,9 +282,9 @@ class Checker:
             where = job.relocated.get(r)
             if where is not None and where in holding:
                 continue
-            piece = rec.slice_of(r)
-            assert piece is not None
-            if not rank_restorable(piece, r, holding):
+            held = rec.slice_of(r)
+            assert held is not None
+            if not rank_restorable(held, r, holding):
                 self.fail(
                     "b",
                     f"job {name} step {rec.step} v{rec.version}: rank {r} cannot be restored "
