@@ -1,9 +1,11 @@
 """Smoke tests of the store benchmarks: each runs with --quick, for real, and prints its tables.
 
 Every benchmark starts (and stops) its own embedded store, so they run as
-subprocesses, one after another (four stores of five raylets at once would
-crowd a 2-core machine until raylets miss Ray's registration deadline; in
-turn they take about 20-45 s each). The tests check that each finished,
+subprocesses, one after another, each when a test first asks for it (four
+stores of five raylets at once would crowd a 2-core machine until raylets
+miss Ray's registration deadline; in turn they take about 20-140 s each).
+Only bench.scale (no store, seconds) runs by default; the rest are the slow
+tier, ``scripts/test.sh --all``. The tests check that each finished,
 printed its tables, wrote its JSON, and left no store behind; the numbers
 themselves are for docs/performance-store.md, not for asserts.
 """
@@ -47,6 +49,9 @@ BENCHES = {
         "| final state bitwise equal to the reference | yes |",
     ],
 }
+IN_CI = {"scale"}
+"""Run by default; the others are in the slow tier (``scripts/test.sh --all``): each
+starts its own store and they take about 8 minutes together on 2 cores."""
 STORELESS = {"scale"}
 """Benchmarks that start no store (bench.scale --quick simulates its nodes)."""
 TIMEOUT = 240.0
@@ -62,26 +67,34 @@ def _scratch_glob() -> str:
     return os.path.join(disk_dir(), "bench-persist-*")
 
 
-@pytest.fixture(scope="module")
-def runs(
-    reference_cache: str, request: pytest.FixtureRequest
-) -> Iterator[dict[str, dict[str, Any]]]:
-    """Run every benchmark with --quick, one at a time; collect output, exit code, JSON."""
-    from snapstore.bench.reference import CACHE_ENV
+class Runs:
+    """Each benchmark's --quick run, started the first time a test asks for it (so that a
+    selection runs only the benchmarks it needs), one at a time."""
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    before = set(glob.glob("/tmp/ssb-*"))
-    scratch_before = set(glob.glob(_scratch_glob()))
-    out_dir = tempfile.mkdtemp(prefix="bench-quick-")
-    # bench.chaos shares its fault-free reference with test_demo (the same training).
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{CACHE_ENV: reference_cache})
-    results: dict[str, dict[str, Any]] = {}
-    for name in BENCHES:
-        path = os.path.join(out_dir, f"{name}.json")
+    def __init__(self, reference_cache: str, out_dir: str) -> None:
+        from snapstore.bench.reference import CACHE_ENV
+
+        self.root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.out_dir = out_dir
+        # bench.chaos shares its fault-free reference with test_demo (the same training).
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **{CACHE_ENV: reference_cache})
+        self.dirs_before = set(glob.glob("/tmp/ssb-*"))
+        self.scratch_before = set(glob.glob(_scratch_glob()))
+        self.done: dict[str, dict[str, Any]] = {}
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in self.done:
+            self.done[name] = self._run(name)
+        return self.done[name]
+
+    def _run(self, name: str) -> dict[str, Any]:
+        path = os.path.join(self.out_dir, f"{name}.json")
         cmd = [sys.executable, "-m", f"bench.{name}", "--quick", "--json", path]
         started = time.monotonic()
-        with open(os.path.join(out_dir, f"{name}.log"), "w+") as log:
-            proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(os.path.join(self.out_dir, f"{name}.log"), "w+") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
             try:
                 rc = proc.wait(timeout=TIMEOUTS.get(name, TIMEOUT))
             except subprocess.TimeoutExpired:
@@ -97,26 +110,27 @@ def runs(
         if os.path.exists(path):
             with open(path) as f:
                 data = json.load(f)
-        results[name] = {
-            "rc": rc,
-            "output": output,
-            "json": data,
-            "seconds": time.monotonic() - started,
-        }
-    results["_dirs_before"] = {"dirs": before, "scratch": scratch_before}
-    # What each benchmark costs the suite, on the terminal (CI time is budgeted).
+        return {"rc": rc, "output": output, "json": data, "seconds": time.monotonic() - started}
+
+
+@pytest.fixture(scope="module")
+def runs(reference_cache: str, request: pytest.FixtureRequest) -> Iterator[Runs]:
+    out_dir = tempfile.mkdtemp(prefix="bench-quick-")
+    runs = Runs(reference_cache, out_dir)
+    yield runs
+    # What each benchmark cost the suite, on the terminal (CI time is budgeted).
     plugins = request.config.pluginmanager
-    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        took = ", ".join(f"{n} {results[n]['seconds']:.0f} s" for n in BENCHES)
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\nbench --quick runs: {took}")
-    yield results
+    reporter = plugins.get_plugin("terminalreporter")
+    if reporter is not None and runs.done:
+        took = ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in runs.done.items())
+        reporter.write_line(f"\nbench --quick runs: {took}")
     shutil.rmtree(out_dir, ignore_errors=True)
 
 
-@pytest.mark.parametrize("name", list(BENCHES))
-def test_quick_run_completes_and_prints_tables(runs: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize(
+    "name", [n if n in IN_CI else pytest.param(n, marks=pytest.mark.slow) for n in BENCHES]
+)
+def test_quick_run_completes_and_prints_tables(runs: Runs, name: str) -> None:
     r = runs[name]
     assert r["rc"] == 0, f"bench.{name} exited {r['rc']}:\n{r['output'][-4000:]}"
     for text in BENCHES[name]:
@@ -126,8 +140,9 @@ def test_quick_run_completes_and_prints_tables(runs: dict[str, Any], name: str) 
     assert r["json"]["info"]["bench"] in (f"bench.{name}", f"snapstore.bench.{name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("system", PEERS)
-def test_peers_measures_each_system(runs: dict[str, Any], system: str) -> None:
+def test_peers_measures_each_system(runs: Runs, system: str) -> None:
     """Every system of bench.peers ran its saves and both restores, bitwise right; a peer
     whose environment could not be built (no registry reachable) is skipped, saying so."""
     data = runs["peers"]["json"]
@@ -143,7 +158,7 @@ def test_peers_measures_each_system(runs: dict[str, Any], system: str) -> None:
     assert res["corruption"]["outcome"], res["corruption"]
 
 
-def test_scale_saves_and_reprotects(runs: dict[str, Any]) -> None:
+def test_scale_saves_and_reprotects(runs: Runs) -> None:
     """bench.scale's simulated stores commit every measured step (with and without the
     coordinator's CPU charged), their commits take a bounded number of message delays,
     and the 16-node store is protected again after each loss."""
@@ -160,15 +175,18 @@ def test_scale_saves_and_reprotects(runs: dict[str, Any]) -> None:
     assert [loss["ok"] for loss in sizes[4]["losses"]] == [False, False]
 
 
-def test_no_store_left_behind(runs: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_no_store_left_behind(runs: Runs) -> None:
     """Each benchmark stops its store: its runtime dir is gone and none of its processes run."""
     import psutil
 
-    before = runs["_dirs_before"]["dirs"]
+    for name in BENCHES:
+        runs[name]  # every benchmark has run (a selection may have skipped some)
+    before = runs.dirs_before
     assert all("store up in" in runs[name]["output"] for name in BENCHES if name not in STORELESS)
     new_dirs = set(glob.glob("/tmp/ssb-*")) - before
     assert not new_dirs, f"benchmark runtime dirs left behind: {sorted(new_dirs)}"
-    scratch = set(glob.glob(_scratch_glob())) - runs["_dirs_before"]["scratch"]
+    scratch = set(glob.glob(_scratch_glob())) - runs.scratch_before
     assert not scratch, f"snapstore.bench.persist left its files behind: {sorted(scratch)}"
     leftovers = []
     for p in psutil.process_iter(["pid", "cmdline"]):
