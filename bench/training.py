@@ -412,6 +412,10 @@ class GPTRank:
             dist.destroy_process_group()
 
 
+REGROUP_ATTEMPTS = 3
+"""Tries at forming the new process group after a failure (see ``_recover``)."""
+
+
 def _start_rank(rank: int, node: str, world: int, rendezvous: str, spec: RankSpec) -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -590,11 +594,24 @@ def _recover(
         for f in victims:
             placement[f] = faults.add_node(store)  # replacement nodes join the store
         failure.replacement = placement[failure.rank]
-    rdv = _rendezvous(spec)
-    joins = [r.join.remote(rdv) for i, r in enumerate(ranks) if i not in replaced]
-    for f in replaced:
-        ranks[f] = _start_rank(f, placement[f], len(ranks), rdv, spec)
-    ray.get([*joins, *(ranks[f].pid.remote() for f in replaced)], timeout=300)
+    for attempt in range(1, REGROUP_ATTEMPTS + 1):
+        rdv = _rendezvous(spec)
+        joins = [r.join.remote(rdv) for i, r in enumerate(ranks) if i not in replaced]
+        for f in replaced:
+            ranks[f] = _start_rank(f, placement[f], len(ranks), rdv, spec)
+        try:
+            ray.get([*joins, *(ranks[f].pid.remote() for f in replaced)], timeout=300)
+            break
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            # A member missed the group's rendezvous deadline (a replacement process
+            # slow to start on a loaded machine): every member gave up on that group,
+            # so form a new one; the survivors stay, the replacements start again.
+            if attempt == REGROUP_ATTEMPTS:
+                raise
+            failure.note = (failure.note + "; " if failure.note else "") + (
+                f"regrouped again after {type(e).__name__}"
+            )
+            _stop([ranks[f] for f in replaced])
     failure.restart_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     restored = ray.get([r.restore.remote() for r in ranks], timeout=300)

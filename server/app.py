@@ -25,6 +25,7 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry, generate_latest
 
 from snapstore.config import JOB_NAME_RE
+from snapstore.control.events import EVENT_KINDS
 from snapstore.server.auth import HostCheck, check_bearer
 from snapstore.server.metrics import CONTENT_TYPE, SnapshotCollector
 from snapstore.server.models import (
@@ -60,7 +61,10 @@ _STEP_PATTERN = r"^(latest|[0-9]{1,18})$"
 # Job names as the store accepts them (snapstore.config.check_job_name): any
 # other name is malformed (422), not merely unknown (404).
 _JOB_PATTERN = f"^{JOB_NAME_RE.pattern}$"
-_KIND_PATTERN = r"^[a-z][a-z0-9_]*(,[a-z][a-z0-9_]*)*$"
+# Event kinds the store logs, one or several separated by commas: an unknown kind
+# (a typo) is a 422 naming the pattern, not a quietly empty list.
+_KIND = "|".join(sorted(EVENT_KINDS, key=len, reverse=True))
+_KIND_PATTERN = f"^({_KIND})(,({_KIND}))*$"
 _NODE_PATTERN = r"^[0-9a-f]{1,64}$"
 
 
@@ -256,7 +260,7 @@ def create_app(
             int, Query(ge=1, le=EVENTS_KEPT, description="newest events to return")
         ] = 100,
         kind: Annotated[
-            list[Annotated[str, Query(pattern=_KIND_PATTERN, max_length=200)]] | None,
+            list[Annotated[str, Query(pattern=_KIND_PATTERN, max_length=1000)]] | None,
             Query(description="only these kinds (repeat, or separate by commas)"),
         ] = None,
         since: Annotated[

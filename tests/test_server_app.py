@@ -317,7 +317,10 @@ def test_events_and_filters(client: TestClient) -> None:
     since = client.get(f"/v1/events?since={commits[0]['seq']}").json()["events"]
     assert all(e["seq"] > commits[0]["seq"] for e in since)
     assert {e["job"] for e in client.get(f"/v1/events?job={JOB}").json()["events"]} == {JOB}
-    assert client.get("/v1/events?kind=nothing").json()["events"] == []
+    # A kind the store never logs (a typo) is malformed, not an empty result.
+    typo = client.get("/v1/events?kind=comit")
+    assert typo.status_code == 422 and "kind" in typo.text, typo.text
+    assert client.get("/v1/events?kind=save_failed").json()["events"] == []
 
 
 def test_node_down_degrades_stripes_and_restore_reads_from_survivors() -> None:

@@ -11,11 +11,44 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
-__all__ = ["EventLog", "Metrics"]
+__all__ = ["EVENT_KINDS", "EventKind", "EventLog", "Metrics"]
 
 logger = logging.getLogger(__name__)
+
+EventKind = Literal[
+    "commit",
+    "coordinator_recovered",
+    "elastic",
+    "error",
+    "fallback",
+    "groups",
+    "incarnation",
+    "job_dropped",
+    "memory_dropped",
+    "node_back",
+    "node_dead",
+    "node_joined",
+    "node_lost",
+    "node_silent",
+    "persist_failed",
+    "persisted",
+    "persisted_corrupt",
+    "readopted",
+    "rebuild",
+    "repaired",
+    "reprotected",
+    "restore",
+    "restored",
+    "save_failed",
+    "smp_deployed",
+    "smp_restarted",
+    "unprotected",
+    "unrecoverable",
+]
+"""Every kind of event the store logs (the REST API's ``kind`` filter accepts these)."""
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 _WARN = frozenset(
     {"error", "save_failed", "node_dead", "node_lost", "unrecoverable", "persist_failed"}
@@ -83,7 +116,7 @@ class EventLog:
         self._wall = wall
         self.metrics = Metrics()
 
-    def add(self, kind: str, message: str, **fields: Any) -> dict[str, Any]:
+    def add(self, kind: EventKind, message: str, **fields: Any) -> dict[str, Any]:
         self._seq += 1
         ev = {"seq": self._seq, "time": self._wall(), "kind": kind, "message": message}
         ev.update({k: v for k, v in fields.items() if v is not None})

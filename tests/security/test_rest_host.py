@@ -14,6 +14,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from snapstore.server.app import create_app
 from snapstore.server.auth import allowed_hosts, host_of
@@ -90,5 +91,13 @@ schema = schemathesis.openapi.from_asgi(
 @schema.parametrize()
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 def test_schema_conformance_behind_the_host_check_and_token(case: Any) -> None:
-    """No 500s, documented statuses and bodies, with the headers a real client sends."""
-    case.call_and_validate(headers={"Host": "127.0.0.1:8470", "Authorization": f"Bearer {_TOKEN}"})
+    """No 500s, documented statuses and bodies, with the headers a real client sends.
+
+    Negative cases are not judged here: the real Host and token sent over them undo a
+    case's missing or malformed header, so schemathesis would count an accepted request it
+    believes had no token. test_server_app's conformance test judges them, unmodified.
+    """
+    case.call_and_validate(
+        headers={"Host": "127.0.0.1:8470", "Authorization": f"Bearer {_TOKEN}"},
+        excluded_checks=[negative_data_rejection],
+    )
