@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: set up if needed, then lint, format check, type check and
 # pytest. Extra arguments go to pytest. `--all` (first argument) adds the slow
-# tier (benchmark smoke runs, the failure matrix: about 12 more minutes on 2
+# tier (benchmark smoke runs, the failure matrix: about 7 more minutes on 2
 # cores), which CI leaves out to stay near 13 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -51,7 +51,7 @@ BENCHES = {
 }
 IN_CI = {"scale"}
 """Run by default; the others are in the slow tier (``scripts/test.sh --all``): each
-starts its own store and they take about 8 minutes together on 2 cores."""
+starts its own store and they take 5-8 minutes together on 2 cores."""
 STORELESS = {"scale"}
 """Benchmarks that start no store (bench.scale --quick simulates its nodes)."""
 TIMEOUT = 240.0
@@ -120,10 +120,11 @@ def runs(reference_cache: str, request: pytest.FixtureRequest) -> Iterator[Runs]
     yield runs
     # What each benchmark cost the suite, on the terminal (CI time is budgeted).
     plugins = request.config.pluginmanager
-    reporter = plugins.get_plugin("terminalreporter")
-    if reporter is not None and runs.done:
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and runs.done:
         took = ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in runs.done.items())
-        reporter.write_line(f"\nbench --quick runs: {took}")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nbench --quick runs: {took}")
     shutil.rmtree(out_dir, ignore_errors=True)
 
 
