@@ -174,7 +174,7 @@ class GPTRank:
             init_method=rendezvous,
             rank=self.rank,
             world_size=self.world,
-            timeout=timedelta(seconds=60),
+            timeout=timedelta(seconds=JOIN_TIMEOUT),
         )
         # dcp.async_save runs collectives from its own thread while training
         # all-reduces: on one gloo group their messages would interleave.
@@ -414,6 +414,8 @@ class GPTRank:
 
 REGROUP_ATTEMPTS = 3
 """Tries at forming the new process group after a failure (see ``_recover``)."""
+JOIN_TIMEOUT = 60
+"""Seconds a rank waits for the others at a group's rendezvous (and in each collective)."""
 
 
 def _start_rank(rank: int, node: str, world: int, rendezvous: str, spec: RankSpec) -> Any:
@@ -596,18 +598,29 @@ def _recover(
         failure.replacement = placement[failure.rank]
     for attempt in range(1, REGROUP_ATTEMPTS + 1):
         rdv = _rendezvous(spec)
-        joins = [r.join.remote(rdv) for i, r in enumerate(ranks) if i not in replaced]
+        joins = {i: r.join.remote(rdv) for i, r in enumerate(ranks) if i not in replaced}
         for f in replaced:
             ranks[f] = _start_rank(f, placement[f], len(ranks), rdv, spec)
         try:
-            ray.get([*joins, *(ranks[f].pid.remote() for f in replaced)], timeout=300)
+            ray.get([*joins.values(), *(ranks[f].pid.remote() for f in replaced)], timeout=300)
             break
         except (ray.exceptions.RayError, TimeoutError) as e:
             # A member missed the group's rendezvous deadline (a replacement process
-            # slow to start on a loaded machine): every member gave up on that group,
-            # so form a new one; the survivors stay, the replacements start again.
+            # slow to start on a loaded machine) or died: form a new group. Survivors
+            # whose join has ended (failed with the rest) stay; one still inside the old
+            # rendezvous, or dead, is replaced too, so that no process ever runs two joins.
             if attempt == REGROUP_ATTEMPTS:
                 raise
+            ray.wait(list(joins.values()), num_returns=len(joins), timeout=JOIN_TIMEOUT + 30)
+            for i, ref in joins.items():
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError:
+                    replaced.append(i)  # the survivor died
+                except ray.exceptions.GetTimeoutError:
+                    replaced.append(i)  # still joining: not safe to join again
+                except ray.exceptions.RayError:
+                    pass  # its join failed like everyone's: it can join the next group
             failure.note = (failure.note + "; " if failure.note else "") + (
                 f"regrouped again after {type(e).__name__}"
             )
@@ -648,7 +661,10 @@ def _watch(
                 errors.append(e)
         if errors:
             if injected is None:
-                raise RuntimeError(f"a rank failed with no failure injected: {errors[0]}")
+                raise RuntimeError(
+                    f"a rank failed with no failure injected: {errors[0]}\n"
+                    + _post_mortem(ranks, store)
+                )
             injected.detect_seconds = time.perf_counter() - injected.injected_perf
             return injected
         if len(done) == len(refs) and injected is None:
@@ -736,6 +752,25 @@ def _wait_stall_over(
 
 _DETECTED = ("node_dead", "node_silent", "smp_restarted")
 """Events by which the store first notices a failure."""
+
+
+def _post_mortem(ranks: list[Any], store: Any) -> str:
+    """Where each rank was and what the store last logged: for a failure nobody injected."""
+    import ray
+
+    lines = []
+    for i, r in enumerate(ranks):
+        try:
+            lines.append(f"rank {i}: step {ray.get(r.progress.remote(), timeout=5)}")
+        except Exception as e:
+            lines.append(f"rank {i}: no answer ({type(e).__name__})")
+    try:
+        status = store.status(events=40)
+        lines += [f"job {j.get('job')}: {j}" for j in status.get("jobs", [])]
+        lines += [f"event {e['kind']}: {e['message']}" for e in status["events"]]
+    except Exception as e:
+        lines.append(f"store status unavailable: {type(e).__name__}: {e}")
+    return "\n".join(lines)
 
 
 def _collect_store_view(store: Any, job: str, f: Failure) -> None:

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.cluster
 
 
-@pytest.mark.slow  # bench.chaos --quick and the demo recover through the same path, bitwise
+@pytest.mark.slow  # the demo recovers through the same bench.training path, bitwise
 def test_failure_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -459,7 +459,10 @@ class Recovery:
         for r in sorted(homes):
             g = group_of.get(homes[r])
             entry = rec.entry(r)
-            if g is not None and entry is not None:
+            if entry is None:  # homes are the record's own ranks: a bug if reached
+                logger.error("re-protect of %s: rank %d has no record entry", att.life.name, r)
+                return
+            if g is not None:
                 by_group.setdefault(g, {})[r] = RankEntry(homes[r], entry.size, entry.sums)
         for g in groups:
             ranks = by_group.get(g, {})
