@@ -70,3 +70,15 @@ def test_seed_502557_a_late_abort_from_a_replaced_coordinator() -> None:
     the bug is fixed: drop the mark and keep the seed as its regression."""
     r = _sim("--seed", "502557", "--schedules", "1", timeout=300)
     assert r.stdout.strip().splitlines()[-1] == "1 schedules, 0 violations", r.stdout[-4000:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open bug: on 3 nodes (k=2, m=1), a coordinator restart, a stalled SMP and a node "
+    "replaced leave step 3 v4 with rank 0 on n03 alone, not restorable (invariant b)",
+)
+def test_seed_902457_a_reprotected_step_stays_restorable() -> None:
+    """Found by a fresh seed range (``--seed 900000 --schedules 3000``); when this passes,
+    the bug is fixed: drop the mark and keep the seed as its regression."""
+    r = _sim("--seed", "902457", "--schedules", "1", timeout=300)
+    assert r.stdout.strip().splitlines()[-1] == "1 schedules, 0 violations", r.stdout[-4000:]
