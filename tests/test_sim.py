@@ -59,26 +59,21 @@ def test_a_failing_seed_replays_exactly() -> None:
     assert any("VIOLATION" in x for x in trace)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: a stalled leader relays the old coordinator's abort after a restarted "
-    "coordinator committed the step every node kept prepared (the mirror of seed 442); needs "
-    "members to refuse a replaced coordinator's decisions once they answered the new one",
-)
-def test_seed_502557_a_late_abort_from_a_replaced_coordinator() -> None:
-    """Found by a fresh seed range (``--seed 500000 --schedules 3000``); when this passes,
-    the bug is fixed: drop the mark and keep the seed as its regression."""
-    r = _sim("--seed", "502557", "--schedules", "1", timeout=300)
-    assert r.stdout.strip().splitlines()[-1] == "1 schedules, 0 violations", r.stdout[-4000:]
+REGRESSIONS = {
+    # Found by --seed 500000 --schedules 3000: a leader stalled across a coordinator restart
+    # relayed the old coordinator's abort after the new one had committed the step every node
+    # kept prepared (the mirror of seed 442). Nodes that answered the new coordinator's
+    # recovery now refuse the replaced one's decisions.
+    "502557": "a late abort from a replaced coordinator",
+    # Found by --seed 900000 --schedules 3000: a dead trainer's wait was answered after its
+    # restarted successor staged the same step; the lease that answer carried gave up the
+    # successor's slot, and step 3 committed with rank 0's bytes gone. A rank's leases and
+    # stagings now take turns.
+    "902457": "a replaced trainer's lease takes its successor's slot",
+}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: on 3 nodes (k=2, m=1), a coordinator restart, a stalled SMP and a node "
-    "replaced leave step 3 v4 with rank 0 on n03 alone, not restorable (invariant b)",
-)
-def test_seed_902457_a_reprotected_step_stays_restorable() -> None:
-    """Found by a fresh seed range (``--seed 900000 --schedules 3000``); when this passes,
-    the bug is fixed: drop the mark and keep the seed as its regression."""
-    r = _sim("--seed", "902457", "--schedules", "1", timeout=300)
+@pytest.mark.parametrize("seed", sorted(REGRESSIONS), ids=lambda s: f"{s}-{REGRESSIONS[s]}")
+def test_seeds_that_once_failed_pass(seed: str) -> None:
+    r = _sim("--seed", seed, "--schedules", "1", timeout=300)
     assert r.stdout.strip().splitlines()[-1] == "1 schedules, 0 violations", r.stdout[-4000:]

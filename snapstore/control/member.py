@@ -129,6 +129,8 @@ class Member:
         self._waiters: dict[tuple[str, int], list[_Waiter]] = {}
         self._decided: dict[str, _Decided] = {}
         self._order: dict[str, asyncio.Lock] = {}  # job -> decisions applied one at a time
+        self._turns: dict[tuple[str, int], asyncio.Lock] = {}  # (job, rank): lease, stage
+        self._fence = -1  # decisions of this epoch or older are refused (see snapshot)
         self._inflight: set[tuple[str, int]] = set()
         self._dirty: set[tuple[str, int]] = set()
         self._last_beat_ok = 0.0
@@ -174,21 +176,30 @@ class Member:
 
     async def lease(self, job: str, rank: int, nbytes: int) -> Lease:
         """A slot for ``rank``'s next step; slots of undecided steps are given up only once
-        the coordinator has ended those steps."""
-        abandoned: list[int] = []
-        for step in self.store.abandon_candidates(job, rank):
-            if self._known(job, step, rank) is not None:
-                abandoned.append(step)
-                continue
-            entry = self._staged.get((job, step), {}).get(rank)
-            session = entry.session if entry is not None else ""
-            reply = await asyncio.wait_for(
-                self.fabric.coordinator().abandon(job, rank, step, session), RPC_TIMEOUT
-            )
-            if reply.abandoned:
-                abandoned.append(step)
-        lease: Lease = await self.offload(self.store.lease, job, rank, nbytes, abandoned)
-        return lease
+        the coordinator has ended those steps.
+
+        Leases and stagings of one rank take turns: the steps given up are judged
+        while the coordinator is asked, and a staging in between (a restarted
+        trainer's, while its predecessor's lease was on its way) would otherwise be
+        given up with them."""
+        async with self._rank_turn(job, rank):
+            abandoned: list[int] = []
+            for step in self.store.abandon_candidates(job, rank):
+                if self._known(job, step, rank) is not None:
+                    abandoned.append(step)
+                    continue
+                entry = self._staged.get((job, step), {}).get(rank)
+                session = entry.session if entry is not None else ""
+                reply = await asyncio.wait_for(
+                    self.fabric.coordinator().abandon(job, rank, step, session), RPC_TIMEOUT
+                )
+                if reply.abandoned:
+                    abandoned.append(step)
+            lease: Lease = await self.offload(self.store.lease, job, rank, nbytes, abandoned)
+            return lease
+
+    def _rank_turn(self, job: str, rank: int) -> asyncio.Lock:
+        return self._turns.setdefault((job, rank), asyncio.Lock())
 
     async def staged(
         self,
@@ -207,9 +218,10 @@ class Member:
         ``client``: what the trainer's client counted since its last save
         (waits, skipped saves, bytes copied), folded into the store's metrics.
         """
-        staged: RankStaged = await self.offload(
-            self.store.stage, job, rank, step, size, changed, base_step
-        )
+        async with self._rank_turn(job, rank):
+            staged: RankStaged = await self.offload(
+                self.store.stage, job, rank, step, size, changed, base_step
+            )
         key = (job, step)
         entry = StagedEntry(staged, session, world_size, dict(client or {}))
         self._staged.setdefault(key, {})[rank] = entry
@@ -292,6 +304,12 @@ class Member:
         are freed even when the relay that carries the decision is cancelled
         (its leader stopped for a new epoch).
         """
+        if 0 <= decision.epoch <= self._fence:
+            # The coordinator that sent it was replaced, and its successor recovered from
+            # what this node held before it arrived: only the successor decides that step.
+            return CommitResult(
+                ok=False, reason=f"decision of epoch {decision.epoch}: its coordinator was replaced"
+            )
         lock = self._order.setdefault(decision.job, asyncio.Lock())
         async with lock:
             if decision.status is OutcomeStatus.COMMITTED:
@@ -503,6 +521,8 @@ class Member:
         await self.offload(self.store.drop_job, job)
         self._decided.pop(job, None)
         self._order.pop(job, None)
+        for key in [k for k in self._turns if k[0] == job]:
+            del self._turns[key]
         for key in [k for k in self._staged if k[0] == job]:
             self._staged.pop(key, None)
             self._staged_at.pop(key, None)
@@ -512,6 +532,12 @@ class Member:
                     w.future.set_result(Outcome(OutcomeStatus.FAILED, w.step, "job dropped"))
 
     async def snapshot(self) -> NodeSnapshot:
+        """What this node holds, for a restarted coordinator's recovery. From now on the
+        decisions of the coordinator it replaced (epochs up to this node's) are refused: the
+        new coordinator decides every step from this state, and a late decision of the old
+        one (a commit or an abort relayed by a stalled leader) must not contradict it."""
+        if self.config is not None:
+            self._fence = max(self._fence, self.config.epoch)
         records = tuple(r.to_bytes() for r in self.store.records().values())
         prepared = tuple(r.to_bytes() for r in self.store.prepared())
         return NodeSnapshot(self.describe(), self.config, records, prepared)

@@ -205,6 +205,10 @@ class Decision:
     """FAILED: the stagings (by client session) that failed; empty means every one."""
     restore: bool = False
     """FAILED because those processes must restore first (the job restarted)."""
+    epoch: int = -1
+    """The sending coordinator's membership epoch, stamped as it sends (``-1``: none). A
+    node that answered a restarted coordinator's recovery refuses decisions of epochs up to
+    its own at that moment: those of the coordinator it replaced (see Member.snapshot)."""
 
 
 @message

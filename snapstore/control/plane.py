@@ -14,6 +14,7 @@ that order multi-step operations (relocation, re-protection, holds).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -148,14 +149,23 @@ class ControlPlane:
     def peers(self) -> dict[str, PeerInfo]:
         return {n: info.peer for n, info in self.membership.infos.items()}
 
+    def _stamped(self, msg: Any) -> Any:
+        """A decision carries the epoch it is sent in (a restarted coordinator's recovery
+        fences off its predecessor's decisions by epoch: Member.snapshot)."""
+        if isinstance(msg, Decision):
+            return dataclasses.replace(msg, epoch=self.membership.epoch)
+        return msg
+
     async def cast_leader(self, leader: str, method: str, msg: Any) -> None:
         """Send a message to a group leader; losing it is repaired by re-sends."""
+        msg = self._stamped(msg)
         try:
             await asyncio.wait_for(getattr(self.fabric.leader(leader), method)(msg), 30.0)
         except (SnapstoreError, asyncio.TimeoutError) as e:
             logger.info("%s to leader %s failed: %s", method, leader[:12], describe(e))
 
     async def cast_node(self, node: str, method: str, msg: Any) -> None:
+        msg = self._stamped(msg)
         try:
             await asyncio.wait_for(getattr(self.fabric.node(node), method)(msg), 30.0)
         except (SnapstoreError, asyncio.TimeoutError) as e:
