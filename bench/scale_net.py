@@ -17,12 +17,12 @@ benchmark measures). Calls to the coordinator are counted by method.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapstore.bench.vloop import CAUSE, Proc
-from snapstore.control.links import AbandonReply, NodeSnapshot
+from snapstore.control.links import AbandonReply, LeaderPost, NodePost, NodeSnapshot, Poster
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -92,6 +92,36 @@ async def call(
         raise SnapstoreError(f"{what} failed: {describe(e)}") from None
     await asyncio.sleep(delay)
     return result
+
+
+async def delivered(
+    callee: Proc | None, work: Callable[[], Coroutine[Any, Any, Any]], what: str, delay: float
+) -> None:
+    """One message of a post, as its sender sees a Ray call it submitted and does not
+    await on its own: the message travels and runs in timers and the callee's process, and
+    the sender only wakes for the reply (see :meth:`ScaleFabric.post_leaders`)."""
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[None] = loop.create_future()
+
+    def settle(task: asyncio.Task[Any] | None) -> None:
+        if reply.done():
+            return
+        if task is None or task.cancelled():
+            reply.set_exception(ActorUnavailableError(f"{what}: actor unavailable"))
+        elif (e := task.exception()) is not None:
+            reply.set_exception(e)
+        else:
+            reply.set_result(None)
+
+    def arrive() -> None:
+        if callee is None or not callee.alive:
+            loop.call_later(delay, settle, None)
+            return
+        task = callee.spawn(work())
+        task.add_done_callback(lambda t: loop.call_later(delay, settle, t), context=callee.ctx)
+
+    loop.call_later(delay, arrive)
+    await reply
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -214,22 +244,6 @@ class _LeaderLink:
     async def beat(self, beat: MemberBeat) -> None:
         await self._lead("leader_beat", lambda ld: ld.beat(beat))
 
-    async def prepare(self, order: PrepareOrder) -> None:
-        data = self._n._msg(order)
-        await self._lead("leader_prepare", lambda ld: ld.prepare(self._n._read(data, PrepareOrder)))
-
-    async def decide(self, decision: Decision) -> None:
-        data = self._n._msg(decision)
-
-        async def run(member: Any) -> None:
-            msg = self._n._read(data, Decision)
-            if member.leader is None:
-                await member.decide(msg)  # as the real SMP does
-            else:
-                await member.leader.decide(msg)
-
-        await self._n._call("leader_decide", run)
-
 
 class _CoordinatorLink:
     """The coordinator as nodes reach it: every message as wire bytes, counted."""
@@ -284,9 +298,11 @@ class _CoordinatorLink:
 
         return decode(await self._call("abandon", work), AbandonReply)
 
-    async def step_status(self, job: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
+    async def step_status(
+        self, job: str, step: int, rank: int, sums: tuple[int, ...], staging: str = ""
+    ) -> Outcome:
         async def work(p: Any) -> bytes:
-            return encode(await p.step_status(job, step, rank, sums))
+            return encode(await p.step_status(job, step, rank, sums, staging))
 
         return decode(await self._call("step_status", work), Outcome)
 
@@ -298,6 +314,7 @@ class ScaleFabric:
     def __init__(self, world: ScaleWorld, coordinator: bool) -> None:
         self.world = world
         self.wire = coordinator
+        self._poster = Poster()
 
     def node(self, node: str) -> _NodeLink:
         return _NodeLink(self.world, node, self.wire)
@@ -307,6 +324,48 @@ class ScaleFabric:
 
     def coordinator(self) -> _CoordinatorLink:
         return _CoordinatorLink(self.world)
+
+    def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
+        """Each message encoded once by the coordinator, decoded by each receiver."""
+        encoded: dict[int, Any] = {}
+        sends = []
+        for node, msg in posts:
+            data = encoded.get(id(msg))
+            if data is None:
+                data = encoded[id(msg)] = _NodeLink(self.world, node, self.wire)._msg(msg)
+            if isinstance(msg, PrepareOrder):
+                sends.append(self._post_one(node, "leader_prepare", _prepare_on(data, self.wire)))
+            else:
+                sends.append(self._post_one(node, "leader_decide", _decide_on(data, self.wire)))
+        self._poster.post(sends)
+
+    def post_nodes(self, posts: Sequence[NodePost]) -> None:
+        encoded: dict[int, Any] = {}
+        sends = []
+        for node, msg in posts:
+            data = encoded.get(id(msg))
+            if data is None:
+                data = encoded[id(msg)] = _NodeLink(self.world, node, self.wire)._msg(msg)
+            sends.append(self._post_one(node, "decide", _member_decide(data, self.wire)))
+        self._poster.post(sends)
+
+    def _post_one(
+        self, node: str, what: str, work: Callable[[Any], Coroutine[Any, Any, Any]]
+    ) -> tuple[str, Awaitable[None]]:
+        world = self.world
+        target = world.nodes.get(node)
+
+        async def run() -> None:
+            current = world.nodes.get(node)
+            if current is None or current.member is None:
+                raise ActorUnavailableError(f"SMP {node[:8]}.{what}: no SMP")
+            await work(current.member)
+
+        if self.wire:
+            world.sent[what] += 1
+        proc = target.proc if target is not None else None
+        label = f"SMP {node[:8]}.{what}"
+        return label, delivered(proc, run, label, world.net.latency)
 
     def watch(self, node: str) -> Awaitable[None]:
         """Fails ``death`` seconds after the node's current SMP process dies."""
@@ -330,3 +389,35 @@ class ScaleFabric:
 
     async def discover(self) -> list[str]:
         return sorted(n for n, s in self.world.nodes.items() if s.proc is not None and s.proc.alive)
+
+
+def _read(data: Any, cls: type[T], wire: bool) -> T:
+    out: T = decode(data, cls) if wire else data
+    return out
+
+
+def _prepare_on(data: Any, wire: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    async def work(member: Any) -> None:
+        if member.leader is None:
+            raise SnapstoreError(f"node {member.node[:12]} does not lead a group now")
+        await member.leader.prepare(_read(data, PrepareOrder, wire))
+
+    return work
+
+
+def _decide_on(data: Any, wire: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    async def work(member: Any) -> None:
+        msg = _read(data, Decision, wire)
+        if member.leader is None:
+            await member.decide(msg)  # as the real SMP does
+        else:
+            await member.leader.decide(msg)
+
+    return work
+
+
+def _member_decide(data: Any, wire: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    async def work(member: Any) -> None:
+        await member.decide(_read(data, Decision, wire))
+
+    return work

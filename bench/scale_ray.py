@@ -35,13 +35,14 @@ import asyncio
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from snapstore.config import StoreConfig
 from snapstore.control.coordinator import Coordinator
 from snapstore.control.leader import FULL_BEAT_EVERY
-from snapstore.control.links import NodeSnapshot
+from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, Poster
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -134,12 +135,6 @@ class _StandinLeader:
         self.node = node.node
         self._n = node
 
-    async def prepare(self, order: PrepareOrder) -> None:
-        await self._n._call("leader_prepare", self.node, encode(order))
-
-    async def decide(self, decision: Decision) -> None:
-        await self._n._call("leader_decide", self.node, encode(decision))
-
     async def notice(self, *args: Any) -> None:
         raise SnapstoreError("stand-in leaders take no notices")
 
@@ -153,6 +148,7 @@ class StandinFabric:
     def __init__(self, standins: list[Any], nodes: list[str]) -> None:
         self._standins = standins
         self._nodes = nodes
+        self._poster = Poster()
 
     def node(self, node: str) -> _StandinNode:
         return _StandinNode(self._standins[standin_of(node)], node)
@@ -162,6 +158,25 @@ class StandinFabric:
 
     def coordinator(self) -> Any:
         raise ActorUnavailableError("the coordinator does not call itself")
+
+    def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
+        """As :class:`snapstore.control.rayfabric.RayFabric` posts: each message encoded
+        once, one task awaiting every delivery."""
+        encoded: dict[int, bytes] = {}
+        sends = []
+        for node, msg in posts:
+            data = encoded.get(id(msg)) or encoded.setdefault(id(msg), encode(msg))
+            method = "leader_prepare" if isinstance(msg, PrepareOrder) else "leader_decide"
+            sends.append((f"{method} to {node[:12]}", self.node(node)._call(method, node, data)))
+        self._poster.post(sends)
+
+    def post_nodes(self, posts: Sequence[NodePost]) -> None:
+        encoded: dict[int, bytes] = {}
+        sends = []
+        for node, msg in posts:
+            data = encoded.get(id(msg)) or encoded.setdefault(id(msg), encode(msg))
+            sends.append((f"decide to {node[:12]}", self.node(node)._call("decide", node, data)))
+        self._poster.post(sends)
 
     async def watch(self, node: str) -> None:
         await self.node(node)._call("watch", node)

@@ -24,14 +24,14 @@ exact interleaving:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
 
 from snapstore.bench.vloop import SimLoop
 from snapstore.config import StoreConfig
-from snapstore.control.links import NodeSnapshot
+from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot
 from snapstore.control.messages import (
     Decision,
     ErrorKind,
@@ -93,6 +93,15 @@ class ScriptedFabric:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.deaths[node] = fut
         return fut
+
+    def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
+        for node, msg in posts:
+            method = "prepare" if isinstance(msg, PrepareOrder) else "decide"
+            self.calls.append((node, method, (msg,)))
+
+    def post_nodes(self, posts: Sequence[NodePost]) -> None:
+        for node, msg in posts:
+            self.calls.append((node, "decide", (msg,)))
 
     def sent(self, method: str) -> list[Any]:
         return [args[0] for _, m, args in self.calls if m == method]

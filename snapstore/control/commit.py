@@ -98,22 +98,21 @@ class Commits:
             # The committed step, from nodes that missed its decision, and this coordinator
             # never saw its stagings (it recovered the record from nodes): the decision
             # again, and the nodes tell by the bytes whose staging it was.
-            self._tell(r.leader, Decision(job.name, rec.step, rec.version, OutcomeStatus.COMMITTED))
+            decision = Decision(job.name, rec.step, rec.version, OutcomeStatus.COMMITTED)
+            plane.send_leaders([(r.leader, decision)])
             return
         accepted, refused = self._check(job, fresh, r.step, r.world_size)
         for why, sessions in refused.items():
-            self._tell(
-                r.leader,
-                Decision(
-                    r.job,
-                    r.step,
-                    -1,
-                    OutcomeStatus.FAILED,
-                    reason=why,
-                    sessions=tuple(sessions),
-                    restore=why.startswith(RESTORE_FIRST),
-                ),
+            refusal = Decision(
+                r.job,
+                r.step,
+                -1,
+                OutcomeStatus.FAILED,
+                reason=why,
+                sessions=tuple(sessions),
+                restore=why.startswith(RESTORE_FIRST),
             )
+            plane.send_leaders([(r.leader, refusal)])
         if not accepted:
             return
         att = job.attempts.get(r.step)
@@ -260,6 +259,7 @@ class Commits:
     def send_prepare(self, job: Job, att: Attempt) -> None:
         plane = self.plane
         att.prepare_sent = plane.clock.now()
+        posts: list[tuple[str, PrepareOrder]] = []
         for group, leader in att.leaders.items():
             if group in att.prepared:
                 continue
@@ -273,9 +273,8 @@ class Commits:
                     att.world_size,
                     sessions=att.group_sessions(group),
                 )
-            plane.tasks.spawn(
-                plane.cast_leader(leader, "prepare", order), f"prepare order to {leader[:12]}"
-            )
+            posts.append((leader, order))
+        plane.send_leaders(posts)
 
     def _prepared(self, r: GroupReport) -> None:
         plane = self.plane
@@ -360,11 +359,9 @@ class Commits:
             leader = plane.membership.leader_of(group)
             if group not in targets and leader is not None:
                 targets[group] = leader
-        for group, leader in targets.items():
+        for group in targets:
             job.unacked[group] = (decision, plane.clock.now())
-            plane.tasks.spawn(
-                plane.cast_leader(leader, "decide", decision), f"decision to {leader[:12]}"
-            )
+        plane.send_leaders((leader, decision) for leader in targets.values())
         job.touch()
         plane.flusher.on_commit(job.name)
         if hold:
@@ -420,8 +417,7 @@ class Commits:
             reason=reason,
             sessions=tuple(sorted(sessions)),
         )
-        for leader in set(att.leaders.values()):
-            self._tell(leader, decision)
+        self.plane.send_leaders((leader, decision) for leader in set(att.leaders.values()))
         job.touch()
         return True
 
@@ -432,10 +428,6 @@ class Commits:
             if self.fail(job, att, reason):
                 out.append(att.step)
         return sorted(out)
-
-    def _tell(self, leader: str, decision: Decision) -> None:
-        plane = self.plane
-        plane.tasks.spawn(plane.cast_leader(leader, "decide", decision), f"decision to {leader}")
 
     def _acked(self, r: GroupReport) -> None:
         job = self.plane.jobs.get(r.job)
@@ -470,8 +462,13 @@ class Commits:
             return AbandonReply(abandoned=False, committed=True)
         return AbandonReply(abandoned=True)
 
-    def step_status(self, name: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
-        """What became of ``rank``'s staging of ``step`` (that hashed to ``sums``)."""
+    def step_status(
+        self, name: str, step: int, rank: int, sums: tuple[int, ...], staging: str = ""
+    ) -> Outcome:
+        """What became of ``rank``'s staging of ``step`` (that hashed to ``sums``; ``staging``:
+        its id, when known). A failure of the step's number counts only for the stagings it
+        failed: the next incarnation saves the same number again, and asking before its
+        staging reached this coordinator must not find the failure of its predecessor's."""
         job = self.plane.jobs.get(name)
         if job is None:
             return Outcome(OutcomeStatus.UNKNOWN, step, f"no job {name!r}")
@@ -494,8 +491,9 @@ class Commits:
         att = job.attempts.get(step)
         if att is not None and rank in att.ranks:
             return Outcome(OutcomeStatus.PENDING, step)
-        for _inc, _sessions, reason in job.failed.get(step, []):
-            return Outcome(OutcomeStatus.FAILED, step, reason)
+        for _inc, stagings, reason in job.failed.get(step, []):
+            if not staging or not stagings or staging in stagings:
+                return Outcome(OutcomeStatus.FAILED, step, reason)
         return Outcome(OutcomeStatus.UNKNOWN, step, f"step {step} of job {name!r} is not known")
 
     # -- timers -------------------------------------------------------------------------------
@@ -536,10 +534,11 @@ class Commits:
         members = set(group) if group else set()
         leader = plane.membership.leader_of(group)
         if leader is not None:
-            self._tell(leader, decision)
+            plane.send_leaders([(leader, decision)])
             return
-        for node in sorted(members & set(plane.membership.readable())):
-            plane.tasks.spawn(plane.cast_node(node, "decide", decision), f"decision to {node}")
+        plane.send_nodes(
+            (node, decision) for node in sorted(members & set(plane.membership.readable()))
+        )
 
 
 def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:

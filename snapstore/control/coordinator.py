@@ -94,9 +94,11 @@ class Coordinator:
         await self._ready()
         return encode(await self.plane.abandon(job, int(rank), int(step), str(session)))
 
-    async def step_status(self, job: str, step: int, rank: int, sums: list[int]) -> bytes:
+    async def step_status(
+        self, job: str, step: int, rank: int, sums: list[int], staging: str = ""
+    ) -> bytes:
         await self._ready()
-        outcome = await self.plane.step_status(job, int(step), int(rank), tuple(sums))
+        outcome = await self.plane.step_status(job, int(step), int(rank), tuple(sums), str(staging))
         return encode(outcome)
 
     # -- trainers --------------------------------------------------------------------------

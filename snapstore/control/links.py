@@ -17,11 +17,21 @@ Every call may raise :class:`snapstore.errors.ActorUnavailableError` (the
 peer is dead or restarting) and is bounded by the caller's timeout
 (``asyncio.wait_for``). Casts (``notice``, ``beat``, ``report``...) return
 when sent; their loss is repaired by the sender re-sending.
+
+The coordinator's orders and decisions to many leaders go as *posts*
+(:meth:`Fabric.post_leaders`, :meth:`Fabric.post_nodes`): one call for a
+batch, returning at once, with no task or timeout per message on the
+coordinator's side (1,024 groups get one post per step, not 1,024 awaited
+calls: measured by ``bench.scale``). A post is not confirmed; a failed
+delivery is logged and, like a lost cast, repaired by the coordinator's
+re-sends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +46,7 @@ from snapstore.control.messages import (
     Outcome,
     PrepareOrder,
 )
+from snapstore.control.runtime import Tasks
 from snapstore.format.wire import message
 from snapstore.format.work import (
     CommitResult,
@@ -47,13 +58,26 @@ from snapstore.format.work import (
 )
 
 __all__ = [
+    "POST_TIMEOUT",
     "AbandonReply",
     "CoordinatorLink",
     "Fabric",
     "LeaderLink",
+    "LeaderPost",
     "NodeLink",
+    "NodePost",
     "NodeSnapshot",
+    "Poster",
 ]
+
+logger = logging.getLogger(__name__)
+
+POST_TIMEOUT = 30.0
+"""Seconds a post's deliveries are waited for before their failures are logged."""
+
+LeaderPost = tuple[str, PrepareOrder | Decision]
+"""(node whose group leader gets it, the order or decision)."""
+NodePost = tuple[str, Decision]
 
 
 @message
@@ -112,17 +136,14 @@ class NodeLink(Protocol):
 
 
 class LeaderLink(Protocol):
-    """The group leader hosted by a node."""
+    """The group leader hosted by a node, as its members reach it (the coordinator posts
+    to it: :meth:`Fabric.post_leaders`)."""
 
     node: str
 
     async def notice(self, notice: NodeNotice) -> None: ...
 
     async def beat(self, beat: MemberBeat) -> None: ...
-
-    async def prepare(self, order: PrepareOrder) -> None: ...
-
-    async def decide(self, decision: Decision) -> None: ...
 
 
 class CoordinatorLink(Protocol):
@@ -137,7 +158,7 @@ class CoordinatorLink(Protocol):
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply: ...
 
     async def step_status(
-        self, job: str, step: int, rank: int, sums: tuple[int, ...]
+        self, job: str, step: int, rank: int, sums: tuple[int, ...], staging: str = ""
     ) -> Outcome: ...
 
 
@@ -153,3 +174,36 @@ class Fabric(Protocol):
     def watch(self, node: str) -> Awaitable[None]:
         """Completes (or raises) when the node's SMP process dies; never while it lives."""
         ...
+
+    def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
+        """One-way: each order or decision to the group leader on its node; returns at once
+        (see the module docstring). A node that leads no group applies a decision itself."""
+        ...
+
+    def post_nodes(self, posts: Sequence[NodePost]) -> None:
+        """One-way: each decision to its node's member, past its leader."""
+        ...
+
+
+class Poster:
+    """Posts for fabrics whose links are coroutines: one task per post awaits every
+    delivery (at most :data:`POST_TIMEOUT` seconds) and logs the failed ones."""
+
+    def __init__(self) -> None:
+        self.tasks = Tasks()
+
+    def post(self, sends: Sequence[tuple[str, Awaitable[None]]]) -> None:
+        """``sends``: (what, the delivery) pairs."""
+        if sends:
+            self.tasks.spawn(self._all(sends), f"post of {len(sends)}")
+
+    @staticmethod
+    async def _all(sends: Sequence[tuple[str, Awaitable[None]]]) -> None:
+        futures = [asyncio.ensure_future(send) for _, send in sends]
+        _, pending = await asyncio.wait(futures, timeout=POST_TIMEOUT)
+        for (what, _), fut in zip(sends, futures, strict=True):
+            if fut in pending:
+                fut.cancel()
+                logger.info("%s: no answer within %.0f s", what, POST_TIMEOUT)
+            elif not fut.cancelled() and (e := fut.exception()) is not None:
+                logger.info("%s failed: %s", what, e)

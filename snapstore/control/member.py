@@ -469,7 +469,8 @@ class Member:
     async def _ask(self, job: str, step: int, w: _Waiter) -> None:
         try:
             outcome = await asyncio.wait_for(
-                self.fabric.coordinator().step_status(job, step, w.rank, w.sums), RPC_TIMEOUT
+                self.fabric.coordinator().step_status(job, step, w.rank, w.sums, w.session),
+                RPC_TIMEOUT,
             )
         except (SnapstoreError, asyncio.TimeoutError) as e:
             logger.info("status of %s step %d: %s", job, step, e)

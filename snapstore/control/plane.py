@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from snapstore.config import StoreConfig
@@ -37,12 +37,13 @@ from snapstore.control.messages import (
     NodeInfo,
     Outcome,
     OutcomeStatus,
+    PrepareOrder,
     RestorePlan,
 )
 from snapstore.control.recovery import Recovery
 from snapstore.control.runtime import Clock, Tasks
 from snapstore.control.states import JobLife, JobPhase, NodeLife, NodePhase, Redundancy
-from snapstore.errors import FormatError, SnapstoreError
+from snapstore.errors import FormatError
 from snapstore.format.record import StepRecord
 from snapstore.format.work import PeerInfo
 from snapstore.persist.backend import Tier
@@ -149,27 +150,31 @@ class ControlPlane:
     def peers(self) -> dict[str, PeerInfo]:
         return {n: info.peer for n, info in self.membership.infos.items()}
 
-    def _stamped(self, msg: Any) -> Any:
+    def _stamped(self, decision: Decision, done: dict[int, Decision]) -> Decision:
         """A decision carries the epoch it is sent in (a restarted coordinator's recovery
-        fences off its predecessor's decisions by epoch: Member.snapshot)."""
-        if isinstance(msg, Decision):
-            return dataclasses.replace(msg, epoch=self.membership.epoch)
-        return msg
+        fences off its predecessor's decisions by epoch: Member.snapshot). ``done``: those
+        stamped for this post, by the identity of the unstamped one (a decision to every
+        leader is stamped, and encoded, once)."""
+        got = done.get(id(decision))
+        if got is None:
+            got = done[id(decision)] = dataclasses.replace(decision, epoch=self.membership.epoch)
+        return got
 
-    async def cast_leader(self, leader: str, method: str, msg: Any) -> None:
-        """Send a message to a group leader; losing it is repaired by re-sends."""
-        msg = self._stamped(msg)
-        try:
-            await asyncio.wait_for(getattr(self.fabric.leader(leader), method)(msg), 30.0)
-        except (SnapstoreError, asyncio.TimeoutError) as e:
-            logger.info("%s to leader %s failed: %s", method, leader[:12], describe(e))
+    def send_leaders(self, posts: Iterable[tuple[str, PrepareOrder | Decision]]) -> None:
+        """Orders and decisions to group leaders, one post (see Fabric.post_leaders);
+        losing one is repaired by re-sends."""
+        done: dict[int, Decision] = {}
+        self.fabric.post_leaders(
+            [
+                (leader, msg if isinstance(msg, PrepareOrder) else self._stamped(msg, done))
+                for leader, msg in posts
+            ]
+        )
 
-    async def cast_node(self, node: str, method: str, msg: Any) -> None:
-        msg = self._stamped(msg)
-        try:
-            await asyncio.wait_for(getattr(self.fabric.node(node), method)(msg), 30.0)
-        except (SnapstoreError, asyncio.TimeoutError) as e:
-            logger.info("%s to node %s failed: %s", method, node[:12], describe(e))
+    def send_nodes(self, posts: Iterable[tuple[str, Decision]]) -> None:
+        """Decisions to members past their leaders, one post."""
+        done: dict[int, Decision] = {}
+        self.fabric.post_nodes([(node, self._stamped(msg, done)) for node, msg in posts])
 
     # -- nodes ------------------------------------------------------------------------------------
 
@@ -191,9 +196,11 @@ class ControlPlane:
         await self._started()
         return self.commits.abandon(job, rank, step, session)
 
-    async def step_status(self, job: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
+    async def step_status(
+        self, job: str, step: int, rank: int, sums: tuple[int, ...], staging: str = ""
+    ) -> Outcome:
         await self._started()
-        return self.commits.step_status(job, step, rank, sums)
+        return self.commits.step_status(job, step, rank, sums, staging)
 
     async def ready(self, min_nodes: int = 0, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until ``min_nodes`` nodes registered and their groups are formed."""
@@ -482,9 +489,8 @@ class ControlPlane:
             if missing:
                 job.redundancy = Redundancy.LOST
             decision = Decision(name, top[0], top[1], OutcomeStatus.COMMITTED)
-            for key, holders in late.items():
-                for node in holders:
-                    self.tasks.spawn(self.cast_node(node, "decide", decision), "complete commit")
+            self.send_nodes((node, decision) for holders in late.values() for node in holders)
+            for key in late:
                 job.unacked[key] = (decision, self.clock.now())
             out[name] = top[0]
         return out

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from snapstore.control.links import AbandonReply, NodeSnapshot
+from snapstore.control.links import AbandonReply, LeaderPost, NodePost, NodeSnapshot, Poster
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -156,12 +157,6 @@ class _RayLeader:
     async def beat(self, beat: MemberBeat) -> None:
         await self._n._call("leader_beat", encode(beat))
 
-    async def prepare(self, order: PrepareOrder) -> None:
-        await self._n._call("leader_prepare", encode(order))
-
-    async def decide(self, decision: Decision) -> None:
-        await self._n._call("leader_decide", encode(decision))
-
 
 class _RayCoordinator:
     def __init__(self, handles: _Handles) -> None:
@@ -188,8 +183,11 @@ class _RayCoordinator:
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
         return decode(await self._call("abandon", job, rank, step, session), AbandonReply)
 
-    async def step_status(self, job: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
-        return decode(await self._call("step_status", job, step, rank, list(sums)), Outcome)
+    async def step_status(
+        self, job: str, step: int, rank: int, sums: tuple[int, ...], staging: str = ""
+    ) -> Outcome:
+        got = await self._call("step_status", job, step, rank, list(sums), staging)
+        return decode(got, Outcome)
 
 
 class RayFabric:
@@ -199,6 +197,7 @@ class RayFabric:
         self.namespace = namespace
         self._handles = _Handles(namespace)
         self._nodes: dict[str, _RayNode] = {}
+        self._poster = Poster()
 
     def node(self, node: str) -> _RayNode:
         link = self._nodes.get(node)
@@ -211,6 +210,33 @@ class RayFabric:
 
     def coordinator(self) -> _RayCoordinator:
         return _RayCoordinator(self._handles)
+
+    def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
+        self._post(
+            [
+                (node, "leader_prepare" if isinstance(msg, PrepareOrder) else "leader_decide", msg)
+                for node, msg in posts
+            ]
+        )
+
+    def post_nodes(self, posts: Sequence[NodePost]) -> None:
+        self._post([(node, "decide", msg) for node, msg in posts])
+
+    def _post(self, sends: list[tuple[str, str, PrepareOrder | Decision]]) -> None:
+        """One encoding per message however many nodes get it (a decision goes to every
+        group's leader)."""
+        encoded: dict[int, bytes] = {}
+        self._poster.post(
+            [
+                (
+                    f"{method} to {node[:12]}",
+                    self.node(node)._call(
+                        method, encoded.get(id(msg)) or encoded.setdefault(id(msg), encode(msg))
+                    ),
+                )
+                for node, method, msg in sends
+            ]
+        )
 
     async def watch(self, node: str) -> None:
         """Returns or raises when the node's SMP (this incarnation of it) is gone."""

@@ -12,11 +12,12 @@ exercises the messages' schema.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapstore.bench.vloop import Proc
-from snapstore.control.links import AbandonReply, NodeSnapshot
+from snapstore.control.links import AbandonReply, LeaderPost, NodePost, NodeSnapshot
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -28,6 +29,7 @@ from snapstore.control.messages import (
     Outcome,
     PrepareOrder,
 )
+from snapstore.control.runtime import Tasks
 from snapstore.errors import ActorUnavailableError, SnapstoreError
 from snapstore.format.wire import decode, encode
 from snapstore.format.work import (
@@ -225,8 +227,12 @@ class SimCoordinator:
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
         return await self._call("abandon", lambda p: p.abandon(job, rank, step, session))
 
-    async def step_status(self, job: str, step: int, rank: int, sums: tuple[int, ...]) -> Outcome:
-        return await self._call("step_status", lambda p: p.step_status(job, step, rank, sums))
+    async def step_status(
+        self, job: str, step: int, rank: int, sums: tuple[int, ...], staging: str = ""
+    ) -> Outcome:
+        return await self._call(
+            "step_status", lambda p: p.step_status(job, step, rank, sums, staging)
+        )
 
 
 class SimFabric:
@@ -234,6 +240,7 @@ class SimFabric:
 
     def __init__(self, world: World) -> None:
         self.world = world
+        self._tasks = Tasks()
 
     def node(self, node: str) -> SimNode:
         return SimNode(self.world, node)
@@ -243,6 +250,28 @@ class SimFabric:
 
     def coordinator(self) -> SimCoordinator:
         return SimCoordinator(self.world)
+
+    def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
+        """Each message its own delivery, delayed and reordered like any other (one task
+        each, as the coordinator's casts were before posts: the seeds found then replay)."""
+        for node, msg in posts:
+            link = self.leader(node)
+            if isinstance(msg, PrepareOrder):
+                self._send(link.prepare(msg), f"prepare order to {node[:12]}")
+            else:
+                self._send(link.decide(msg), f"decision to {node[:12]}")
+
+    def post_nodes(self, posts: Sequence[NodePost]) -> None:
+        for node, msg in posts:
+            self._send(self.node(node).decide(msg), f"decision to {node[:12]}")
+
+    def _send(self, delivery: Awaitable[Any], what: str) -> None:
+        async def send() -> None:
+            # A lost message: the coordinator's re-sends repair it.
+            with contextlib.suppress(SnapstoreError, asyncio.TimeoutError):
+                await asyncio.wait_for(delivery, 30.0)
+
+        self._tasks.spawn(send(), what)
 
     def watch(self, node: str) -> Awaitable[None]:
         """Fails when the node's current SMP process dies (Ray's report, after a delay)."""
