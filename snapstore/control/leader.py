@@ -20,9 +20,10 @@ messages per *group*, whatever the number of ranks:
    acknowledges once all alive members applied it.
 4. It gathers its members' heartbeats and sends the coordinator one beat
    for the group, naming members it has not heard from. A beat carries the
-   :class:`NodeInfo` of members whose info changed since the last beat the
-   coordinator took (and every member's every :data:`FULL_BEAT_EVERY`
-   beats): an idle group's beat is a few bytes.
+   :class:`NodeInfo` of members that changed process or address since the
+   last beat the coordinator took, of members whose usage alone changed at
+   most every :data:`USAGE_BEAT_EVERY` beats, and every member's every
+   :data:`FULL_BEAT_EVERY` beats: an idle group's beat is a few bytes.
 
 A leader holds only soft state: when it dies the coordinator names another
 member, members re-send their notices to it, and steps it was preparing are
