@@ -42,6 +42,8 @@ from snapstore.control.messages import (
     OutcomeStatus,
     PrepareOrder,
     RestorePlan,
+    next_term,
+    term_of,
 )
 from snapstore.control.placement import plan_parity
 from snapstore.control.plane import ControlPlane
@@ -294,8 +296,10 @@ def test_a_node_in_a_newer_epoch_moves_the_coordinator_past_it() -> None:
         ahead = plane.membership.epoch + 5  # a dead coordinator's late configure
         await plane.report(GroupReport(JOB, 1, -1, ahead, leader, group, 2, (0,), {0: "a/1"}))
         await asyncio.sleep(0.01)
-        assert plane.membership.epoch == ahead + 1
-        configs = [c for c in fabric.sent("configure") if c.epoch == ahead + 1]
+        # Past its term: the dead coordinator's decisions stay apart from this one's.
+        assert plane.membership.epoch == next_term(ahead) + 1
+        assert term_of(plane.membership.epoch) == term_of(ahead) + 1
+        configs = [c for c in fabric.sent("configure") if c.epoch == plane.membership.epoch]
         assert {c.node for c in configs} == set(NODES)
         assert all(c.incarnation == "inc1" for c in configs)
 
@@ -445,3 +449,45 @@ def test_a_restarted_coordinator_leaves_a_step_some_node_no_longer_holds() -> No
     held[NODES[2]] = ([one], [two])
     record, _ = _recover(held)
     assert record is not None and (record.step, record.version) == (1, 0)
+
+
+def test_a_node_that_answered_a_recovery_refuses_the_replaced_coordinators_decisions() -> None:
+    """Seed 502557's rule, and past it: once a node answered a restarted coordinator's
+    snapshot, decisions of every term it had seen are refused -- even of an epoch the old
+    coordinator reached and never configured this node with -- and the new term's go."""
+    from snapstore.bench.scale_store import MemNodeStore
+    from snapstore.control.member import Member
+
+    loop = SimLoop()
+
+    async def main() -> None:
+        async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+            return fn(*args)
+
+        node = NODES[0]
+        store = MemNodeStore.standalone(node, 2, 1, budget=1 << 20)
+        member = Member(
+            store,
+            ScriptedFabric(),
+            LoopClock(0.0),
+            StoreConfig(k=2, m=1),
+            "inc1",
+            offload,
+            lambda: NodeInfo(node, "inc1", PeerInfo(node, "", "", "", 0)),
+        )
+        await member.configure(NodeConfig(3, node, (), "", False, 2, 1, "isa_l_rs_vand"))
+
+        def abort(step: int, epoch: int) -> Decision:
+            return Decision(JOB, step, 1, OutcomeStatus.FAILED, reason="x", epoch=epoch)
+
+        assert (await member.decide(abort(1, 4))).ok  # before any recovery: taken
+        await member.snapshot()  # a restarted coordinator recovers from this node
+        late = await member.decide(abort(2, 7))  # the old one reached epoch 7, unconfigured
+        assert not late.ok and "replaced" in late.reason
+        assert (await member.decide(abort(3, next_term(7) + 1))).ok
+        member.stop()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

@@ -44,6 +44,7 @@ from snapstore.control.messages import (
     Outcome,
     OutcomeStatus,
     StagedEntry,
+    term_of,
 )
 from snapstore.control.runtime import Clock, Tasks
 from snapstore.errors import SnapstoreError
@@ -130,7 +131,8 @@ class Member:
         self._decided: dict[str, _Decided] = {}
         self._order: dict[str, asyncio.Lock] = {}  # job -> decisions applied one at a time
         self._turns: dict[tuple[str, int], asyncio.Lock] = {}  # (job, rank): lease, stage
-        self._fence = -1  # decisions of this epoch or older are refused (see snapshot)
+        self._seen = -1  # the newest epoch of a configure or decision that reached this node
+        self._fence = -1  # decisions of this coordinator term or older are refused (snapshot)
         self._inflight: set[tuple[str, int]] = set()
         self._dirty: set[tuple[str, int]] = set()
         self._last_beat_ok = 0.0
@@ -152,6 +154,7 @@ class Member:
 
     async def configure(self, config: NodeConfig) -> None:
         """A new membership epoch: this node's group and leader (maybe itself)."""
+        self._seen = max(self._seen, config.epoch)
         if self.config is not None and config.epoch < self.config.epoch:
             return  # a late message from an older epoch
         if config.incarnation and config.incarnation != self.incarnation:
@@ -304,12 +307,13 @@ class Member:
         are freed even when the relay that carries the decision is cancelled
         (its leader stopped for a new epoch).
         """
-        if 0 <= decision.epoch <= self._fence:
+        if decision.epoch >= 0 and term_of(decision.epoch) <= self._fence:
             # The coordinator that sent it was replaced, and its successor recovered from
             # what this node held before it arrived: only the successor decides that step.
             return CommitResult(
                 ok=False, reason=f"decision of epoch {decision.epoch}: its coordinator was replaced"
             )
+        self._seen = max(self._seen, decision.epoch)
         lock = self._order.setdefault(decision.job, asyncio.Lock())
         async with lock:
             if decision.status is OutcomeStatus.COMMITTED:
@@ -534,11 +538,12 @@ class Member:
 
     async def snapshot(self) -> NodeSnapshot:
         """What this node holds, for a restarted coordinator's recovery. From now on the
-        decisions of the coordinator it replaced (epochs up to this node's) are refused: the
-        new coordinator decides every step from this state, and a late decision of the old
-        one (a commit or an abort relayed by a stalled leader) must not contradict it."""
-        if self.config is not None:
-            self._fence = max(self._fence, self.config.epoch)
+        decisions of the coordinator it replaced are refused -- those of every term this
+        node has seen (the new coordinator starts a newer one): it decides every step from
+        this state, and a late decision of the old one (a commit or an abort relayed by a
+        stalled leader) must not contradict it."""
+        if self._seen >= 0:
+            self._fence = max(self._fence, term_of(self._seen))
         records = tuple(r.to_bytes() for r in self.store.records().values())
         prepared = tuple(r.to_bytes() for r in self.store.prepared())
         return NodeSnapshot(self.describe(), self.config, records, prepared)

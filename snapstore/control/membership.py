@@ -12,6 +12,13 @@ its data rebuilt elsewhere.
 Every change of groups or leaders starts a new *epoch*; each node gets its
 :class:`NodeConfig` (group, leader, peers) for it, and steps in flight
 under the old epoch are failed (their trainers save the next step).
+
+A coordinator's epochs share their high bits, its *term*
+(:func:`snapstore.control.messages.term_of`): a restarted coordinator starts
+at the term after every epoch it found on the nodes. A node that answered
+its recovery refuses decisions of the terms it had seen: whatever epochs the
+replaced coordinator reached, even ones no node was configured with yet
+(see :meth:`snapstore.control.member.Member.snapshot`).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from collections.abc import Callable
 from snapstore.config import StoreConfig
 from snapstore.control.events import EventLog
 from snapstore.control.links import Fabric
-from snapstore.control.messages import GroupBeat, NodeConfig, NodeInfo
+from snapstore.control.messages import GroupBeat, NodeConfig, NodeInfo, next_term
 from snapstore.control.placement import form_groups, regroup
 from snapstore.control.runtime import Clock, Tasks
 from snapstore.control.states import NodeLife, NodePhase
@@ -249,7 +256,7 @@ class Membership:
         (its configure arrived after this one read the nodes): nodes refuse older epochs,
         so move past it, and every node gets this coordinator's configuration again."""
         if epoch > self.epoch:
-            self.epoch = epoch
+            self.epoch = next_term(epoch)
             self.new_epoch(
                 f"node {node[:12]} was configured in epoch {epoch} by a former coordinator"
             )

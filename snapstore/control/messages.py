@@ -27,6 +27,7 @@ from snapstore.format.wire import message
 from snapstore.format.work import Lease, PeerInfo, RankStaged
 
 __all__ = [
+    "TERM_BITS",
     "Decision",
     "ErrorKind",
     "ErrorReply",
@@ -42,7 +43,23 @@ __all__ = [
     "PrepareOrder",
     "RestorePlan",
     "StagedEntry",
+    "next_term",
+    "term_of",
 ]
+
+TERM_BITS = 16
+"""Epochs of one coordinator term: 2**16 (see snapstore.control.membership)."""
+
+
+def term_of(epoch: int) -> int:
+    """The coordinator term an epoch belongs to."""
+    return epoch >> TERM_BITS
+
+
+def next_term(epoch: int) -> int:
+    """The last epoch of ``epoch``'s term: a coordinator set to it starts the next term
+    with its next :meth:`Membership.new_epoch`."""
+    return ((term_of(epoch) + 1) << TERM_BITS) - 1
 
 
 @message

@@ -39,6 +39,7 @@ from snapstore.control.messages import (
     OutcomeStatus,
     PrepareOrder,
     RestorePlan,
+    next_term,
 )
 from snapstore.control.recovery import Recovery
 from snapstore.control.runtime import Clock, Tasks
@@ -434,7 +435,7 @@ class ControlPlane:
             ):
                 ms.groups.append(config.group)
             ms._watch(node, s.info.incarnation)
-        ms.epoch = best_epoch
+        ms.epoch = next_term(best_epoch)  # regroup below starts the next term
         recovered = self._recover_jobs(snaps)
         ms.regroup("coordinator restarted")
         self.events.add(
