@@ -370,6 +370,9 @@ def _slice(step: int, version: int) -> StepRecord:
     return StepRecord(JOB, step, version, 3, 1, 2, ranks, (group,), parity)
 
 
+SEEN_AHEAD = next_term(0) + 5
+
+
 class _Holding(_Recorder):
     """A node's link whose snapshot reports the (committed, prepared) records it holds."""
 
@@ -388,6 +391,9 @@ class _Holding(_Recorder):
             config,
             tuple(r.to_bytes() for r in committed),
             tuple(r.to_bytes() for r in prepared),
+            # One node heard a decision of term 1 before its configure (the coordinator
+            # that sent it died): the new term must be past it too.
+            SEEN_AHEAD if self.node == NODES[1] else 3,
         )
 
 
@@ -434,6 +440,9 @@ def test_a_restarted_coordinator_commits_a_step_every_node_still_holds_prepared(
     assert record is not None and (record.step, record.version) == (2, 1)
     assert {d.step for d in decided} == {2}
     assert all(d.status is OutcomeStatus.COMMITTED for d in decided)
+    # Sent in the new term, past every epoch a node saw: the nodes it recovered from (and
+    # so fenced the older terms) take them.
+    assert {term_of(d.epoch) for d in decided} == {term_of(SEEN_AHEAD) + 1}
 
 
 def test_a_restarted_coordinator_leaves_a_step_some_node_no_longer_holds() -> None:

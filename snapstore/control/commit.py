@@ -34,6 +34,7 @@ from snapstore.control.messages import (
     Outcome,
     OutcomeStatus,
     PrepareOrder,
+    term_of,
 )
 from snapstore.control.states import JobPhase, Redundancy, StepLife, StepPhase
 from snapstore.errors import FormatError
@@ -431,8 +432,8 @@ class Commits:
 
     def _acked(self, r: GroupReport) -> None:
         job = self.plane.jobs.get(r.job)
-        if job is None:
-            return
+        if job is None or term_of(r.epoch) < term_of(self.plane.membership.epoch):
+            return  # a leader of a replaced coordinator: it applied that one's decision
         pending = job.unacked.get(r.group)
         if pending is not None and (pending[0].step, pending[0].version) == (r.step, r.version):
             del job.unacked[r.group]

@@ -56,7 +56,7 @@ from snapstore.control.placement import plan_parity
 from snapstore.control.runtime import Clock, Tasks
 from snapstore.errors import SnapstoreError
 from snapstore.format.record import RankEntry, StepRecord
-from snapstore.format.work import Delta, PeerInfo
+from snapstore.format.work import CommitResult, Delta, PeerInfo
 from snapstore.node.api import NodeStore
 from snapstore.rpc import describe
 
@@ -200,6 +200,8 @@ class Leader:
         self.tasks.spawn(self._prepare(order), f"prepare {order.job!r} step {order.step}")
 
     async def decide(self, decision: Decision) -> None:
+        if self.local is not None and self.local.fenced(decision):
+            return  # a replaced coordinator's: this node answered a newer one (Member.snapshot)
         self._closed[(decision.job, decision.step, decision.version)] = decision.status.value
         while len(self._closed) > 256:
             self._closed.pop(next(iter(self._closed)))
@@ -437,6 +439,10 @@ class Leader:
         for n, r in zip(members, results, strict=True):
             if isinstance(r, BaseException):
                 logger.info("member %s did not apply a decision: %s", n[:12], describe(r))
+        if any(isinstance(r, CommitResult) and r.fenced for r in results):
+            # Refused unapplied by a member that answered a newer coordinator: acknowledging
+            # it would tell that coordinator its own decision of the step was applied here.
+            return
         ack = GroupReport(
             job=decision.job,
             step=decision.step,

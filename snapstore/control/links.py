@@ -89,6 +89,9 @@ class NodeSnapshot:
     config: NodeConfig | None
     records: tuple[bytes, ...] = ()
     prepared: tuple[bytes, ...] = ()
+    seen: int = -1
+    """The newest epoch that reached the node (a configure, or a decision: one may arrive
+    before its configure); the new coordinator's term starts past it."""
 
 
 @message

@@ -307,11 +307,13 @@ class Member:
         are freed even when the relay that carries the decision is cancelled
         (its leader stopped for a new epoch).
         """
-        if decision.epoch >= 0 and term_of(decision.epoch) <= self._fence:
+        if self.fenced(decision):
             # The coordinator that sent it was replaced, and its successor recovered from
             # what this node held before it arrived: only the successor decides that step.
             return CommitResult(
-                ok=False, reason=f"decision of epoch {decision.epoch}: its coordinator was replaced"
+                ok=False,
+                reason=f"decision of epoch {decision.epoch}: its coordinator was replaced",
+                fenced=True,
             )
         self._seen = max(self._seen, decision.epoch)
         lock = self._order.setdefault(decision.job, asyncio.Lock())
@@ -320,6 +322,10 @@ class Member:
                 return await self._commit(decision)
             await self._abort(decision)
             return CommitResult(ok=True)
+
+    def fenced(self, decision: Decision) -> bool:
+        """Whether ``decision`` comes from a coordinator replaced since (see snapshot)."""
+        return decision.epoch >= 0 and term_of(decision.epoch) <= self._fence
 
     async def _commit(self, decision: Decision) -> CommitResult:
         job, step = decision.job, decision.step
@@ -546,4 +552,4 @@ class Member:
             self._fence = max(self._fence, term_of(self._seen))
         records = tuple(r.to_bytes() for r in self.store.records().values())
         prepared = tuple(r.to_bytes() for r in self.store.prepared())
-        return NodeSnapshot(self.describe(), self.config, records, prepared)
+        return NodeSnapshot(self.describe(), self.config, records, prepared, self._seen)

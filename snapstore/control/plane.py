@@ -151,20 +151,23 @@ class ControlPlane:
     def peers(self) -> dict[str, PeerInfo]:
         return {n: info.peer for n, info in self.membership.infos.items()}
 
-    def _stamped(self, decision: Decision, done: dict[int, Decision]) -> Decision:
+    def _stamped(self, decision: Decision, done: dict[int, tuple[Decision, Decision]]) -> Decision:
         """A decision carries the epoch it is sent in (a restarted coordinator's recovery
         fences off its predecessor's decisions by epoch: Member.snapshot). ``done``: those
         stamped for this post, by the identity of the unstamped one (a decision to every
         leader is stamped, and encoded, once)."""
-        got = done.get(id(decision))
+        got = done.get(id(decision))  # the original is kept with it: its id stays its own
         if got is None:
-            got = done[id(decision)] = dataclasses.replace(decision, epoch=self.membership.epoch)
-        return got
+            got = done[id(decision)] = (
+                decision,
+                dataclasses.replace(decision, epoch=self.membership.epoch),
+            )
+        return got[1]
 
     def send_leaders(self, posts: Iterable[tuple[str, PrepareOrder | Decision]]) -> None:
         """Orders and decisions to group leaders, one post (see Fabric.post_leaders);
         losing one is repaired by re-sends."""
-        done: dict[int, Decision] = {}
+        done: dict[int, tuple[Decision, Decision]] = {}
         self.fabric.post_leaders(
             [
                 (leader, msg if isinstance(msg, PrepareOrder) else self._stamped(msg, done))
@@ -174,7 +177,7 @@ class ControlPlane:
 
     def send_nodes(self, posts: Iterable[tuple[str, Decision]]) -> None:
         """Decisions to members past their leaders, one post."""
-        done: dict[int, Decision] = {}
+        done: dict[int, tuple[Decision, Decision]] = {}
         self.fabric.post_nodes([(node, self._stamped(msg, done)) for node, msg in posts])
 
     # -- nodes ------------------------------------------------------------------------------------
@@ -435,15 +438,20 @@ class ControlPlane:
             ):
                 ms.groups.append(config.group)
             ms._watch(node, s.info.incarnation)
-        ms.epoch = next_term(best_epoch)  # regroup below starts the next term
-        recovered = self._recover_jobs(snaps)
+        # regroup below starts the term after every epoch the nodes saw
+        ms.epoch = next_term(max([best_epoch, *(s.seen for s in snaps)]))
+        recovered, posts = self._recover_jobs(snaps)
         ms.regroup("coordinator restarted")
+        self.send_nodes(posts)  # stamped in the new term: the nodes it recovered from take it
         self.events.add(
             "coordinator_recovered",
             f"coordinator rebuilt its state from {len(snaps)} nodes: {recovered}",
         )
 
-    def _recover_jobs(self, snaps: list[NodeSnapshot]) -> dict[str, int]:
+    def _recover_jobs(
+        self, snaps: list[NodeSnapshot]
+    ) -> tuple[dict[str, int], list[tuple[str, Decision]]]:
+        """Jobs rebuilt from the snapshots: their steps, and the commits to send again."""
         committed: dict[str, list[tuple[str, StepRecord]]] = {}
         prepared: dict[str, list[tuple[str, StepRecord]]] = {}
         for s in snaps:
@@ -456,6 +464,7 @@ class ControlPlane:
                         continue
                     kind.setdefault(rec.job, []).append((s.info.node, rec))
         out = {}
+        posts: list[tuple[str, Decision]] = []
         for name in sorted(set(committed) | set(prepared)):
             held = committed.get(name, [])
             newest = max(((r.step, r.version) for _, r in held), default=None)
@@ -490,11 +499,11 @@ class ControlPlane:
             if missing:
                 job.redundancy = Redundancy.LOST
             decision = Decision(name, top[0], top[1], OutcomeStatus.COMMITTED)
-            self.send_nodes((node, decision) for holders in late.values() for node in holders)
+            posts.extend((node, decision) for holders in late.values() for node in holders)
             for key in late:
                 job.unacked[key] = (decision, self.clock.now())
             out[name] = top[0]
-        return out
+        return out, posts
 
 
 def _wholly_prepared(

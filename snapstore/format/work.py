@@ -255,6 +255,8 @@ class CommitResult:
     missing: tuple[int, ...] = ()
     held: tuple[int, ...] = ()
     reason: str = ""
+    fenced: bool = False
+    """Refused unapplied: its coordinator was replaced (the node answered a newer one)."""
 
 
 @message
