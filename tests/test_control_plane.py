@@ -500,3 +500,36 @@ def test_a_node_that_answered_a_recovery_refuses_the_replaced_coordinators_decis
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_a_post_logs_refused_deliveries_and_raises_a_bug() -> None:
+    """A delivery refused as deliveries are (a SnapstoreError) is only logged, and the
+    others still go; any other error reaches the post task's error log."""
+    from snapstore.control.links import Poster
+    from snapstore.errors import SnapstoreError
+
+    loop = SimLoop()
+    got: list[str] = []
+
+    async def ok(name: str) -> None:
+        await asyncio.sleep(0.01)
+        got.append(name)
+
+    async def refused() -> None:
+        raise SnapstoreError("peer gone")
+
+    async def bug() -> None:
+        raise TypeError("not a message")
+
+    async def main() -> tuple[int, int]:
+        quiet, loud = Poster(), Poster()
+        quiet.post([("a", ok("a")), ("refused", refused()), ("b", ok("b"))])
+        loud.post([("bug", bug()), ("c", ok("c"))])
+        await asyncio.sleep(0.1)
+        return quiet.tasks.failures, loud.tasks.failures
+
+    try:
+        assert loop.run_until_complete(main()) == (0, 1)
+    finally:
+        loop.close()
+    assert sorted(got) == ["a", "b", "c"]

@@ -47,6 +47,7 @@ from snapstore.control.messages import (
     PrepareOrder,
 )
 from snapstore.control.runtime import Tasks
+from snapstore.errors import SnapstoreError
 from snapstore.format.wire import message
 from snapstore.format.work import (
     CommitResult,
@@ -202,11 +203,20 @@ class Poster:
 
     @staticmethod
     async def _all(sends: Sequence[tuple[str, Awaitable[None]]]) -> None:
+        """A delivery that failed as deliveries do (the peer is gone or refused: a
+        SnapstoreError) is logged; any other error is a bug, raised for the task's error
+        log once every delivery ended."""
         futures = [asyncio.ensure_future(send) for _, send in sends]
         _, pending = await asyncio.wait(futures, timeout=POST_TIMEOUT)
+        bug: BaseException | None = None
         for (what, _), fut in zip(sends, futures, strict=True):
             if fut in pending:
                 fut.cancel()
                 logger.info("%s: no answer within %.0f s", what, POST_TIMEOUT)
             elif not fut.cancelled() and (e := fut.exception()) is not None:
-                logger.info("%s failed: %s", what, e)
+                if isinstance(e, SnapstoreError):
+                    logger.info("%s failed: %s", what, e)
+                elif bug is None:
+                    bug = e
+        if bug is not None:
+            raise bug
