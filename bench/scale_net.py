@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapstore.bench.vloop import CAUSE, Proc
-from snapstore.control.links import AbandonReply, LeaderPost, NodePost, NodeSnapshot, Poster
+from snapstore.control.links import (
+    AbandonReply,
+    LeaderPost,
+    NodePost,
+    NodeSnapshot,
+    PerMessage,
+    Poster,
+)
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -327,27 +334,29 @@ class ScaleFabric:
 
     def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
         """Each message encoded once by the coordinator, decoded by each receiver."""
-        encoded: dict[int, Any] = {}
-        sends = []
+        wire, sends = self._wire(), []
         for node, msg in posts:
-            data = encoded.get(id(msg))
-            if data is None:
-                data = encoded[id(msg)] = _NodeLink(self.world, node, self.wire)._msg(msg)
             if isinstance(msg, PrepareOrder):
-                sends.append(self._post_one(node, "leader_prepare", _prepare_on(data, self.wire)))
+                work = _prepare_on(wire(msg), self.wire)
+                sends.append(self._post_one(node, "leader_prepare", work))
             else:
-                sends.append(self._post_one(node, "leader_decide", _decide_on(data, self.wire)))
+                sends.append(
+                    self._post_one(node, "leader_decide", _decide_on(wire(msg), self.wire))
+                )
         self._poster.post(sends)
 
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
-        encoded: dict[int, Any] = {}
-        sends = []
-        for node, msg in posts:
-            data = encoded.get(id(msg))
-            if data is None:
-                data = encoded[id(msg)] = _NodeLink(self.world, node, self.wire)._msg(msg)
-            sends.append(self._post_one(node, "decide", _member_decide(data, self.wire)))
-        self._poster.post(sends)
+        wire = self._wire()
+        self._poster.post(
+            [
+                self._post_one(node, "decide", _member_decide(wire(msg), self.wire))
+                for node, msg in posts
+            ]
+        )
+
+    def _wire(self) -> PerMessage[Any, Any]:
+        """What receivers decode: a message's bytes from the coordinator, else itself."""
+        return PerMessage(encode if self.wire else (lambda msg: msg))
 
     def _post_one(
         self, node: str, what: str, work: Callable[[Any], Coroutine[Any, Any, Any]]

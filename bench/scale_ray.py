@@ -42,7 +42,7 @@ from typing import Any
 from snapstore.config import StoreConfig
 from snapstore.control.coordinator import Coordinator
 from snapstore.control.leader import FULL_BEAT_EVERY
-from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, Poster
+from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, PerMessage, Poster
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -162,19 +162,19 @@ class StandinFabric:
     def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
         """As :class:`snapstore.control.rayfabric.RayFabric` posts: each message encoded
         once, one task awaiting every delivery."""
-        encoded: dict[int, bytes] = {}
+        wire = PerMessage(encode)
         sends = []
         for node, msg in posts:
-            data = encoded.get(id(msg)) or encoded.setdefault(id(msg), encode(msg))
+            data = wire(msg)
             method = "leader_prepare" if isinstance(msg, PrepareOrder) else "leader_decide"
             sends.append((f"{method} to {node[:12]}", self.node(node)._call(method, node, data)))
         self._poster.post(sends)
 
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
-        encoded: dict[int, bytes] = {}
+        wire = PerMessage(encode)
         sends = []
         for node, msg in posts:
-            data = encoded.get(id(msg)) or encoded.setdefault(id(msg), encode(msg))
+            data = wire(msg)
             sends.append((f"decide to {node[:12]}", self.node(node)._call("decide", node, data)))
         self._poster.post(sends)
 

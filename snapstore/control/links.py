@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from snapstore.control.messages import (
     Decision,
@@ -68,10 +68,14 @@ __all__ = [
     "NodeLink",
     "NodePost",
     "NodeSnapshot",
+    "PerMessage",
     "Poster",
 ]
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M")
+R = TypeVar("R")
 
 POST_TIMEOUT = 30.0
 """Seconds a post's deliveries are waited for before their failures are logged."""
@@ -187,6 +191,22 @@ class Fabric(Protocol):
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
         """One-way: each decision to its node's member, past its leader."""
         ...
+
+
+class PerMessage(Generic[M, R]):
+    """``fn`` of each distinct message of one post, computed once: a decision to every
+    leader is one object (encoded, or stamped, once). Keyed by identity, the message kept
+    alive beside its result so that its id stays its own for the whole post."""
+
+    def __init__(self, fn: Callable[[M], R]) -> None:
+        self._fn = fn
+        self._done: dict[int, tuple[M, R]] = {}
+
+    def __call__(self, msg: M) -> R:
+        got = self._done.get(id(msg))
+        if got is None:
+            got = self._done[id(msg)] = (msg, self._fn(msg))
+        return got[1]
 
 
 class Poster:

@@ -26,7 +26,7 @@ from snapstore.control.fallback import Fallback
 from snapstore.control.flush import Flusher
 from snapstore.control.health import stripe_health
 from snapstore.control.jobs import Job, JobRecord
-from snapstore.control.links import AbandonReply, Fabric, NodeSnapshot
+from snapstore.control.links import AbandonReply, Fabric, NodeSnapshot, PerMessage
 from snapstore.control.membership import Membership
 from snapstore.control.messages import (
     Decision,
@@ -151,34 +151,28 @@ class ControlPlane:
     def peers(self) -> dict[str, PeerInfo]:
         return {n: info.peer for n, info in self.membership.infos.items()}
 
-    def _stamped(self, decision: Decision, done: dict[int, tuple[Decision, Decision]]) -> Decision:
-        """A decision carries the epoch it is sent in (a restarted coordinator's recovery
-        fences off its predecessor's decisions by epoch: Member.snapshot). ``done``: those
-        stamped for this post, by the identity of the unstamped one (a decision to every
-        leader is stamped, and encoded, once)."""
-        got = done.get(id(decision))  # the original is kept with it: its id stays its own
-        if got is None:
-            got = done[id(decision)] = (
-                decision,
-                dataclasses.replace(decision, epoch=self.membership.epoch),
-            )
-        return got[1]
+    def _stamper(self) -> PerMessage[Decision, Decision]:
+        """Decisions carry the epoch they are sent in (a restarted coordinator's recovery
+        fences off its predecessor's decisions by term: Member.snapshot); one post stamps
+        each distinct decision once."""
+        epoch = self.membership.epoch
+        return PerMessage(lambda d: dataclasses.replace(d, epoch=epoch))
 
     def send_leaders(self, posts: Iterable[tuple[str, PrepareOrder | Decision]]) -> None:
         """Orders and decisions to group leaders, one post (see Fabric.post_leaders);
         losing one is repaired by re-sends."""
-        done: dict[int, tuple[Decision, Decision]] = {}
+        stamp = self._stamper()
         self.fabric.post_leaders(
             [
-                (leader, msg if isinstance(msg, PrepareOrder) else self._stamped(msg, done))
+                (leader, msg if isinstance(msg, PrepareOrder) else stamp(msg))
                 for leader, msg in posts
             ]
         )
 
     def send_nodes(self, posts: Iterable[tuple[str, Decision]]) -> None:
         """Decisions to members past their leaders, one post."""
-        done: dict[int, tuple[Decision, Decision]] = {}
-        self.fabric.post_nodes([(node, self._stamped(msg, done)) for node, msg in posts])
+        stamp = self._stamper()
+        self.fabric.post_nodes([(node, stamp(msg)) for node, msg in posts])
 
     # -- nodes ------------------------------------------------------------------------------------
 

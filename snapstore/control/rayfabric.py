@@ -18,7 +18,14 @@ import functools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from snapstore.control.links import AbandonReply, LeaderPost, NodePost, NodeSnapshot, Poster
+from snapstore.control.links import (
+    AbandonReply,
+    LeaderPost,
+    NodePost,
+    NodeSnapshot,
+    PerMessage,
+    Poster,
+)
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -225,15 +232,10 @@ class RayFabric:
     def _post(self, sends: list[tuple[str, str, PrepareOrder | Decision]]) -> None:
         """One encoding per message however many nodes get it (a decision goes to every
         group's leader)."""
-        encoded: dict[int, bytes] = {}
+        wire = PerMessage(encode)
         self._poster.post(
             [
-                (
-                    f"{method} to {node[:12]}",
-                    self.node(node)._call(
-                        method, encoded.get(id(msg)) or encoded.setdefault(id(msg), encode(msg))
-                    ),
-                )
+                (f"{method} to {node[:12]}", self.node(node)._call(method, wire(msg)))
                 for node, method, msg in sends
             ]
         )
