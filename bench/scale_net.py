@@ -40,6 +40,7 @@ from snapstore.control.messages import (
     NodeNotice,
     Outcome,
     PrepareOrder,
+    ReportBatch,
 )
 from snapstore.errors import ActorUnavailableError, SnapstoreError
 from snapstore.format.wire import decode, encode
@@ -252,6 +253,29 @@ class _LeaderLink:
         await self._lead("leader_beat", lambda ld: ld.beat(beat))
 
 
+class _RelayLink:
+    """The relay on a node, as leaders reach it (node to node: no wire, not counted)."""
+
+    def __init__(self, node: _NodeLink) -> None:
+        self.node = node.node
+        self._n = node
+
+    async def report(self, report: GroupReport) -> None:
+        await self._n._call("relay_report", lambda m: m.relay.report(report))
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        await self._n._call("relay_beat", lambda m: m.relay.group_beat(beat))
+
+
+def report_kind(report: GroupReport) -> str:
+    """What a report says, for the coordinator's CPU by cause."""
+    if report.applied:
+        return "applied"
+    if report.failed:
+        return "failed"
+    return "prepared" if report.version >= 0 else "staged"
+
+
 class _CoordinatorLink:
     """The coordinator as nodes reach it: every message as wire bytes, counted."""
 
@@ -284,16 +308,16 @@ class _CoordinatorLink:
 
     async def report(self, report: GroupReport) -> None:
         data = encode(report)
-        kind = (
-            "applied"
-            if report.applied
-            else "failed"
-            if report.failed
-            else "prepared"
-            if report.version >= 0
-            else "staged"
-        )
+        kind = report_kind(report)
         await self._call("report", lambda p: p.report(decode(data, GroupReport)), kind)
+
+    async def batch(self, batch: ReportBatch) -> None:
+        data = encode(batch)
+        received = self.world.received
+        for report in batch.reports:
+            received[f"batched report ({report_kind(report)})"] += 1
+        received["batched group_beat"] += len(batch.beats)
+        await self._call("batch", lambda p: p.batch(decode(data, ReportBatch)))
 
     async def group_beat(self, beat: GroupBeat) -> None:
         data = encode(beat)
@@ -331,6 +355,9 @@ class ScaleFabric:
 
     def coordinator(self) -> _CoordinatorLink:
         return _CoordinatorLink(self.world)
+
+    def relay(self, node: str) -> _RelayLink:
+        return _RelayLink(_NodeLink(self.world, node, False))
 
     def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
         """Each message encoded once by the coordinator, decoded by each receiver."""

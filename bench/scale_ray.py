@@ -51,9 +51,11 @@ from snapstore.control.messages import (
     NodeInfo,
     OutcomeStatus,
     PrepareOrder,
+    ReportBatch,
 )
 from snapstore.control.placement import plan_parity
 from snapstore.control.rayfabric import await_ref
+from snapstore.control.relay import Relay
 from snapstore.errors import ActorUnavailableError, SnapstoreError
 from snapstore.format.record import RankEntry, StepRecord
 from snapstore.format.wire import decode, encode
@@ -159,6 +161,9 @@ class StandinFabric:
     def coordinator(self) -> Any:
         raise ActorUnavailableError("the coordinator does not call itself")
 
+    def relay(self, node: str) -> Any:
+        raise ActorUnavailableError("the coordinator sends nothing through relays")
+
     def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
         """As :class:`snapstore.control.rayfabric.RayFabric` posts: each message encoded
         once, one task awaiting every delivery."""
@@ -238,6 +243,7 @@ class StandIn:
         self.changed: set[str] = set()
         """Leaders whose group saved since its last beat (its members' infos changed)."""
         self.refs: list[Any] = []
+        self.relays: dict[str, Relay] = {}
         self._never = asyncio.Event()
         self._beating: asyncio.Task[None] | None = None
         self._coord: Any = None
@@ -251,8 +257,16 @@ class StandIn:
             self._coord = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
         return self._coord
 
-    def _send(self, method: str, msg: Any) -> None:
-        """A call to the coordinator; its reply is collected in bulk (see :meth:`reap`)."""
+    def _send(self, method: str, msg: GroupReport | GroupBeat, relay: str = "") -> None:
+        """A call to the coordinator; its reply is collected in bulk (see :meth:`reap`).
+        With a ``relay`` (the group's NodeConfig.relay), through the real
+        :class:`snapstore.control.relay.Relay` of that node, kept here."""
+        if relay:
+            r = self.relays.get(relay)
+            if r is None:
+                r = self.relays[relay] = Relay(_Up(self))  # type: ignore[arg-type]
+            r.forward(msg)
+            return
         self.refs.append(getattr(self._coordinator(), method).remote(encode(msg)))
         if len(self.refs) > 4096:
             self.refs = self.refs[-1024:]
@@ -308,7 +322,7 @@ class StandIn:
             prepared=piece.to_bytes(),
             stats={"parity_seconds": 0.5, "peer_bytes": 1 << 30, "delta": False},
         )
-        self._send("report", report)
+        self._send("report", report, g.config.relay)
 
     async def leader_decide(self, node: str, data: bytes) -> None:
         d = decode(data, Decision)
@@ -320,7 +334,7 @@ class StandIn:
         ack = GroupReport(
             d.job, d.step, d.version, g.config.epoch, node, g.config.group, 0, applied=True
         )
-        self._send("report", ack)
+        self._send("report", ack, g.config.relay)
 
     # -- driving ---------------------------------------------------------------------------------
 
@@ -340,7 +354,8 @@ class StandIn:
                 infos: tuple[NodeInfo, ...] = ()
                 if full or leader in self.changed:
                     infos = tuple(info_of(n) for n in g.config.group)
-                self._send("group_beat", GroupBeat(g.config.epoch, leader, infos, {}))
+                beat = GroupBeat(g.config.epoch, leader, infos, {})
+                self._send("group_beat", beat, g.config.relay)
                 self.beats += 1
             self.changed.clear()
 
@@ -360,7 +375,7 @@ class StandIn:
                 ranks=tuple(ranks),
                 sessions={r: f"session{r:06d}/{step}" for r in ranks},
             )
-            self._send("report", report)
+            self._send("report", report, g.config.relay)
 
     async def wait_step(self, step: int, timeout: float) -> bool:
         """Whether every group this stand-in leads heard ``step`` committed within ``timeout``."""
@@ -381,6 +396,20 @@ class StandIn:
         self._coord = None
 
 
+class _Up:
+    """What a stand-in's relays forward through: the coordinator actor's ``batch``."""
+
+    def __init__(self, standin: StandIn) -> None:
+        self._standin = standin
+
+    def coordinator(self) -> _Up:
+        return self
+
+    async def batch(self, batch: ReportBatch) -> None:
+        ref = self._standin._coordinator().batch.remote(encode(batch))
+        await await_ref(ref, "coordinator.batch")
+
+
 class Sink:
     """A bare asyncio Ray actor that takes the coordinator's calls and does nothing with
     them: what one call costs Ray itself, the floor under the coordinator's cost."""
@@ -389,6 +418,9 @@ class Sink:
         return None
 
     async def report(self, data: bytes) -> None:
+        return None
+
+    async def batch(self, data: bytes) -> None:
         return None
 
     async def pid(self) -> int:

@@ -105,6 +105,13 @@ class StoreConfig:
         reports are sent again (lost messages, a new leader) [1.0].
     status_after: seconds a trainer's wait for an outcome lasts before its
         node asks the coordinator directly [5.0].
+    relay_groups: stripe groups per *relay region* [16]. The leaders of a
+        region send their reports and beats through one node of the region
+        (its relay), which forwards whatever arrived meanwhile as one message:
+        the coordinator takes one message per region where it took one per
+        group (docs/architecture.md, "Relays"). A region of a single group
+        sends straight to the coordinator; 1 gives every group a relay of its
+        own (one more hop, nothing batched: for tests); 0 turns relays off.
     transport: how SMPs read each other's chunks: "auto" (shared memory when
         both are on one host, TCP otherwise), "tcp" (always TCP) ["auto"].
     namespace: the Ray namespace of snapstore's actors ["snapstore"].
@@ -143,6 +150,7 @@ class StoreConfig:
     save_timeout: float = 300.0
     resend_interval: float = 1.0
     status_after: float = 5.0
+    relay_groups: int = 16
     transport: str = "auto"
     namespace: str = "snapstore"
     object_store_memory: int = 100 << 20
@@ -174,6 +182,11 @@ class StoreConfig:
             raise ConfigError(
                 f"resend_interval ({self.resend_interval}) and status_after "
                 f"({self.status_after}) must be > 0"
+            )
+        if not isinstance(self.relay_groups, int) or self.relay_groups < 0:
+            raise ConfigError(
+                f"relay_groups must be an integer >= 0 (0 turns relays off), "
+                f"got {self.relay_groups!r}"
             )
         if self.reprotect_delay < 0:
             raise ConfigError(f"reprotect_delay must be >= 0, got {self.reprotect_delay}")

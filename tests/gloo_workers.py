@@ -13,11 +13,16 @@ check what happens around failures, not training.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import hashlib
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +65,9 @@ class Ranks:
     ) -> None:
         ctx = context()
         self.out = ctx.Queue()
+        self.stacks = tempfile.mkdtemp(prefix="ranks-stacks-")
+        for cfg in configs:
+            cfg.setdefault("stacks", self.stacks)
         self.procs = [ctx.Process(target=target, args=(cfg, self.out)) for cfg in configs]
         self.reports: list[tuple[int, str, int, Any]] = []
 
@@ -70,6 +78,7 @@ class Ranks:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+        shutil.rmtree(self.stacks, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL every rank still running and reap it."""
@@ -87,7 +96,10 @@ class Ranks:
         while not done(self.reports):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"timed out waiting for {what}; reports: {self.reports}")
+                raise AssertionError(
+                    f"timed out waiting for {what}; reports: {self.reports}\n"
+                    f"stacks of the ranks still running:\n{self.dump_stacks()}"
+                )
             try:
                 report = self.out.get(timeout=min(left, 1.0))
             except queue.Empty:
@@ -101,6 +113,23 @@ class Ranks:
             if report[1] == "error":
                 raise AssertionError(f"rank {report[0]} failed: {report[3]}")
         return self.reports
+
+    def dump_stacks(self) -> str:
+        """Every thread's stack of each rank still running (SIGUSR1: see :func:`_setup`)."""
+        alive = [(i, p) for i, p in enumerate(self.procs) if p.is_alive() and p.pid]
+        for _, p in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(2.0)
+        parts = []
+        for i, p in alive:
+            path = os.path.join(self.stacks, f"{p.pid}.txt")
+            try:
+                with open(path) as f:
+                    parts.append(f"-- process {i} (pid {p.pid}):\n{f.read()[-6000:]}")
+            except OSError:
+                parts.append(f"-- process {i} (pid {p.pid}): no stacks written")
+        return "\n".join(parts)
 
     def of(self, kind: str) -> dict[tuple[int, int], Any]:
         """(rank, step) -> payload of every report of ``kind`` so far."""
@@ -162,6 +191,9 @@ def _setup(cfg: dict[str, Any]) -> tuple[Any, Any]:
 
     from snapstore.clients import Client
 
+    if cfg.get("stacks"):  # Ranks.dump_stacks: where a rank that hangs is
+        stacks = open(os.path.join(cfg["stacks"], f"{os.getpid()}.txt"), "w")  # noqa: SIM115
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     torch.set_num_threads(1)
     rank, world = cfg["rank"], cfg["world"]

@@ -91,6 +91,9 @@ class ScriptedFabric:
     def coordinator(self) -> Any:
         raise AssertionError("the coordinator does not call itself")
 
+    def relay(self, node: str) -> Any:
+        raise AssertionError("the coordinator sends nothing through relays")
+
     def watch(self, node: str) -> Awaitable[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.deaths[node] = fut

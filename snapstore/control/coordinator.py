@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from snapstore.config import StoreConfig
-from snapstore.control.messages import ErrorReply, GroupBeat, GroupReport, NodeInfo
+from snapstore.control.messages import ErrorReply, GroupBeat, GroupReport, NodeInfo, ReportBatch
 from snapstore.control.plane import ControlPlane
 from snapstore.control.rayfabric import RayFabric
 from snapstore.control.runtime import LoopClock
@@ -89,6 +89,10 @@ class Coordinator:
     async def group_beat(self, beat: bytes) -> None:
         await self._ready()
         await self.plane.group_beat(decode(beat, GroupBeat))
+
+    async def batch(self, batch: bytes) -> None:
+        await self._ready()
+        await self.plane.batch(decode(batch, ReportBatch))
 
     async def abandon(self, job: str, rank: int, step: int, session: str) -> bytes:
         await self._ready()

@@ -25,6 +25,9 @@ messages per *group*, whatever the number of ranks:
    most every :data:`USAGE_BEAT_EVERY` beats, and every member's every
    :data:`FULL_BEAT_EVERY` beats: an idle group's beat is a few bytes.
 
+Reports and beats go through the region's relay when the membership names
+one (:mod:`snapstore.control.relay`), straight to the coordinator otherwise.
+
 A leader holds only soft state: when it dies the coordinator names another
 member, members re-send their notices to it, and steps it was preparing are
 failed and saved again by the trainers' next step.
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from snapstore.config import StoreConfig
-from snapstore.control.links import Fabric, NodeLink
+from snapstore.control.links import Fabric, NodeLink, RelayLink
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
@@ -53,6 +56,7 @@ from snapstore.control.messages import (
 )
 from snapstore.control.orders import parity_build_orders, parity_delta_orders, same_geometry
 from snapstore.control.placement import plan_parity
+from snapstore.control.relay import Uplink
 from snapstore.control.runtime import Clock, Tasks
 from snapstore.errors import SnapstoreError
 from snapstore.format.record import RankEntry, StepRecord
@@ -122,6 +126,8 @@ class Leader:
         self.clock = clock
         self.cfg = cfg
         self.local = local
+        self.up = Uplink(fabric, self._relay())
+        """To the coordinator: through the region's relay (snapstore.control.relay)."""
         self.tasks = Tasks()
         self._steps: dict[tuple[str, int], _GroupStep] = {}
         self._beats: dict[str, tuple[NodeInfo, float]] = {}
@@ -146,6 +152,14 @@ class Leader:
         if node == self.node and self.local is not None:
             return self.local
         return self.fabric.node(node)
+
+    def _relay(self) -> RelayLink | None:
+        relay = self.config.relay
+        if not relay:
+            return None
+        if relay == self.node and self.local is not None:
+            return self.local.relay
+        return self.fabric.relay(relay)
 
     def start(self) -> None:
         now = self.clock.now()
@@ -389,7 +403,7 @@ class Leader:
                     stats={"client": client} if client else {},
                 )
                 try:
-                    await asyncio.wait_for(self.fabric.coordinator().report(report), RPC_TIMEOUT)
+                    await asyncio.wait_for(self.up.report(report), RPC_TIMEOUT)
                 except (SnapstoreError, asyncio.TimeoutError) as e:
                     logger.info("report to the coordinator failed: %s", e)
                     return
@@ -422,7 +436,7 @@ class Leader:
             stats=stats or {},
         )
         try:
-            await asyncio.wait_for(self.fabric.coordinator().report(report), RPC_TIMEOUT)
+            await asyncio.wait_for(self.up.report(report), RPC_TIMEOUT)
         except (SnapstoreError, asyncio.TimeoutError) as e:
             # The coordinator asks again (or fails the step by its timeout).
             logger.info("prepared report to the coordinator failed: %s", e)
@@ -454,7 +468,7 @@ class Leader:
             applied=True,
         )
         try:
-            await asyncio.wait_for(self.fabric.coordinator().report(ack), RPC_TIMEOUT)
+            await asyncio.wait_for(self.up.report(ack), RPC_TIMEOUT)
         except (SnapstoreError, asyncio.TimeoutError) as e:
             logger.info("decision ack to the coordinator failed: %s", e)
 
@@ -478,9 +492,7 @@ class Leader:
             }
             beat = GroupBeat(self.config.epoch, self.node, infos, silent)
             try:
-                await asyncio.wait_for(
-                    self.fabric.coordinator().group_beat(beat), self.cfg.failure_timeout
-                )
+                await asyncio.wait_for(self.up.group_beat(beat), self.cfg.failure_timeout)
             except (SnapstoreError, asyncio.TimeoutError) as e:
                 logger.debug("group beat failed: %s", e)
                 continue

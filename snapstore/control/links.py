@@ -4,6 +4,7 @@
   (the node interface of docs/architecture.md): its member agent and its
   store.
 - :class:`LeaderLink` -- the group leader hosted by a node.
+- :class:`RelayLink` -- the relay on a node, as the leaders of its region see it.
 - :class:`CoordinatorLink` -- the coordinator as nodes see it.
 - :class:`Fabric` -- finds the links, and watches nodes die.
 
@@ -45,6 +46,7 @@ from snapstore.control.messages import (
     NodeNotice,
     Outcome,
     PrepareOrder,
+    ReportBatch,
 )
 from snapstore.control.runtime import Tasks
 from snapstore.errors import SnapstoreError
@@ -70,6 +72,7 @@ __all__ = [
     "NodeSnapshot",
     "PerMessage",
     "Poster",
+    "RelayLink",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,6 +157,15 @@ class LeaderLink(Protocol):
     async def beat(self, beat: MemberBeat) -> None: ...
 
 
+class RelayLink(Protocol):
+    """The relay on a node, as the leaders of its region reach it
+    (snapstore.control.relay): casts, forwarded to the coordinator in batches."""
+
+    async def report(self, report: GroupReport) -> None: ...
+
+    async def group_beat(self, beat: GroupBeat) -> None: ...
+
+
 class CoordinatorLink(Protocol):
     """The coordinator as nodes reach it."""
 
@@ -162,6 +174,8 @@ class CoordinatorLink(Protocol):
     async def report(self, report: GroupReport) -> None: ...
 
     async def group_beat(self, beat: GroupBeat) -> None: ...
+
+    async def batch(self, batch: ReportBatch) -> None: ...
 
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply: ...
 
@@ -178,6 +192,8 @@ class Fabric(Protocol):
     def leader(self, node: str) -> LeaderLink: ...
 
     def coordinator(self) -> CoordinatorLink: ...
+
+    def relay(self, node: str) -> RelayLink: ...
 
     def watch(self, node: str) -> Awaitable[None]:
         """Completes (or raises) when the node's SMP process dies; never while it lives."""

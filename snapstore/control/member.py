@@ -46,6 +46,7 @@ from snapstore.control.messages import (
     StagedEntry,
     term_of,
 )
+from snapstore.control.relay import Relay
 from snapstore.control.runtime import Clock, Tasks
 from snapstore.errors import SnapstoreError
 from snapstore.format.record import StepRecord
@@ -124,6 +125,8 @@ class Member:
         self.describe = describe
         self.config: NodeConfig | None = None
         self.leader: Leader | None = None
+        self.relay = Relay(fabric)
+        """Forwards the reports of leaders whose relay this node is (any node may be)."""
         self.tasks = Tasks()
         self._staged: dict[tuple[str, int], dict[int, StagedEntry]] = {}
         self._staged_at: dict[tuple[str, int], float] = {}
@@ -149,6 +152,7 @@ class Member:
     def stop(self) -> None:
         self._stopped = True
         self.tasks.cancel_all()
+        self.relay.stop()
         if self.leader is not None:
             self.leader.stop()
 

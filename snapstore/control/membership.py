@@ -71,6 +71,8 @@ class Membership:
         self.groups: list[tuple[str, ...]] = []
         self.unprotected: tuple[str, ...] = ()
         self.leaders: dict[tuple[str, ...], str | None] = {}
+        self.relays: dict[tuple[str, ...], str] = {}
+        """group -> the node its leader reports through (absent: straight)."""
         self.epoch = 0
         self._group_of: dict[str, tuple[str, ...]] = {}
         self._resent: dict[str, int] = {}  # node -> epoch whose configure was sent again
@@ -116,6 +118,7 @@ class Membership:
             backend=self.cfg.backend,
             peers=peers,
             incarnation=life.incarnation if life is not None else "",
+            relay=self.relays.get(group, ""),
         )
 
     # -- what nodes say ----------------------------------------------------------------
@@ -273,9 +276,32 @@ class Membership:
         self.leaders = {}
         for g in self.all_groups():
             self.leaders[g] = next((n for n in g if self.nodes[n].readable), None)
+        self.relays = self._relays()
         for node in self.readable():
             self.tasks.spawn(self._configure(node), f"configure {node[:12]}")
         self.on_epoch(reason)
+
+    def _relays(self) -> dict[tuple[str, ...], str]:
+        """Each region of ``relay_groups`` consecutive groups reports through one of its
+        readable nodes that leads no group (a leader if all do): see
+        snapstore.control.relay. A region of one group sends straight, unless
+        ``relay_groups`` is 1."""
+        size = self.cfg.relay_groups
+        groups = self.all_groups()
+        relays: dict[tuple[str, ...], str] = {}
+        if size <= 0:
+            return relays
+        leading = {n for n in self.leaders.values() if n}
+        for i in range(0, len(groups), size):
+            region = groups[i : i + size]
+            if len(region) < min(size, 2):
+                continue
+            nodes = [n for g in region for n in g if self.nodes[n].readable]
+            relay = next((n for n in nodes if n not in leading), nodes[0] if nodes else "")
+            for g in region:
+                if relay:
+                    relays[g] = relay
+        return relays
 
     async def _configure(self, node: str) -> None:
         config = self.config_for(node)

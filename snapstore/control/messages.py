@@ -41,6 +41,7 @@ __all__ = [
     "Outcome",
     "OutcomeStatus",
     "PrepareOrder",
+    "ReportBatch",
     "RestorePlan",
     "StagedEntry",
     "next_term",
@@ -103,6 +104,9 @@ class NodeConfig:
     backend: str
     peers: dict[str, PeerInfo] = field(default_factory=dict)
     incarnation: str = ""
+    relay: str = ""
+    """The node the group's leader sends its reports and beats through ("": straight to
+    the coordinator; see snapstore.control.relay)."""
 
 
 @message
@@ -174,6 +178,16 @@ class GroupBeat:
     leader: str
     infos: tuple[NodeInfo, ...]
     silent: dict[str, float] = field(default_factory=dict)
+
+
+@message
+@dataclass(frozen=True)
+class ReportBatch:
+    """Relay -> coordinator: the reports and beats of a region's leaders that reached the
+    relay while its last batch was on its way (snapstore.control.relay)."""
+
+    reports: tuple[GroupReport, ...] = ()
+    beats: tuple[GroupBeat, ...] = ()
 
 
 @message

@@ -38,6 +38,7 @@ from snapstore.control.messages import (
     Outcome,
     OutcomeStatus,
     PrepareOrder,
+    ReportBatch,
     RestorePlan,
     next_term,
 )
@@ -189,6 +190,17 @@ class ControlPlane:
         await self._started()
         self.membership.heard_epoch(beat.epoch, beat.leader)
         self.membership.group_beat(beat)
+
+    async def batch(self, batch: ReportBatch) -> None:
+        """A relay's batch (snapstore.control.relay): its reports and beats, in order."""
+        await self._started()
+        membership = self.membership
+        for beat in batch.beats:
+            membership.heard_epoch(beat.epoch, beat.leader)
+            membership.group_beat(beat)
+        for report in batch.reports:
+            membership.heard_epoch(report.epoch, report.leader)
+            self.commits.on_report(report)
 
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
         await self._started()

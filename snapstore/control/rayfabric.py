@@ -36,6 +36,7 @@ from snapstore.control.messages import (
     NodeNotice,
     Outcome,
     PrepareOrder,
+    ReportBatch,
 )
 from snapstore.errors import ActorUnavailableError, SnapstoreError
 from snapstore.format.wire import decode, encode
@@ -165,6 +166,18 @@ class _RayLeader:
         await self._n._call("leader_beat", encode(beat))
 
 
+class _RayRelay:
+    def __init__(self, node: _RayNode) -> None:
+        self.node = node.node
+        self._n = node
+
+    async def report(self, report: GroupReport) -> None:
+        await self._n._call("relay_report", encode(report))
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        await self._n._call("relay_beat", encode(beat))
+
+
 class _RayCoordinator:
     def __init__(self, handles: _Handles) -> None:
         self._handles = handles
@@ -186,6 +199,9 @@ class _RayCoordinator:
 
     async def group_beat(self, beat: GroupBeat) -> None:
         await self._call("group_beat", encode(beat))
+
+    async def batch(self, batch: ReportBatch) -> None:
+        await self._call("batch", encode(batch))
 
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
         return decode(await self._call("abandon", job, rank, step, session), AbandonReply)
@@ -217,6 +233,9 @@ class RayFabric:
 
     def coordinator(self) -> _RayCoordinator:
         return _RayCoordinator(self._handles)
+
+    def relay(self, node: str) -> _RayRelay:
+        return _RayRelay(self.node(node))
 
     def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
         self._post(

@@ -40,6 +40,8 @@ from snapstore.config import StoreConfig
 from snapstore.control.member import Member
 from snapstore.control.messages import (
     Decision,
+    GroupBeat,
+    GroupReport,
     MemberBeat,
     NodeConfig,
     NodeInfo,
@@ -234,6 +236,14 @@ class SMP:
 
     async def leader_prepare(self, order: bytes) -> None:
         await self._leader().prepare(decode(order, PrepareOrder))
+
+    # -- the relay hosted here (any node's, for the leaders that name it) ---------------------
+
+    async def relay_report(self, report: bytes) -> None:
+        await self.member.relay.report(decode(report, GroupReport))
+
+    async def relay_beat(self, beat: bytes) -> None:
+        await self.member.relay.group_beat(decode(beat, GroupBeat))
 
     async def leader_decide(self, decision: bytes) -> None:
         leader = self.member.leader

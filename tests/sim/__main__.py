@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plant", default=None, help="run with a planted bug (tests.sim.plant)")
     p.add_argument("--stop-after", type=int, default=1, help="stop after this many violations [1]")
     p.add_argument("--jobs", type=int, default=1, help="processes to run schedules in [1]")
+    p.add_argument(
+        "--relays",
+        choices=("random", "on", "off"),
+        default="random",
+        help="leaders report through relays: in half the schedules (by seed), all, none",
+    )
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -43,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(args.jobs) as pool:
             results = pool.starmap(
-                _run, [(c, args.plant, args.trace, args.stop_after) for c in chunks]
+                _run,
+                [(c, args.plant, args.trace, args.stop_after, args.relays) for c in chunks],
             )
     else:
-        results = [_run(seeds, args.plant, args.trace, args.stop_after)]
+        results = [_run(seeds, args.plant, args.trace, args.stop_after, args.relays)]
     ran = sum(r[0] for r in results)
     steps = sum(r[1] for r in results)
     reports = [rep for r in results for rep in r[2]]
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(
-    seeds: list[int], plant_name: str | None, trace: bool, stop_after: int
+    seeds: list[int], plant_name: str | None, trace: bool, stop_after: int, relays: str = "random"
 ) -> tuple[int, int, list[tuple[int, str]]]:
     """Run ``seeds`` in this process: (schedules run, callbacks, [(seed, report)])."""
     from tests.sim.plant import plant
@@ -71,7 +78,7 @@ def _run(
     steps = ran = 0
     try:
         for seed in seeds:
-            world = run_schedule(seed, plant_name, root, trace)
+            world = run_schedule(seed, plant_name, root, trace, relays)
             ran += 1
             steps += world.loop.steps
             v = world.violation  # type: ignore[attr-defined]
@@ -82,7 +89,10 @@ def _run(
                 lines = [f"seed {seed}: VIOLATION {v}", f"  schedule: {world.spec}"]
                 lines.append("  last events:")
                 lines.extend(f"    {line}" for line in world.trace[-40:])
-                lines.append(f"  replay: python -m tests.sim --seed {seed} --schedules 1 --trace")
+                again = "" if relays == "random" else f" --relays {relays}"
+                lines.append(
+                    f"  replay: python -m tests.sim --seed {seed} --schedules 1 --trace{again}"
+                )
                 reports.append((seed, "\n".join(lines)))
                 if len(reports) >= stop_after:
                     break

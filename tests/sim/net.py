@@ -28,6 +28,7 @@ from snapstore.control.messages import (
     NodeNotice,
     Outcome,
     PrepareOrder,
+    ReportBatch,
 )
 from snapstore.control.runtime import Tasks
 from snapstore.errors import ActorUnavailableError, SnapstoreError
@@ -196,6 +197,17 @@ class SimLeader(_Link):
         await self._call("leader_decide", run, oneway=True)
 
 
+class SimRelay(_Link):
+    """The relay on a node (any node's member has one)."""
+
+    async def report(self, report: GroupReport) -> None:
+        report = self.world.wire(report, GroupReport)
+        await self._call("relay_report", lambda m: m.relay.report(report), oneway=True)
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        await self._call("relay_beat", lambda m: m.relay.group_beat(beat), oneway=True)
+
+
 class SimCoordinator:
     def __init__(self, world: World) -> None:
         self.world = world
@@ -224,6 +236,10 @@ class SimCoordinator:
     async def group_beat(self, beat: GroupBeat) -> None:
         await self._call("group_beat", lambda p: p.group_beat(beat), oneway=True)
 
+    async def batch(self, batch: ReportBatch) -> None:
+        batch = self.world.wire(batch, ReportBatch)
+        await self._call("batch", lambda p: p.batch(batch), oneway=True)
+
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
         return await self._call("abandon", lambda p: p.abandon(job, rank, step, session))
 
@@ -250,6 +266,9 @@ class SimFabric:
 
     def coordinator(self) -> SimCoordinator:
         return SimCoordinator(self.world)
+
+    def relay(self, node: str) -> SimRelay:
+        return SimRelay(self.world, node)
 
     def post_leaders(self, posts: Sequence[LeaderPost]) -> None:
         """Each message its own delivery, delayed and reordered like any other (one task

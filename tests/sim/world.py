@@ -65,10 +65,17 @@ class Spec:
     faults: list[tuple[float, str]]
     deltas: bool
     encode_share: float
+    relay_groups: int = 0
+    """StoreConfig.relay_groups: 0 (leaders report straight), 1 or 2 (through relays)."""
     full_trace: bool = False
 
     @classmethod
-    def random(cls, seed: int) -> Spec:
+    def random(cls, seed: int, relays: str = "random") -> Spec:
+        """``relays``: "random" (half the schedules), "on" or "off". Drawn from a generator
+        of its own: with relays off, a seed runs the schedule it ran before relays existed."""
+        if relays == "random":
+            relays = "on" if random.Random(seed * 104729 + 3).random() < 0.5 else "off"
+        relay_groups = 1 + random.Random(seed * 15485863 + 5).randint(0, 1) if relays == "on" else 0
         rng = random.Random(seed * 7919 + 17)
         k, m = rng.choice([(2, 1), (3, 1), (2, 2)])
         nodes = rng.randint(k + m, k + m + 2)
@@ -105,6 +112,7 @@ class Spec:
             faults=faults,
             deltas=rng.random() < 0.5,
             encode_share=0.05,
+            relay_groups=relay_groups,
         )
 
 
@@ -147,6 +155,7 @@ class World:
             persist_keep=2,
             persist_bandwidth=0,
             persist_timeout=60.0,
+            relay_groups=spec.relay_groups,
         )
         self.fabric = SimFabric(self)
         self.nodes: dict[str, SimSMP] = {}
@@ -381,9 +390,13 @@ class World:
 
 
 def run_schedule(
-    seed: int, plant: str | None = None, root: str | None = None, trace: bool = False
+    seed: int,
+    plant: str | None = None,
+    root: str | None = None,
+    trace: bool = False,
+    relays: str = "random",
 ) -> World:
-    spec = Spec.random(seed)
+    spec = Spec.random(seed, relays)
     spec.full_trace = trace
     world = World(spec, plant, root)
     world.violation = world.run()  # type: ignore[attr-defined]

@@ -1,0 +1,234 @@
+"""Relays (snapstore.control.relay), without Ray, on the simulation's virtual-time loop.
+
+- the membership names one relay per region of ``relay_groups`` groups, a node of
+  the region that leads no group, and none for a region of one group (unless
+  ``relay_groups`` is 1) or with relays off;
+- a relay forwards at once when idle and batches what arrives while a batch is
+  on its way, in order; a batch the coordinator does not take is dropped and
+  the next one still goes;
+- a leader's uplink goes straight to the coordinator when its relay refuses or
+  does not answer within RELAY_TIMEOUT;
+- the coordinator takes a batch as it takes each of its reports and beats.
+
+The simulation (``python -m tests.sim``) runs half its schedules with relays on,
+crashing and stalling relay nodes among the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from snapstore.bench.vloop import SimLoop
+from snapstore.config import StoreConfig
+from snapstore.control.events import EventLog
+from snapstore.control.membership import Membership
+from snapstore.control.messages import GroupBeat, GroupReport, NodeInfo, ReportBatch
+from snapstore.control.relay import RELAY_TIMEOUT, Relay, Uplink
+from snapstore.control.runtime import LoopClock, Tasks
+from snapstore.errors import ActorUnavailableError
+from snapstore.format.work import PeerInfo
+
+from tests.test_control_plane import ScriptedFabric, run
+
+
+def _on_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = SimLoop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _membership(nodes: int, k: int, m: int, relay_groups: int) -> Membership:
+    cfg = StoreConfig(k=k, m=m, nodes=nodes, relay_groups=relay_groups)
+    ms = Membership(
+        cfg,
+        LoopClock(0.0),
+        EventLog(),
+        ScriptedFabric(),  # type: ignore[arg-type]
+        Tasks(),
+        lambda reason: None,
+        lambda node, phase: None,
+    )
+    for i in range(nodes):
+        n = f"n{i:02d}" + "0" * 29
+        ms.register(NodeInfo(n, "inc1", PeerInfo(n, "host", "/d", "127.0.0.1", 0)))
+    return ms
+
+
+def test_membership_names_one_relay_per_region_that_leads_no_group() -> None:
+    async def main() -> None:
+        ms = _membership(nodes=16, k=1, m=1, relay_groups=3)
+        groups = ms.all_groups()
+        assert len(groups) >= 6
+        leaders = {ms.leader_of(g) for g in groups}
+        regions = [groups[i : i + 3] for i in range(0, len(groups), 3)]
+        if len(regions[-1]) == 1:
+            assert regions[-1][0] not in ms.relays, "a region of one group sends straight"
+            regions.pop()
+        for region in regions:
+            relays = {ms.relays[g] for g in region}
+            assert len(relays) == 1, relays
+            relay = relays.pop()
+            assert relay in {n for g in region for n in g}, "a node of its own region"
+            assert relay not in leaders, "a node that leads no group"
+            for g in region:
+                assert ms.config_for(g[1]).relay == relay
+        assert len({ms.relays[r[0]] for r in regions}) == len(regions)
+        ms.tasks.cancel_all()
+
+    _on_loop(main)
+
+
+def test_a_region_of_one_group_and_relays_off_send_straight() -> None:
+    async def main() -> None:
+        one = _membership(nodes=4, k=3, m=1, relay_groups=16)
+        assert one.relays == {} and one.config_for(one.all_groups()[0][0]).relay == ""
+        off = _membership(nodes=16, k=1, m=1, relay_groups=0)
+        assert off.relays == {}
+        each = _membership(nodes=4, k=3, m=1, relay_groups=1)  # for tests: a relay apiece
+        (group,) = each.all_groups()
+        assert each.relays[group] in group and each.relays[group] != each.leader_of(group)
+        for ms in (one, off, each):
+            ms.tasks.cancel_all()
+
+    _on_loop(main)
+
+
+class _Coordinator:
+    """A coordinator link whose ``batch`` waits for ``release`` (a batch on its way)."""
+
+    def __init__(self) -> None:
+        self.batches: list[ReportBatch] = []
+        self.straight: list[Any] = []
+        self.release = asyncio.Event()
+        self.refuse = False
+
+    def coordinator(self) -> _Coordinator:
+        return self
+
+    async def batch(self, batch: ReportBatch) -> None:
+        self.batches.append(batch)
+        await self.release.wait()
+        if self.refuse:
+            raise ActorUnavailableError("coordinator.batch: actor unavailable (dead)")
+
+    async def report(self, report: GroupReport) -> None:
+        self.straight.append(report)
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        self.straight.append(beat)
+
+
+def _report(step: int, leader: str = "L") -> GroupReport:
+    return GroupReport("job", step, -1, 1, leader, (leader,), 8, (0,), {0: f"s/{step}"})
+
+
+async def _settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_relay_forwards_at_once_then_batches_what_arrives_meanwhile_in_order() -> None:
+    async def main() -> None:
+        up = _Coordinator()
+        relay = Relay(up)  # type: ignore[arg-type]
+        await relay.report(_report(1))
+        await _settle()
+        assert [len(b.reports) for b in up.batches] == [1], "an idle relay forwards at once"
+        await relay.report(_report(2, "A"))
+        await relay.group_beat(GroupBeat(1, "B", (), {}))
+        await relay.report(_report(2, "C"))
+        await _settle()
+        assert len(up.batches) == 1, "nothing else goes while a batch is on its way"
+        up.release.set()
+        await _settle()
+        assert len(up.batches) == 2
+        assert [r.leader for r in up.batches[1].reports] == ["A", "C"]
+        assert [b.leader for b in up.batches[1].beats] == ["B"]
+        assert relay.batches == 2 and relay.forwarded == 4
+        relay.stop()
+
+    _on_loop(main)
+
+
+def test_a_batch_the_coordinator_refuses_is_dropped_and_the_next_still_goes() -> None:
+    async def main() -> None:
+        up = _Coordinator()
+        up.refuse = True
+        relay = Relay(up)  # type: ignore[arg-type]
+        await relay.report(_report(1))
+        await _settle()
+        await relay.report(_report(2))
+        up.release.set()
+        await _settle()
+        assert [[r.step for r in b.reports] for b in up.batches] == [[1], [2]]
+        up.refuse = False
+        await relay.report(_report(3))
+        await _settle()
+        assert [r.step for r in up.batches[-1].reports] == [3]
+        relay.stop()
+
+    _on_loop(main)
+
+
+class _DeadRelay:
+    async def report(self, report: GroupReport) -> None:
+        raise ActorUnavailableError("SMP relay_report: actor unavailable (dead)")
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        raise ActorUnavailableError("SMP relay_beat: actor unavailable (dead)")
+
+
+class _StalledRelay:
+    async def report(self, report: GroupReport) -> None:
+        await asyncio.sleep(3600)
+
+    async def group_beat(self, beat: GroupBeat) -> None:
+        await asyncio.sleep(3600)
+
+
+def test_uplink_sends_straight_when_its_relay_is_dead_or_stalled() -> None:
+    async def main() -> None:
+        up = _Coordinator()
+        dead = Uplink(up, _DeadRelay())  # type: ignore[arg-type]
+        await dead.report(_report(1))
+        await dead.group_beat(GroupBeat(1, "L", (), {}))
+        assert [type(x).__name__ for x in up.straight] == ["GroupReport", "GroupBeat"]
+
+        loop = asyncio.get_running_loop()
+        stalled = Uplink(up, _StalledRelay())  # type: ignore[arg-type]
+        t0 = loop.time()
+        await stalled.report(_report(2))
+        assert loop.time() - t0 == RELAY_TIMEOUT
+        assert up.straight[-1].step == 2
+
+        relay = Relay(up)  # type: ignore[arg-type]
+        up.release.set()
+        through = Uplink(up, relay)
+        await through.report(_report(3))
+        await _settle()
+        assert up.batches[-1].reports[0].step == 3 and up.straight[-1].step == 2
+        relay.stop()
+
+    _on_loop(main)
+
+
+def test_the_coordinator_takes_a_batch_as_each_of_its_messages() -> None:
+    async def test(plane: Any, fabric: ScriptedFabric) -> None:
+        group = plane.membership.all_groups()[0]
+        leader = plane.membership.leader_of(group)
+        epoch = plane.membership.epoch
+        sessions = {r: f"sess{r}/1" for r in range(4)}
+        staged = GroupReport("job", 1, -1, epoch, leader, group, 4, tuple(range(4)), sessions)
+        silent = {group[1]: 2.5}
+        await plane.batch(ReportBatch((staged,), (GroupBeat(epoch, leader, (), silent),)))
+        orders = fabric.sent("prepare")
+        assert len(orders) == 1 and orders[0].sessions == sessions, "staged: prepare ordered"
+        assert plane.membership.phase(group[1]).value == "suspect", "the beat was taken"
+
+    run(test)
+
+
