@@ -49,9 +49,22 @@ CAUSES = {
     "report (applied)": "acks",
     "report (failed)": "failed reports",
     "group_beat": "group beats",
+    "batch": "relay batches: decode",
     "register": "registrations",
     "": "timers",
 }
+"""Coordinator CPU by cause: each message's own, where it came in a relay's batch too
+(ScaleWorld._split_batches); "batch" keeps what is the batch's (its decode)."""
+
+
+def _calls_in(received: dict[str, float]) -> float:
+    """Calls the coordinator took (a batch is one; the messages in it are counted apart)."""
+    return sum(v for k, v in received.items() if not k.startswith("batched "))
+
+
+def _received(received: dict[str, float], kind: str) -> float:
+    """Messages of ``kind`` the coordinator took, straight or in batches."""
+    return received.get(kind, 0.0) + received.get(f"batched {kind}", 0.0)
 
 
 def _ms(x: float) -> str:
@@ -97,7 +110,14 @@ def sim_tables(results: list[SizeResult], net: NetModel) -> list[Table]:
     )
     causes = Table(
         "Simulated: coordinator CPU per step by cause (ms), and calls it received per step",
-        ["nodes x ranks", *CAUSES.values(), "calls in", "staged reports per group"],
+        [
+            "nodes x ranks",
+            *CAUSES.values(),
+            "calls in",
+            "of them batches",
+            "messages per batch",
+            "staged reports per group",
+        ],
     )
     for r in results:
         label = f"{r.shape.nodes} x {r.shape.ranks}"
@@ -124,11 +144,16 @@ def sim_tables(results: list[SizeResult], net: NetModel) -> list[Table]:
             _ms(free),
             f"{free / net.latency:.1f}",
         )
-        staged = r.received_per_step.get("report (staged)", 0.0)
+        got = r.received_per_step
+        staged = _received(got, "report (staged)")
+        batches = got.get("batch", 0.0)
+        batched = sum(v for k, v in got.items() if k.startswith("batched "))
         causes.add(
             label,
             *(_ms(r.cpu_by_per_step.get(k, 0.0)) for k in CAUSES),
-            f"{sum(r.received_per_step.values()):.0f}",
+            f"{_calls_in(got):.0f}",
+            f"{batches:.0f}",
+            f"{batched / batches:.1f}" if batches else "-",
             f"{staged / max(1, r.groups):.1f}",
         )
     return [steps, latency, causes]

@@ -29,7 +29,6 @@ from snapstore.control.relay import RELAY_TIMEOUT, Relay, Uplink
 from snapstore.control.runtime import LoopClock, Tasks
 from snapstore.errors import ActorUnavailableError
 from snapstore.format.work import PeerInfo
-
 from tests.test_control_plane import ScriptedFabric, run
 
 
@@ -47,7 +46,7 @@ def _membership(nodes: int, k: int, m: int, relay_groups: int) -> Membership:
         cfg,
         LoopClock(0.0),
         EventLog(),
-        ScriptedFabric(),  # type: ignore[arg-type]
+        ScriptedFabric(),
         Tasks(),
         lambda reason: None,
         lambda node, phase: None,
@@ -207,7 +206,7 @@ def test_uplink_sends_straight_when_its_relay_is_dead_or_stalled() -> None:
 
         relay = Relay(up)  # type: ignore[arg-type]
         up.release.set()
-        through = Uplink(up, relay)
+        through = Uplink(up, relay)  # type: ignore[arg-type]
         await through.report(_report(3))
         await _settle()
         assert up.batches[-1].reports[0].step == 3 and up.straight[-1].step == 2
@@ -230,5 +229,3 @@ def test_the_coordinator_takes_a_batch_as_each_of_its_messages() -> None:
         assert plane.membership.phase(group[1]).value == "suspect", "the beat was taken"
 
     run(test)
-
-

@@ -11,7 +11,6 @@ mappings; the TCP path runs against one DataServer per fake node on loopback.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -194,7 +193,7 @@ def build(
         assert result.bad_sources == ()
         assert len(result.sums) == len(record.parity_on(node))
         sums[node] = iter(result.sums)
-    parity = tuple(dataclasses.replace(p, sum=next(sums[p.node])) for p in record.parity)
+    parity = tuple(p._replace(sum=next(sums[p.node])) for p in record.parity)
     store.record = record.replace(parity=parity)
     for node in {p.node for p in parity}:
         store.parity[node] = (dirs[node] / parity_name(JOB, STEP, 0)).read_bytes()
@@ -633,7 +632,7 @@ def test_rank_restorable_when_home_alive_or_group_unknown(store: FakeStore) -> N
     for r, e in rec.ranks.items():
         assert rank_restorable(rec, r, {e.node})
     # A home in no group of the record cannot be rebuilt from anything.
-    stray = rec.replace(ranks={**rec.ranks, 0: dataclasses.replace(rec.ranks[0], node="zz")})
+    stray = rec.replace(ranks={**rec.ranks, 0: rec.ranks[0]._replace(node="zz")})
     assert not rank_restorable(stray, 0, everyone)
 
 

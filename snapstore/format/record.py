@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -90,17 +90,18 @@ def _rank_entries(rows: Any) -> dict[int, RankEntry]:
     }
 
 
-@dataclass(frozen=True)
-class RankEntry:
-    """One rank's staged buffer: on ``node``, ``size`` bytes, k piece checksums."""
+class RankEntry(NamedTuple):
+    """One rank's staged buffer: on ``node``, ``size`` bytes, k piece checksums.
+
+    The entries are named tuples, not dataclasses: a record holds one per rank and parity
+    chunk, and a frozen dataclass costs three times as much to build."""
 
     node: str
     size: int
     sums: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class ParityEntry:
+class ParityEntry(NamedTuple):
     """One parity chunk: stripe ``stripe`` of group ``group``, RS index ``index`` (k..k+m-1).
 
     It lives on ``node`` at ``offset`` in that node's parity file of the step,
@@ -109,7 +110,7 @@ class ParityEntry:
 
     group: int
     stripe: int
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index
     node: str
     offset: int
     length: int
