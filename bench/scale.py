@@ -382,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="measured steps per size [5]")
     p.add_argument("--idle", type=float, default=10.0, help="idle window, s [10]")
     p.add_argument("--standins", type=int, default=4, help="stand-in actors over Ray [4]")
+    p.add_argument(
+        "--relay-groups",
+        type=int,
+        default=StoreConfig.relay_groups,
+        help=f"groups per relay region, 0: no relays [{StoreConfig.relay_groups}]",
+    )
     p.add_argument("--png", default=None, help="figure path (default: next to --json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -398,11 +404,19 @@ def main(argv: list[str] | None = None) -> int:
         "bench.scale",
         f"k={args.k} m={args.m}, {args.ranks} ranks x {args.rank_bytes} per node, "
         f"one-way delay {args.latency * 1e3:.1f} ms, byte work {args.mem_bw / 1e9:.1f} GB/s, "
-        f"network {args.net_bw / 1e9:.1f} GB/s per node",
+        f"network {args.net_bw / 1e9:.1f} GB/s per node, "
+        f"{args.relay_groups or 'no'} groups per relay region",
     )
     results: list[SizeResult] = []
     for n in sizes:
-        shape = Shape(n, args.ranks, parse_size(args.rank_bytes), args.k, args.m)
+        shape = Shape(
+            n,
+            args.ranks,
+            parse_size(args.rank_bytes),
+            args.k,
+            args.m,
+            relay_groups=args.relay_groups,
+        )
         t0 = time.perf_counter()
         r = measure(shape, net, model, args.warmup, args.steps, args.idle)
         results.append(r)
@@ -417,7 +431,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             points = measure_ray(
                 ray_sizes,
-                Shape(4, args.ranks, parse_size(args.rank_bytes), args.k, args.m),
+                Shape(
+                    4,
+                    args.ranks,
+                    parse_size(args.rank_bytes),
+                    args.k,
+                    args.m,
+                    relay_groups=args.relay_groups,
+                ),
                 args.standins,
                 args.idle,
                 args.steps,

@@ -459,7 +459,9 @@ def _one(
 
     from snapstore.node.store import COORDINATOR_NAME
 
-    cfg = StoreConfig(k=shape.k, m=shape.m, nodes=n, persist_dir="")
+    cfg = StoreConfig(
+        k=shape.k, m=shape.m, nodes=n, persist_dir="", relay_groups=shape.relay_groups
+    )
     count = max(1, min(standins, n // (shape.k + shape.m)))
     blocks: list[list[str]] = [[] for _ in range(count)]
     for i in range(n):

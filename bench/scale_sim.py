@@ -68,6 +68,8 @@ class Shape:
     m: int = 2
     jitter: float = 0.002
     """Ranks start each save up to this many seconds apart."""
+    relay_groups: int = StoreConfig.relay_groups
+    """Groups per relay region (StoreConfig.relay_groups; 0: leaders report straight)."""
 
     @property
     def world_size(self) -> int:
@@ -223,6 +225,7 @@ class ScaleWorld:
             nodes=shape.nodes,
             memory_per_node=1 << 40,
             persist_dir="",
+            relay_groups=shape.relay_groups,
         )
         self.nodes: dict[str, SimNode] = {}
         self.spans: list[OpSpan] = []

@@ -124,6 +124,16 @@ def _counters(metrics: Mapping[str, Any]) -> Iterator[Metric]:
     )
     yield counter("snapstore_restores", "Rank restores served.", "events_total:restore")
     yield counter(
+        "snapstore_relay_batches",
+        "Batches of leaders' reports and beats the coordinator took from relays.",
+        "relay_batches_total",
+    )
+    yield counter(
+        "snapstore_relayed_messages",
+        "Reports and beats that reached the coordinator in relays' batches.",
+        "relayed_messages_total",
+    )
+    yield counter(
         "snapstore_rebuilt_bytes",
         "Bytes rebuilt from stripe groups (lost nodes, corrupt chunks).",
         "rebuilt_bytes_total",

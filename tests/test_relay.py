@@ -229,3 +229,12 @@ def test_the_coordinator_takes_a_batch_as_each_of_its_messages() -> None:
         assert plane.membership.phase(group[1]).value == "suspect", "the beat was taken"
 
     run(test)
+
+
+def test_relay_groups_must_be_a_count() -> None:
+    import pytest
+
+    from snapstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="relay_groups must be an integer >= 0"):
+        StoreConfig(relay_groups=-1)

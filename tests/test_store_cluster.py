@@ -3,6 +3,11 @@
 One cluster serves the module; tests run in order and the destructive
 node-loss test comes last. Ranks are Ray actors pinned to their nodes that
 save and restore deterministic states through the real client.
+
+The store runs with ``relay_groups=1``: its one group's leader reports through
+a relay (another member's SMP), so every kill here also kills, or strands, a
+relay sometimes -- the real Ray path of snapstore.control.relay, which a 4-node
+store with the default (a region of one group sends straight) never takes.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ def store() -> Any:
     # A killed SMP must be back before its node is declared lost, or it comes back
     # empty (no re-adoption): on a loaded 2-core machine Ray reports the death after
     # about a second and restarts the SMP in one or two more, past conftest's 1 s.
-    with running_store(nodes=4, k=3, m=1, memory_per_node="64MiB", reprotect_delay=3.0) as s:
+    with running_store(
+        nodes=4, k=3, m=1, memory_per_node="64MiB", reprotect_delay=3.0, relay_groups=1
+    ) as s:
         yield s
 
 
@@ -74,6 +81,9 @@ def test_round_trip_bitwise(store: Any, cluster: dict[str, Any]) -> None:
     st = job_status(store, JOB)
     assert st["latest_step"] == 3 and st["status"] == "protected"
     assert {s["status"] for s in st["record"]["stripes"]} == {"healthy"}
+    # The group's reports came through its relay: three per step, plus beats.
+    counters = store.status(events=0)["metrics"]["counters"]
+    assert counters.get("relayed_messages_total", 0) >= 3 * 3, counters
 
 
 def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, Any]) -> None:

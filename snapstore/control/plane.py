@@ -194,6 +194,9 @@ class ControlPlane:
     async def batch(self, batch: ReportBatch) -> None:
         """A relay's batch (snapstore.control.relay): its reports and beats, in order."""
         await self._started()
+        counters = self.events.metrics.counters
+        counters["relay_batches_total"] += 1
+        counters["relayed_messages_total"] += len(batch.beats) + len(batch.reports)
         membership = self.membership
         for beat in batch.beats:
             membership.heard_epoch(beat.epoch, beat.leader)
