@@ -317,8 +317,6 @@ class StandIn:
             node,
             g.config.group,
             order.world_size,
-            ranks=tuple(sorted(order.sessions)),
-            sessions=dict(order.sessions),
             prepared=piece.to_bytes(),
             stats={"parity_seconds": 0.5, "peer_bytes": 1 << 30, "delta": False},
         )
@@ -372,7 +370,6 @@ class StandIn:
                 leader,
                 g.config.group,
                 self.world_size,
-                ranks=tuple(ranks),
                 sessions={r: f"session{r:06d}/{step}" for r in ranks},
             )
             self._send("report", report, g.config.relay)

@@ -148,9 +148,7 @@ def _group(plane: ControlPlane) -> tuple[tuple[str, ...], str]:
 async def _staged(plane: ControlPlane, step: int, sessions: dict[int, str]) -> PrepareOrder:
     """Both ranks of the job staged ``step``: returns the prepare order the leader got."""
     group, leader = _group(plane)
-    report = GroupReport(
-        JOB, step, -1, plane.membership.epoch, leader, group, 2, tuple(sessions), dict(sessions)
-    )
+    report = GroupReport(JOB, step, -1, plane.membership.epoch, leader, group, 2, dict(sessions))
     await plane.report(report)
     await asyncio.sleep(0.01)
     fabric = plane.fabric
@@ -182,8 +180,6 @@ async def _prepared(plane: ControlPlane, order: PrepareOrder) -> None:
         leader,
         group,
         order.world_size,
-        tuple(order.sessions),
-        dict(order.sessions),
         prepared=piece.to_bytes(),
     )
     await plane.report(report)
@@ -237,7 +233,7 @@ def test_a_restore_during_a_prepare_ends_the_step_and_every_rank_gets_one_step()
         assert all(d.status is OutcomeStatus.FAILED for d in _decisions(fabric, 2))
         # The dead incarnation's stagings of step 2, reported again, are refused...
         group, leader = _group(plane)
-        late = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, (0,), {0: "a/2"})
+        late = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, {0: "a/2"})
         await plane.report(late)
         await asyncio.sleep(0.01)
         assert not plane.jobs[JOB].attempts
@@ -256,7 +252,7 @@ def test_a_process_that_did_not_restore_is_told_to() -> None:
         assert isinstance(plan, RestorePlan)
         group, leader = _group(plane)
         # Rank 1's old process saves on: refused, and told it must restore.
-        stale = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, (1,), {1: "b/2"})
+        stale = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, {1: "b/2"})
         await plane.report(stale)
         await asyncio.sleep(0.01)
         refused = [d for d in _decisions(fabric, 2) if "b/2" in d.sessions]
@@ -279,7 +275,7 @@ def test_after_a_coordinator_restart_stagings_of_ended_processes_are_refused() -
         # that the restored ranks did not take.
         group, leader = _group(plane)
         old = {0: "a/2", 1: "b/2"}
-        late = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, (0, 1), old)
+        late = GroupReport(JOB, 2, -1, plane.membership.epoch, leader, group, 2, old)
         await plane.report(late)
         await asyncio.sleep(0.01)
         assert not plane.jobs[JOB].attempts
@@ -297,7 +293,7 @@ def test_a_node_in_a_newer_epoch_moves_the_coordinator_past_it() -> None:
     async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
         group, leader = _group(plane)
         ahead = plane.membership.epoch + 5  # a dead coordinator's late configure
-        await plane.report(GroupReport(JOB, 1, -1, ahead, leader, group, 2, (0,), {0: "a/1"}))
+        await plane.report(GroupReport(JOB, 1, -1, ahead, leader, group, 2, {0: "a/1"}))
         await asyncio.sleep(0.01)
         # Past its term: the dead coordinator's decisions stay apart from this one's.
         assert plane.membership.epoch == next_term(ahead) + 1

@@ -122,7 +122,7 @@ class _Coordinator:
 
 
 def _report(step: int, leader: str = "L") -> GroupReport:
-    return GroupReport("job", step, -1, 1, leader, (leader,), 8, (0,), {0: f"s/{step}"})
+    return GroupReport("job", step, -1, 1, leader, (leader,), 8, {0: f"s/{step}"})
 
 
 async def _settle() -> None:
@@ -221,7 +221,7 @@ def test_the_coordinator_takes_a_batch_as_each_of_its_messages() -> None:
         leader = plane.membership.leader_of(group)
         epoch = plane.membership.epoch
         sessions = {r: f"sess{r}/1" for r in range(4)}
-        staged = GroupReport("job", 1, -1, epoch, leader, group, 4, tuple(range(4)), sessions)
+        staged = GroupReport("job", 1, -1, epoch, leader, group, 4, sessions)
         silent = {group[1]: 2.5}
         await plane.batch(ReportBatch((staged,), (GroupBeat(epoch, leader, (), silent),)))
         orders = fabric.sent("prepare")

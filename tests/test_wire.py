@@ -37,7 +37,6 @@ def _report(**changes: Any) -> GroupReport:
         "leader": "n0",
         "group": GROUP,
         "world_size": 64,
-        "ranks": tuple(range(8)),
         "sessions": {r: f"s{r}/7" for r in range(8)},
         "stats": {"client": {"waits": 2}, "parity_seconds": 0.5},
     }
@@ -67,12 +66,12 @@ def test_messages_round_trip() -> None:
 @pytest.mark.parametrize(
     ("index", "value", "field"),
     [
-        (7, [0, 1, True], "GroupReport.ranks"),  # a bool is not an int
-        (7, [0, 1, None], "GroupReport.ranks"),
-        (7, [0, 1.0], "GroupReport.ranks"),
-        (8, {0: "a", 1: 5}, "GroupReport.sessions"),  # a value of the wrong type
-        (8, {0: "a", "1": "b"}, "GroupReport.sessions"),  # a key of the wrong type
-        (8, {0: "a", 1: None}, "GroupReport.sessions"),
+        (7, {0: "a", True: "b"}, "GroupReport.sessions"),  # a bool is not an int
+        (7, {0: "a", None: "b"}, "GroupReport.sessions"),
+        (7, {0: "a", 1.0: "b"}, "GroupReport.sessions"),
+        (7, {0: "a", 1: 5}, "GroupReport.sessions"),  # a value of the wrong type
+        (7, {0: "a", "1": "b"}, "GroupReport.sessions"),  # a key of the wrong type
+        (7, {0: "a", 1: None}, "GroupReport.sessions"),
         (5, ["n0", 1], "GroupReport.group"),
         (5, "n0", "GroupReport.group"),
     ],

@@ -398,7 +398,6 @@ class Leader:
                     leader=self.node,
                     group=self.group,
                     world_size=world,
-                    ranks=tuple(sorted(gs.entries)),
                     sessions={r: e.session for r, (_, e) in gs.entries.items()},
                     stats={"client": client} if client else {},
                 )
@@ -429,8 +428,6 @@ class Leader:
             leader=self.node,
             group=self.group,
             world_size=order.world_size,
-            ranks=tuple(sorted(order.sessions)),
-            sessions=dict(order.sessions),
             prepared=prepared,
             failed=failed,
             stats=stats or {},

@@ -148,9 +148,11 @@ class MemberBeat:
 class GroupReport:
     """Leader -> coordinator about ``step`` (and record ``version``) of ``job`` in its group.
 
-    ``ranks``: the ranks staged in the group so far. ``prepared``: the group's
-    slice of the step record, parity computed and every alive member holding
-    it (record bytes). ``failed``: why the group cannot prepare the step.
+    ``sessions``: rank -> staging of the ranks staged in the group so far (a
+    staged report's; prepared, failed and applied reports name the attempt by
+    ``version`` and carry none). ``prepared``: the group's slice of the step
+    record, parity computed and every alive member holding it (record bytes).
+    ``failed``: why the group cannot prepare the step.
     """
 
     job: str
@@ -160,7 +162,6 @@ class GroupReport:
     leader: str
     group: tuple[str, ...]
     world_size: int
-    ranks: tuple[int, ...] = ()
     sessions: dict[int, str] = field(default_factory=dict)
     prepared: bytes | None = None
     failed: str = ""
