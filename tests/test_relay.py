@@ -20,12 +20,14 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pytest
+
 from snapstore.bench.vloop import SimLoop
 from snapstore.config import StoreConfig
 from snapstore.control.events import EventLog
 from snapstore.control.membership import Membership
 from snapstore.control.messages import GroupBeat, GroupReport, NodeInfo, ReportBatch
-from snapstore.control.relay import RELAY_TIMEOUT, Relay, Uplink
+from snapstore.control.relay import RELAY_BACKOFF, RELAY_TIMEOUT, Relay, Uplink
 from snapstore.control.runtime import LoopClock, Tasks
 from snapstore.errors import ActorUnavailableError
 from snapstore.format.work import PeerInfo
@@ -165,6 +167,7 @@ def test_a_batch_the_coordinator_refuses_is_dropped_and_the_next_still_goes() ->
         await _settle()
         assert [[r.step for r in b.reports] for b in up.batches] == [[1], [2]]
         up.refuse = False
+        await asyncio.sleep(RELAY_BACKOFF)
         await relay.report(_report(3))
         await _settle()
         assert [r.step for r in up.batches[-1].reports] == [3]
@@ -232,9 +235,60 @@ def test_the_coordinator_takes_a_batch_as_each_of_its_messages() -> None:
 
 
 def test_relay_groups_must_be_a_count() -> None:
-    import pytest
-
     from snapstore.errors import ConfigError
 
     with pytest.raises(ConfigError, match="relay_groups must be an integer >= 0"):
         StoreConfig(relay_groups=-1)
+
+
+def test_a_relay_whose_batch_was_dropped_refuses_until_its_backoff_ends() -> None:
+    async def main() -> None:
+        up = _Coordinator()
+        up.refuse = True
+        up.release.set()
+        relay = Relay(up)  # type: ignore[arg-type]
+        await relay.report(_report(1))
+        await _settle()
+        with pytest.raises(ActorUnavailableError, match="did not reach the coordinator"):
+            await relay.report(_report(2))  # leaders send straight meanwhile
+        await asyncio.sleep(RELAY_BACKOFF)
+        up.refuse = False
+        await relay.report(_report(3))
+        await _settle()
+        assert [[r.step for r in b.reports] for b in up.batches] == [[1], [3]]
+        relay.stop()
+        with pytest.raises(ActorUnavailableError, match="stopped"):
+            await relay.report(_report(4))
+
+    _on_loop(main)
+
+
+def test_a_relay_stopped_before_its_flush_ran_is_not_left_busy() -> None:
+    async def main() -> None:
+        up = _Coordinator()
+        relay = Relay(up)  # type: ignore[arg-type]
+        await relay.report(_report(1))  # its flush task is spawned, not run yet
+        relay.stop()
+        await _settle()
+        assert up.batches == [] and not relay._flushing
+
+    _on_loop(main)
+
+
+def test_after_its_relay_failed_a_leader_sends_straight_for_a_while() -> None:
+    async def main() -> None:
+        up = _Coordinator()
+        loop = asyncio.get_running_loop()
+        stalled = Uplink(up, _StalledRelay())  # type: ignore[arg-type]
+        await stalled.report(_report(1))  # one timeout...
+        t0 = loop.time()
+        await stalled.report(_report(2))  # ...then straight at once
+        await stalled.group_beat(GroupBeat(1, "L", (), {}))
+        assert loop.time() == t0
+        await asyncio.sleep(RELAY_BACKOFF)
+        t1 = loop.time()
+        await stalled.report(_report(3), relay_timeout=0.25)  # the relay is tried again
+        assert loop.time() - t1 == 0.25
+        assert [getattr(x, "step", None) for x in up.straight] == [1, 2, None, 3]
+
+    _on_loop(main)

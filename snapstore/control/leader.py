@@ -489,7 +489,9 @@ class Leader:
             }
             beat = GroupBeat(self.config.epoch, self.node, infos, silent)
             try:
-                await asyncio.wait_for(self.up.group_beat(beat), self.cfg.failure_timeout)
+                # A stalled relay may take a third of the beat's time, the coordinator the rest.
+                up = self.up.group_beat(beat, relay_timeout=self.cfg.failure_timeout / 3)
+                await asyncio.wait_for(up, self.cfg.failure_timeout)
             except (SnapstoreError, asyncio.TimeoutError) as e:
                 logger.debug("group beat failed: %s", e)
                 continue

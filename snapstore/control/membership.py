@@ -283,9 +283,9 @@ class Membership:
 
     def _relays(self) -> dict[tuple[str, ...], str]:
         """Each region of ``relay_groups`` consecutive groups reports through one of its
-        readable nodes that leads no group (a leader if all do): see
-        snapstore.control.relay. A region of one group sends straight, unless
-        ``relay_groups`` is 1."""
+        readable nodes: alive before suspect, and one that leads no group before a
+        leader (see snapstore.control.relay). A region of one group sends straight,
+        unless ``relay_groups`` is 1."""
         size = self.cfg.relay_groups
         groups = self.all_groups()
         relays: dict[tuple[str, ...], str] = {}
@@ -297,7 +297,8 @@ class Membership:
             if len(region) < min(size, 2):
                 continue
             nodes = [n for g in region for n in g if self.nodes[n].readable]
-            relay = next((n for n in nodes if n not in leading), nodes[0] if nodes else "")
+            nodes.sort(key=lambda n: (self.nodes[n].phase is not NodePhase.ALIVE, n in leading))
+            relay = nodes[0] if nodes else ""
             for g in region:
                 if relay:
                     relays[g] = relay

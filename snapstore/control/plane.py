@@ -192,18 +192,30 @@ class ControlPlane:
         self.membership.group_beat(beat)
 
     async def batch(self, batch: ReportBatch) -> None:
-        """A relay's batch (snapstore.control.relay): its reports and beats, in order."""
+        """A relay's batch (snapstore.control.relay): its beats, then its reports, each
+        taken as if it came alone (one that raises is logged and recorded as an error
+        event; the others are still taken)."""
         await self._started()
         counters = self.events.metrics.counters
         counters["relay_batches_total"] += 1
         counters["relayed_messages_total"] += len(batch.beats) + len(batch.reports)
         membership = self.membership
         for beat in batch.beats:
-            membership.heard_epoch(beat.epoch, beat.leader)
-            membership.group_beat(beat)
+            try:
+                membership.heard_epoch(beat.epoch, beat.leader)
+                membership.group_beat(beat)
+            except Exception as e:
+                self._relayed_failed(f"beat of {beat.leader[:12]}", e)
         for report in batch.reports:
-            membership.heard_epoch(report.epoch, report.leader)
-            self.commits.on_report(report)
+            try:
+                membership.heard_epoch(report.epoch, report.leader)
+                self.commits.on_report(report)
+            except Exception as e:
+                self._relayed_failed(f"report of {report.leader[:12]} on step {report.step}", e)
+
+    def _relayed_failed(self, what: str, e: Exception) -> None:
+        logger.exception("relayed %s failed", what)
+        self.events.add("error", f"relayed {what} failed: {describe(e)}")
 
     async def abandon(self, job: str, rank: int, step: int, session: str) -> AbandonReply:
         await self._started()

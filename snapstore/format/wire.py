@@ -39,7 +39,8 @@ __all__ = [
     "to_plain",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+"""2: GroupReport lost its ``ranks`` field (a field removed: a new version)."""
 MAX_MESSAGE = 256 << 20
 """Largest encoded message accepted (a record of tens of thousands of ranks is a few MiB)."""
 

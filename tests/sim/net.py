@@ -198,14 +198,16 @@ class SimLeader(_Link):
 
 
 class SimRelay(_Link):
-    """The relay on a node (any node's member has one)."""
+    """The relay on a node (any node's member has one). A call, as over Ray: it returns
+    once the relay queued the message, so a stalled relay holds its leaders up until
+    their timeout, and a refusing one is heard."""
 
     async def report(self, report: GroupReport) -> None:
         report = self.world.wire(report, GroupReport)
-        await self._call("relay_report", lambda m: m.relay.report(report), oneway=True)
+        await self._call("relay_report", lambda m: m.relay.report(report))
 
     async def group_beat(self, beat: GroupBeat) -> None:
-        await self._call("relay_beat", lambda m: m.relay.group_beat(beat), oneway=True)
+        await self._call("relay_beat", lambda m: m.relay.group_beat(beat))
 
 
 class SimCoordinator:
