@@ -224,9 +224,9 @@ class _NodeLink:
     async def drop_job(self, job: str) -> None:
         await self._call("drop_job", lambda m: m.drop_job(job))
 
-    async def snapshot(self) -> NodeSnapshot:
+    async def snapshot(self, requester: str = "") -> NodeSnapshot:
         async def work(m: Any) -> Any:
-            return self._msg(await m.snapshot())
+            return self._msg(await m.snapshot(requester))
 
         return self._read(await self._call("snapshot", work), NodeSnapshot)
 

@@ -122,7 +122,7 @@ class _StandinNode:
     async def decide(self, decision: Decision) -> CommitResult:
         return decode(await self._call("decide", self.node, encode(decision)), CommitResult)
 
-    async def snapshot(self) -> NodeSnapshot:
+    async def snapshot(self, requester: str = "") -> NodeSnapshot:
         return decode(await self._call("snapshot", self.node), NodeSnapshot)
 
     def __getattr__(self, name: str) -> Any:

@@ -304,7 +304,13 @@ class ScaleWorld:
 
         def make() -> ControlPlane:
             return ControlPlane(
-                "scale", self.cfg, self.coord_fabric, LoopClock(WALL_EPOCH), offload, None
+                "scale",
+                self.cfg,
+                self.coord_fabric,
+                LoopClock(WALL_EPOCH),
+                offload,
+                None,
+                identity="scale",
             )
 
         self.plane = self.coordinator_proc.ctx.run(make)

@@ -381,7 +381,7 @@ class _Holding(_Recorder):
         super().__init__(fabric, node)
         self.held = held
 
-    async def snapshot(self) -> NodeSnapshot:
+    async def snapshot(self, requester: str = "") -> NodeSnapshot:
         committed, prepared = self.held
         info = NodeInfo(self.node, "inc1", PeerInfo(self.node, "host", "/d", "127.0.0.1", 0))
         config = NodeConfig(3, self.node, tuple(NODES), NODES[0], True, 3, 1, "isa_l_rs_vand")
@@ -493,6 +493,53 @@ def test_a_node_that_answered_a_recovery_refuses_the_replaced_coordinators_decis
         late = await member.decide(abort(2, 7))  # the old one reached epoch 7, unconfigured
         assert not late.ok and "replaced" in late.reason
         assert (await member.decide(abort(3, next_term(7) + 1))).ok
+        member.stop()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_a_late_snapshot_does_not_fence_the_term_of_the_coordinator_that_asked() -> None:
+    """A recovery snapshot that timed out at its coordinator and ran on the node after
+    that coordinator had configured it fences only the terms before the asker's: the
+    asker's own decisions still go, the replaced coordinator's are refused. Asked by
+    another coordinator, it fences every term the node saw."""
+    from snapstore.bench.scale_store import MemNodeStore
+    from snapstore.control.member import Member
+
+    loop = SimLoop()
+
+    async def main() -> None:
+        async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+            return fn(*args)
+
+        node = NODES[0]
+        store = MemNodeStore.standalone(node, 2, 1, budget=1 << 20)
+        member = Member(
+            store,
+            ScriptedFabric(),
+            LoopClock(0.0),
+            StoreConfig(k=2, m=1),
+            "inc1",
+            offload,
+            lambda: NodeInfo(node, "inc1", PeerInfo(node, "", "", "", 0)),
+        )
+
+        def abort(step: int, epoch: int) -> Decision:
+            return Decision(JOB, step, 1, OutcomeStatus.FAILED, reason="x", epoch=epoch)
+
+        old, new = 7, next_term(7) + 1  # the replaced coordinator's epoch, the new one's
+        await member.configure(NodeConfig(old, node, (), "", False, 2, 1, "x", coordinator="A"))
+        await member.configure(NodeConfig(new, node, (), "", False, 2, 1, "x", coordinator="B"))
+        await member.snapshot("B")  # B's snapshot, late: B configured this node already
+        assert (await member.decide(abort(1, new))).ok, "B's own term is not fenced"
+        late = await member.decide(abort(2, old))
+        assert not late.ok and "replaced" in late.reason, "A's term is"
+        await member.snapshot("C")  # a coordinator that never configured it: all it saw
+        fenced = await member.decide(abort(3, new))
+        assert not fenced.ok and "replaced" in fenced.reason
         member.stop()
 
     try:

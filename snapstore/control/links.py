@@ -143,7 +143,9 @@ class NodeLink(Protocol):
 
     async def drop_job(self, job: str) -> None: ...
 
-    async def snapshot(self) -> NodeSnapshot: ...
+    async def snapshot(self, requester: str = "") -> NodeSnapshot:
+        """What the node holds (``requester``: the asking coordinator's identity)."""
+        ...
 
 
 class LeaderLink(Protocol):

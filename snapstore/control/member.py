@@ -546,13 +546,20 @@ class Member:
                 if not w.future.done():
                     w.future.set_result(Outcome(OutcomeStatus.FAILED, w.step, "job dropped"))
 
-    async def snapshot(self) -> NodeSnapshot:
+    async def snapshot(self, requester: str = "") -> NodeSnapshot:
         """What this node holds, for a restarted coordinator's recovery. From now on the
         decisions of the coordinator it replaced are refused -- those of every term this
         node has seen (the new coordinator starts a newer one): it decides every step from
         this state, and a late decision of the old one (a commit or an abort relayed by a
-        stalled leader) must not contradict it."""
-        if self._seen >= 0:
+        stalled leader) must not contradict it.
+
+        A snapshot that runs after its ``requester`` (a coordinator's identity) already
+        configured this node -- the call timed out there, and that coordinator went on
+        without it -- fences only the terms before the requester's own."""
+        config = self.config
+        if requester and config is not None and config.coordinator == requester:
+            self._fence = max(self._fence, term_of(config.epoch) - 1)
+        elif self._seen >= 0:
             self._fence = max(self._fence, term_of(self._seen))
         records = tuple(r.to_bytes() for r in self.store.records().values())
         prepared = tuple(r.to_bytes() for r in self.store.prepared())

@@ -56,8 +56,10 @@ class Membership:
         tasks: Tasks,
         on_epoch: Callable[[str], None],
         on_restart: Callable[[str, NodePhase], None],
+        identity: str = "",
     ) -> None:
         self.cfg = cfg
+        self.identity = identity
         self.clock = clock
         self.events = events
         self.fabric = fabric
@@ -119,6 +121,7 @@ class Membership:
             peers=peers,
             incarnation=life.incarnation if life is not None else "",
             relay=self.relays.get(group, ""),
+            coordinator=self.identity,
         )
 
     # -- what nodes say ----------------------------------------------------------------

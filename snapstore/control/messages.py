@@ -107,6 +107,10 @@ class NodeConfig:
     relay: str = ""
     """The node the group's leader sends its reports and beats through ("": straight to
     the coordinator; see snapstore.control.relay)."""
+    coordinator: str = ""
+    """The identity of the coordinator process that sent it (ControlPlane.identity): a
+    recovery snapshot that coordinator asked for and that ran late, after this
+    configuration, must not fence its own term (Member.snapshot)."""
 
 
 @message

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -74,8 +75,12 @@ class ControlPlane:
         offload: Callable[..., Awaitable[Any]],
         tier: Tier | None,
         config_dict: dict[str, Any] | None = None,
+        identity: str = "",
     ) -> None:
         self.store_id = store_id
+        self.identity = identity or secrets.token_hex(8)
+        """This coordinator process, told to nodes with their configuration and their
+        recovery snapshot (Member.snapshot)."""
         self.cfg = cfg
         self.config_dict = dict(config_dict or cfg.to_dict())
         self.fabric = fabric
@@ -85,7 +90,14 @@ class ControlPlane:
         self.tasks = Tasks(self._task_failed)
         self.jobs: dict[str, Job] = {}
         self.membership = Membership(
-            cfg, clock, self.events, fabric, self.tasks, self._on_epoch, self._on_restart
+            cfg,
+            clock,
+            self.events,
+            fabric,
+            self.tasks,
+            self._on_epoch,
+            self._on_restart,
+            identity=self.identity,
         )
         self.commits = Commits(self)
         self.recovery = Recovery(self)
@@ -432,7 +444,10 @@ class ControlPlane:
         if not nodes:
             return
         results = await asyncio.gather(
-            *(asyncio.wait_for(self.fabric.node(n).snapshot(), SNAPSHOT_TIMEOUT) for n in nodes),
+            *(
+                asyncio.wait_for(self.fabric.node(n).snapshot(self.identity), SNAPSHOT_TIMEOUT)
+                for n in nodes
+            ),
             return_exceptions=True,
         )
         snaps: list[NodeSnapshot] = []

@@ -150,8 +150,8 @@ class _RayNode:
     async def drop_job(self, job: str) -> None:
         await self._call("drop_job", job)
 
-    async def snapshot(self) -> NodeSnapshot:
-        return decode(await self._call("snapshot"), NodeSnapshot)
+    async def snapshot(self, requester: str = "") -> NodeSnapshot:
+        return decode(await self._call("snapshot", requester), NodeSnapshot)
 
 
 class _RayLeader:

@@ -217,8 +217,8 @@ class SMP:
     async def drop_job(self, job: str) -> None:
         await self.member.drop_job(job)
 
-    async def snapshot(self) -> bytes:
-        return encode(await self.member.snapshot())
+    async def snapshot(self, requester: str = "") -> bytes:
+        return encode(await self.member.snapshot(str(requester)))
 
     # -- the group leader hosted here --------------------------------------------------------
 

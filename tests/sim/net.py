@@ -160,8 +160,8 @@ class SimNode(_Link):
     async def drop_job(self, job: str) -> None:
         await self._call("drop_job", lambda m: m.drop_job(job))
 
-    async def snapshot(self) -> NodeSnapshot:
-        return await self._call("snapshot", lambda m: m.snapshot())
+    async def snapshot(self, requester: str = "") -> NodeSnapshot:
+        return await self._call("snapshot", lambda m: m.snapshot(requester))
 
 
 class SimLeader(_Link):

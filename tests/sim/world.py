@@ -287,7 +287,13 @@ class World:
 
         def make() -> ControlPlane:
             return ControlPlane(
-                "simstore", self.cfg, self.fabric, LoopClock(WALL_EPOCH), self._offload_for(), tier
+                "simstore",
+                self.cfg,
+                self.fabric,
+                LoopClock(WALL_EPOCH),
+                self._offload_for(),
+                tier,
+                identity=f"coordinator.{self.planes}",
             )
 
         self.plane = proc.ctx.run(make)
