@@ -459,30 +459,41 @@ def test_a_restarted_coordinator_leaves_a_step_some_node_no_longer_holds() -> No
     assert record is not None and (record.step, record.version) == (1, 0)
 
 
+def _member(node: str) -> Any:
+    """A real Member of ``node`` over a byte-free store, its fabric scripted."""
+    from snapstore.bench.scale_store import MemNodeStore
+    from snapstore.control.member import Member
+
+    async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    return Member(
+        MemNodeStore.standalone(node, 2, 1, budget=1 << 20),
+        ScriptedFabric(),
+        LoopClock(0.0),
+        StoreConfig(k=2, m=1),
+        "inc1",
+        offload,
+        lambda: NodeInfo(node, "inc1", PeerInfo(node, "", "", "", 0)),
+    )
+
+
+def on_sim_loop(main: Callable[[], Awaitable[None]]) -> None:
+    loop = SimLoop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
 def test_a_node_that_answered_a_recovery_refuses_the_replaced_coordinators_decisions() -> None:
     """Seed 502557's rule, and past it: once a node answered a restarted coordinator's
     snapshot, decisions of every term it had seen are refused -- even of an epoch the old
     coordinator reached and never configured this node with -- and the new term's go."""
-    from snapstore.bench.scale_store import MemNodeStore
-    from snapstore.control.member import Member
-
-    loop = SimLoop()
 
     async def main() -> None:
-        async def offload(fn: Callable[..., Any], *args: Any) -> Any:
-            return fn(*args)
-
         node = NODES[0]
-        store = MemNodeStore.standalone(node, 2, 1, budget=1 << 20)
-        member = Member(
-            store,
-            ScriptedFabric(),
-            LoopClock(0.0),
-            StoreConfig(k=2, m=1),
-            "inc1",
-            offload,
-            lambda: NodeInfo(node, "inc1", PeerInfo(node, "", "", "", 0)),
-        )
+        member = _member(node)
         await member.configure(NodeConfig(3, node, (), "", False, 2, 1, "isa_l_rs_vand"))
 
         def abort(step: int, epoch: int) -> Decision:
@@ -495,10 +506,7 @@ def test_a_node_that_answered_a_recovery_refuses_the_replaced_coordinators_decis
         assert (await member.decide(abort(3, next_term(7) + 1))).ok
         member.stop()
 
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    on_sim_loop(main)
 
 
 def test_a_late_snapshot_does_not_fence_the_term_of_the_coordinator_that_asked() -> None:
@@ -506,26 +514,10 @@ def test_a_late_snapshot_does_not_fence_the_term_of_the_coordinator_that_asked()
     that coordinator had configured it fences only the terms before the asker's: the
     asker's own decisions still go, the replaced coordinator's are refused. Asked by
     another coordinator, it fences every term the node saw."""
-    from snapstore.bench.scale_store import MemNodeStore
-    from snapstore.control.member import Member
-
-    loop = SimLoop()
 
     async def main() -> None:
-        async def offload(fn: Callable[..., Any], *args: Any) -> Any:
-            return fn(*args)
-
         node = NODES[0]
-        store = MemNodeStore.standalone(node, 2, 1, budget=1 << 20)
-        member = Member(
-            store,
-            ScriptedFabric(),
-            LoopClock(0.0),
-            StoreConfig(k=2, m=1),
-            "inc1",
-            offload,
-            lambda: NodeInfo(node, "inc1", PeerInfo(node, "", "", "", 0)),
-        )
+        member = _member(node)
 
         def abort(step: int, epoch: int) -> Decision:
             return Decision(JOB, step, 1, OutcomeStatus.FAILED, reason="x", epoch=epoch)
@@ -542,10 +534,7 @@ def test_a_late_snapshot_does_not_fence_the_term_of_the_coordinator_that_asked()
         assert not fenced.ok and "replaced" in fenced.reason
         member.stop()
 
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    on_sim_loop(main)
 
 
 def test_a_post_logs_refused_deliveries_and_raises_a_bug() -> None:

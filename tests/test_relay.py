@@ -17,12 +17,10 @@ crashing and stalling relay nodes among the rest.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
-from snapstore.bench.vloop import SimLoop
 from snapstore.config import StoreConfig
 from snapstore.control.events import EventLog
 from snapstore.control.membership import Membership
@@ -31,15 +29,7 @@ from snapstore.control.relay import RELAY_BACKOFF, RELAY_TIMEOUT, Relay, Uplink
 from snapstore.control.runtime import LoopClock, Tasks
 from snapstore.errors import ActorUnavailableError
 from snapstore.format.work import PeerInfo
-from tests.test_control_plane import ScriptedFabric, run
-
-
-def _on_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    loop = SimLoop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+from tests.test_control_plane import ScriptedFabric, on_sim_loop, run
 
 
 def _membership(nodes: int, k: int, m: int, relay_groups: int) -> Membership:
@@ -80,7 +70,7 @@ def test_membership_names_one_relay_per_region_that_leads_no_group() -> None:
         assert len({ms.relays[r[0]] for r in regions}) == len(regions)
         ms.tasks.cancel_all()
 
-    _on_loop(main)
+    on_sim_loop(main)
 
 
 def test_a_region_of_one_group_and_relays_off_send_straight() -> None:
@@ -95,7 +85,7 @@ def test_a_region_of_one_group_and_relays_off_send_straight() -> None:
         for ms in (one, off, each):
             ms.tasks.cancel_all()
 
-    _on_loop(main)
+    on_sim_loop(main)
 
 
 class _Coordinator:
@@ -152,7 +142,7 @@ def test_relay_forwards_at_once_then_batches_what_arrives_meanwhile_in_order() -
         assert relay.batches == 2 and relay.forwarded == 4
         relay.stop()
 
-    _on_loop(main)
+    on_sim_loop(main)
 
 
 def test_a_batch_the_coordinator_refuses_is_dropped_and_the_next_still_goes() -> None:
@@ -173,7 +163,7 @@ def test_a_batch_the_coordinator_refuses_is_dropped_and_the_next_still_goes() ->
         assert [r.step for r in up.batches[-1].reports] == [3]
         relay.stop()
 
-    _on_loop(main)
+    on_sim_loop(main)
 
 
 class _DeadRelay:
@@ -215,7 +205,7 @@ def test_uplink_sends_straight_when_its_relay_is_dead_or_stalled() -> None:
         assert up.batches[-1].reports[0].step == 3 and up.straight[-1].step == 2
         relay.stop()
 
-    _on_loop(main)
+    on_sim_loop(main)
 
 
 def test_the_coordinator_takes_a_batch_as_each_of_its_messages() -> None:
@@ -260,7 +250,7 @@ def test_a_relay_whose_batch_was_dropped_refuses_until_its_backoff_ends() -> Non
         with pytest.raises(ActorUnavailableError, match="stopped"):
             await relay.report(_report(4))
 
-    _on_loop(main)
+    on_sim_loop(main)
 
 
 def test_a_relay_stopped_before_its_flush_ran_is_not_left_busy() -> None:
@@ -272,7 +262,7 @@ def test_a_relay_stopped_before_its_flush_ran_is_not_left_busy() -> None:
         await _settle()
         assert up.batches == [] and not relay._flushing
 
-    _on_loop(main)
+    on_sim_loop(main)
 
 
 def test_after_its_relay_failed_a_leader_sends_straight_for_a_while() -> None:
@@ -291,4 +281,4 @@ def test_after_its_relay_failed_a_leader_sends_straight_for_a_while() -> None:
         assert loop.time() - t1 == 0.25
         assert [getattr(x, "step", None) for x in up.straight] == [1, 2, None, 3]
 
-    _on_loop(main)
+    on_sim_loop(main)

@@ -137,8 +137,9 @@ class Leader:
         """job -> the ranks of its last step this group was ordered to prepare."""
         self._held: set[tuple[str, int]] = set()
         self._told: dict[str, NodeInfo] = {}
-        self._told_at: dict[str, int] = {}  # member -> beat number its info last went with
         """The info of each member the coordinator took with the last beat."""
+        self._told_at: dict[str, int] = {}
+        """member -> the number of the beat its info last went with."""
         self._beats_sent = 0
         self._closed: dict[tuple[str, int, int], str] = {}
         self._client: dict[str, dict[str, float]] = {}
