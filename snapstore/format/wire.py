@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 import types
 import typing
 from collections.abc import Callable
@@ -66,28 +67,32 @@ def message(cls: type[T]) -> type[T]:
 
 _SCALARS = frozenset({int, float, str, bool, bytes, type(None)})
 """Types msgpack packs as they are: a container holding only these is copied, not walked."""
-_FIELDS: dict[type, tuple[str, ...]] = {}
-"""Field names of each dataclass met while encoding, in declaration order."""
+_FIELDS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+"""Of each dataclass met while encoding: its field values, in declaration order."""
 
 
 def to_plain(value: Any) -> Any:
-    """A message (or anything inside one) as msgpack-able lists, dicts and scalars."""
+    """A message (or anything inside one) as msgpack-able lists, dicts and scalars
+    (containers of scalars are given to msgpack as they are: it only reads them)."""
     t = type(value)
-    names = _FIELDS.get(t)
-    if names is not None:
-        return [to_plain(getattr(value, n)) for n in names]
+    fields = _FIELDS.get(t)
+    if fields is not None:
+        scalars = _SCALARS
+        return [v if type(v) in scalars else to_plain(v) for v in fields(value)]
     if t in _SCALARS:
         return value
     if t is list or t is tuple:
         if set(map(type, value)) <= _SCALARS:
-            return list(value)
+            return value
         return [to_plain(v) for v in value]
     if t is dict:
         if set(map(type, value)) <= _SCALARS and set(map(type, value.values())) <= _SCALARS:
-            return dict(value)
+            return value
         return {to_plain(k): to_plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        _FIELDS[t] = tuple(f.name for f in dataclasses.fields(value))
+        names = [f.name for f in dataclasses.fields(value)]
+        getter = operator.attrgetter(*names)
+        _FIELDS[t] = getter if len(names) > 1 else (lambda v: (getter(v),))
         return to_plain(value)
     if isinstance(value, enum.Enum):
         return value.value
@@ -324,7 +329,7 @@ def _make_converter(tp: Any) -> Callable[[Any], Any]:
                 and kbulk(v.keys())
                 and (vbulk is None or vbulk(v.values()))
             ):
-                return dict(v)
+                return v  # msgpack's own fresh map: nothing else holds it
             return {kc(k): vc(x) for k, x in v.items()}
 
         return mapping
@@ -347,7 +352,9 @@ def _dataclass_converter(cls: type) -> Callable[[Any], Any]:
     # other, so not while this one is being made).
     convs: list[Callable[[Any], Any]] = []
 
-    def convert(v: Any) -> Any:
+    def general(v: Any) -> Any:
+        """Any list a version of this message may send (fields left off the end take
+        their defaults); a field of the wrong type is named."""
         if not isinstance(v, list) or not required <= len(v) <= len(specs):
             raise _fail(f"a {name} ({required}-{len(specs)} fields)", v)
         if not convs:
@@ -363,6 +370,83 @@ def _dataclass_converter(cls: type) -> Callable[[Any], Any]:
                 raise FormatError(f"{name}.{fname}: {e}") from None
         raise AssertionError("unreachable: a field failed once and then passed")
 
+    fast: list[Callable[[Any], Any]] = []
+
+    def convert(v: Any) -> Any:
+        if not fast:
+            fast.append(_fast_converter(cls, [hints[f.name] for f in fields], general))
+        return fast[0](v)
+
+    return convert
+
+
+_INLINE = {
+    int: "(type({v}) is int and {lo} <= {v} <= {hi})",
+    str: "type({v}) is str",
+    bool: "type({v}) is bool",
+    float: "type({v}) is float",
+    bytes: "type({v}) is bytes",
+}
+"""A field of these types is checked inline by a generated converter; ``float`` and
+``bytes`` also accept ints and bytearrays, which the general path converts."""
+
+
+def _fast_converter(
+    cls: type, types_: list[Any], general: Callable[[Any], Any]
+) -> Callable[[Any], Any]:
+    """A converter generated for ``cls``: the common case (every field sent, each of its
+    type) checked with inline type tests and built without ``__init__``'s per-field
+    ``object.__setattr__`` of a frozen dataclass; anything else goes to ``general``,
+    which converts what older versions send and names the field that is wrong.
+
+    Fields are what ``cls`` declares, so the generated source holds only its field names
+    and type tests: nothing of the decoded message."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    direct = (
+        not hasattr(cls, "__post_init__")
+        and hasattr(cls, "__dict__")
+        and all(f.init for f in dataclasses.fields(cls))
+    )
+    env: dict[str, Any] = {
+        "general": general,
+        "cls": cls,
+        "new": object.__new__,
+        "FormatError": FormatError,
+    }
+    checks: list[str] = []
+    converts: list[str] = []
+    for i, tp in enumerate(types_):
+        var = f"f{i}"
+        args = typing.get_args(tp)
+        inline = _INLINE.get(tp)
+        if inline is None and typing.get_origin(tp) in (Union, types.UnionType):
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) == 1 and rest[0] in _INLINE and len(args) == 2:
+                inline = f"({{v}} is None or {_INLINE[rest[0]]})"
+        if inline is not None:
+            checks.append(inline.format(v=var, lo=-_I64, hi=_U64))
+        else:
+            env[f"c{i}"] = _converter(tp)
+            converts.append(f"        {var} = c{i}({var})")
+    unpack = ", ".join(f"f{i}" for i in range(len(names))) + ("," if len(names) == 1 else "")
+    lines = [
+        "def convert(v):",
+        f"    if type(v) is not list or len(v) != {len(names)}:",
+        "        return general(v)",
+        f"    {unpack} = v",
+    ]
+    if checks:
+        lines += [f"    if not ({' and '.join(checks)}):", "        return general(v)"]
+    if converts:
+        lines += ["    try:", *converts, "    except FormatError:", "        return general(v)"]
+    if direct:
+        body = ", ".join(f"{n!r}: f{i}" for i, n in enumerate(names))
+        lines += ["    o = new(cls)", f"    o.__dict__.update({{{body}}})", "    return o"]
+    else:
+        lines.append(f"    return cls({', '.join(f'f{i}' for i in range(len(names)))})")
+    namespace: dict[str, Any] = {}
+    exec(compile("\n".join(lines), f"<wire converter of {cls.__name__}>", "exec"), env, namespace)
+    convert: Callable[[Any], Any] = namespace["convert"]
     return convert
 
 
