@@ -13,11 +13,14 @@ Records travel as msgpack (never pickle) with an explicit format version.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
+import msgspec
 
 from snapstore.errors import FormatError
 
@@ -31,6 +34,8 @@ __all__ = [
 ]
 
 RECORD_VERSION = 1
+_SIZE = operator.itemgetter(1)
+"""A RankEntry's size."""
 ALIGN = 64
 
 
@@ -50,44 +55,6 @@ def piece_bounds(size: int, k: int, j: int) -> tuple[int, int]:
     pl = piece_len(size, k)
     start = min(j * pl, size)
     return start, min(pl, size - start)
-
-
-_U64 = (1 << 64) - 1
-
-
-def _int(v: object) -> int:
-    """A record integer: a real int in [-(2**63), 2**64), nothing else (no floats, no bools)."""
-    if type(v) is not int or not -(1 << 63) <= v <= _U64:
-        raise ValueError(f"expected an integer, found {v!r}")
-    return v
-
-
-def _str(v: object) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, found {v!r}")
-    return v
-
-
-def _rank_entries(rows: Any) -> dict[int, RankEntry]:
-    """``[[rank, node, size, [sums]], ...]`` as entries by rank. The common case (every
-    field of the right type) is checked column by column at C speed; otherwise each field
-    is checked in turn, which names the first one wrong."""
-    out = {}
-    ints: list[Any] = []
-    for r, n, s, sums in rows:
-        if type(n) is not str or type(sums) is not list:
-            raise ValueError(f"expected a string and a list, found {n!r} and {sums!r}")
-        out[r] = RankEntry(n, s, tuple(sums))
-        ints.append(r)
-        ints.append(s)
-        ints.extend(sums)
-    if set(map(type, ints)) <= {int} and (
-        not ints or (min(ints) >= -(1 << 63) and max(ints) <= _U64)
-    ):
-        return out
-    return {
-        _int(r): RankEntry(_str(n), _int(s), tuple(_int(x) for x in sums)) for r, n, s, sums in rows
-    }
 
 
 class RankEntry(NamedTuple):
@@ -115,6 +82,41 @@ class ParityEntry(NamedTuple):
     offset: int
     length: int
     sum: int
+
+
+_new_rank_entry = functools.partial(tuple.__new__, RankEntry)
+"""A RankEntry from a decoded (node, size, sums) triple, built in C (no ``__new__`` call)."""
+
+
+class _Doc(msgspec.Struct):
+    """A record as it is encoded, every field's type checked by msgspec's decoder in C:
+    a record holds an entry per rank, and checking them in Python cost more than the
+    rest of a group's report."""
+
+    v: int
+    job: str
+    step: int
+    version: int
+    k: int
+    m: int
+    world_size: int
+    ranks: list[tuple[int, str, int, tuple[int, ...]]]
+    groups: list[tuple[str, ...]]
+    parity: list[ParityEntry]
+    committed_at: float = 0.0
+
+
+_DECODER = msgspec.msgpack.Decoder(_Doc)
+
+
+def _record_version(data: bytes) -> object:
+    """The ``v`` of an encoded record that did not decode, to tell another version from a
+    malformed record."""
+    try:
+        doc = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return doc.get("v") if isinstance(doc, dict) else type(doc).__name__
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class StepRecord:
         return max((p.offset + p.length for p in self.parity_on(node)), default=0)
 
     def data_bytes(self) -> int:
-        return sum(e.size for e in self.ranks.values())
+        return sum(map(_SIZE, self.ranks.values()))
 
     def parity_bytes(self) -> int:
         return sum(p.length for p in self.parity)
@@ -191,32 +193,30 @@ class StepRecord:
     @classmethod
     def from_bytes(cls, data: bytes) -> StepRecord:
         try:
-            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as e:
+            doc = _DECODER.decode(data)
+        except msgspec.ValidationError as e:
+            version = _record_version(data)
+            if version != RECORD_VERSION:
+                raise FormatError(
+                    f"step record version {version!r}, expected {RECORD_VERSION}"
+                ) from None
+            raise FormatError(f"step record is malformed: {e}") from None
+        except msgspec.DecodeError as e:
             raise FormatError(f"step record is not valid msgpack: {e}") from None
-        if not isinstance(doc, dict) or doc.get("v") != RECORD_VERSION:
-            found = doc.get("v") if isinstance(doc, dict) else type(doc).__name__
-            raise FormatError(f"step record version {found!r}, expected {RECORD_VERSION}")
-        try:
-            ranks = _rank_entries(doc["ranks"])
-            parity = tuple(
-                ParityEntry(_int(g), _int(s), _int(i), _str(n), _int(o), _int(ln), _int(c))
-                for g, s, i, n, o, ln, c in doc["parity"]
-            )
-            rec = cls(
-                job=_str(doc["job"]),
-                step=_int(doc["step"]),
-                version=_int(doc["version"]),
-                k=_int(doc["k"]),
-                m=_int(doc["m"]),
-                world_size=_int(doc["world_size"]),
-                ranks=ranks,
-                groups=tuple(tuple(_str(n) for n in g) for g in doc["groups"]),
-                parity=parity,
-                committed_at=float(doc.get("committed_at", 0.0)),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise FormatError(f"step record is malformed: {e!r}") from None
+        if doc.v != RECORD_VERSION:
+            raise FormatError(f"step record version {doc.v!r}, expected {RECORD_VERSION}")
+        rec = cls(
+            job=doc.job,
+            step=doc.step,
+            version=doc.version,
+            k=doc.k,
+            m=doc.m,
+            world_size=doc.world_size,
+            ranks={r: _new_rank_entry((n, s, sums)) for r, n, s, sums in doc.ranks},
+            groups=tuple(doc.groups),
+            parity=tuple(doc.parity),
+            committed_at=doc.committed_at,
+        )
         rec.validate()
         return rec
 
