@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from typing import TYPE_CHECKING, Any
 
 from snapstore.control.jobs import Attempt, Job, JobRecord, session_of
@@ -52,6 +53,7 @@ PREPARE_TIMEOUT = 240.0
 DECISION_TIMEOUT = 30.0
 
 RESTORE_FIRST = "restore first"
+_FIRST = operator.itemgetter(0)
 
 _CLIENT_COUNTERS = {
     "waits": "save_waits_total",
@@ -86,14 +88,17 @@ class Commits:
         open_att = job.attempts.get(r.step)
         known = open_att.by_group.get(r.group, {}) if open_att and open_att.life.open else {}
         past = job.history.get(r.step)
-        fresh = {
-            rank: session
-            for rank, session in sorted(r.sessions.items())
-            # Accepted from an earlier report of this group (checked then), or a late
-            # report of a staging that committed: nothing to say.
-            if known.get(rank) != session
-            and (past is None or past[1].get(rank, ("",))[0] != session)
-        }
+        if not known and past is None:
+            fresh = r.sessions  # the group's first report of the step: all of it is new
+        else:
+            fresh = {
+                rank: session
+                for rank, session in sorted(r.sessions.items())
+                # Accepted from an earlier report of this group (checked then), or a late
+                # report of a staging that committed: nothing to say.
+                if known.get(rank) != session
+                and (past is None or past[1].get(rank, ("",))[0] != session)
+            }
         rec = job.record
         if fresh and past is None and rec is not None and r.step == rec.step:
             # The committed step, from nodes that missed its decision, and this coordinator
@@ -102,7 +107,8 @@ class Commits:
             decision = Decision(job.name, rec.step, rec.version, OutcomeStatus.COMMITTED)
             plane.send_leaders([(r.leader, decision)])
             return
-        accepted, refused = self._check(job, fresh, r.step, r.world_size)
+        same = _sessions_known(job, fresh)
+        accepted, refused = self._check(job, fresh, r.step, r.world_size, same)
         for why, sessions in refused.items():
             refusal = Decision(
                 r.job,
@@ -137,7 +143,8 @@ class Commits:
                     return
         att.add_group(r.group, accepted)
         att.leaders[r.group] = r.leader
-        self._note_sessions(job, accepted)
+        if not (same and accepted is fresh):
+            self._note_sessions(job, accepted)
         for s, other in list(job.attempts.items()):
             if s >= r.step or not other.life.open or other.reprotect:
                 continue
@@ -169,9 +176,10 @@ class Commits:
                 sessions[rank] = (session, -1)
 
     def _check(
-        self, job: Job, stagings: dict[int, str], step: int, world: int
+        self, job: Job, stagings: dict[int, str], step: int, world: int, known: bool = False
     ) -> tuple[dict[int, str], dict[str, list[str]]]:
-        """Stagings of ``step`` (rank -> staging) accepted, and those refused by reason.
+        """Stagings of ``step`` (rank -> staging) accepted, and those refused by reason;
+        ``known``: each is of the session the job knows for its rank (_sessions_known).
 
         When nothing about the job can refuse a rank (same world size, a newer step, no
         retired sessions, the step never failed, no restore window), every rank in range is
@@ -187,12 +195,13 @@ class Commits:
             and job.life.phase is not JobPhase.RESTORING
         )
         in_range = not stagings or (min(stagings) >= 0 and max(stagings) < world)
-        # One look per rank of this report (its size, not the job's): a process other than
-        # the one that restored the rank is refused (see _refusal).
+        # A process other than the one that restored a rank is refused (see _refusal): the
+        # ranks' sessions, as the job knows them, compared in one pass; the check of each
+        # rank only where some session is new.
         if (
             quiet
             and in_range
-            and not any(self._not_the_restored(job, k, v) for k, v in stagings.items())
+            and (known or not any(self._not_the_restored(job, k, v) for k, v in stagings.items()))
         ):
             return stagings, refused
         for rank, staging in stagings.items():
@@ -379,11 +388,12 @@ class Commits:
             )
         else:
             counters = plane.events.metrics.counters
-            counters["committed_bytes_total"] += record.data_bytes()
+            data_bytes = record.data_bytes()
+            counters["committed_bytes_total"] += data_bytes
             counters["parity_network_bytes_total"] += stats.get("peer_bytes", 0)
             plane.events.add(
                 "commit",
-                f"job {job.name!r} committed step {att.step} ({record.data_bytes()} data bytes, "
+                f"job {job.name!r} committed step {att.step} ({data_bytes} data bytes, "
                 f"{record.parity_bytes()} parity bytes) in {job.last_commit_latency:.3f} s",
                 job=job.name,
                 step=att.step,
@@ -540,6 +550,16 @@ class Commits:
         plane.send_nodes(
             (node, decision) for node in sorted(members & set(plane.membership.readable()))
         )
+
+
+def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
+    """Every rank of ``stagings`` (rank -> staging) saves from the client session the job
+    already knows for it: nothing to note, and no rank is another process than the one
+    that restored it. Two list comparisons at C speed, not a check per rank."""
+    known: list[Any] = list(map(job.sessions.get, stagings))
+    if None in known:
+        return False
+    return list(map(_FIRST, known)) == [s.partition("/")[0] for s in stagings.values()]
 
 
 def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:

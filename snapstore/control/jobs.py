@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +170,8 @@ class Attempt:
             prev = self.ranks[rank][1]
             if prev != group:
                 self.by_group.get(prev, {}).pop(rank, None)
-        self.ranks.update((rank, (session, group)) for rank, session in stagings.items())
+        pairs = zip(stagings.values(), itertools.repeat(group))  # (session, group), in C
+        self.ranks.update(zip(stagings, pairs, strict=False))
         self.by_group.setdefault(group, {}).update(stagings)
 
     @property
@@ -264,4 +266,4 @@ class Job:
 
 def session_of(staging: str) -> str:
     """The client session of a staging id (``<session>/<save number>``)."""
-    return staging.split("/", 1)[0]
+    return staging.partition("/")[0]
