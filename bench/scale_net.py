@@ -29,11 +29,13 @@ from snapstore.control.links import (
     NodeSnapshot,
     PerMessage,
     Poster,
+    RelayPost,
 )
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
     GroupReport,
+    LeaderBatch,
     MemberBeat,
     NodeConfig,
     NodeInfo,
@@ -266,6 +268,9 @@ class _RelayLink:
     async def group_beat(self, beat: GroupBeat) -> None:
         await self._n._call("relay_beat", lambda m: m.relay.group_beat(beat))
 
+    async def down(self, batch: LeaderBatch) -> None:
+        await self._n._call("relay_down", lambda m: m.relay.down(batch))
+
 
 def report_kind(report: GroupReport) -> str:
     """What a report says, for the coordinator's CPU by cause."""
@@ -381,6 +386,15 @@ class ScaleFabric:
             ]
         )
 
+    def post_relays(self, posts: Sequence[RelayPost]) -> None:
+        wire = self._wire()
+        self._poster.post(
+            [
+                self._post_one(node, "relay_down", _relay_down(wire(batch), self.wire))
+                for node, batch in posts
+            ]
+        )
+
     def _wire(self) -> PerMessage[Any, Any]:
         """What receivers decode: a message's bytes from the coordinator, else itself."""
         return PerMessage(encode if self.wire else (lambda msg: msg))
@@ -448,6 +462,13 @@ def _decide_on(data: Any, wire: bool) -> Callable[[Any], Coroutine[Any, Any, Non
             await member.decide(msg)  # as the real SMP does
         else:
             await member.leader.decide(msg)
+
+    return work
+
+
+def _relay_down(data: Any, wire: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    async def work(member: Any) -> None:
+        await member.relay.down(_read(data, LeaderBatch, wire))
 
     return work
 

@@ -42,11 +42,19 @@ from typing import Any
 from snapstore.config import StoreConfig
 from snapstore.control.coordinator import Coordinator
 from snapstore.control.leader import FULL_BEAT_EVERY
-from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, PerMessage, Poster
+from snapstore.control.links import (
+    LeaderPost,
+    NodePost,
+    NodeSnapshot,
+    PerMessage,
+    Poster,
+    RelayPost,
+)
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
     GroupReport,
+    LeaderBatch,
     NodeConfig,
     NodeInfo,
     OutcomeStatus,
@@ -173,6 +181,18 @@ class StandinFabric:
             data = wire(msg)
             method = "leader_prepare" if isinstance(msg, PrepareOrder) else "leader_decide"
             sends.append((f"{method} to {node[:12]}", self.node(node)._call(method, node, data)))
+        self._poster.post(sends)
+
+    def post_relays(self, posts: Sequence[RelayPost]) -> None:
+        """Each batch to the stand-in of its relay's node; a region whose leaders live in
+        several stand-ins is split into one batch for each (what the relay would post
+        on to the others, the coordinator sends: one call more per split region)."""
+        sends = []
+        for relay, batch in posts:
+            for standin, part in _split(batch).items():
+                node = relay if standin == standin_of(relay) else part[0]
+                call = self.node(node)._call("relay_down", node, encode(part[1]))
+                sends.append((f"relay_down to {node[:12]}", call))
         self._poster.post(sends)
 
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
@@ -303,8 +323,21 @@ class StandIn:
             JOB, 0, 0, self.k, self.m, self.world_size, ranks, (config.group,), parity
         )
 
+    async def relay_down(self, node: str, data: bytes) -> None:
+        """The relay on ``node``: the coordinator's batch for its region's leaders (all of
+        them stand-ins' nodes; those of this stand-in are served here, as a real relay's
+        posts would reach them)."""
+        batch = decode(data, LeaderBatch)
+        for leader, order in batch.orders:
+            self._prepare(leader, order)
+        for decision, leaders in zip(batch.decisions, batch.leaders, strict=True):
+            for leader in leaders:
+                self._decide(leader, decision)
+
     async def leader_prepare(self, node: str, data: bytes) -> None:
-        order = decode(data, PrepareOrder)
+        self._prepare(node, decode(data, PrepareOrder))
+
+    def _prepare(self, node: str, order: PrepareOrder) -> None:
         g = self.groups.get(node)
         if g is None:
             return
@@ -323,7 +356,9 @@ class StandIn:
         self._send("report", report, g.config.relay)
 
     async def leader_decide(self, node: str, data: bytes) -> None:
-        d = decode(data, Decision)
+        self._decide(node, decode(data, Decision))
+
+    def _decide(self, node: str, d: Decision) -> None:
         g = self.groups.get(node)
         if g is None:
             return
@@ -391,6 +426,27 @@ class StandIn:
         self.configs.clear()
         self.groups.clear()
         self._coord = None
+
+
+def _split(batch: LeaderBatch) -> dict[int, tuple[str, LeaderBatch]]:
+    """A region's batch by the stand-in holding each leader: (a leader there, its part)."""
+    orders: dict[int, list[tuple[str, PrepareOrder]]] = {}
+    decisions: dict[int, list[tuple[Decision, tuple[str, ...]]]] = {}
+    for leader, order in batch.orders:
+        orders.setdefault(standin_of(leader), []).append((leader, order))
+    for decision, leaders in zip(batch.decisions, batch.leaders, strict=True):
+        by: dict[int, list[str]] = {}
+        for leader in leaders:
+            by.setdefault(standin_of(leader), []).append(leader)
+        for standin, some in by.items():
+            decisions.setdefault(standin, []).append((decision, tuple(some)))
+    out: dict[int, tuple[str, LeaderBatch]] = {}
+    for standin in sorted(orders.keys() | decisions.keys()):
+        o, d = orders.get(standin, []), decisions.get(standin, [])
+        first = o[0][0] if o else d[0][1][0]
+        part = LeaderBatch(tuple(o), tuple(x for x, _ in d), tuple(ls for _, ls in d))
+        out[standin] = (first, part)
+    return out
 
 
 class _Up:

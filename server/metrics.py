@@ -134,6 +134,16 @@ def _counters(metrics: Mapping[str, Any]) -> Iterator[Metric]:
         "relayed_messages_total",
     )
     yield counter(
+        "snapstore_relay_down_batches",
+        "Batches of prepare orders and decisions the coordinator sent to relays.",
+        "relay_down_batches_total",
+    )
+    yield counter(
+        "snapstore_relayed_down_messages",
+        "Orders and decisions for leaders that went out in relays' batches.",
+        "relayed_down_messages_total",
+    )
+    yield counter(
         "snapstore_rebuilt_bytes",
         "Bytes rebuilt from stripe groups (lost nodes, corrupt chunks).",
         "rebuilt_bytes_total",

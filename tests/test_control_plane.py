@@ -31,7 +31,7 @@ import pytest
 
 from snapstore.bench.vloop import SimLoop
 from snapstore.config import StoreConfig
-from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot
+from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, RelayPost
 from snapstore.control.messages import (
     Decision,
     ErrorKind,
@@ -107,6 +107,10 @@ class ScriptedFabric:
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
         for node, msg in posts:
             self.calls.append((node, "decide", (msg,)))
+
+    def post_relays(self, posts: Sequence[RelayPost]) -> None:
+        for node, batch in posts:
+            self.calls.append((node, "relay_down", (batch,)))
 
     def sent(self, method: str) -> list[Any]:
         return [args[0] for _, m, args in self.calls if m == method]

@@ -8,7 +8,9 @@
   the next one still goes;
 - a leader's uplink goes straight to the coordinator when its relay refuses or
   does not answer within RELAY_TIMEOUT;
-- the coordinator takes a batch as it takes each of its reports and beats.
+- the coordinator takes a batch as it takes each of its reports and beats;
+- the coordinator's posts to a region's leaders go to its relay as one batch
+  (re-sends straight), which the relay posts on to each leader.
 
 The simulation (``python -m tests.sim``) runs half its schedules with relays on,
 crashing and stalling relay nodes among the rest.
@@ -24,7 +26,16 @@ import pytest
 from snapstore.config import StoreConfig
 from snapstore.control.events import EventLog
 from snapstore.control.membership import Membership
-from snapstore.control.messages import GroupBeat, GroupReport, NodeInfo, ReportBatch
+from snapstore.control.messages import (
+    Decision,
+    GroupBeat,
+    GroupReport,
+    LeaderBatch,
+    NodeInfo,
+    OutcomeStatus,
+    PrepareOrder,
+    ReportBatch,
+)
 from snapstore.control.relay import RELAY_BACKOFF, RELAY_TIMEOUT, Relay, Uplink
 from snapstore.control.runtime import LoopClock, Tasks
 from snapstore.errors import ActorUnavailableError
@@ -280,5 +291,54 @@ def test_after_its_relay_failed_a_leader_sends_straight_for_a_while() -> None:
         await stalled.report(_report(3), relay_timeout=0.25)  # the relay is tried again
         assert loop.time() - t1 == 0.25
         assert [getattr(x, "step", None) for x in up.straight] == [1, 2, None, 3]
+
+    on_sim_loop(main)
+
+
+def test_the_coordinators_posts_to_a_region_go_through_its_relay_and_resends_straight() -> None:
+    async def test(plane: Any, fabric: ScriptedFabric) -> None:
+        groups = plane.membership.all_groups()
+        assert len(groups) == 2 and groups[0] in plane.membership.relays
+        relay = plane.membership.relays[groups[0]]
+        leaders = [plane.membership.leader_of(g) for g in groups]
+        order = PrepareOrder("job", 3, 0, plane.membership.epoch, 4, {0: "s0/1"})
+        decision = Decision("job", 3, 0, OutcomeStatus.COMMITTED)
+        fabric.calls.clear()
+        plane.send_leaders([(leaders[0], order), (leaders[0], decision), (leaders[1], decision)])
+        assert [(n, m) for n, m, _ in fabric.calls] == [(relay, "relay_down")]
+        batch = fabric.calls[0][2][0]
+        assert batch.orders == ((leaders[0], order),)
+        assert len(batch.decisions) == 1, "a decision to every leader is sent once"
+        assert batch.decisions[0].epoch == plane.membership.epoch, "stamped as it is sent"
+        assert batch.leaders == (tuple(leaders),)
+        counters = plane.events.metrics.counters
+        assert counters["relay_down_batches_total"] == 1
+        assert counters["relayed_down_messages_total"] == 3
+
+        fabric.calls.clear()
+        plane.send_leaders([(leaders[0], decision), (leaders[1], decision)], straight=True)
+        assert sorted((n, m) for n, m, _ in fabric.calls) == sorted(
+            (leader, "decide") for leader in leaders
+        ), "a re-send goes straight to the leaders"
+
+    run(test, nodes=4, k=1, m=1, relay_groups=2)
+
+
+def test_a_relay_posts_the_coordinators_batch_on_to_each_leader() -> None:
+    async def main() -> None:
+        fabric = ScriptedFabric()
+        relay = Relay(fabric)
+        order = PrepareOrder("job", 3, 0, 7, 4, {0: "s0/1"})
+        decision = Decision("job", 2, 0, OutcomeStatus.COMMITTED)
+        await relay.down(LeaderBatch(((("L1", order)),), (decision,), (("L1", "L2"),)))
+        assert fabric.calls == [
+            ("L1", "prepare", (order,)),
+            ("L1", "decide", (decision,)),
+            ("L2", "decide", (decision,)),
+        ]
+        assert relay.down_batches == 1
+        relay.stop()
+        with pytest.raises(ActorUnavailableError):
+            await relay.down(LeaderBatch())
 
     on_sim_loop(main)

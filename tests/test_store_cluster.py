@@ -81,9 +81,11 @@ def test_round_trip_bitwise(store: Any, cluster: dict[str, Any]) -> None:
     st = job_status(store, JOB)
     assert st["latest_step"] == 3 and st["status"] == "protected"
     assert {s["status"] for s in st["record"]["stripes"]} == {"healthy"}
-    # The group's reports came through its relay: three per step, plus beats.
+    # The group's reports came through its relay: three per step, plus beats; and the
+    # coordinator's prepare order and decision of each step went down through it.
     counters = store.status(events=0)["metrics"]["counters"]
     assert counters.get("relayed_messages_total", 0) >= 3 * 3, counters
+    assert counters.get("relayed_down_messages_total", 0) >= 2 * 3, counters
 
 
 def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, Any]) -> None:

@@ -266,7 +266,8 @@ class Commits:
             )
         return ""
 
-    def send_prepare(self, job: Job, att: Attempt) -> None:
+    def send_prepare(self, job: Job, att: Attempt, straight: bool = False) -> None:
+        """Each group not yet prepared is ordered to (``straight``: past relays, a re-send)."""
         plane = self.plane
         att.prepare_sent = plane.clock.now()
         posts: list[tuple[str, PrepareOrder]] = []
@@ -284,7 +285,7 @@ class Commits:
                     sessions=att.group_sessions(group),
                 )
             posts.append((leader, order))
-        plane.send_leaders(posts)
+        plane.send_leaders(posts, straight)
 
     def _prepared(self, r: GroupReport) -> None:
         plane = self.plane
@@ -532,7 +533,8 @@ class Commits:
                             job, att, f"groups did not prepare within {PREPARE_TIMEOUT:.0f} s"
                         )
                     elif now - att.prepare_sent > 5 * cfg.resend_interval:
-                        self.send_prepare(job, att)  # a lost order or report: ask again
+                        # A lost order or report: ask again, past the relays.
+                        self.send_prepare(job, att, straight=True)
             for group, (decision, sent) in list(job.unacked.items()):
                 if now - sent < max(cfg.resend_interval, 2.0):
                     continue
@@ -545,7 +547,7 @@ class Commits:
         members = set(group) if group else set()
         leader = plane.membership.leader_of(group)
         if leader is not None:
-            plane.send_leaders([(leader, decision)])
+            plane.send_leaders([(leader, decision)], straight=True)
             return
         plane.send_nodes(
             (node, decision) for node in sorted(members & set(plane.membership.readable()))

@@ -25,7 +25,9 @@ batch, returning at once, with no task or timeout per message on the
 coordinator's side (1,024 groups get one post per step, not 1,024 awaited
 calls: measured by ``bench.scale``). A post is not confirmed; a failed
 delivery is logged and, like a lost cast, repaired by the coordinator's
-re-sends.
+re-sends. Where groups have relays, the coordinator's post to a region's
+leaders goes to the relay as one :class:`LeaderBatch`
+(:meth:`Fabric.post_relays`), which the relay posts on.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from snapstore.control.messages import (
     Decision,
     GroupBeat,
     GroupReport,
+    LeaderBatch,
     MemberBeat,
     NodeConfig,
     NodeInfo,
@@ -73,6 +76,7 @@ __all__ = [
     "PerMessage",
     "Poster",
     "RelayLink",
+    "RelayPost",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +90,8 @@ POST_TIMEOUT = 30.0
 LeaderPost = tuple[str, PrepareOrder | Decision]
 """(node whose group leader gets it, the order or decision)."""
 NodePost = tuple[str, Decision]
+RelayPost = tuple[str, LeaderBatch]
+"""(the relay's node, what it posts on to the leaders of its region)."""
 
 
 @message
@@ -167,6 +173,11 @@ class RelayLink(Protocol):
 
     async def group_beat(self, beat: GroupBeat) -> None: ...
 
+    async def down(self, batch: LeaderBatch) -> None:
+        """The coordinator's orders and decisions for leaders of the region: a cast; the
+        relay posts each on (Fabric.post_leaders)."""
+        ...
+
 
 class CoordinatorLink(Protocol):
     """The coordinator as nodes reach it."""
@@ -208,6 +219,10 @@ class Fabric(Protocol):
 
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
         """One-way: each decision to its node's member, past its leader."""
+        ...
+
+    def post_relays(self, posts: Sequence[RelayPost]) -> None:
+        """One-way: each batch to the relay on its node, which posts it on to leaders."""
         ...
 
 

@@ -74,6 +74,8 @@ class Membership:
         self.unprotected: tuple[str, ...] = ()
         self.leaders: dict[tuple[str, ...], str | None] = {}
         self.relays: dict[tuple[str, ...], str] = {}
+        self.relay_of_leader: dict[str, str] = {}
+        """Each group leader's relay: the coordinator's posts to a region go through it."""
         """group -> the node its leader reports through (absent: straight)."""
         self.epoch = 0
         self._group_of: dict[str, tuple[str, ...]] = {}
@@ -280,6 +282,11 @@ class Membership:
         for g in self.all_groups():
             self.leaders[g] = next((n for n in g if self.nodes[n].readable), None)
         self.relays = self._relays()
+        self.relay_of_leader = {
+            leader: self.relays[g]
+            for g, leader in self.leaders.items()
+            if leader is not None and g in self.relays
+        }
         for node in self.readable():
             self.tasks.spawn(self._configure(node), f"configure {node[:12]}")
         self.on_epoch(reason)

@@ -10,7 +10,8 @@ Who sends what (see docs/architecture.md, "The commit protocol"):
   :class:`MemberBeat` (alive, and what it holds).
 - leader -> coordinator: :class:`GroupReport` (ranks staged in the group,
   the group prepared, or failed), :class:`GroupBeat`.
-- coordinator -> leaders: :class:`PrepareOrder`, :class:`Decision`;
+- coordinator -> leaders: :class:`PrepareOrder`, :class:`Decision` (through their
+  region's relay as one :class:`LeaderBatch`);
   -> every node: :class:`NodeConfig` (membership epoch, group, leader).
 - node -> client: :class:`Outcome` of a step, with the rank's next lease.
 - coordinator -> client: :class:`RestorePlan` or :class:`ErrorReply`.
@@ -34,6 +35,7 @@ __all__ = [
     "Event",
     "GroupBeat",
     "GroupReport",
+    "LeaderBatch",
     "MemberBeat",
     "NodeConfig",
     "NodeInfo",
@@ -213,6 +215,20 @@ class PrepareOrder:
     sessions: dict[int, str] = field(default_factory=dict)
     """A new step: the staging (client session) of each of the group's ranks to use."""
     ranks: bytes | None = None
+
+
+@message
+@dataclass(frozen=True)
+class LeaderBatch:
+    """Coordinator -> relay: prepare orders and decisions for leaders of the relay's
+    region, which the relay posts to each (snapstore.control.relay): one call for the
+    region where the coordinator made one per group."""
+
+    orders: tuple[tuple[str, PrepareOrder], ...] = ()
+    """(leader, its order)."""
+    decisions: tuple[Decision, ...] = ()
+    leaders: tuple[tuple[str, ...], ...] = ()
+    """The leaders ``decisions[i]`` goes to: a decision to every group is sent once."""
 
 
 class OutcomeStatus(str, enum.Enum):

@@ -34,6 +34,7 @@ from snapstore.control.messages import (
     ErrorReply,
     GroupBeat,
     GroupReport,
+    LeaderBatch,
     NodeConfig,
     NodeInfo,
     Outcome,
@@ -171,16 +172,34 @@ class ControlPlane:
         epoch = self.membership.epoch
         return PerMessage(lambda d: dataclasses.replace(d, epoch=epoch))
 
-    def send_leaders(self, posts: Iterable[tuple[str, PrepareOrder | Decision]]) -> None:
+    def send_leaders(
+        self, posts: Iterable[tuple[str, PrepareOrder | Decision]], straight: bool = False
+    ) -> None:
         """Orders and decisions to group leaders, one post (see Fabric.post_leaders);
-        losing one is repaired by re-sends."""
+        losing one is repaired by re-sends. Those to leaders with a relay go to it, one
+        batch per region, unless ``straight`` (re-sends: a dead relay must not lose the
+        same message twice)."""
         stamp = self._stamper()
-        self.fabric.post_leaders(
-            [
-                (leader, msg if isinstance(msg, PrepareOrder) else stamp(msg))
-                for leader, msg in posts
-            ]
-        )
+        stamped = [
+            (leader, msg if isinstance(msg, PrepareOrder) else stamp(msg)) for leader, msg in posts
+        ]
+        relay_of = {} if straight else self.membership.relay_of_leader
+        regions: dict[str, list[tuple[str, PrepareOrder | Decision]]] = {}
+        direct: list[tuple[str, PrepareOrder | Decision]] = []
+        for post in stamped:
+            relay = relay_of.get(post[0])
+            if relay is None:
+                direct.append(post)
+            else:
+                regions.setdefault(relay, []).append(post)
+        batches = [(relay, _leader_batch(region)) for relay, region in regions.items()]
+        if direct:
+            self.fabric.post_leaders(direct)
+        if batches:
+            counters = self.events.metrics.counters
+            counters["relay_down_batches_total"] += len(batches)
+            counters["relayed_down_messages_total"] += len(stamped) - len(direct)
+            self.fabric.post_relays(batches)
 
     def send_nodes(self, posts: Iterable[tuple[str, Decision]]) -> None:
         """Decisions to members past their leaders, one post."""
@@ -610,3 +629,19 @@ def record_summary(rec: JobRecord, readable: set[str]) -> dict[str, Any]:
         "ranks": ranks,
         "stripes": stripe_health(merged, readable),
     }
+
+
+def _leader_batch(posts: list[tuple[str, PrepareOrder | Decision]]) -> LeaderBatch:
+    """A region's posts as one batch: each distinct decision once, with its leaders."""
+    orders: list[tuple[str, PrepareOrder]] = []
+    decisions: dict[int, tuple[Decision, list[str]]] = {}
+    for leader, msg in posts:
+        if isinstance(msg, PrepareOrder):
+            orders.append((leader, msg))
+        else:
+            decisions.setdefault(id(msg), (msg, []))[1].append(leader)
+    return LeaderBatch(
+        orders=tuple(orders),
+        decisions=tuple(d for d, _ in decisions.values()),
+        leaders=tuple(tuple(leaders) for _, leaders in decisions.values()),
+    )

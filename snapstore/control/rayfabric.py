@@ -25,11 +25,13 @@ from snapstore.control.links import (
     NodeSnapshot,
     PerMessage,
     Poster,
+    RelayPost,
 )
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
     GroupReport,
+    LeaderBatch,
     MemberBeat,
     NodeConfig,
     NodeInfo,
@@ -177,6 +179,9 @@ class _RayRelay:
     async def group_beat(self, beat: GroupBeat) -> None:
         await self._n._call("relay_beat", encode(beat))
 
+    async def down(self, batch: LeaderBatch) -> None:
+        await self._n._call("relay_down", encode(batch))
+
 
 class _RayCoordinator:
     def __init__(self, handles: _Handles) -> None:
@@ -248,7 +253,10 @@ class RayFabric:
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
         self._post([(node, "decide", msg) for node, msg in posts])
 
-    def _post(self, sends: list[tuple[str, str, PrepareOrder | Decision]]) -> None:
+    def post_relays(self, posts: Sequence[RelayPost]) -> None:
+        self._post([(node, "relay_down", batch) for node, batch in posts])
+
+    def _post(self, sends: list[tuple[str, str, PrepareOrder | Decision | LeaderBatch]]) -> None:
         """One encoding per message however many nodes get it (a decision goes to every
         group's leader)."""
         wire = PerMessage(encode)

@@ -32,8 +32,13 @@ every report is idempotent. The simulation runs half its schedules with
 every group reporting through a relay (``tests/sim``), crashing and stalling
 relay nodes among the rest.
 
-The way down (prepare orders, decisions) is one post per step already
-(:meth:`snapstore.control.links.Fabric.post_leaders`).
+The way down goes through the relay too: the coordinator's post of prepare
+orders or decisions to many groups is one :class:`LeaderBatch` per region,
+to its relay (:meth:`snapstore.control.links.Fabric.post_relays`), which
+posts each on to its leader (:meth:`Relay.down`). Only first sends take
+that way: the coordinator's re-sends of an order or a decision no group
+answered go straight to the leaders, so a dead relay costs one re-send
+interval, as a lost message does.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from snapstore.control.links import Fabric, RelayLink
-from snapstore.control.messages import GroupBeat, GroupReport, ReportBatch
+from snapstore.control.messages import GroupBeat, GroupReport, LeaderBatch, ReportBatch
 from snapstore.control.runtime import Tasks
 from snapstore.errors import ActorUnavailableError, SnapstoreError
 from snapstore.rpc import describe
@@ -88,6 +93,19 @@ class Relay:
         self._refuse_until = 0.0
         self.batches = 0
         self.forwarded = 0
+        self.down_batches = 0
+
+    async def down(self, batch: LeaderBatch) -> None:
+        """The coordinator's orders and decisions for leaders of this region: posted on
+        to each leader at once (a cast; what is lost is re-sent, straight, by the
+        coordinator)."""
+        if self._stopped:
+            raise ActorUnavailableError("relay: stopped")
+        posts: list[tuple[str, Any]] = list(batch.orders)
+        for decision, leaders in zip(batch.decisions, batch.leaders, strict=True):
+            posts.extend((leader, decision) for leader in leaders)
+        self.down_batches += 1
+        self.fabric.post_leaders(posts)
 
     async def report(self, report: GroupReport) -> None:
         self.forward(report)

@@ -42,6 +42,7 @@ from snapstore.control.messages import (
     Decision,
     GroupBeat,
     GroupReport,
+    LeaderBatch,
     MemberBeat,
     NodeConfig,
     NodeInfo,
@@ -244,6 +245,9 @@ class SMP:
 
     async def relay_beat(self, beat: bytes) -> None:
         await self.member.relay.group_beat(decode(beat, GroupBeat))
+
+    async def relay_down(self, batch: bytes) -> None:
+        await self.member.relay.down(decode(batch, LeaderBatch))
 
     async def leader_decide(self, decision: bytes) -> None:
         leader = self.member.leader

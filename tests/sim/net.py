@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapstore.bench.vloop import Proc
-from snapstore.control.links import AbandonReply, LeaderPost, NodePost, NodeSnapshot
+from snapstore.control.links import AbandonReply, LeaderPost, NodePost, NodeSnapshot, RelayPost
 from snapstore.control.messages import (
     Decision,
     GroupBeat,
     GroupReport,
+    LeaderBatch,
     MemberBeat,
     NodeConfig,
     NodeInfo,
@@ -209,6 +210,10 @@ class SimRelay(_Link):
     async def group_beat(self, beat: GroupBeat) -> None:
         await self._call("relay_beat", lambda m: m.relay.group_beat(beat))
 
+    async def down(self, batch: LeaderBatch) -> None:
+        batch = self.world.wire(batch, LeaderBatch)
+        await self._call("relay_down", lambda m: m.relay.down(batch), oneway=True)
+
 
 class SimCoordinator:
     def __init__(self, world: World) -> None:
@@ -285,6 +290,10 @@ class SimFabric:
     def post_nodes(self, posts: Sequence[NodePost]) -> None:
         for node, msg in posts:
             self._send(self.node(node).decide(msg), f"decision to {node[:12]}")
+
+    def post_relays(self, posts: Sequence[RelayPost]) -> None:
+        for node, batch in posts:
+            self._send(self.relay(node).down(batch), f"leader batch to relay {node[:12]}")
 
     def _send(self, delivery: Awaitable[Any], what: str) -> None:
         async def send() -> None:
