@@ -305,8 +305,8 @@ class Commits:
         except FormatError as e:
             self.fail(job, att, f"group of {r.leader[:12]} sent a malformed slice: {e}")
             return
-        expected = set(att.by_group.get(r.group, {}))
-        if (piece.step, piece.version) != (att.step, att.version) or set(piece.ranks) != expected:
+        expected = att.by_group.get(r.group, {}).keys()
+        if (piece.step, piece.version) != (att.step, att.version) or piece.ranks.keys() != expected:
             self.fail(job, att, f"group of {r.leader[:12]} prepared another slice")
             return
         att.prepared[r.group] = piece
@@ -322,7 +322,9 @@ class Commits:
         att.life.commit()  # the commit point: from here on it is committed
         slices = [att.prepared[g] for g in sorted(att.prepared)]
         record = JobRecord.of(slices)
-        if record.world_size != att.world_size or len(record.ranks) != att.world_size:
+        # Counted by slice: the record's index of every rank is built when first asked for.
+        ranks = sum(len(s.ranks) for s in slices)
+        if record.world_size != att.world_size or ranks != att.world_size:
             logger.error("committed %s with ranks %s", att.life.name, record.ranks)
         job.attempts.pop(att.step, None)
         for s, other in list(job.attempts.items()):
