@@ -74,9 +74,9 @@ class Membership:
         self.unprotected: tuple[str, ...] = ()
         self.leaders: dict[tuple[str, ...], str | None] = {}
         self.relays: dict[tuple[str, ...], str] = {}
+        """group -> the node its leader reports through (absent: straight)."""
         self.relay_of_leader: dict[str, str] = {}
         """Each group leader's relay: the coordinator's posts to a region go through it."""
-        """group -> the node its leader reports through (absent: straight)."""
         self.epoch = 0
         self._group_of: dict[str, tuple[str, ...]] = {}
         self._resent: dict[str, int] = {}  # node -> epoch whose configure was sent again
