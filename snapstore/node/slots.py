@@ -325,6 +325,15 @@ class SlotTable:
                     f"node {self.node_id[:12]} does not hold ranks {missing} of job "
                     f"{rec.job!r} step {rec.step} that the prepared record homes here"
                 )
+            parity = rec.parity_on(self.node_id)
+            if parity:
+                seg = self._segments.get(parity_name(rec.job, rec.step, rec.version))
+                if seg is None or seg.size < rec.parity_file_size(self.node_id):
+                    raise SnapstoreError(
+                        f"node {self.node_id[:12]} does not hold the parity of job {rec.job!r} "
+                        f"step {rec.step} version {rec.version} that the prepared record "
+                        "places here"
+                    )
             self._write_file(prepared_name(*key), data)
             self._prepared[key] = rec
 
@@ -381,7 +390,9 @@ class SlotTable:
                 here = home is not None and home.node == self.node_id
                 keep = p.step == rec.step and (here or n in self._pinned)
             else:
-                keep = (p.step, p.version) == (rec.step, rec.version)
+                # A newer version of this step's parity is being prepared (a re-protection
+                # whose parity was built before this older decision arrived): it stays.
+                keep = (p.step, p.version or 0) >= (rec.step, rec.version)
             if not keep:
                 self._retire(n, p)
         return True
