@@ -89,3 +89,21 @@ def test_seeds_that_once_failed_pass(seed: str) -> None:
     # Found with relays off (those before relays existed, and 9700815 drew them off).
     r = _sim("--seed", seed, "--schedules", "1", "--relays", "off", timeout=300)
     assert r.stdout.strip().splitlines()[-1] == "1 schedules, 0 violations", r.stdout[-4000:]
+
+
+RELAY_REGRESSIONS = {
+    # Found by --seed 9800000 --schedules 3000 (relays on): two coordinator faults started
+    # a second coordinator while the first restart's was still up; a trainer's restore plan
+    # sent to one was answered by the other, and the checker counted it in the incarnations
+    # of the one it was sent to. The harness now keys a restore by the coordinator that
+    # answered it (the real ranks all restored the same step).
+    "9801768": "a restore counted under the coordinator that did not answer it",
+}
+
+
+@pytest.mark.parametrize(
+    "seed", sorted(RELAY_REGRESSIONS), ids=lambda s: f"{s}-{RELAY_REGRESSIONS[s]}"
+)
+def test_seeds_found_with_relays_pass(seed: str) -> None:
+    r = _sim("--seed", seed, "--schedules", "1", "--relays", "on", timeout=300)
+    assert r.stdout.strip().splitlines()[-1] == "1 schedules, 0 violations", r.stdout[-4000:]

@@ -202,6 +202,9 @@ class SimTrainer:
             plane = self.world.plane
             if plane is None:
                 raise SnapstoreError("no coordinator")
+            # The coordinator that answers, which is the one current when the call arrives,
+            # not when it was sent: incarnations count per coordinator (Checker.restored).
+            self.plane_seen = self.world.planes
             return await fn(plane)
 
         return await rpc(self.world, self.world.coordinator_proc, work, f"{self.name} coord.{what}")
@@ -318,7 +321,6 @@ class SimTrainer:
         """Restore the job's committed step; None if it cannot be (the job gives up)."""
         job = self.job.name
         for _attempt in range(40):
-            self.plane_seen = self.world.planes  # which coordinator answers this plan
             try:
                 reply = await self._call_coord(
                     "restore_plan",
