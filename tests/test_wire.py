@@ -163,3 +163,29 @@ def test_a_leader_batch_round_trips() -> None:
     decision = Decision("j", 6, 1, OutcomeStatus.COMMITTED)
     batch = LeaderBatch((("n0", order),), (decision,), (("n0", "n4"),))
     assert decode(encode(batch), LeaderBatch) == batch
+
+
+def test_messages_of_no_field_and_of_one_field_round_trip() -> None:
+    import dataclasses
+
+    from snapstore.format.wire import message
+
+    @message
+    @dataclasses.dataclass(frozen=True)
+    class WireTestNothing:
+        pass
+
+    @message
+    @dataclasses.dataclass(frozen=True)
+    class WireTestOne:
+        only: int
+
+    assert decode(encode(WireTestNothing()), WireTestNothing) == WireTestNothing()
+    assert decode(encode(WireTestOne(7)), WireTestOne) == WireTestOne(7)
+    with pytest.raises(FormatError, match="WireTestNothing"):
+        decode(_tamper_any(WireTestNothing(), [1]), WireTestNothing)
+
+
+def _tamper_any(msg: Any, fields: Any) -> bytes:
+    version, tag, _ = msgpack.unpackb(encode(msg), raw=False, strict_map_key=False)
+    return bytes(msgpack.packb([version, tag, fields], use_bin_type=True))

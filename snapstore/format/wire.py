@@ -91,8 +91,13 @@ def to_plain(value: Any) -> Any:
         return {to_plain(k): to_plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         names = [f.name for f in dataclasses.fields(value)]
-        getter = operator.attrgetter(*names)
-        _FIELDS[t] = getter if len(names) > 1 else (lambda v: (getter(v),))
+        if len(names) > 1:
+            _FIELDS[t] = operator.attrgetter(*names)
+        elif names:
+            one = operator.attrgetter(names[0])
+            _FIELDS[t] = lambda v: (one(v),)
+        else:
+            _FIELDS[t] = lambda v: ()
         return to_plain(value)
     if isinstance(value, enum.Enum):
         return value.value
@@ -402,6 +407,8 @@ def _fast_converter(
     Fields are what ``cls`` declares, so the generated source holds only its field names
     and type tests: nothing of the decoded message."""
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    if not names:
+        return general  # nothing to check inline
     direct = (
         not hasattr(cls, "__post_init__")
         and hasattr(cls, "__dict__")
