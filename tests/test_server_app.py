@@ -287,6 +287,7 @@ def test_latest_before_any_commit_is_404() -> None:
         "/v1/events?limit=501",
         "/v1/events?limit=x",
         "/v1/events?since=-1",
+        "/v1/events?since=abc",
         f"/v1/jobs/{'j' * 65}/snapshots",
         "/v1/jobs/-bad/snapshots/latest",
         "/v1/events?kind=Not%20a%20kind",
@@ -582,5 +583,11 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", _SCHEMA_APP)
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_schema_conformance(case: Any) -> None:
-    """No 500s; every response matches its documented status, content type and schema."""
-    case.call_and_validate()
+    """No 500s; every response matches its documented status, content type and schema.
+
+    Not schemathesis's check that "negative" data is refused: for a query parameter of
+    ``anyOf [type, null]`` it turns null into a value of the other branch and calls that
+    invalid (``GET /v1/events?job=false&since=0.0``, both valid, accepted: reported as a
+    violation one run in a few). Malformed parameters are checked one by one instead
+    (test_malformed_parameters_are_422)."""
+    case.call_and_validate(excluded_checks=[schemathesis.checks.negative_data_rejection])
