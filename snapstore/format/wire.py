@@ -48,7 +48,6 @@ MAX_MESSAGE = 256 << 20
 T = TypeVar("T")
 
 _REGISTRY: dict[str, type] = {}
-_DECODERS: dict[type, list[tuple[str, Callable[[Any], Any], bool]]] = {}
 
 
 def message(cls: type[T]) -> type[T]:
@@ -344,14 +343,11 @@ def _make_converter(tp: Any) -> Callable[[Any], Any]:
 def _dataclass_converter(cls: type) -> Callable[[Any], Any]:
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
-    specs: list[tuple[str, Callable[[Any], Any], bool]] = []
-    for f in fields:
-        has_default = (
-            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        )
-        specs.append((f.name, _LazyConverter(hints[f.name]), has_default))
-    _DECODERS[cls] = specs
-    required = sum(1 for _, _, d in specs if not d)
+    required = sum(
+        1
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
     name = cls.__name__
     # The fields' converters, resolved at the first decode (messages may refer to each
     # other, so not while this one is being made).
@@ -360,19 +356,19 @@ def _dataclass_converter(cls: type) -> Callable[[Any], Any]:
     def general(v: Any) -> Any:
         """Any list a version of this message may send (fields left off the end take
         their defaults); a field of the wrong type is named."""
-        if not isinstance(v, list) or not required <= len(v) <= len(specs):
-            raise _fail(f"a {name} ({required}-{len(specs)} fields)", v)
+        if not isinstance(v, list) or not required <= len(v) <= len(fields):
+            raise _fail(f"a {name} ({required}-{len(fields)} fields)", v)
         if not convs:
             convs.extend(_converter(hints[f.name]) for f in fields)
         try:
             return cls(*[c(x) for c, x in zip(convs, v, strict=False)])
         except FormatError:
             pass
-        for (fname, conv, _), x in zip(specs, v, strict=False):
+        for f, conv, x in zip(fields, convs, v, strict=False):
             try:
                 conv(x)
             except FormatError as e:
-                raise FormatError(f"{name}.{fname}: {e}") from None
+                raise FormatError(f"{name}.{f.name}: {e}") from None
         raise AssertionError("unreachable: a field failed once and then passed")
 
     fast: list[Callable[[Any], Any]] = []
@@ -455,18 +451,3 @@ def _fast_converter(
     exec(compile("\n".join(lines), f"<wire converter of {cls.__name__}>", "exec"), env, namespace)
     convert: Callable[[Any], Any] = namespace["convert"]
     return convert
-
-
-class _LazyConverter:
-    """Resolves a field's converter on first use (messages may refer to each other)."""
-
-    __slots__ = ("_conv", "_tp")
-
-    def __init__(self, tp: Any) -> None:
-        self._tp = tp
-        self._conv: Callable[[Any], Any] | None = None
-
-    def __call__(self, v: Any) -> Any:
-        if self._conv is None:
-            self._conv = _converter(self._tp)
-        return self._conv(v)
