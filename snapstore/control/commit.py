@@ -563,7 +563,7 @@ def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
     known: list[Any] = list(map(job.sessions.get, stagings))
     if None in known:
         return False
-    return list(map(_FIRST, known)) == [s.partition("/")[0] for s in stagings.values()]
+    return list(map(_FIRST, known)) == list(map(session_of, stagings.values()))
 
 
 def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:
