@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import msgpack
 import msgspec
 
 from snapstore.errors import FormatError
@@ -33,7 +32,9 @@ __all__ = [
     "piece_len",
 ]
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+"""2: ranks as a map of rank -> [node, size, sums] (1: a list of [rank, node, size, sums]
+rows, still read)."""
 _SIZE = operator.itemgetter(1)
 """A RankEntry's size."""
 ALIGN = 64
@@ -91,7 +92,24 @@ _new_rank_entry = functools.partial(tuple.__new__, RankEntry)
 class _Doc(msgspec.Struct):
     """A record as it is encoded, every field's type checked by msgspec's decoder in C:
     a record holds an entry per rank, and checking them in Python cost more than the
-    rest of a group's report."""
+    rest of a group's report. The ranks map decodes straight into RankEntry tuples."""
+
+    v: int
+    job: str
+    step: int
+    version: int
+    k: int
+    m: int
+    world_size: int
+    ranks: dict[int, RankEntry]
+    groups: list[tuple[str, ...]]
+    parity: list[ParityEntry]
+    committed_at: float = 0.0
+
+
+class _DocV1(msgspec.Struct):
+    """Version 1 of the record (ranks as ``[rank, node, size, sums]`` rows), still read:
+    an SMP restarted onto a newer snapstore finds its predecessor's record files."""
 
     v: int
     job: str
@@ -107,6 +125,10 @@ class _Doc(msgspec.Struct):
 
 
 _DECODER = msgspec.msgpack.Decoder(_Doc)
+_DECODER_V1 = msgspec.msgpack.Decoder(_DocV1)
+_ENCODER = msgspec.msgpack.Encoder()
+_SUMS = operator.itemgetter(2)
+"""A RankEntry's piece checksums."""
 
 
 def _record_version(data: bytes) -> object:
@@ -117,6 +139,36 @@ def _record_version(data: bytes) -> object:
     except msgspec.DecodeError:
         return None
     return doc.get("v") if isinstance(doc, dict) else type(doc).__name__
+
+
+def _decode(data: bytes) -> _Doc:
+    """The record's document, of this version or converted from version 1."""
+    try:
+        return _DECODER.decode(data)
+    except msgspec.ValidationError as e:
+        version = _record_version(data)
+        if version == 1:
+            return _decode_v1(data)
+        if version != RECORD_VERSION:
+            raise FormatError(
+                f"step record version {version!r}, expected {RECORD_VERSION}"
+            ) from None
+        raise FormatError(f"step record is malformed: {e}") from None
+    except msgspec.DecodeError as e:
+        raise FormatError(f"step record is not valid msgpack: {e}") from None
+
+
+def _decode_v1(data: bytes) -> _Doc:
+    try:
+        old = _DECODER_V1.decode(data)
+    except msgspec.ValidationError as e:
+        raise FormatError(f"step record (version 1) is malformed: {e}") from None
+    ranks = {r: _new_rank_entry((n, s, sums)) for r, n, s, sums in old.ranks}
+    if len(ranks) != len(old.ranks):
+        raise FormatError("step record (version 1) lists a rank twice")
+    fields = {f: getattr(old, f) for f in old.__struct_fields__}
+    fields.update(v=RECORD_VERSION, ranks=ranks)
+    return _Doc(**fields)
 
 
 @dataclass(frozen=True)
@@ -181,28 +233,16 @@ class StepRecord:
             "k": self.k,
             "m": self.m,
             "world_size": self.world_size,
-            "ranks": [[r, e.node, e.size, list(e.sums)] for r, e in sorted(self.ranks.items())],
-            "groups": [list(g) for g in self.groups],
-            "parity": [
-                [p.group, p.stripe, p.index, p.node, p.offset, p.length, p.sum] for p in self.parity
-            ],
+            "ranks": dict(sorted(self.ranks.items())),
+            "groups": self.groups,
+            "parity": self.parity,
             "committed_at": self.committed_at,
         }
-        return msgpack.packb(doc, use_bin_type=True)
+        return _ENCODER.encode(doc)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StepRecord:
-        try:
-            doc = _DECODER.decode(data)
-        except msgspec.ValidationError as e:
-            version = _record_version(data)
-            if version != RECORD_VERSION:
-                raise FormatError(
-                    f"step record version {version!r}, expected {RECORD_VERSION}"
-                ) from None
-            raise FormatError(f"step record is malformed: {e}") from None
-        except msgspec.DecodeError as e:
-            raise FormatError(f"step record is not valid msgpack: {e}") from None
+        doc = _decode(data)
         if doc.v != RECORD_VERSION:
             raise FormatError(f"step record version {doc.v!r}, expected {RECORD_VERSION}")
         rec = cls(
@@ -212,7 +252,7 @@ class StepRecord:
             k=doc.k,
             m=doc.m,
             world_size=doc.world_size,
-            ranks={r: _new_rank_entry((n, s, sums)) for r, n, s, sums in doc.ranks},
+            ranks=doc.ranks,
             groups=tuple(doc.groups),
             parity=tuple(doc.parity),
             committed_at=doc.committed_at,
@@ -224,7 +264,15 @@ class StepRecord:
         """Check internal consistency; raise FormatError naming the first problem."""
         if self.k < 1 or self.m < 1:
             raise FormatError(f"record k={self.k}, m={self.m}: both must be >= 1")
-        for r, e in self.ranks.items():
+        ranks = self.ranks
+        if ranks and (
+            min(ranks) >= 0
+            and max(ranks) < self.world_size
+            and min(map(_SIZE, ranks.values())) >= 0
+            and set(map(len, map(_SUMS, ranks.values()))) == {self.k}
+        ):
+            ranks = {}  # every rank checked at C speed; one by one only to name a bad one
+        for r, e in ranks.items():
             if not 0 <= r < self.world_size:
                 raise FormatError(f"record rank {r} outside world size {self.world_size}")
             if e.size < 0 or len(e.sums) != self.k:
