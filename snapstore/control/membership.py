@@ -80,6 +80,11 @@ class Membership:
         self.epoch = 0
         self._group_of: dict[str, tuple[str, ...]] = {}
         self._resent: dict[str, int] = {}  # node -> epoch whose configure was sent again
+        self._dead: dict[str, None] = {}
+        """Nodes that died (in order), until lost or back: what a tick looks at, not every
+        node (a dict, for a deterministic order)."""
+        self._leading: list[str] = []
+        """This epoch's leaders, once each: a tick's silence check."""
 
     # -- queries ----------------------------------------------------------------------
 
@@ -183,6 +188,7 @@ class Membership:
             return
         silence = self.clock.now() - self.heard.get(node, self.clock.now())
         life.died(self.clock.now())
+        self._dead[node] = None
         self.events.add(
             "node_dead",
             f"node {node[:12]} is dead ({reason})",
@@ -196,18 +202,19 @@ class Membership:
     def tick(self) -> None:
         """Leaders that went silent become suspect; dead nodes past their delay are lost."""
         now = self.clock.now()
-        for leader in {x for x in self.leaders.values() if x}:
+        heard = self.heard
+        stale = now - self.cfg.failure_timeout
+        for leader in [x for x in self._leading if heard.get(x, now) < stale]:
             life = self.nodes.get(leader)
-            age = now - self.heard.get(leader, now)
-            if (
-                life is not None
-                and life.phase is NodePhase.ALIVE
-                and age > self.cfg.failure_timeout
-            ):
-                self._silent(life, age, now)
+            if life is not None and life.phase is NodePhase.ALIVE:
+                self._silent(life, now - heard[leader], now)
         lost = []
-        for node, life in self.nodes.items():
-            if life.phase is NodePhase.DEAD and now - life.since >= self.cfg.reprotect_delay:
+        for node in list(self._dead):
+            life = self.nodes[node]
+            if life.phase is not NodePhase.DEAD:
+                del self._dead[node]  # back, or lost
+            elif now - life.since >= self.cfg.reprotect_delay:
+                del self._dead[node]
                 dead_for = now - life.since
                 life.declare_lost(now)
                 lost.append(node)
@@ -281,6 +288,7 @@ class Membership:
         self.leaders = {}
         for g in self.all_groups():
             self.leaders[g] = next((n for n in g if self.nodes[n].readable), None)
+        self._leading = list(dict.fromkeys(x for x in self.leaders.values() if x))
         self.relays = self._relays()
         self.relay_of_leader = {
             leader: self.relays[g]
