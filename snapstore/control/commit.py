@@ -23,6 +23,7 @@ current leader, or to each member directly) until they are.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import operator
 from typing import TYPE_CHECKING, Any
@@ -365,16 +366,11 @@ class Commits:
         )
         # Every group hears of it, not only those holding the step: a node with no
         # slice of it lets go of the job's older steps.
-        job.unacked.clear()
         job.applied = asyncio.Event()
-        targets = dict(att.leaders)
-        for group in plane.membership.all_groups():
-            leader = plane.membership.leader_of(group)
-            if group not in targets and leader is not None:
-                targets[group] = leader
-        for group in targets:
-            job.unacked[group] = (decision, plane.clock.now())
-        plane.send_leaders((leader, decision) for leader in targets.values())
+        targets = {g: x for g, x in plane.membership.leaders.items() if x is not None}
+        targets.update(att.leaders)
+        job.unacked = dict.fromkeys(targets, (decision, plane.clock.now()))
+        plane.send_leaders(zip(targets.values(), itertools.repeat(decision)))
         job.touch()
         plane.flusher.on_commit(job.name)
         if hold:
@@ -563,7 +559,9 @@ def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
     known: list[Any] = list(map(job.sessions.get, stagings))
     if None in known:
         return False
-    return list(map(_FIRST, known)) == list(map(session_of, stagings.values()))
+    # session_of of each staging, at C speed: ``<session>/<n>``.partition("/")[0].
+    sessions = map(_FIRST, map(str.partition, stagings.values(), itertools.repeat("/")))
+    return list(map(_FIRST, known)) == list(sessions)
 
 
 def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:

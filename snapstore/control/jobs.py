@@ -166,7 +166,11 @@ class Attempt:
 
     def add_group(self, group: tuple[str, ...], stagings: dict[int, str]) -> None:
         """Ranks ``stagings`` (rank -> session) staged this attempt in ``group``."""
-        for rank in self.ranks.keys() & stagings.keys():
+        mine = self.by_group.get(group)
+        again = self.ranks.keys() & stagings.keys()
+        if mine is not None and again <= mine.keys():
+            again = set()  # ranks staged before in this same group: none moved
+        for rank in again:
             prev = self.ranks[rank][1]
             if prev != group:
                 self.by_group.get(prev, {}).pop(rank, None)
