@@ -572,3 +572,31 @@ def test_a_post_logs_refused_deliveries_and_raises_a_bug() -> None:
     finally:
         loop.close()
     assert sorted(got) == ["a", "b", "c"]
+
+
+def test_a_quiet_report_stands_for_a_beat_of_its_group() -> None:
+    """GroupReport.quiet: every member was heard from; a suspect member is back. A report
+    not quiet, or of another epoch, says nothing of the members."""
+
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        group, leader = _group(plane)
+        membership = plane.membership
+        member = next(n for n in group if n != leader)
+        await asyncio.sleep(5.0)  # nobody heard since: the tick finds the leader silent
+        before = dict(membership.heard)
+        epoch = membership.epoch
+        loud = GroupReport(JOB, 1, -1, epoch, leader, group, 2, {0: "a/1"})
+        await plane.report(loud)
+        assert membership.heard == before
+        stale = GroupReport(JOB, 1, -1, epoch - 1, leader, group, 2, {0: "a/1"}, quiet=True)
+        await plane.report(stale)
+        assert membership.heard == before
+        assert membership.nodes[leader].phase is NodePhase.SUSPECT
+        quiet = GroupReport(JOB, 1, -1, epoch, leader, group, 2, {0: "a/1"}, quiet=True)
+        await plane.report(quiet)
+        now = plane.clock.now()
+        assert all(membership.heard[n] == now for n in group)
+        assert membership.nodes[leader].phase is NodePhase.ALIVE
+        assert member in membership.heard
+
+    run(test)

@@ -19,6 +19,7 @@ crashing and stalling relay nodes among the rest.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -340,5 +341,55 @@ def test_a_relay_posts_the_coordinators_batch_on_to_each_leader() -> None:
         relay.stop()
         with pytest.raises(ActorUnavailableError):
             await relay.down(LeaderBatch())
+
+    on_sim_loop(main)
+
+
+def test_a_leader_skips_the_beats_its_quiet_reports_stand_for() -> None:
+    """A report sent while every member was heard from is quiet; a beat that would say no
+    more is skipped while the coordinator took one within the beat interval. A member
+    gone silent makes reports loud and brings the beats back, naming it."""
+    from snapstore.control.leader import Leader
+    from snapstore.control.messages import MemberBeat, NodeConfig, NodeInfo
+
+    group = ("L", "a", "b", "c")
+
+    async def main() -> None:
+        up = _Coordinator()
+        cfg = StoreConfig(k=3, m=1, nodes=4)
+        config = NodeConfig(1, "L", group, "L", True, 3, 1, cfg.backend)
+        leader = Leader("L", config, None, up, LoopClock(0.0), cfg)  # type: ignore[arg-type]
+        beating = set(group)
+
+        async def members() -> None:
+            while True:
+                for n in sorted(beating):
+                    info = NodeInfo(n, "", PeerInfo(n, "", "", "", 0))
+                    await leader.beat(MemberBeat(info, 1))
+                await asyncio.sleep(0.25)
+
+        async def reports(until: float) -> None:
+            while loop.time() < until:
+                await leader._up_report(dataclasses.replace(_report(1), quiet=leader._quiet()))
+                await asyncio.sleep(0.4)
+
+        def beats() -> list[GroupBeat]:
+            return [x for x in up.straight if isinstance(x, GroupBeat)]
+
+        loop = asyncio.get_running_loop()
+        feeder = asyncio.ensure_future(members())
+        leader.start()
+        await asyncio.sleep(3.5)
+        assert len(beats()) == 3  # no report: a beat a second
+        await reports(loop.time() + 3.0)
+        assert len(beats()) == 3  # quiet reports all along: no beat
+        assert all(r.quiet for r in up.straight if isinstance(r, GroupReport))
+        beating.discard("c")  # silent from here
+        await reports(loop.time() + 4.0)
+        loud = [r for r in up.straight if isinstance(r, GroupReport) and not r.quiet]
+        assert loud, "reports while a member is silent are not quiet"
+        assert any("c" in b.silent for b in beats()[3:]), "the beats name the silent member"
+        leader.stop()
+        feeder.cancel()
 
     on_sim_loop(main)

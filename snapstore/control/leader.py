@@ -23,7 +23,11 @@ messages per *group*, whatever the number of ranks:
    :class:`NodeInfo` of members that changed process or address since the
    last beat the coordinator took, of members whose usage alone changed at
    most every :data:`USAGE_BEAT_EVERY` beats, and every member's every
-   :data:`FULL_BEAT_EVERY` beats: an idle group's beat is a few bytes.
+   :data:`FULL_BEAT_EVERY` beats: an idle group's beat is a few bytes. A
+   report sent while every member was heard from says so
+   (``GroupReport.quiet``) and stands for a beat: a beat that would say no
+   more is skipped when the coordinator took such a report within the beat
+   interval, so a saving group sends its reports and next to no beats.
 
 Reports and beats go through the region's relay when the membership names
 one (:mod:`snapstore.control.relay`), straight to the coordinator otherwise.
@@ -138,6 +142,8 @@ class Leader:
         self._held: set[tuple[str, int]] = set()
         self._told: dict[str, NodeInfo] = {}
         """The info of each member the coordinator took with the last beat."""
+        self._quiet_taken = float("-inf")
+        """When the last quiet report the coordinator took was sent (it stands for a beat)."""
         self._told_at: dict[str, int] = {}
         """member -> the number of the beat its info last went with."""
         self._beats_sent = 0
@@ -401,9 +407,10 @@ class Leader:
                     world_size=world,
                     sessions={r: e.session for r, (_, e) in gs.entries.items()},
                     stats={"client": client} if client else {},
+                    quiet=self._quiet(),
                 )
                 try:
-                    await asyncio.wait_for(self.up.report(report), RPC_TIMEOUT)
+                    await self._up_report(report)
                 except (SnapstoreError, asyncio.TimeoutError) as e:
                     logger.info("report to the coordinator failed: %s", e)
                     return
@@ -432,9 +439,10 @@ class Leader:
             prepared=prepared,
             failed=failed,
             stats=stats or {},
+            quiet=self._quiet(),
         )
         try:
-            await asyncio.wait_for(self.up.report(report), RPC_TIMEOUT)
+            await self._up_report(report)
         except (SnapstoreError, asyncio.TimeoutError) as e:
             # The coordinator asks again (or fails the step by its timeout).
             logger.info("prepared report to the coordinator failed: %s", e)
@@ -464,11 +472,24 @@ class Leader:
             group=self.group,
             world_size=0,
             applied=True,
+            quiet=self._quiet(),
         )
         try:
-            await asyncio.wait_for(self.up.report(ack), RPC_TIMEOUT)
+            await self._up_report(ack)
         except (SnapstoreError, asyncio.TimeoutError) as e:
             logger.info("decision ack to the coordinator failed: %s", e)
+
+    def _quiet(self) -> bool:
+        """Every member heard from within ``failure_timeout`` (GroupReport.quiet)."""
+        stale = self.clock.now() - self.cfg.failure_timeout
+        return all(heard >= stale for n, (_, heard) in self._beats.items() if n != self.node)
+
+    async def _up_report(self, report: GroupReport) -> None:
+        """A report to the coordinator; a quiet one it took stands for a beat."""
+        sent = self.clock.now()
+        await asyncio.wait_for(self.up.report(report), RPC_TIMEOUT)
+        if report.quiet:
+            self._quiet_taken = max(self._quiet_taken, sent)
 
     # -- background ---------------------------------------------------------------------------
 
@@ -488,6 +509,8 @@ class Leader:
                 for n, (_, heard) in self._beats.items()
                 if now - heard > self.cfg.failure_timeout and n != self.node
             }
+            if not infos and not silent and now - self._quiet_taken < interval:
+                continue  # a quiet report the coordinator took since said all of it
             beat = GroupBeat(self.config.epoch, self.node, infos, silent)
             try:
                 # A stalled relay may take a third of the beat's time, the coordinator the rest.

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from snapstore.config import StoreConfig
 from snapstore.control.events import EventLog
 from snapstore.control.links import Fabric
-from snapstore.control.messages import GroupBeat, NodeConfig, NodeInfo, next_term
+from snapstore.control.messages import GroupBeat, GroupReport, NodeConfig, NodeInfo, next_term
 from snapstore.control.placement import form_groups, regroup
 from snapstore.control.runtime import Clock, Tasks
 from snapstore.control.states import NodeLife, NodePhase
@@ -169,17 +169,28 @@ class Membership:
             if life is None or info.incarnation != life.incarnation:
                 continue
             self.infos[info.node] = info
-        for node in self._group_of.get(beat.leader, ()):
-            life = self.nodes.get(node)
-            if life is None or node in beat.silent:
-                continue
-            self.heard[node] = now
-            if life.phase is NodePhase.SUSPECT:
-                self._back(life, now)
+        self._members_heard(beat.leader, beat.silent, now)
         for node, age in beat.silent.items():
             life = self.nodes.get(node)
             if life is not None and life.phase is NodePhase.ALIVE:
                 self._silent(life, age, now)
+
+    def quiet_report(self, report: GroupReport) -> None:
+        """A report saying every member of the leader's group was heard from: a beat with
+        nothing more to say (GroupReport.quiet)."""
+        if report.quiet and report.epoch == self.epoch:
+            self._members_heard(report.leader, {}, self.clock.now())
+
+    def _members_heard(self, leader: str, silent: dict[str, float], now: float) -> None:
+        """The members of ``leader``'s group but ``silent`` were heard from, through it."""
+        heard, nodes = self.heard, self.nodes
+        for node in self._group_of.get(leader, ()):
+            life = nodes.get(node)
+            if life is None or node in silent:
+                continue
+            heard[node] = now
+            if life.phase is NodePhase.SUSPECT:
+                self._back(life, now)
 
     def died(self, node: str, incarnation: str, reason: str) -> None:
         """Ray says this incarnation of the node's SMP is dead."""

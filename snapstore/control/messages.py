@@ -174,6 +174,10 @@ class GroupReport:
     stats: dict[str, Any] = field(default_factory=dict)
     applied: bool = False
     """The leader applied a decision of this step to every alive member (an ack)."""
+    quiet: bool = False
+    """Every member of the group was heard from within ``failure_timeout`` when this was
+    sent: the report stands for a beat saying so (the leader skips its next beat when
+    that beat would say nothing more)."""
 
 
 @message

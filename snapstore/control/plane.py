@@ -216,6 +216,7 @@ class ControlPlane:
         await self._started()
         self.membership.heard_epoch(report.epoch, report.leader)
         self.commits.on_report(report)
+        self.membership.quiet_report(report)
 
     async def group_beat(self, beat: GroupBeat) -> None:
         await self._started()
@@ -241,6 +242,7 @@ class ControlPlane:
             try:
                 membership.heard_epoch(report.epoch, report.leader)
                 self.commits.on_report(report)
+                membership.quiet_report(report)
             except Exception as e:
                 self._relayed_failed(f"report of {report.leader[:12]} on step {report.step}", e)
 
