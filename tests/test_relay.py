@@ -360,11 +360,15 @@ def test_a_leader_skips_the_beats_its_quiet_reports_stand_for() -> None:
         config = NodeConfig(1, "L", group, "L", True, 3, 1, cfg.backend)
         leader = Leader("L", config, None, up, LoopClock(0.0), cfg)  # type: ignore[arg-type]
         beating = set(group)
+        incarnation = [""]
 
         async def members() -> None:
+            used = 0
             while True:
+                used += 1
                 for n in sorted(beating):
-                    info = NodeInfo(n, "", PeerInfo(n, "", "", "", 0))
+                    peer = PeerInfo(n, "", "", "", 0)
+                    info = NodeInfo(n, incarnation[0], peer, used=used)
                     await leader.beat(MemberBeat(info, 1))
                 await asyncio.sleep(0.25)
 
@@ -384,11 +388,20 @@ def test_a_leader_skips_the_beats_its_quiet_reports_stand_for() -> None:
         await reports(loop.time() + 3.0)
         assert len(beats()) == 3  # quiet reports all along: no beat
         assert all(r.quiet for r in up.straight if isinstance(r, GroupReport))
+        # Members that came up go with the next beat; their usage, which every step
+        # changes, at most every USAGE_BEAT_EVERY intervals: quiet reports skip the rest.
+        incarnation[0] = "i1"
+        await reports(loop.time() + 7.0)
+        told = beats()[3:]
+        assert 2 <= len(told) <= 3, [len(b.infos) for b in told]
+        assert all(b.infos for b in told)
+        assert told[-1].infos[0].used > told[0].infos[0].used
+        n_beats = len(beats())
         beating.discard("c")  # silent from here
         await reports(loop.time() + 4.0)
         loud = [r for r in up.straight if isinstance(r, GroupReport) and not r.quiet]
         assert loud, "reports while a member is silent are not quiet"
-        assert any("c" in b.silent for b in beats()[3:]), "the beats name the silent member"
+        assert any("c" in b.silent for b in beats()[n_beats:]), "beats name the silent member"
         leader.stop()
         feeder.cancel()
 

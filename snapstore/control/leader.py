@@ -79,10 +79,11 @@ PARITY_TIMEOUT = 120.0
 KEEP_TIMEOUT = 30.0
 RPC_TIMEOUT = 30.0
 FULL_BEAT_EVERY = 20
-"""Every this many beats, a group beat carries every member's info, changed or not."""
+"""Every this many beat intervals, a group beat carries every member's info, changed or
+not (a beat a quiet report stood for is counted: this beat is not skipped)."""
 USAGE_BEAT_EVERY = 5
 """A member's info whose usage figures alone changed (bytes held, counters: every step of
-a training job changes them) goes with at most every this many beats; a change of who or
+a training job changes them) goes at most every this many beat intervals; a change of who or
 where it is (process, address, budget) goes with the next. bench.scale: while saving,
 every beat carried every member's info, and decoding them was most of a beat's cost."""
 RESEND_BACKOFF_MAX = 8
@@ -145,8 +146,9 @@ class Leader:
         self._quiet_taken = float("-inf")
         """When the last quiet report the coordinator took was sent (it stands for a beat)."""
         self._told_at: dict[str, int] = {}
-        """member -> the number of the beat its info last went with."""
-        self._beats_sent = 0
+        """member -> the beat interval its info last went with."""
+        self._beat_ticks = 0
+        """Beat intervals passed: infos fall due by them, beats sent or skipped alike."""
         self._closed: dict[tuple[str, int, int], str] = {}
         self._client: dict[str, dict[str, float]] = {}
         self._stopped = False
@@ -498,11 +500,13 @@ class Leader:
         while not self._stopped:
             await asyncio.sleep(interval)
             now = self.clock.now()
-            full = self._beats_sent % FULL_BEAT_EVERY == 0
+            tick = self._beat_ticks
+            self._beat_ticks += 1
+            full = tick % FULL_BEAT_EVERY == 0
             infos = tuple(
                 info
                 for n, (info, _) in self._beats.items()
-                if info.incarnation and (full or self._tell(n, info))
+                if info.incarnation and (full or self._tell(n, info, tick))
             )
             silent = {
                 n: round(now - heard, 3)
@@ -521,17 +525,16 @@ class Leader:
                 continue
             for info in infos:
                 self._told[info.node] = info
-                self._told_at[info.node] = self._beats_sent
-            self._beats_sent += 1
+                self._told_at[info.node] = tick
 
-    def _tell(self, node: str, info: NodeInfo) -> bool:
-        """Whether the next beat carries ``info`` (see :data:`USAGE_BEAT_EVERY`)."""
+    def _tell(self, node: str, info: NodeInfo, tick: int) -> bool:
+        """Whether the beat of interval ``tick`` carries ``info`` (:data:`USAGE_BEAT_EVERY`)."""
         told = self._told.get(node)
         if told is None or _who(told) != _who(info):
             return True
         if told == info:
             return False
-        return self._beats_sent - self._told_at.get(node, 0) >= USAGE_BEAT_EVERY
+        return tick - self._told_at.get(node, 0) >= USAGE_BEAT_EVERY
 
     async def _resend_loop(self) -> None:
         interval = self.cfg.resend_interval
