@@ -12,8 +12,11 @@ stand-in impersonates many nodes and their group leaders:
   prepare and decide calls;
 - for each group it leads it sends a :class:`GroupBeat` each heartbeat
   interval, with every member's :class:`NodeInfo` when they changed (the
-  group saved since) or every :data:`snapstore.control.leader.FULL_BEAT_EVERY`
-  beats, as the real leader does;
+  group saved since) at most every
+  :data:`snapstore.control.leader.USAGE_BEAT_EVERY` intervals, or every
+  :data:`snapstore.control.leader.FULL_BEAT_EVERY`; its reports are quiet
+  (``GroupReport.quiet``) and a beat with no info is skipped within an
+  interval of one, as the real leader does;
 - on :meth:`StandIn.step`, one staged :class:`GroupReport` per group it
   leads (the fewest the real leaders send), then the prepared slice when
   ordered, then the decision's acknowledgement.
@@ -41,7 +44,7 @@ from typing import Any
 
 from snapstore.config import StoreConfig
 from snapstore.control.coordinator import Coordinator
-from snapstore.control.leader import FULL_BEAT_EVERY
+from snapstore.control.leader import FULL_BEAT_EVERY, USAGE_BEAT_EVERY
 from snapstore.control.links import (
     LeaderPost,
     NodePost,
@@ -261,7 +264,11 @@ class StandIn:
         self.decided: dict[int, set[str]] = {}
         self.beats = 0
         self.changed: set[str] = set()
-        """Leaders whose group saved since its last beat (its members' infos changed)."""
+        """Leaders whose group saved since its last infos went (its members' infos changed)."""
+        self.told_at: dict[str, int] = {}
+        """Leader -> the beat interval its members' infos last went with."""
+        self.reported: dict[str, float] = {}
+        """Leader -> when its last report (quiet: it stands for a beat) was sent."""
         self.refs: list[Any] = []
         self.relays: dict[str, Relay] = {}
         self._never = asyncio.Event()
@@ -281,6 +288,8 @@ class StandIn:
         """A call to the coordinator; its reply is collected in bulk (see :meth:`reap`).
         With a ``relay`` (the group's NodeConfig.relay), through the real
         :class:`snapstore.control.relay.Relay` of that node, kept here."""
+        if isinstance(msg, GroupReport):
+            self.reported[msg.leader] = asyncio.get_running_loop().time()
         if relay:
             r = self.relays.get(relay)
             if r is None:
@@ -352,6 +361,7 @@ class StandIn:
             order.world_size,
             prepared=piece.to_bytes(),
             stats={"parity_seconds": 0.5, "peer_bytes": 1 << 30, "delta": False},
+            quiet=True,
         )
         self._send("report", report, g.config.relay)
 
@@ -365,7 +375,15 @@ class StandIn:
         if d.status is OutcomeStatus.COMMITTED:
             self.decided.setdefault(d.step, set()).add(node)
         ack = GroupReport(
-            d.job, d.step, d.version, g.config.epoch, node, g.config.group, 0, applied=True
+            d.job,
+            d.step,
+            d.version,
+            g.config.epoch,
+            node,
+            g.config.group,
+            0,
+            applied=True,
+            quiet=True,
         )
         self._send("report", ack, g.config.relay)
 
@@ -378,19 +396,25 @@ class StandIn:
         return len(self.groups)
 
     async def _beat_loop(self) -> None:
-        rounds = 0
+        tick = 0
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            full = rounds % FULL_BEAT_EVERY == 0
-            rounds += 1
+            now = loop.time()
+            full = tick % FULL_BEAT_EVERY == 0
             for leader, g in list(self.groups.items()):
                 infos: tuple[NodeInfo, ...] = ()
-                if full or leader in self.changed:
+                due = tick - self.told_at.get(leader, -USAGE_BEAT_EVERY) >= USAGE_BEAT_EVERY
+                if full or (leader in self.changed and due):
                     infos = tuple(info_of(n) for n in g.config.group)
+                    self.told_at[leader] = tick
+                    self.changed.discard(leader)
+                elif now - self.reported.get(leader, float("-inf")) < self.interval:
+                    continue  # a quiet report stood for this beat
                 beat = GroupBeat(g.config.epoch, leader, infos, {})
                 self._send("group_beat", beat, g.config.relay)
                 self.beats += 1
-            self.changed.clear()
+            tick += 1
 
     async def step(self, step: int) -> None:
         """Every group this stand-in leads reports its ranks staged ``step``."""
@@ -406,6 +430,7 @@ class StandIn:
                 g.config.group,
                 self.world_size,
                 sessions={r: f"session{r:06d}/{step}" for r in ranks},
+                quiet=True,
             )
             self._send("report", report, g.config.relay)
 
