@@ -481,10 +481,17 @@ class Leader:
         except (SnapstoreError, asyncio.TimeoutError) as e:
             logger.info("decision ack to the coordinator failed: %s", e)
 
+    def _silent(self, now: float) -> dict[str, float]:
+        """Members not heard from within ``failure_timeout``, and for how long."""
+        return {
+            n: round(now - heard, 3)
+            for n, (_, heard) in self._beats.items()
+            if now - heard > self.cfg.failure_timeout and n != self.node
+        }
+
     def _quiet(self) -> bool:
         """Every member heard from within ``failure_timeout`` (GroupReport.quiet)."""
-        stale = self.clock.now() - self.cfg.failure_timeout
-        return all(heard >= stale for n, (_, heard) in self._beats.items() if n != self.node)
+        return not self._silent(self.clock.now())
 
     async def _up_report(self, report: GroupReport) -> None:
         """A report to the coordinator; a quiet one it took stands for a beat."""
@@ -508,11 +515,7 @@ class Leader:
                 for n, (info, _) in self._beats.items()
                 if info.incarnation and (full or self._tell(n, info, tick))
             )
-            silent = {
-                n: round(now - heard, 3)
-                for n, (_, heard) in self._beats.items()
-                if now - heard > self.cfg.failure_timeout and n != self.node
-            }
+            silent = self._silent(now)
             if not infos and not silent and now - self._quiet_taken < interval:
                 continue  # a quiet report the coordinator took since said all of it
             beat = GroupBeat(self.config.epoch, self.node, infos, silent)

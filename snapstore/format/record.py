@@ -107,21 +107,12 @@ class _Doc(msgspec.Struct):
     committed_at: float = 0.0
 
 
-class _DocV1(msgspec.Struct):
+class _DocV1(_Doc):
     """Version 1 of the record (ranks as ``[rank, node, size, sums]`` rows), still read:
-    an SMP restarted onto a newer snapstore finds its predecessor's record files."""
+    an SMP restarted onto a newer snapstore finds its predecessor's record files. Only
+    ``ranks`` differs (a field redefined keeps its place)."""
 
-    v: int
-    job: str
-    step: int
-    version: int
-    k: int
-    m: int
-    world_size: int
-    ranks: list[tuple[int, str, int, tuple[int, ...]]]
-    groups: list[tuple[str, ...]]
-    parity: list[ParityEntry]
-    committed_at: float = 0.0
+    ranks: list[tuple[int, str, int, tuple[int, ...]]]  # type: ignore[assignment]
 
 
 _DECODER = msgspec.msgpack.Decoder(_Doc)
@@ -166,9 +157,7 @@ def _decode_v1(data: bytes) -> _Doc:
     ranks = {r: _new_rank_entry((n, s, sums)) for r, n, s, sums in old.ranks}
     if len(ranks) != len(old.ranks):
         raise FormatError("step record (version 1) lists a rank twice")
-    fields = {f: getattr(old, f) for f in old.__struct_fields__}
-    fields.update(v=RECORD_VERSION, ranks=ranks)
-    return _Doc(**fields)
+    return _Doc(**{**msgspec.structs.asdict(old), "v": RECORD_VERSION, "ranks": ranks})
 
 
 @dataclass(frozen=True)
