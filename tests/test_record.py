@@ -21,6 +21,7 @@ from snapstore.format.record import (
     RECORD_VERSION,
     ParityEntry,
     RankEntry,
+    SliceHead,
     StepRecord,
     piece_bounds,
     piece_len,
@@ -104,6 +105,20 @@ def test_record_round_trips_through_msgpack(rec: StepRecord) -> None:
     back = StepRecord.from_bytes(data)
     assert back == rec
     assert back.to_bytes() == data
+    _same_head(StepRecord.head(data), rec)
+
+
+def _same_head(head: SliceHead, rec: StepRecord) -> None:
+    assert (head.job, head.step, head.version, head.k, head.m, head.world_size) == (
+        rec.job,
+        rec.step,
+        rec.version,
+        rec.k,
+        rec.m,
+        rec.world_size,
+    )
+    assert head.ranks.keys() == rec.ranks.keys() and head.groups == rec.groups
+    assert head.committed_at == rec.committed_at or rec.committed_at != rec.committed_at
 
 
 def test_record_queries() -> None:
@@ -154,6 +169,7 @@ def test_a_version_1_record_is_still_read() -> None:
     doc["ranks"] = [[r, *entry] for r, entry in sorted(doc["ranks"].items())]
     old = StepRecord.from_bytes(_pack(doc))
     assert old == rec and old.to_bytes() == rec.to_bytes()
+    _same_head(StepRecord.head(_pack(doc)), rec)  # read through a full decode
     doc["ranks"].append(list(doc["ranks"][0]))
     with pytest.raises(FormatError, match="twice"):
         StepRecord.from_bytes(_pack(doc))
@@ -169,6 +185,15 @@ def test_a_version_1_record_is_still_read() -> None:
 def test_garbage_is_a_format_error(data: bytes) -> None:
     with pytest.raises(FormatError):
         StepRecord.from_bytes(data)
+    with pytest.raises(FormatError):
+        StepRecord.head(data)
+
+
+def test_a_head_of_another_version_names_it() -> None:
+    doc = _good_doc()
+    doc["v"] = 9
+    with pytest.raises(FormatError, match="version 9"):
+        StepRecord.head(_pack(doc))
 
 
 def test_trailing_bytes_are_a_format_error() -> None:
@@ -325,8 +350,10 @@ def _check(data: bytes) -> None:
         rec = StepRecord.from_bytes(data)
     except FormatError:
         return
-    # Accepted input must be a record that passes its own checks and re-encodes.
+    # Accepted input must be a record that passes its own checks and re-encodes, and
+    # whose head says what the record does.
     rec.validate()
+    _same_head(StepRecord.head(data), rec)
     # Compared as bytes: a NaN committed_at is accepted and is not equal to itself.
     again = rec.to_bytes()
     assert StepRecord.from_bytes(again).to_bytes() == again

@@ -28,7 +28,7 @@ import logging
 import operator
 from typing import TYPE_CHECKING, Any
 
-from snapstore.control.jobs import Attempt, Job, JobRecord, session_of
+from snapstore.control.jobs import Attempt, Job, JobRecord, PreparedSlice, session_of
 from snapstore.control.links import AbandonReply
 from snapstore.control.messages import (
     Decision,
@@ -302,15 +302,17 @@ class Commits:
         if r.prepared is None:
             return
         try:
-            piece = StepRecord.from_bytes(r.prepared)
+            head = StepRecord.head(r.prepared)
         except FormatError as e:
             self.fail(job, att, f"group of {r.leader[:12]} sent a malformed slice: {e}")
             return
         expected = att.by_group.get(r.group, {}).keys()
-        if (piece.step, piece.version) != (att.step, att.version) or piece.ranks.keys() != expected:
+        if (head.job, head.step, head.version) != (job.name, att.step, att.version) or (
+            head.ranks.keys() != expected
+        ):
             self.fail(job, att, f"group of {r.leader[:12]} prepared another slice")
             return
-        att.prepared[r.group] = piece
+        att.prepared[r.group] = PreparedSlice(head, r.prepared)
         att.stats[r.group] = dict(r.stats)
         # Counted first: a pass over every group on every report is O(groups^2) per step.
         if len(att.prepared) >= len(att.leaders) and all(g in att.prepared for g in att.leaders):
@@ -321,12 +323,9 @@ class Commits:
     def commit(self, job: Job, att: Attempt) -> None:
         plane = self.plane
         att.life.commit()  # the commit point: from here on it is committed
-        slices = [att.prepared[g] for g in sorted(att.prepared)]
-        record = JobRecord.of(slices)
-        # Counted by slice: the record's index of every rank is built when first asked for.
-        ranks = sum(len(s.ranks) for s in slices)
-        if record.world_size != att.world_size or ranks != att.world_size:
-            logger.error("committed %s with ranks %s", att.life.name, record.ranks)
+        record = JobRecord.of([att.prepared[g] for g in sorted(att.prepared)])
+        if record.world_size != att.world_size or record.rank_count != att.world_size:
+            logger.error("committed %s with %d ranks", att.life.name, record.rank_count)
         job.attempts.pop(att.step, None)
         for s, other in list(job.attempts.items()):
             if s < att.step:
@@ -387,13 +386,17 @@ class Commits:
             )
         else:
             counters = plane.events.metrics.counters
-            data_bytes = record.data_bytes()
+            # As the leaders counted them: the record's slices are not decoded to commit.
+            data_bytes = stats.get("data_bytes")
+            parity_bytes = stats.get("parity_bytes")
+            if data_bytes is None or parity_bytes is None:
+                data_bytes, parity_bytes = record.data_bytes(), record.parity_bytes()
             counters["committed_bytes_total"] += data_bytes
             counters["parity_network_bytes_total"] += stats.get("peer_bytes", 0)
             plane.events.add(
                 "commit",
                 f"job {job.name!r} committed step {att.step} ({data_bytes} data bytes, "
-                f"{record.parity_bytes()} parity bytes) in {job.last_commit_latency:.3f} s",
+                f"{parity_bytes} parity bytes) in {job.last_commit_latency:.3f} s",
                 job=job.name,
                 step=att.step,
                 latency=round(job.last_commit_latency, 4),
@@ -572,5 +575,9 @@ def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:
         stats["peer_bytes"] = sum(int(g.get("peer_bytes", 0)) for g in groups)
         stats["delta"] = all(bool(g.get("delta")) for g in groups if "delta" in g)
         stats["delta_bytes"] = sum(int(g.get("delta_bytes", 0)) for g in groups)
+        for key in ("data_bytes", "parity_bytes"):  # where every group's leader counted them
+            counts = [g.get(key) for g in groups]
+            if all(isinstance(c, int) for c in counts):
+                stats[key] = sum(counts)
     stats["commit_seconds"] = round(now - att.started_at, 6)
     return stats

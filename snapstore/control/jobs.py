@@ -15,21 +15,35 @@ import asyncio
 import collections
 import functools
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from snapstore.control.states import JobLife, Redundancy, StepLife
-from snapstore.format.record import ParityEntry, RankEntry, StepRecord
+from snapstore.format.record import ParityEntry, RankEntry, SliceHead, StepRecord
 
-__all__ = ["Attempt", "Job", "JobRecord", "session_of"]
+__all__ = ["Attempt", "Job", "JobRecord", "PreparedSlice", "session_of"]
 
 FAILED_KEPT = 64
 HISTORY_KEPT = 16
 
 
+@dataclass(frozen=True)
+class PreparedSlice:
+    """A group's prepared slice as its leader sent it: the head the coordinator checked,
+    and the bytes, decoded the first time the committed record is read (see SliceHead)."""
+
+    head: SliceHead
+    data: bytes
+
+
 @dataclass(frozen=True, eq=False)
 class JobRecord:
-    """The committed (step, version) of a job, as one slice per group."""
+    """The committed (step, version) of a job, as one slice per group.
+
+    ``pieces`` are the slices, decoded or as prepared: a commit does not decode them
+    (nothing on the path of a step reads their entries); :attr:`slices` decodes them
+    when first asked for."""
 
     job: str
     step: int
@@ -37,8 +51,15 @@ class JobRecord:
     k: int
     m: int
     world_size: int
-    slices: tuple[StepRecord, ...]
+    pieces: tuple[StepRecord | PreparedSlice, ...]
     committed_at: float = 0.0
+
+    @functools.cached_property
+    def slices(self) -> tuple[StepRecord, ...]:
+        return tuple(
+            StepRecord.from_bytes(p.data) if isinstance(p, PreparedSlice) else p
+            for p in self.pieces
+        )
 
     @functools.cached_property
     def _index(self) -> dict[int, int]:
@@ -62,7 +83,14 @@ class JobRecord:
 
     @property
     def protected(self) -> bool:
-        return all(s.groups for s in self.slices)
+        return all(p.head.groups if isinstance(p, PreparedSlice) else p.groups for p in self.pieces)
+
+    @property
+    def rank_count(self) -> int:
+        """How many ranks the slices hold (read from their heads: nothing decoded)."""
+        return sum(
+            len(p.head.ranks if isinstance(p, PreparedSlice) else p.ranks) for p in self.pieces
+        )
 
     def nodes(self) -> set[str]:
         out: set[str] = set()
@@ -116,8 +144,9 @@ class JobRecord:
         )
 
     @classmethod
-    def of(cls, slices: list[StepRecord] | tuple[StepRecord, ...]) -> JobRecord:
-        first = slices[0]
+    def of(cls, pieces: Sequence[StepRecord | PreparedSlice]) -> JobRecord:
+        heads = [p.head if isinstance(p, PreparedSlice) else p for p in pieces]
+        first = heads[0]
         return cls(
             job=first.job,
             step=first.step,
@@ -125,8 +154,8 @@ class JobRecord:
             k=first.k,
             m=first.m,
             world_size=first.world_size,
-            slices=tuple(slices),
-            committed_at=max(s.committed_at for s in slices),
+            pieces=tuple(pieces),
+            committed_at=max(h.committed_at for h in heads),
         )
 
 
@@ -147,7 +176,7 @@ class Attempt:
     wall_started: float
     ranks: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     leaders: dict[tuple[str, ...], str] = field(default_factory=dict)
-    prepared: dict[tuple[str, ...], StepRecord] = field(default_factory=dict)
+    prepared: dict[tuple[str, ...], PreparedSlice] = field(default_factory=dict)
     stats: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
     orders: dict[tuple[str, ...], Any] = field(default_factory=dict)
     reprotect: bool = False

@@ -255,6 +255,8 @@ class Leader:
             data = record.to_bytes()
             await self._keep(record, data)
             stats["parity_seconds"] = round(self.clock.now() - t0, 6)
+            stats["data_bytes"] = record.data_bytes()
+            stats["parity_bytes"] = record.parity_bytes()
             await self._report(order, prepared=data, stats=stats)
         except Exception as e:
             reason = describe(e)
