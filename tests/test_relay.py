@@ -19,9 +19,9 @@ crashing and stalling relay nodes among the rest.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
+import msgspec
 import pytest
 
 from snapstore.config import StoreConfig
@@ -374,7 +374,7 @@ def test_a_leader_skips_the_beats_its_quiet_reports_stand_for() -> None:
 
         async def reports(until: float) -> None:
             while loop.time() < until:
-                await leader._up_report(dataclasses.replace(_report(1), quiet=leader._quiet()))
+                await leader._up_report(msgspec.structs.replace(_report(1), quiet=leader._quiet()))
                 await asyncio.sleep(0.4)
 
         def beats() -> list[GroupBeat]:

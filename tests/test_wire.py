@@ -162,12 +162,10 @@ def test_an_older_encoding_decodes_with_the_defaults_and_a_newer_one_too() -> No
     assert msg.prepared is None and msg.applied is False and msg.failed == ""
 
 
-def test_a_decoded_message_is_a_frozen_dataclass_equal_to_the_one_built() -> None:
-    import dataclasses
-
+def test_a_decoded_message_is_frozen_and_equal_to_the_one_built() -> None:
     msg = decode(encode(_report()), GroupReport)
     assert msg == _report() and type(msg) is GroupReport
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         msg.step = 8  # type: ignore[misc]
     # An int where a float is declared is taken, as a float.
     beat = GroupBeat(3, "n0", (), {"n1": 2.5})

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import msgspec
 
 from snapstore.config import StoreConfig
 from snapstore.control.leader import Leader
@@ -271,7 +272,7 @@ class Member:
         if next_size > 0 and outcome.status in (OutcomeStatus.COMMITTED, OutcomeStatus.FAILED):
             try:
                 lease = await self.lease(job, rank, next_size)
-                outcome = dataclasses.replace(outcome, lease=lease)
+                outcome = msgspec.structs.replace(outcome, lease=lease)
             except (SnapstoreError, asyncio.TimeoutError) as e:
                 logger.info("no lease ahead of the next step: %s", e, extra={"job": job})
         return outcome

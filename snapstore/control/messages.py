@@ -1,6 +1,6 @@
 """Control-plane messages: what members, group leaders, the coordinator and clients say.
 
-Every message is a frozen dataclass with the one wire encoding of
+Every message is a frozen msgspec Struct with the one wire encoding of
 :mod:`snapstore.format.wire`. Step records travel as their own versioned
 bytes (:meth:`snapstore.format.record.StepRecord.to_bytes`) inside them.
 
@@ -21,8 +21,9 @@ Who sends what (see docs/architecture.md, "The commit protocol"):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from snapstore.format.wire import message
 from snapstore.format.work import Lease, PeerInfo, RankStaged
@@ -66,8 +67,7 @@ def next_term(epoch: int) -> int:
 
 
 @message
-@dataclass(frozen=True)
-class NodeInfo:
+class NodeInfo(msgspec.Struct, frozen=True):
     """Who and where an SMP is, and what it holds (sent when it registers and in beats)."""
 
     node: str
@@ -81,12 +81,11 @@ class NodeInfo:
     parity_bytes: int = 0
     spare_bytes: int = 0
     held: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 @message
-@dataclass(frozen=True)
-class NodeConfig:
+class NodeConfig(msgspec.Struct, frozen=True):
     """A node's place in the membership of one epoch: its group and that group's leader.
 
     ``group`` is empty for a node in no group (too few nodes to protect
@@ -104,7 +103,7 @@ class NodeConfig:
     k: int
     m: int
     backend: str
-    peers: dict[str, PeerInfo] = field(default_factory=dict)
+    peers: dict[str, PeerInfo] = msgspec.field(default_factory=dict)
     incarnation: str = ""
     relay: str = ""
     """The node the group's leader sends its reports and beats through ("": straight to
@@ -116,20 +115,18 @@ class NodeConfig:
 
 
 @message
-@dataclass(frozen=True)
-class StagedEntry:
+class StagedEntry(msgspec.Struct, frozen=True):
     """One rank's staged step as its node reports it."""
 
     staged: RankStaged
     session: str
     world_size: int
-    client: dict[str, float] = field(default_factory=dict)
+    client: dict[str, float] = msgspec.field(default_factory=dict)
     """What the trainer's client counted since its last save (waits, skips, bytes)."""
 
 
 @message
-@dataclass(frozen=True)
-class NodeNotice:
+class NodeNotice(msgspec.Struct, frozen=True):
     """Member -> leader: ranks of ``job`` staged ``step`` on ``node`` (one notice per node
     per step, more only when ranks stage far apart)."""
 
@@ -141,8 +138,7 @@ class NodeNotice:
 
 
 @message
-@dataclass(frozen=True)
-class MemberBeat:
+class MemberBeat(msgspec.Struct, frozen=True):
     """Member -> leader, every heartbeat interval."""
 
     info: NodeInfo
@@ -150,8 +146,7 @@ class MemberBeat:
 
 
 @message
-@dataclass(frozen=True)
-class GroupReport:
+class GroupReport(msgspec.Struct, frozen=True):
     """Leader -> coordinator about ``step`` (and record ``version``) of ``job`` in its group.
 
     ``sessions``: rank -> staging of the ranks staged in the group so far (a
@@ -168,10 +163,10 @@ class GroupReport:
     leader: str
     group: tuple[str, ...]
     world_size: int
-    sessions: dict[int, str] = field(default_factory=dict)
+    sessions: dict[int, str] = msgspec.field(default_factory=dict)
     prepared: bytes | None = None
     failed: str = ""
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = msgspec.field(default_factory=dict)
     applied: bool = False
     """The leader applied a decision of this step to every alive member (an ack)."""
     quiet: bool = False
@@ -181,19 +176,17 @@ class GroupReport:
 
 
 @message
-@dataclass(frozen=True)
-class GroupBeat:
+class GroupBeat(msgspec.Struct, frozen=True):
     """Leader -> coordinator: its members' latest beats and how long each has been silent."""
 
     epoch: int
     leader: str
     infos: tuple[NodeInfo, ...]
-    silent: dict[str, float] = field(default_factory=dict)
+    silent: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 @message
-@dataclass(frozen=True)
-class ReportBatch:
+class ReportBatch(msgspec.Struct, frozen=True):
     """Relay -> coordinator: the reports and beats of a region's leaders that reached the
     relay while its last batch was on its way (snapstore.control.relay)."""
 
@@ -202,8 +195,7 @@ class ReportBatch:
 
 
 @message
-@dataclass(frozen=True)
-class PrepareOrder:
+class PrepareOrder(msgspec.Struct, frozen=True):
     """Coordinator -> leader: prepare the group's slice of ``step`` (version ``version``).
 
     For a new step the leader uses the ranks its members reported; for a
@@ -216,14 +208,13 @@ class PrepareOrder:
     version: int
     epoch: int
     world_size: int
-    sessions: dict[int, str] = field(default_factory=dict)
+    sessions: dict[int, str] = msgspec.field(default_factory=dict)
     """A new step: the staging (client session) of each of the group's ranks to use."""
     ranks: bytes | None = None
 
 
 @message
-@dataclass(frozen=True)
-class LeaderBatch:
+class LeaderBatch(msgspec.Struct, frozen=True):
     """Coordinator -> relay: prepare orders and decisions for leaders of the relay's
     region, which the relay posts to each (snapstore.control.relay): one call for the
     region where the coordinator made one per group."""
@@ -243,8 +234,7 @@ class OutcomeStatus(str, enum.Enum):
 
 
 @message
-@dataclass(frozen=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     """Coordinator -> leader -> members: ``step`` (record ``version``) of ``job`` committed,
     or failed (``reason``). ``hold``: a flush token; members hold their data slots of a
     committed step for it as they commit (``ttl`` seconds)."""
@@ -256,7 +246,7 @@ class Decision:
     reason: str = ""
     hold: str = ""
     hold_ttl: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = msgspec.field(default_factory=dict)
     sessions: tuple[str, ...] = ()
     """FAILED: the stagings (by client session) that failed; empty means every one."""
     restore: bool = False
@@ -268,14 +258,13 @@ class Decision:
 
 
 @message
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     """Node -> client: what became of a saved step, and the slot to write the next one to."""
 
     status: OutcomeStatus
     step: int
     reason: str = ""
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = msgspec.field(default_factory=dict)
     lease: Lease | None = None
     restore: bool = False
     """FAILED because this process must restore before it saves again."""
@@ -294,8 +283,7 @@ class ErrorKind(str, enum.Enum):
 
 
 @message
-@dataclass(frozen=True)
-class ErrorReply:
+class ErrorReply(msgspec.Struct, frozen=True):
     """The one error shape of the control plane: what kind, why, and who failed.
 
     ``lost`` names lost or corrupt chunks (UNRECOVERABLE); ``failures`` maps
@@ -306,13 +294,12 @@ class ErrorReply:
     kind: ErrorKind
     message: str
     lost: tuple[str, ...] = ()
-    failures: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = msgspec.field(default_factory=dict)
     fallback: bool = False
 
 
 @message
-@dataclass(frozen=True)
-class RestorePlan:
+class RestorePlan(msgspec.Struct, frozen=True):
     """Where a rank reads its committed buffer: ``home`` (or the asking node when ``local``)."""
 
     step: int
@@ -326,15 +313,14 @@ class RestorePlan:
 
 
 @message
-@dataclass(frozen=True)
-class Event:
+class Event(msgspec.Struct, frozen=True):
     """One entry of the event log: failures, rebuilds, commits, errors."""
 
     seq: int
     time: float
     kind: str
     message: str
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"seq": self.seq, "time": self.time, "kind": self.kind, "message": self.message}

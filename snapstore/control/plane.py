@@ -14,11 +14,12 @@ that order multi-step operations (relocation, re-protection, holds).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
+
+import msgspec
 
 from snapstore.config import StoreConfig
 from snapstore.control.commit import Commits
@@ -170,7 +171,7 @@ class ControlPlane:
         fences off its predecessor's decisions by term: Member.snapshot); one post stamps
         each distinct decision once."""
         epoch = self.membership.epoch
-        return PerMessage(lambda d: dataclasses.replace(d, epoch=epoch))
+        return PerMessage(lambda d: msgspec.structs.replace(d, epoch=epoch))
 
     def send_leaders(
         self, posts: Iterable[tuple[str, PrepareOrder | Decision]], straight: bool = False
