@@ -24,6 +24,7 @@ replaced coordinator reached, even ones no node was configured with yet
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -85,6 +86,9 @@ class Membership:
         node (a dict, for a deterministic order)."""
         self._leading: list[str] = []
         """This epoch's leaders, once each: a tick's silence check."""
+        self._suspects: set[str] = set()
+        """Nodes marked silent, and maybe since dead or back (pruned by a tick): while it is
+        empty, a group's members heard from through their leader are noted in one update."""
 
     # -- queries ----------------------------------------------------------------------
 
@@ -184,7 +188,11 @@ class Membership:
     def _members_heard(self, leader: str, silent: dict[str, float], now: float) -> None:
         """The members of ``leader``'s group but ``silent`` were heard from, through it."""
         heard, nodes = self.heard, self.nodes
-        for node in self._group_of.get(leader, ()):
+        group = self._group_of.get(leader, ())
+        if not silent and not self._suspects:
+            heard.update(zip(group, itertools.repeat(now)))  # no one to bring back: in C
+            return
+        for node in group:
             life = nodes.get(node)
             if life is None or node in silent:
                 continue
@@ -219,6 +227,8 @@ class Membership:
             life = self.nodes.get(leader)
             if life is not None and life.phase is NodePhase.ALIVE:
                 self._silent(life, now - heard[leader], now)
+        if self._suspects:
+            self._suspects = {n for n in self._suspects if self.phase(n) is NodePhase.SUSPECT}
         lost = []
         for node in list(self._dead):
             life = self.nodes[node]
@@ -239,6 +249,7 @@ class Membership:
 
     def _silent(self, life: NodeLife, age: float, now: float) -> None:
         life.silent(now)
+        self._suspects.add(life.node)
         self.events.add(
             "node_silent",
             f"node {life.node[:12]} silent for {age:.2f} s (suspect: nothing is aborted)",
