@@ -28,9 +28,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from snapstore.bench.vloop import SimLoop
 from snapstore.config import StoreConfig
+from snapstore.control.commit import _sessions_known
+from snapstore.control.jobs import Job, session_of
 from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, RelayPost
 from snapstore.control.messages import (
     Decision,
@@ -600,3 +604,53 @@ def test_a_quiet_report_stands_for_a_beat_of_its_group() -> None:
         assert member in membership.heard
 
     run(test)
+
+
+# -- a group's stagings matched to the job's sessions in C ----------------------------------
+
+_SESSION = st.text(alphabet="ab/", min_size=0, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    known=st.dictionaries(st.integers(0, 5), st.tuples(_SESSION, st.integers(-1, 3)), max_size=6),
+    stagings=st.dictionaries(st.integers(0, 6), _SESSION, max_size=6),
+    changes=st.lists(
+        st.tuples(st.sampled_from(["set", "del", "pop", "update", "clear"]), st.integers(0, 5)),
+        max_size=4,
+    ),
+)
+def test_stagings_match_the_known_sessions_exactly_as_one_by_one(
+    known: dict[int, tuple[str, int]],
+    stagings: dict[int, str],
+    changes: list[tuple[str, int]],
+) -> None:
+    """The one pass over prefixes says what comparing each staging's session to its rank's
+    does, after any change of the table (a session may be another's prefix: "a", "ab"). It
+    may say no where that says yes only for what no client sends (a staging without "/",
+    a session with one): those ranks are then checked one by one."""
+    job = Job("j", 8, JobLife("j"))
+    job.sessions.update(known)
+    for what, rank in changes:
+        if what == "set":
+            job.sessions[rank] = (f"s{rank}", 0)
+        elif what == "del" and rank in job.sessions:
+            del job.sessions[rank]
+        elif what == "pop":
+            job.sessions.pop(rank, None)
+        elif what == "update":
+            job.sessions.update({rank: ("a", 1)})
+        elif what == "clear":
+            job.sessions.clear()
+    one_by_one = all(
+        rank in job.sessions and session_of(staging) == job.sessions[rank][0]
+        for rank, staging in stagings.items()
+    )
+    fast = _sessions_known(job, stagings)
+    assert one_by_one or not fast
+    well_formed = all("/" in s for s in stagings.values()) and not any(
+        "/" in session for session, _ in job.sessions.values()
+    )
+    if well_formed:
+        assert fast == one_by_one
+    assert job.sessions.prefixes.keys() == job.sessions.keys()

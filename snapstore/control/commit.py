@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import operator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from snapstore.control.jobs import Attempt, Job, JobRecord, PreparedSlice, session_of
@@ -54,7 +54,6 @@ PREPARE_TIMEOUT = 240.0
 DECISION_TIMEOUT = 30.0
 
 RESTORE_FIRST = "restore first"
-_FIRST = operator.itemgetter(0)
 
 _CLIENT_COUNTERS = {
     "waits": "save_waits_total",
@@ -558,13 +557,13 @@ class Commits:
 def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
     """Every rank of ``stagings`` (rank -> staging) saves from the client session the job
     already knows for it: nothing to note, and no rank is another process than the one
-    that restored it. Two list comparisons at C speed, not a check per rank."""
-    known: list[Any] = list(map(job.sessions.get, stagings))
-    if None in known:
+    that restored it. One pass in C, not a check per rank: a staging is
+    ``<session>/<save number>``, and each known session's prefix is kept with it."""
+    try:
+        prefixes: Iterator[Any] = map(job.sessions.prefixes.__getitem__, stagings)
+        return all(map(str.startswith, stagings.values(), prefixes))
+    except (KeyError, TypeError):  # a rank not known, or a session no staging has
         return False
-    # session_of of each staging, at C speed: ``<session>/<n>``.partition("/")[0].
-    sessions = map(_FIRST, map(str.partition, stagings.values(), itertools.repeat("/")))
-    return list(map(_FIRST, known)) == list(sessions)
 
 
 def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 from snapstore.control.states import JobLife, Redundancy, StepLife
 from snapstore.format.record import ParityEntry, RankEntry, SliceHead, StepRecord
 
-__all__ = ["Attempt", "Job", "JobRecord", "PreparedSlice", "session_of"]
+__all__ = ["Attempt", "Job", "JobRecord", "PreparedSlice", "SessionTable", "session_of"]
 
 FAILED_KEPT = 64
 HISTORY_KEPT = 16
@@ -225,6 +225,49 @@ class Attempt:
         return dict(self.by_group.get(group, {}))
 
 
+class SessionTable(dict[int, tuple[str, int]]):
+    """rank -> (client session, ``restore_seq`` of its last restore, -1 if it never did),
+    with each session's staging prefix (``<session>/``, :attr:`prefixes`) kept in step
+    by every way of changing it: a group's stagings are matched to their ranks' sessions
+    in one pass in C (:func:`snapstore.control.commit._sessions_known`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefixes: dict[int, str | None] = {}
+
+    def __setitem__(self, rank: int, value: tuple[str, int]) -> None:
+        super().__setitem__(rank, value)
+        # A session with a "/" is no staging's (``session_of`` cuts at the first): None
+        # matches nothing, and its rank is checked one by one.
+        self.prefixes[rank] = None if "/" in value[0] else value[0] + "/"
+
+    def __delitem__(self, rank: int) -> None:
+        super().__delitem__(rank)
+        del self.prefixes[rank]
+
+    def pop(self, rank: int, *default: Any) -> Any:
+        self.prefixes.pop(rank, None)
+        return super().pop(rank, *default)
+
+    def popitem(self) -> tuple[int, tuple[str, int]]:
+        rank, value = super().popitem()
+        self.prefixes.pop(rank, None)
+        return rank, value
+
+    def clear(self) -> None:
+        super().clear()
+        self.prefixes.clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for rank, value in dict(*args, **kwargs).items():
+            self[rank] = value
+
+    def setdefault(self, rank: int, default: Any = None) -> Any:
+        if rank not in self:
+            self[rank] = default
+        return self[rank]
+
+
 @dataclass
 class Job:
     """One job at the coordinator: lifecycle, committed record, attempts, recovery state."""
@@ -239,7 +282,7 @@ class Job:
     failed: collections.OrderedDict[int, list[tuple[int, frozenset[str], str]]] = field(
         default_factory=collections.OrderedDict
     )
-    sessions: dict[int, tuple[str, int]] = field(default_factory=dict)
+    sessions: SessionTable = field(default_factory=SessionTable)
     """rank -> (client session, ``restore_seq`` of its last restore, -1 if it never did)."""
     restore_seq: int = 0
     """Counts restores of the job: a staging of a failed step is refused unless its
