@@ -9,7 +9,13 @@ fallback. :func:`checksum` guards every chunk.
 """
 
 from snapstore.coding.backends import BACKENDS, DEFAULT_BACKEND, available_backends
-from snapstore.coding.checksum import CHECKSUM_NAME, Checksummer, checksum, verify_chunks
+from snapstore.coding.checksum import (
+    CHECKSUM_NAME,
+    Checksummer,
+    checksum,
+    checksums,
+    verify_chunks,
+)
 from snapstore.coding.codec import MAX_CHUNKS, ErasureCodec
 from snapstore.coding.errors import (
     BackendUnavailableError,
@@ -34,6 +40,7 @@ __all__ = [
     "SnapstoreError",
     "available_backends",
     "checksum",
+    "checksums",
     "verify_chunks",
     "xor_parity",
     "xor_reconstruct",

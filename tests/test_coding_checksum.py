@@ -95,3 +95,12 @@ def test_checksummer_fed_in_pieces_equals_the_checksum_of_the_whole(
     for a, b in itertools.pairwise(bounds):
         h.update(arr[a:b])
     assert h.value() == coding.checksum(data)
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [5, 0, 7], [3 << 20] * 4, [9 << 20, 1, 2 << 20]])
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_checksums_hash_each_buffer_as_checksum_does(sizes: list[int], threads: int | None) -> None:
+    """In order, whether hashed on the caller's thread (small) or on the pool (large)."""
+    rng = np.random.default_rng(len(sizes))
+    bufs = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    assert coding.checksums(bufs, threads) == tuple(coding.checksum(b) for b in bufs)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from snapstore import persist
-from snapstore.coding import checksum
+from snapstore.coding import checksum, checksums
 from snapstore.config import StoreConfig, check_job_name
 from snapstore.errors import PersistFailedError, SnapstoreError
 from snapstore.format.record import StepRecord, piece_bounds
@@ -89,7 +89,9 @@ def auto_budget(nodes_on_host: int) -> int:
 
 
 def _piece_sums(seg: Segment, size: int, k: int) -> tuple[int, ...]:
-    return tuple(checksum(seg.view(*piece_bounds(size, k, j))) for j in range(k))
+    """The k piece checksums of a slot, the pieces hashed in parallel (each is a stream
+    of its own): on the path of every save, between the trainer's copy and its notice."""
+    return checksums([seg.view(*piece_bounds(size, k, j)) for j in range(k)])
 
 
 class ShmNodeStore:
