@@ -251,6 +251,31 @@ class ErasureCodec:
         _no_overlap(list(present.values()), list(targets.values()))
         self._engine.reconstruct_into(present, targets, _threads(threads))
 
+    def coefficient(self, present: Sequence[int], out_index: int, index: int) -> int | None:
+        """The GF(2^8) factor chunk ``index`` is multiplied by in chunk ``out_index`` when
+        that is computed from the chunks ``present`` (as :meth:`reconstruct_into` does).
+
+        1 means: where every other present chunk is zero (ragged, or absent from
+        a byte range), ``out_index`` is a plain copy of ``index``. None when the
+        engine does not tell (pyeclib's interface): treat it as unknown.
+        """
+        engine = self._engine
+        if not isinstance(engine, IsalEngine):
+            return None
+        have = tuple(sorted({self._index(i, "present") for i in present}))
+        target = self._index(out_index, "out_index")
+        if target in have:
+            have = tuple(i for i in have if i != target)
+        if len(have) < self._k:
+            return None
+        try:
+            chosen, rows = engine.decode_rows(have, (target,))
+        except CodingError:
+            return None  # no k of them rebuild it: reconstruct_into says why
+        if index not in chosen:
+            return 0
+        return int(rows[0, chosen.index(index)])
+
     # -- update --------------------------------------------------------------
 
     def update_parity_into(self, index: int, delta: Buffer, parity: Sequence[Buffer]) -> None:

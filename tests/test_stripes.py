@@ -709,3 +709,28 @@ def test_tcp_unreachable_server_counts_as_a_lost_source(tmp_path: Path) -> None:
         assert len(result.bad_sources) == 1 and f"on node {victim} " in result.bad_sources[0]
     finally:
         s.close()
+
+
+def test_a_stripe_with_one_source_is_copied_and_hashed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where one member holds all of a stripe's bytes and the code's row is all ones (vand's
+    first parity row), parity is that member's copy: the layout of test_parity_equals_an_\
+independent_encode_of_the_stripe takes that path here, so its bytes are checked there."""
+    import snapstore.node.stripes as stripes
+
+    copies: list[int] = []
+    real = stripes._copy_range
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        copies.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stripes, "_copy_range", counted)
+    s = build(tmp_path, 3, 1, 6)
+    try:
+        assert copies, "no stripe of this layout was a plain copy"
+        codec = ErasureCodec(3, 1, backend=BACKEND)
+        assert codec.coefficient([0, 1, 2], 3, 0) == 1
+    finally:
+        s.close()

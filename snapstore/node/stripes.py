@@ -14,6 +14,13 @@ stripe's k data members: there is no choice to make) checks each source
 while it is read for coding instead of in a read of its own, and fails,
 naming every bad source, if one does not match: the same guarantee for one
 read of the data instead of two.
+
+An output that is a plain copy of one source (the only member of its stripe
+with bytes there, coefficient 1: a job whose ranks all live on one node of
+the group, under ``isa_l_rs_vand``'s all-ones first parity row) is copied,
+and the copy hashed once: that hash is the output's checksum and the
+source's inline check, where the general path hashes the source and then
+the output it coded from it.
 """
 
 from __future__ import annotations
@@ -104,7 +111,11 @@ def run_order(
             raise UnrecoverableError(
                 f"cannot rebuild {what}: {len(good)} usable chunks of the stripe, need {k}", lost
             )
-        read, peer, failed = _code_range(codec, good, out.index, dest, transport, local_node)
+        single = _single_copy(codec, good, out.index, len(dest))
+        if single is not None:
+            read, peer, failed, s = _copy_range(single, dest, transport, local_node, k)
+        else:
+            read, peer, failed = _code_range(codec, good, out.index, dest, transport, local_node)
         if failed:
             raise UnrecoverableError(
                 f"cannot build {what}: {len(failed)} of its sources fail their checksum",
@@ -113,7 +124,8 @@ def run_order(
         read_total += read
         peer_total += peer
         written += len(dest)
-        s = checksum(dest)
+        if single is None:
+            s = checksum(dest)
         if out.expect is not None and s != out.expect:
             raise UnrecoverableError(
                 f"rebuilt {what} fails its checksum: a source changed while it was read "
@@ -160,6 +172,73 @@ def _pick_sources(
         else:
             good.append(s)
     return good, bad
+
+
+def _single_copy(
+    codec: ErasureCodec, sources: list[_Src], out_index: int, length: int
+) -> _Src | None:
+    """The one source the output is a plain copy of, if it is one; else None.
+
+    That is when a single source has bytes for the output, as one extent
+    covering all of it, and its coefficient in the output is 1: the parity of
+    a stripe whose other data members hold nothing of the step (a job whose
+    ranks are all homed on one node of the group), with a code whose parity
+    row is all ones (the first parity row of ``isa_l_rs_vand``). The output
+    is then those bytes, and its checksum is the source's.
+    """
+    if length == 0:
+        return None
+    live = [s for s in sources if s.src.extents]
+    if len(live) != 1 or len(live[0].src.extents) != 1:
+        return None
+    s = live[0]
+    e = s.src.extents[0]
+    if e.at != 0 or e.length != length or s.src.peer is None:
+        return None
+    present = [x.src.index for x in sources]
+    if codec.coefficient(present, out_index, s.src.index) != 1:
+        return None
+    return s
+
+
+def _copy_range(
+    s: _Src, dest: np.ndarray, transport: Transport, local_node: str | None, k: int
+) -> tuple[int, int, list[str], int]:
+    """Fill ``dest`` with the bytes of the one extent of ``s`` (see :func:`_single_copy`).
+
+    One read of the source and one hash of what was written: the hash is the
+    output's checksum and, when the order checks the source inline, the
+    source's check too (the copy holds the very bytes read), so the bytes are
+    hashed once instead of twice (once as the source, once as the output).
+    Returns (bytes read, of which from other nodes, problems, checksum).
+    """
+    src = s.src
+    e = src.extents[0]
+    peer = src.peer
+    assert peer is not None
+    length = len(dest)
+    block = _SAME_HOST_BLOCK if transport.same_host(peer) else _TCP_BLOCK
+    h = Checksummer()
+    for a in range(0, length, block):
+        b = min(a + block, length)
+        part = dest[a:b]
+        v = transport.view(peer, e.name, e.offset + a, b - a)
+        if v is None:
+            transport.read_into(peer, e.name, e.offset + a, part)
+        else:
+            np.copyto(part, v)
+        h.update(part)
+    got = h.value()
+    problems = []
+    want = s.inline.get((e.name, e.offset, e.length))
+    if want is not None and got != want:
+        kind = "data" if src.index < k else "parity"
+        problems.append(
+            f"{kind} chunk {src.index} on node {src.node[:12]} fails its checksum "
+            f"({e.name} [{e.offset}, {e.offset + e.length}))"
+        )
+    peer_read = length if src.node != local_node else 0
+    return length, peer_read, problems, got
 
 
 def _code_range(
