@@ -443,3 +443,26 @@ def test_mappings_are_bounded_and_a_deleted_file_is_unmapped(node_dir: Path) -> 
         cache.get(paths[3])
     cache.close()
     assert len(cache) == 0
+
+
+def test_stop_wakes_the_accept_loop_instead_of_waiting_for_its_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accept loop polls for its stop flag rarely (an idle SMP pays per wakeup); stop()
+    must not wait for that poll: with a poll of a minute, it still returns at once."""
+    import threading
+
+    from snapstore.node import dataserver
+
+    monkeypatch.setattr(dataserver, "POLL_INTERVAL", 60.0)
+    s = DataServer("127.0.0.1", TOKEN, _resolver(tmp_path))
+    done = threading.Event()
+
+    def stop() -> None:
+        s.stop()
+        done.set()
+
+    threading.Thread(target=stop, daemon=True).start()
+    assert done.wait(20.0), "stop() waited for the accept loop's poll"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=1.0).close()
