@@ -90,38 +90,13 @@ _new_rank_entry = functools.partial(tuple.__new__, RankEntry)
 """A RankEntry from a decoded (node, size, sums) triple, built in C (no ``__new__`` call)."""
 
 
-class _Doc(msgspec.Struct):
-    """A record as it is encoded, every field's type checked by msgspec's decoder in C:
-    a record holds an entry per rank, and checking them in Python cost more than the
-    rest of a group's report. The ranks map decodes straight into RankEntry tuples."""
-
-    v: int
-    job: str
-    step: int
-    version: int
-    k: int
-    m: int
-    world_size: int
-    ranks: dict[int, RankEntry]
-    groups: list[tuple[str, ...]]
-    parity: list[ParityEntry]
-    committed_at: float = 0.0
-
-
-class _DocV1(_Doc):
-    """Version 1 of the record (ranks as ``[rank, node, size, sums]`` rows), still read:
-    an SMP restarted onto a newer snapstore finds its predecessor's record files. Only
-    ``ranks`` differs (a field redefined keeps its place)."""
-
-    ranks: list[tuple[int, str, int, tuple[int, ...]]]  # type: ignore[assignment]
-
-
 class SliceHead(msgspec.Struct, frozen=True):
     """What a record says of itself without its entries: which step and version, which
-    ranks, which groups (:meth:`StepRecord.head`). The coordinator checks a group's
-    prepared slice by its head alone: the members that keep the slice decoded and
-    validated the same bytes before the leader reported it, and decoding every entry
-    again was a third of the coordinator's cost per step at 4,096 nodes (bench.scale)."""
+    ranks, which groups (:meth:`StepRecord.head`); the entries and the parity stay raw
+    bytes, skipped in C. The coordinator checks a group's prepared slice by its head
+    alone: the members that keep the slice decoded and validated the same bytes before
+    the leader reported it, and decoding every entry again was a third of the
+    coordinator's cost per step at 4,096 nodes (bench.scale)."""
 
     v: int
     job: str
@@ -132,7 +107,26 @@ class SliceHead(msgspec.Struct, frozen=True):
     world_size: int
     ranks: dict[int, msgspec.Raw]
     groups: tuple[tuple[str, ...], ...]
+    parity: msgspec.Raw
     committed_at: float = 0.0
+
+
+class _Doc(SliceHead, frozen=True):
+    """A record as it is encoded, every field's type checked by msgspec's decoder in C:
+    a record holds an entry per rank, and checking them in Python cost more than the
+    rest of a group's report. The ranks map decodes straight into RankEntry tuples.
+    The head's fields, with the entries typed (a field redefined keeps its place)."""
+
+    ranks: dict[int, RankEntry]  # type: ignore[assignment]
+    parity: list[ParityEntry]  # type: ignore[assignment]
+
+
+class _DocV1(_Doc, frozen=True):
+    """Version 1 of the record (ranks as ``[rank, node, size, sums]`` rows), still read:
+    an SMP restarted onto a newer snapstore finds its predecessor's record files. Only
+    ``ranks`` differs."""
+
+    ranks: list[tuple[int, str, int, tuple[int, ...]]]  # type: ignore[assignment]
 
 
 _DECODER = msgspec.msgpack.Decoder(_Doc)
@@ -252,7 +246,11 @@ class StepRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StepRecord:
-        doc = _decode(data)
+        return cls._of(_decode(data))
+
+    @classmethod
+    def _of(cls, doc: _Doc) -> StepRecord:
+        """The record a decoded document says, validated."""
         if doc.v != RECORD_VERSION:
             raise FormatError(f"step record version {doc.v!r}, expected {RECORD_VERSION}")
         rec = cls(
@@ -280,19 +278,11 @@ class StepRecord:
         except (msgspec.ValidationError, msgspec.DecodeError):
             head = None
         if head is None or head.v != RECORD_VERSION:
-            rec = StepRecord.from_bytes(data)  # names what is wrong, or reads version 1
-            return SliceHead(
-                RECORD_VERSION,
-                rec.job,
-                rec.step,
-                rec.version,
-                rec.k,
-                rec.m,
-                rec.world_size,
-                {r: msgspec.Raw() for r in rec.ranks},
-                rec.groups,
-                rec.committed_at,
-            )
+            # What is wrong named, or version 1 converted: the whole document, checked, is
+            # a head too (its entries decoded).
+            doc = _decode(data)
+            StepRecord._of(doc)
+            return doc
         return head
 
     def validate(self) -> None:
