@@ -37,6 +37,10 @@ class PreparedSlice:
     data: bytes
 
 
+def _head(piece: StepRecord | PreparedSlice) -> StepRecord | SliceHead:
+    return piece.head if isinstance(piece, PreparedSlice) else piece
+
+
 @dataclass(frozen=True, eq=False)
 class JobRecord:
     """The committed (step, version) of a job, as one slice per group.
@@ -62,6 +66,12 @@ class JobRecord:
         )
 
     @functools.cached_property
+    def _heads(self) -> tuple[StepRecord | SliceHead, ...]:
+        """Each slice's head, or the slice itself where it is decoded (it has the same
+        fields): what is read of the record without decoding it."""
+        return tuple(_head(p) for p in self.pieces)
+
+    @functools.cached_property
     def _index(self) -> dict[int, int]:
         return {r: i for i, s in enumerate(self.slices) for r in s.ranks}
 
@@ -83,14 +93,12 @@ class JobRecord:
 
     @property
     def protected(self) -> bool:
-        return all(p.head.groups if isinstance(p, PreparedSlice) else p.groups for p in self.pieces)
+        return all(h.groups for h in self._heads)
 
     @property
     def rank_count(self) -> int:
         """How many ranks the slices hold (read from their heads: nothing decoded)."""
-        return sum(
-            len(p.head.ranks if isinstance(p, PreparedSlice) else p.ranks) for p in self.pieces
-        )
+        return sum(len(h.ranks) for h in self._heads)
 
     def nodes(self) -> set[str]:
         out: set[str] = set()
@@ -145,7 +153,7 @@ class JobRecord:
 
     @classmethod
     def of(cls, pieces: Sequence[StepRecord | PreparedSlice]) -> JobRecord:
-        heads = [p.head if isinstance(p, PreparedSlice) else p for p in pieces]
+        heads = [_head(p) for p in pieces]
         first = heads[0]
         return cls(
             job=first.job,
