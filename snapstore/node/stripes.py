@@ -36,7 +36,7 @@ import numpy as np
 
 from snapstore.coding import Checksummer, ErasureCodec, checksum
 from snapstore.errors import UnrecoverableError
-from snapstore.format.work import Source, WorkKind, WorkOrder, WorkResult
+from snapstore.format.work import Source, SourceExtent, WorkKind, WorkOrder, WorkResult
 from snapstore.node.transport import ChunkUnavailableError, Transport
 
 __all__ = ["apply_deltas", "codec_for", "run_order"]
@@ -232,11 +232,7 @@ def _copy_range(
     problems = []
     want = s.inline.get((e.name, e.offset, e.length))
     if want is not None and got != want:
-        kind = "data" if src.index < k else "parity"
-        problems.append(
-            f"{kind} chunk {src.index} on node {src.node[:12]} fails its checksum "
-            f"({e.name} [{e.offset}, {e.offset + e.length}))"
-        )
+        problems.append(_bad_source(src, e, k, "fails its checksum"))
     peer_read = length if src.node != local_node else 0
     return length, peer_read, problems, got
 
@@ -302,21 +298,22 @@ def _code_range(
             codec.reconstruct_into(chunks, {out_index: dest[a:b]})
     problems = []
     for i, s in enumerate(sources):
-        src = s.src
-        kind = "data" if src.index < codec.k else "parity"
-        node = src.node[:12]
-        for idx, e in enumerate(src.extents):
+        for idx, e in enumerate(s.src.extents):
             want = s.inline.get((e.name, e.offset, e.length))
             if want is None:
                 continue
             h = sums.get((i, idx))
             if h is None or h.value() != want:
                 why = "was not read whole" if h is None else "fails its checksum"
-                problems.append(
-                    f"{kind} chunk {src.index} on node {node} {why} "
-                    f"({e.name} [{e.offset}, {e.offset + e.length}))"
-                )
+                problems.append(_bad_source(s.src, e, codec.k, why))
     return read, peer_read, problems
+
+
+def _bad_source(src: Source, e: SourceExtent, k: int, why: str) -> str:
+    """A source extent whose inline check failed, named as every problem of an order is."""
+    kind = "data" if src.index < k else "parity"
+    where = f"{e.name} [{e.offset}, {e.offset + e.length})"
+    return f"{kind} chunk {src.index} on node {src.node[:12]} {why} ({where})"
 
 
 def apply_deltas(
