@@ -32,6 +32,7 @@ def _sim(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.timeout(960)  # past the run's own 900 s: subprocess.run kills the simulation
 def test_thousands_of_schedules_hold_every_invariant() -> None:
     jobs = str(min(2, os.cpu_count() or 1))
     r = _sim("--schedules", str(SCHEDULES), "--jobs", jobs, timeout=900)
