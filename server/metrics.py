@@ -144,6 +144,11 @@ def _counters(metrics: Mapping[str, Any]) -> Iterator[Metric]:
         "relayed_down_messages_total",
     )
     yield counter(
+        "snapstore_early_commits",
+        "Steps committed from slices their groups' leaders prepared without a prepare order.",
+        "early_commits_total",
+    )
+    yield counter(
         "snapstore_rebuilt_bytes",
         "Bytes rebuilt from stripe groups (lost nodes, corrupt chunks).",
         "rebuilt_bytes_total",

@@ -27,6 +27,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -465,6 +466,115 @@ def test_a_restarted_coordinator_leaves_a_step_some_node_no_longer_holds() -> No
     held[NODES[2]] = ([one], [two])
     record, _ = _recover(held)
     assert record is not None and (record.step, record.version) == (1, 0)
+
+
+def test_a_restarted_coordinator_never_commits_a_step_from_early_slices_alone() -> None:
+    """Every node keeps step 2 prepared, but the slices were prepared early, under the
+    ticket of step 1's commit: their stagings may be of processes the old coordinator
+    refused (an ended incarnation), and it told nobody the step committed before a node
+    held it committed. The new coordinator keeps step 1; a node holding step 2 committed
+    makes it step 2."""
+    one, two = _slice(1, 0), _slice(2, 1).replace(early=True)
+    record, decided = _recover({n: ([one], [two]) for n in NODES})
+    assert record is not None and (record.step, record.version) == (1, 0)
+    assert not [d for d in decided if d.step == 2]
+    held = {n: ([one], [two]) for n in NODES}
+    held[NODES[2]] = ([two], [])
+    record, decided = _recover(held)
+    assert record is not None and (record.step, record.version) == (2, 1)
+    assert {d.step for d in decided} == {2}
+
+
+async def _early(
+    plane: ControlPlane, step: int, version: int, sessions: dict[int, str]
+) -> GroupReport:
+    """The group's leader prepared ``step`` under ticket ``version`` and reports it."""
+    group, leader = _group(plane)
+    ranks = {r: RankEntry(NODES[r], 1000, SUMS) for r in sessions}
+    piece = StepRecord(
+        JOB, step, version, 3, 1, 2, ranks, (group,), tuple(plan_parity(ranks, (group,), 3, 1))
+    )
+    report = GroupReport(
+        JOB,
+        step,
+        version,
+        plane.membership.epoch,
+        leader,
+        group,
+        2,
+        dict(sessions),
+        prepared=piece.replace(early=True).to_bytes(),
+        early=True,
+    )
+    await plane.report(report)
+    await asyncio.sleep(0.01)
+    return report
+
+
+def test_an_early_prepared_step_commits_without_an_order_and_is_told_once_held() -> None:
+    """A commit hands the leaders a ticket; a group that prepared the next step under it
+    commits it with no prepare order. Until a group says a member holds it committed,
+    the coordinator tells nobody (status pending, restores wait)."""
+
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        (decision,) = _decisions(fabric, 1)
+        assert decision.ticket > decision.version
+        orders = len(fabric.sent("prepare"))
+        await _early(plane, 2, decision.ticket, {0: "a/2", 1: "b/2"})
+        job = plane.jobs[JOB]
+        assert job.record is not None and (job.record.step, job.record.version) == (
+            2,
+            decision.ticket,
+        )
+        assert len(fabric.sent("prepare")) == orders, "no order for an early slice"
+        assert job.unconfirmed
+        status = await plane.step_status(JOB, 2, 0, SUMS)
+        assert status.status is OutcomeStatus.PENDING
+        restore = asyncio.ensure_future(plane.restore_plan(JOB, 0, NODES[0], "a", True, 2, 5.0))
+        await asyncio.sleep(0.5)
+        assert not restore.done()
+        group, leader = _group(plane)
+        ack = GroupReport(
+            JOB, 2, decision.ticket, plane.membership.epoch, leader, group, 0, applied=True
+        )
+        await plane.report(ack)  # applied, but no member holds a slice of it
+        await asyncio.sleep(0.01)
+        assert job.unconfirmed and not restore.done()
+        held = msgspec.structs.replace(ack, holds=True)
+        job.unacked[group] = (_decisions(fabric, 2)[0], 0.0)
+        await plane.report(held)
+        plan = await restore
+        assert isinstance(plan, RestorePlan) and plan.step == 2
+        status = await plane.step_status(JOB, 2, 0, SUMS)
+        assert status.status is OutcomeStatus.COMMITTED
+
+    run(test)
+
+
+def test_an_early_slice_of_a_refused_staging_fails_its_attempt() -> None:
+    """Rank 1's old process saves step 2 after a new process of it restored: the leader
+    does not know and prepares early under its ticket; the coordinator refuses the
+    staging and the attempt of that version fails, so the slice never commits."""
+
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        (decision,) = _decisions(fabric, 1)
+        plan = await plane.restore_plan(JOB, 1, NODES[1], "b2", True, 2, 5.0)
+        assert isinstance(plan, RestorePlan) and plan.step == 1
+        await _early(plane, 2, decision.ticket, {0: "a/2", 1: "b/2"})
+        job = plane.jobs[JOB]
+        assert job.record is not None and job.record.step == 1
+        assert not job.attempts
+        failed = [d for d in _decisions(fabric, 2) if d.status is OutcomeStatus.FAILED]
+        assert any(d.restore and "b/2" in d.sessions for d in failed)
+        # The next attempt takes another version: the early slice's is spent.
+        plan = await plane.restore_plan(JOB, 0, NODES[0], "a2", True, 2, 5.0)
+        assert isinstance(plan, RestorePlan) and plan.step == 1
+        order = await _staged(plane, 3, {0: "a2/1", 1: "b2/1"})
+        assert order.version != decision.ticket
+
+    run(test)
 
 
 def _member(node: str) -> Any:

@@ -75,17 +75,20 @@ def test_round_trip_bitwise(store: Any, cluster: dict[str, Any]) -> None:
     assert len(set(_get([r.node.remote() for r in ranks]))) == WORLD
     for step in (1, 2, 3):
         _save_all(ranks, step)
+    last = 3
     res = _restore_all(ranks)
-    assert [r["step"] for r in res] == [3] * WORLD
+    assert [r["step"] for r in res] == [last] * WORLD
     assert all(r["ok"] for r in res), res
     st = job_status(store, JOB)
-    assert st["latest_step"] == 3 and st["status"] == "protected"
+    assert st["latest_step"] == last and st["status"] == "protected"
     assert {s["status"] for s in st["record"]["stripes"]} == {"healthy"}
-    # The group's reports came through its relay: three per step, plus beats; and the
-    # coordinator's prepare order and decision of each step went down through it.
+    # The group's reports came through its relay: at least two per step (staged and
+    # prepared, or one early report: docs/architecture.md "Early prepare"), each
+    # acknowledgement, plus beats; each step's decision went down through it, with step
+    # 1's prepare order.
     counters = store.status(events=0)["metrics"]["counters"]
-    assert counters.get("relayed_messages_total", 0) >= 3 * 3, counters
-    assert counters.get("relayed_down_messages_total", 0) >= 2 * 3, counters
+    assert counters.get("relayed_messages_total", 0) >= 2 * last, counters
+    assert counters.get("relayed_down_messages_total", 0) >= 1 + last, counters
 
 
 def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, Any]) -> None:

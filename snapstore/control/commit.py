@@ -28,6 +28,8 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from snapstore.control.jobs import Attempt, Job, JobRecord, PreparedSlice, session_of
 from snapstore.control.links import AbandonReply
 from snapstore.control.messages import (
@@ -41,6 +43,7 @@ from snapstore.control.messages import (
 from snapstore.control.states import JobPhase, Redundancy, StepLife, StepPhase
 from snapstore.errors import FormatError
 from snapstore.format.record import StepRecord
+from snapstore.format.work import CommitResult
 
 if TYPE_CHECKING:
     from snapstore.control.plane import ControlPlane
@@ -74,15 +77,50 @@ class Commits:
     def on_report(self, r: GroupReport) -> None:
         if r.applied:
             self._acked(r)
+        elif r.early:
+            self._early(r)
         elif r.version >= 0:
             self._prepared(r)
         else:
             self._staged(r)
 
     def _staged(self, r: GroupReport) -> None:
+        taken = self._take(r)
+        if taken is not None:
+            self._advance(*taken)
+
+    def _early(self, r: GroupReport) -> None:
+        """A group prepared under the job's ticket without an order (leader.py): its
+        stagings are checked as a staged report's, and the slice is the group's prepared
+        one only if every staging in it was accepted into the attempt of that version."""
+        taken = self._take(r)
+        if taken is None:
+            job = self.plane.jobs.get(r.job)
+            if job is not None and job.ticket == r.version:
+                job.ticket = None  # nothing accepted: the version names that slice only
+            return
+        job, att = taken
+        if att.version == r.version and att.life.open:
+            why = r.failed or ("" if r.prepared is not None else "an early report without a slice")
+            if not why and att.by_group.get(r.group) != r.sessions:
+                why = f"group of {r.leader[:12]} prepared early stagings that were not accepted"
+            if not why and self._take_slice(job, att, r):
+                self._advance(job, att)
+                return
+            if why:
+                self.fail(job, att, why)
+            return
+        # The ticket did not hold (the attempt has another version): the slice is not this
+        # attempt's, and goes with the next commit; the group is ordered to prepare.
+        self._advance(job, att)
+
+    def _take(self, r: GroupReport) -> tuple[Job, Attempt] | None:
+        """The stagings of a staged (or early) report checked and added to the step's
+        attempt, opened if none is (under the job's ticket when it holds one); the
+        job and the attempt, or None when nothing was accepted."""
         plane = self.plane
         if r.epoch != plane.membership.epoch:
-            return  # a stale leader: members re-send to the current one
+            return None  # a stale leader: members re-send to the current one
         job = plane.job(r.job, r.world_size)
         self._count_client(r.stats.get("client"))
         open_att = job.attempts.get(r.step)
@@ -106,7 +144,7 @@ class Commits:
             # again, and the nodes tell by the bytes whose staging it was.
             decision = Decision(job.name, rec.step, rec.version, OutcomeStatus.COMMITTED)
             plane.send_leaders([(r.leader, decision)])
-            return
+            return None
         same = _sessions_known(job, fresh)
         accepted, refused = self._check(job, fresh, r.step, r.world_size, same)
         for why, sessions in refused.items():
@@ -121,11 +159,13 @@ class Commits:
             )
             plane.send_leaders([(r.leader, refusal)])
         if not accepted:
-            return
+            return None
         att = job.attempts.get(r.step)
         if att is None or not att.life.open:
+            version = job.ticket if job.ticket is not None else job.take_version()
+            job.ticket = None
             att = Attempt(
-                StepLife(r.job, r.step, job.take_version()),
+                StepLife(r.job, r.step, version),
                 world_size=r.world_size,
                 epoch=r.epoch,
                 started_at=plane.clock.now(),
@@ -140,7 +180,7 @@ class Commits:
                     self.fail(
                         job, att, f"rank {rank} staged step {r.step} again from a new process"
                     )
-                    return
+                    return None
         att.add_group(r.group, accepted)
         att.leaders[r.group] = r.leader
         if not (same and accepted is fresh):
@@ -151,9 +191,21 @@ class Commits:
             moved = other.ranks.keys() & accepted.keys()
             if moved:
                 self.fail(job, other, f"rank {min(moved)} moved on to step {r.step}")
+        return job, att
+
+    def _advance(self, job: Job, att: Attempt) -> None:
+        """Every rank staged: the groups not prepared yet are ordered to; every group
+        prepared (early): the commit."""
         if att.life.phase is StepPhase.COLLECTING and len(att.ranks) >= att.world_size:
             att.life.all_staged()
             self.send_prepare(job, att)
+        if att.life.phase is StepPhase.PREPARING and self._all_prepared(att):
+            self.commit(job, att)
+
+    @staticmethod
+    def _all_prepared(att: Attempt) -> bool:
+        # Counted first: a pass over every group on every report is O(groups^2) per step.
+        return len(att.prepared) >= len(att.leaders) and all(g in att.prepared for g in att.leaders)
 
     def _count_client(self, client: Any) -> None:
         """Fold what trainers' clients counted (reported with their stagings) into metrics."""
@@ -298,24 +350,29 @@ class Commits:
         if r.failed:
             self.fail(job, att, r.failed)
             return
-        if r.prepared is None:
-            return
+        if r.prepared is not None and self._take_slice(job, att, r) and self._all_prepared(att):
+            self.commit(job, att)
+
+    def _take_slice(self, job: Job, att: Attempt, r: GroupReport) -> bool:
+        """The group's prepared slice, checked by its head, kept as the group's; False (the
+        attempt failed) when it is not the slice of this attempt's stagings."""
+        assert r.prepared is not None
         try:
             head = StepRecord.head(r.prepared)
         except FormatError as e:
             self.fail(job, att, f"group of {r.leader[:12]} sent a malformed slice: {e}")
-            return
+            return False
         expected = att.by_group.get(r.group, {}).keys()
-        if (head.job, head.step, head.version) != (job.name, att.step, att.version) or (
-            head.ranks.keys() != expected
+        if (
+            (head.job, head.step, head.version) != (job.name, att.step, att.version)
+            or head.ranks.keys() != expected
+            or head.early != r.early
         ):
             self.fail(job, att, f"group of {r.leader[:12]} prepared another slice")
-            return
+            return False
         att.prepared[r.group] = PreparedSlice(head, r.prepared)
         att.stats[r.group] = dict(r.stats)
-        # Counted first: a pass over every group on every report is O(groups^2) per step.
-        if len(att.prepared) >= len(att.leaders) and all(g in att.prepared for g in att.leaders):
-            self.commit(job, att)
+        return True
 
     # -- the commit point -------------------------------------------------------------------
 
@@ -353,6 +410,9 @@ class Commits:
             held = plane.flusher.hold_for(job, previous, record)
             if held is not None:
                 hold, ttl = held
+        if not att.reprotect:
+            job.ticket = job.take_version()
+        job.unconfirmed = any(p.head.early for p in att.prepared.values())
         decision = Decision(
             job.name,
             att.step,
@@ -361,6 +421,7 @@ class Commits:
             hold=hold,
             hold_ttl=ttl,
             stats=stats,
+            ticket=-1 if job.ticket is None or att.reprotect else job.ticket,
         )
         # Every group hears of it, not only those holding the step: a node with no
         # slice of it lets go of the job's older steps.
@@ -391,6 +452,7 @@ class Commits:
             if data_bytes is None or parity_bytes is None:
                 data_bytes, parity_bytes = record.data_bytes(), record.parity_bytes()
             counters["committed_bytes_total"] += data_bytes
+            counters["early_commits_total"] += job.unconfirmed
             counters["parity_network_bytes_total"] += stats.get("peer_bytes", 0)
             plane.events.add(
                 "commit",
@@ -450,6 +512,8 @@ class Commits:
             del job.unacked[r.group]
             if not job.unacked:
                 job.applied.set()
+            if r.holds:
+                self._confirmed(job, r.step, r.version)
 
     # -- questions from nodes -------------------------------------------------------------
 
@@ -485,6 +549,8 @@ class Commits:
         if job is None:
             return Outcome(OutcomeStatus.UNKNOWN, step, f"no job {name!r}")
         rec = job.record
+        if rec is not None and step == rec.step and job.unconfirmed:
+            return Outcome(OutcomeStatus.PENDING, step)  # see Job.unconfirmed
         if rec is not None and step == rec.step:
             entry = rec.entry(rank)
             if entry is not None and (not sums or tuple(entry.sums) == tuple(sums)):
@@ -549,9 +615,43 @@ class Commits:
         if leader is not None:
             plane.send_leaders([(leader, decision)], straight=True)
             return
-        plane.send_nodes(
-            (node, decision) for node in sorted(members & set(plane.membership.readable()))
+        nodes = sorted(members & set(plane.membership.readable()))
+        job = plane.jobs.get(decision.job)
+        rec = job.record if job is not None else None
+        if (
+            job is not None
+            and job.unconfirmed
+            and rec is not None
+            and (rec.step, rec.version) == (decision.step, decision.version)
+        ):
+            # No leader acknowledges for these members: their answers confirm the commit.
+            plane.tasks.spawn(self._confirm(job, decision, nodes), f"confirm {job.name!r}")
+            return
+        plane.send_nodes((node, decision) for node in nodes)
+
+    async def _confirm(self, job: Job, decision: Decision, nodes: list[str]) -> None:
+        """``decision`` (the job's unconfirmed commit) to ``nodes`` directly; one that now
+        holds the record confirms it (Job.unconfirmed)."""
+        plane = self.plane
+        stamped = msgspec.structs.replace(decision, epoch=plane.membership.epoch)
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(plane.fabric.node(n).decide(stamped), DECISION_TIMEOUT)
+                for n in nodes
+            ),
+            return_exceptions=True,
         )
+        if any(isinstance(r, CommitResult) and r.holds for r in results):
+            self._confirmed(job, decision.step, decision.version)
+
+    @staticmethod
+    def _confirmed(job: Job, step: int, version: int) -> None:
+        """A node holds (step, version) committed: a restarted coordinator that reaches it
+        recovers it, so it may be told (Job.unconfirmed)."""
+        rec = job.record
+        if job.unconfirmed and rec is not None and (rec.step, rec.version) == (step, version):
+            job.unconfirmed = False
+            job.touch()
 
 
 def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:

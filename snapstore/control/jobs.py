@@ -305,6 +305,13 @@ class Job:
     retired: set[str] = field(default_factory=set)
     """Client sessions replaced by a restarted process of their rank: never saved from again."""
     next_version: int = 0
+    ticket: int | None = None
+    """The version the last commit handed its groups' leaders for the next step (taken by
+    the next attempt, whichever way its stagings arrive; see snapstore.control.leader)."""
+    unconfirmed: bool = False
+    """The committed record's step was committed from slices prepared early and no group
+    acknowledged its decision yet: nobody is told it committed until one does (a
+    restarted coordinator would not commit it from the slices alone)."""
     relocated: dict[int, str] = field(default_factory=dict)
     preferred_home: dict[int, str] = field(default_factory=dict)
     unrecoverable: dict[int, list[str]] = field(default_factory=dict)

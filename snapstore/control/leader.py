@@ -16,6 +16,23 @@ messages per *group*, whatever the number of ranks:
    the group's parity holders to compute parity (from the data, or from the
    deltas when only a few bytes changed), has every member keep the slice,
    and reports the group prepared -- or failed, naming why.
+
+   *Early prepare.* A commit decision hands the leader a ticket: the version
+   the job's next step may take. When every rank of the group's slice of that
+   commit stages the next step from the same process, and no other rank
+   does, the leader prepares at once under the ticket, without reporting the
+   stagings and waiting for the order, and sends one report that is both
+   (``GroupReport.early``). The coordinator checks the stagings as it would
+   a staged report and takes the slice only if it accepts all of them (else
+   the attempt fails, or the slice is ignored when the ticket no longer
+   holds). In steady training that is one report per group per step instead
+   of two and no prepare order: the coordinator's per-step work shrinks by
+   about a third. The ticket serves once; any failed decision of the job, a
+   new membership epoch (a new leader), or a step whose ranks changed ends
+   it. The slice says it was prepared early (``StepRecord.early``): a
+   restarted coordinator does not commit a step from such slices alone, and
+   the coordinator tells nobody such a step committed before a group
+   acknowledged its decision.
 3. It relays the coordinator's :class:`Decision` to every member and
    acknowledges once all alive members applied it.
 4. It gathers its members' heartbeats and sends the coordinator one beat
@@ -45,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from snapstore.config import StoreConfig
+from snapstore.control.jobs import session_of
 from snapstore.control.links import Fabric, NodeLink, RelayLink
 from snapstore.control.messages import (
     Decision,
@@ -96,6 +114,23 @@ REPORT_HOLD = 0.05
 """Seconds a staged report waits for the rest of the ranks the group had at its last
 prepared step of the job (nothing waits on a partial report: the coordinator prepares a
 step only once every rank staged; only a refusal reaches its trainer this much later)."""
+
+
+SLICES_KEPT = 64
+"""Prepared slices whose sessions the leader remembers, to take a ticket with a commit."""
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    """A commit's ticket (Decision.ticket): the group may prepare the job's next step
+    under ``version`` if exactly ``sessions``' ranks stage it, from those sessions."""
+
+    version: int
+    after: int
+    """The committed step: the ticket serves the first newer one."""
+    world_size: int
+    sessions: dict[int, str]
+    """rank -> client session (not staging) of the committed slice."""
 
 
 @dataclass
@@ -151,6 +186,10 @@ class Leader:
         """Beat intervals passed: infos fall due by them, beats sent or skipped alike."""
         self._closed: dict[tuple[str, int, int], str] = {}
         self._client: dict[str, dict[str, float]] = {}
+        self._slices: dict[tuple[str, int, int], tuple[int, dict[int, str]]] = {}
+        """(job, step, version) -> (world size, rank -> session) of slices it prepared."""
+        self._tickets: dict[str, _Ticket] = {}
+        """job -> the ticket of its last commit, while it may serve (module docstring)."""
         self._stopped = False
 
     @property
@@ -232,7 +271,16 @@ class Leader:
         if decision.status is OutcomeStatus.COMMITTED:
             for k in [k for k in self._steps if k[0] == decision.job and k[1] <= decision.step]:
                 self._steps.pop(k, None)
+            mine = self._slices.get((decision.job, decision.step, decision.version))
+            if decision.ticket >= 0 and mine is not None:
+                world, sessions = mine
+                self._tickets[decision.job] = _Ticket(
+                    decision.ticket, decision.step, world, sessions
+                )
+            else:
+                self._tickets.pop(decision.job, None)
         else:
+            self._tickets.pop(decision.job, None)
             gs = self._steps.get(key)
             if gs is not None:
                 failed = set(decision.sessions)
@@ -245,10 +293,10 @@ class Leader:
 
     # -- preparing a step -------------------------------------------------------------------
 
-    async def _prepare(self, order: PrepareOrder) -> None:
+    async def _prepare(self, order: PrepareOrder, early: bool = False) -> None:
         t0 = self.clock.now()
         try:
-            record, deltas = self._slice(order)
+            record, deltas = self._slice(order, early)
             stats: dict[str, Any] = {}
             if record.parity:
                 record = await self._parity(record, deltas, stats)
@@ -257,13 +305,22 @@ class Leader:
             stats["parity_seconds"] = round(self.clock.now() - t0, 6)
             stats["data_bytes"] = record.data_bytes()
             stats["parity_bytes"] = record.parity_bytes()
-            await self._report(order, prepared=data, stats=stats)
+            if order.ranks is None:
+                self._slices[(order.job, order.step, order.version)] = (
+                    order.world_size,
+                    {r: session_of(s) for r, s in order.sessions.items()},
+                )
+                while len(self._slices) > SLICES_KEPT:
+                    self._slices.pop(next(iter(self._slices)))
+            await self._report(order, prepared=data, stats=stats, early=early)
         except Exception as e:
             reason = describe(e)
             logger.info("prepare of %s step %d failed: %s", order.job, order.step, reason)
-            await self._report(order, failed=f"group of {self.node[:12]}: {reason}")
+            await self._report(order, failed=f"group of {self.node[:12]}: {reason}", early=early)
 
-    def _slice(self, order: PrepareOrder) -> tuple[StepRecord, dict[int, Delta | None]]:
+    def _slice(
+        self, order: PrepareOrder, early: bool = False
+    ) -> tuple[StepRecord, dict[int, Delta | None]]:
         cfg = self.config
         deltas: dict[int, Delta | None] = {}
         if order.ranks is not None:
@@ -293,6 +350,7 @@ class Leader:
             ranks=ranks,
             groups=groups,
             parity=parity,
+            early=early,
         )
         return record, deltas
 
@@ -386,11 +444,37 @@ class Leader:
             self._send_soon(key)
 
     def _send_soon(self, key: tuple[str, int]) -> None:
+        if self._early(key):
+            return
         if key in self._inflight:
             self._dirty.add(key)
             return
         self._inflight.add(key)
         self.tasks.spawn(self._send_staged(key), f"report of {key[0]!r} step {key[1]}")
+
+    def _early(self, key: tuple[str, int]) -> bool:
+        """Prepare ``key`` under the job's ticket if its ranks are the ticket's, staged from
+        the same sessions (module docstring); the ticket is spent either way."""
+        job, step = key
+        ticket = self._tickets.get(job)
+        if ticket is None or step <= ticket.after or self._stopped:
+            return False
+        del self._tickets[job]
+        gs = self._steps.get(key)
+        if gs is None or gs.entries.keys() != ticket.sessions.keys() or gs.preparing:
+            return False
+        sessions = {r: e.session for r, (_, e) in gs.entries.items()}
+        if any(session_of(s) != ticket.sessions[r] for r, s in sessions.items()) or any(
+            e.world_size != ticket.world_size for _, e in gs.entries.values()
+        ):
+            return False
+        order = PrepareOrder(
+            job, step, ticket.version, self.config.epoch, ticket.world_size, sessions=sessions
+        )
+        gs.preparing.add(ticket.version)
+        self._expect[job] = frozenset(sessions)
+        self.tasks.spawn(self._prepare(order, early=True), f"prepare {job!r} step {step} early")
+        return True
 
     async def _send_staged(self, key: tuple[str, int]) -> None:
         try:
@@ -431,7 +515,11 @@ class Leader:
         prepared: bytes | None = None,
         failed: str = "",
         stats: dict[str, Any] | None = None,
+        early: bool = False,
     ) -> None:
+        client = self._client.pop(order.job, {}) if early else {}
+        if client:
+            stats = {**(stats or {}), "client": client}
         report = GroupReport(
             job=order.job,
             step=order.step,
@@ -440,9 +528,11 @@ class Leader:
             leader=self.node,
             group=self.group,
             world_size=order.world_size,
+            sessions=dict(order.sessions) if early else {},
             prepared=prepared,
             failed=failed,
             stats=stats or {},
+            early=early,
             quiet=self._quiet(),
         )
         try:
@@ -453,6 +543,9 @@ class Leader:
         gs = self._steps.get((order.job, order.step))
         if gs is not None:
             gs.preparing.discard(order.version)
+            if early:  # it stood for a staged report: re-sent as one only if not decided
+                gs.sent = self.clock.now()
+                gs.taken += 1
 
     async def _apply(self, decision: Decision) -> None:
         members = list(self.group) or [self.node]
@@ -476,6 +569,7 @@ class Leader:
             group=self.group,
             world_size=0,
             applied=True,
+            holds=any(isinstance(r, CommitResult) and r.holds for r in results),
             quiet=self._quiet(),
         )
         try:

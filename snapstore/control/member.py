@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -357,6 +358,8 @@ class Member:
                 self._staged.pop(key, None)
                 self._staged_at.pop(key, None)
             self._wake(job, rec.step)
+            if rec.ranks or rec.parity:  # a slice of the step, not only the record's name
+                result = dataclasses.replace(result, holds=True)
         return result
 
     async def _abort(self, decision: Decision) -> None:

@@ -154,6 +154,11 @@ class GroupReport(msgspec.Struct, frozen=True):
     ``version`` and carry none). ``prepared``: the group's slice of the step
     record, parity computed and every alive member holding it (record bytes).
     ``failed``: why the group cannot prepare the step.
+
+    ``early``: the leader prepared the step without a prepare order, under the
+    ``ticket`` of the job's last commit (Decision.ticket), because every rank
+    the group had then staged it again from the same processes: the report is
+    a staged report (``sessions``) and a prepared or failed one in one.
     """
 
     job: str
@@ -169,6 +174,9 @@ class GroupReport(msgspec.Struct, frozen=True):
     stats: dict[str, Any] = msgspec.field(default_factory=dict)
     applied: bool = False
     """The leader applied a decision of this step to every alive member (an ack)."""
+    early: bool = False
+    holds: bool = False
+    """An ack: some member holds the committed record of the step now (CommitResult.holds)."""
     quiet: bool = False
     """Every member of the group was heard from within ``failure_timeout`` when this was
     sent: the report stands for a beat saying so (the leader skips its next beat when
@@ -255,6 +263,10 @@ class Decision(msgspec.Struct, frozen=True):
     """The sending coordinator's membership epoch, stamped as it sends (``-1``: none). A
     node that answered a restarted coordinator's recovery refuses decisions of epochs up to
     its own at that moment: those of the coordinator it replaced (see Member.snapshot)."""
+    ticket: int = -1
+    """COMMITTED: the record version the job's next step may be prepared under by a
+    leader without a prepare order, once every rank its group held in this step staged
+    the next one from the same process (GroupReport.early); ``-1``: none."""
 
 
 @message

@@ -462,6 +462,12 @@ class ControlPlane:
         them, their stagings are reported again by their nodes and committed
         by a new attempt (another version), and the slices go with the next
         commit.
+
+        Slices a leader prepared early (``StepRecord.early``) never count
+        toward a wholly prepared step: their stagings may be ones the previous
+        coordinator refused (a process of an ended incarnation). Nobody was
+        told such a step committed before some group applied its decision
+        (``Job.unconfirmed``), and a node that applied it holds it committed.
         """
         if not nodes:
             return
@@ -568,11 +574,13 @@ def _wholly_prepared(
     prepared: list[tuple[str, StepRecord]], newer_than: tuple[int, int] | None
 ) -> tuple[int, int] | None:
     """The newest (step, version) after ``newer_than`` whose prepared slices cover every
-    rank, each slice kept by every node of its group (each of them reached); or None."""
+    rank, each slice kept by every node of its group (each of them reached), none of them
+    prepared early; or None."""
     by_version: dict[tuple[int, int], dict[tuple[str, ...], tuple[StepRecord, set[str]]]] = {}
+    early = {(rec.step, rec.version) for _, rec in prepared if rec.early}
     for node, rec in prepared:
         sv = (rec.step, rec.version)
-        if newer_than is not None and sv <= newer_than:
+        if (newer_than is not None and sv <= newer_than) or sv in early:
             continue
         got = by_version.setdefault(sv, {}).setdefault(_key(rec), (rec, set()))
         got[1].add(node)

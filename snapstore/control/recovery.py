@@ -100,6 +100,16 @@ class Recovery:
             rec = job.record
             if rec is None:
                 return ErrorReply(ErrorKind.NOT_FOUND, f"job {name!r} has no committed step")
+            if job.unconfirmed:
+                # Nobody learns of a step committed from early slices before a group
+                # acknowledged it (Job.unconfirmed): a moment, in the normal case.
+                if not await self._wait_change(job, deadline):
+                    return ErrorReply(
+                        ErrorKind.TIMEOUT,
+                        f"job {name!r} step {rec.step}: its commit was not acknowledged by "
+                        f"any group within {timeout} s",
+                    )
+                continue
             entry = rec.entry(rank)
             if entry is None:
                 return ErrorReply(
@@ -155,15 +165,20 @@ class Recovery:
                 job.preferred_home.setdefault(rank, node)
                 self.start_relocation(job)
             # else: dead nodes that are not lost yet may come back; wait for news.
-            left = deadline - plane.clock.now()
-            if left <= 0:
+            if not await self._wait_change(job, deadline):
                 return ErrorReply(
                     ErrorKind.TIMEOUT,
                     f"rank {rank}'s data was not readable or rebuilt within {timeout} s",
                 )
-            changed = job.changed
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(left, 1.0))
+
+    async def _wait_change(self, job: Job, deadline: float) -> bool:
+        """Wait for news of ``job`` (at most a second); False when past ``deadline``."""
+        left = deadline - self.plane.clock.now()
+        if left <= 0:
+            return False
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(job.changed.wait(), min(left, 1.0))
+        return True
 
     def _blocked(self, rec: JobRecord, job: Job, readable: set[str]) -> list[int]:
         """Ranks that can be neither read nor rebuilt from the readable nodes now."""

@@ -109,6 +109,7 @@ class SliceHead(msgspec.Struct, frozen=True):
     groups: tuple[tuple[str, ...], ...]
     parity: msgspec.Raw
     committed_at: float = 0.0
+    early: bool = False
 
 
 class _Doc(SliceHead, frozen=True):
@@ -193,6 +194,12 @@ class StepRecord:
     groups: tuple[tuple[str, ...], ...]
     parity: tuple[ParityEntry, ...]
     committed_at: float = 0.0
+    early: bool = False
+    """A slice its group's leader prepared without the coordinator's order, under the
+    version the job's previous commit handed out (the coordinator checks its stagings
+    only when the slice reaches it). A restarted coordinator does not commit a step from
+    such slices alone (ControlPlane.recover). Encoded only when set: readers that predate
+    the field ignore it."""
 
     # -- queries -------------------------------------------------------------
 
@@ -242,6 +249,8 @@ class StepRecord:
             "parity": self.parity,
             "committed_at": self.committed_at,
         }
+        if self.early:
+            doc["early"] = True
         return _ENCODER.encode(doc)
 
     @classmethod
@@ -264,6 +273,7 @@ class StepRecord:
             groups=tuple(doc.groups),
             parity=tuple(doc.parity),
             committed_at=doc.committed_at,
+            early=doc.early,
         )
         rec.validate()
         return rec

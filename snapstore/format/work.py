@@ -257,6 +257,9 @@ class CommitResult:
     reason: str = ""
     fenced: bool = False
     """Refused unapplied: its coordinator was replaced (the node answered a newer one)."""
+    holds: bool = False
+    """The node holds the committed record of that step (or a newer one) now: a restarted
+    coordinator that reaches it recovers the step."""
 
 
 @message
