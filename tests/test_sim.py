@@ -82,6 +82,12 @@ REGRESSIONS = {
     # re-protection then committed with its parity gone. A commit now keeps newer versions
     # of its step, and a member refuses to keep a prepared record whose parity it lacks.
     "9700815": "an older commit retires the parity of a re-protection being prepared",
+    # Found by the 2,000 default schedules when leaders began to prepare early: a step
+    # committed from early slices is told to nobody until a node holds it committed, and
+    # two of four nodes were lost before their group acknowledged. Decisions re-sent to
+    # the old group's members directly confirmed nothing, and restores waited for ever.
+    # A member's answer now says whether it holds the record (CommitResult.holds).
+    "345": "an early commit re-sent past a dissolved group is never confirmed",
 }
 
 
@@ -99,6 +105,11 @@ RELAY_REGRESSIONS = {
     # of the one it was sent to. The harness now keys a restore by the coordinator that
     # answered it (the real ranks all restored the same step).
     "9801768": "a restore counted under the coordinator that did not answer it",
+    # Found by --seed 14200000 --schedules 1000 after early prepare: the only node left
+    # of an early commit's group had lost its memory, so none could ever hold the step
+    # committed, and restores waited for that instead of hearing it cannot be served.
+    # Only a restore plan, which tells the step committed, waits for it now.
+    "14200031": "restores wait for an early commit no node can hold",
 }
 
 

@@ -100,16 +100,6 @@ class Recovery:
             rec = job.record
             if rec is None:
                 return ErrorReply(ErrorKind.NOT_FOUND, f"job {name!r} has no committed step")
-            if job.unconfirmed:
-                # Nobody learns of a step committed from early slices before a group
-                # acknowledged it (Job.unconfirmed): a moment, in the normal case.
-                if not await self._wait_change(job, deadline):
-                    return ErrorReply(
-                        ErrorKind.TIMEOUT,
-                        f"job {name!r} step {rec.step}: its commit was not acknowledged by "
-                        f"any group within {timeout} s",
-                    )
-                continue
             entry = rec.entry(rank)
             if entry is None:
                 return ErrorReply(
@@ -140,6 +130,17 @@ class Recovery:
             # node may come back with its memory, or be declared lost and the job fall
             # back to disk; either way all ranks resume from one step.
             blocked = self._blocked(rec, job, readable)
+            if job.unconfirmed and not blocked and where in readable:
+                # A plan tells the step committed: not before a node holds it committed
+                # (Job.unconfirmed), normally one acknowledgement away. Answers that tell
+                # nothing of the step (it cannot be served, or waits) go as before.
+                if not await self._wait_change(job, deadline):
+                    return ErrorReply(
+                        ErrorKind.TIMEOUT,
+                        f"job {name!r} step {rec.step}: no node acknowledged holding its "
+                        f"commit within {timeout} s",
+                    )
+                continue
             if not blocked and where in readable and where in plane.membership.infos:
                 restoring = restarted and job.life.phase is JobPhase.RESTORING
                 if restoring and job.life.rank_restored(rank, world_size):
