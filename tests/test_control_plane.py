@@ -542,7 +542,6 @@ def test_an_early_prepared_step_commits_without_an_order_and_is_told_once_held()
         await asyncio.sleep(0.01)
         assert job.unconfirmed and not restore.done()
         held = msgspec.structs.replace(ack, holds=True)
-        job.unacked[group] = (_decisions(fabric, 2)[0], 0.0)
         await plane.report(held)
         plan = await restore
         assert isinstance(plan, RestorePlan) and plan.step == 2

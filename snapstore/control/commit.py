@@ -512,8 +512,8 @@ class Commits:
             del job.unacked[r.group]
             if not job.unacked:
                 job.applied.set()
-            if r.holds:
-                self._confirmed(job, r.step, r.version)
+        if r.holds:  # a fact about a node, whichever of this coordinator's sends it answers
+            self._confirmed(job, r.step, r.version)
 
     # -- questions from nodes -------------------------------------------------------------
 
