@@ -28,8 +28,6 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from snapstore.control.jobs import Attempt, Job, JobRecord, PreparedSlice, session_of
 from snapstore.control.links import AbandonReply
 from snapstore.control.messages import (
@@ -617,13 +615,7 @@ class Commits:
             return
         nodes = sorted(members & set(plane.membership.readable()))
         job = plane.jobs.get(decision.job)
-        rec = job.record if job is not None else None
-        if (
-            job is not None
-            and job.unconfirmed
-            and rec is not None
-            and (rec.step, rec.version) == (decision.step, decision.version)
-        ):
+        if job is not None and _unconfirmed(job, decision.step, decision.version):
             # No leader acknowledges for these members: their answers confirm the commit.
             plane.tasks.spawn(self._confirm(job, decision, nodes), f"confirm {job.name!r}")
             return
@@ -633,7 +625,7 @@ class Commits:
         """``decision`` (the job's unconfirmed commit) to ``nodes`` directly; one that now
         holds the record confirms it (Job.unconfirmed)."""
         plane = self.plane
-        stamped = msgspec.structs.replace(decision, epoch=plane.membership.epoch)
+        stamped = plane.stamper()(decision)
         results = await asyncio.gather(
             *(
                 asyncio.wait_for(plane.fabric.node(n).decide(stamped), DECISION_TIMEOUT)
@@ -648,10 +640,15 @@ class Commits:
     def _confirmed(job: Job, step: int, version: int) -> None:
         """A node holds (step, version) committed: a restarted coordinator that reaches it
         recovers it, so it may be told (Job.unconfirmed)."""
-        rec = job.record
-        if job.unconfirmed and rec is not None and (rec.step, rec.version) == (step, version):
+        if _unconfirmed(job, step, version):
             job.unconfirmed = False
             job.touch()
+
+
+def _unconfirmed(job: Job, step: int, version: int) -> bool:
+    """(step, version) is the job's committed record, told to nobody yet (Job.unconfirmed)."""
+    rec = job.record
+    return job.unconfirmed and rec is not None and (rec.step, rec.version) == (step, version)
 
 
 def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:

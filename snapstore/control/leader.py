@@ -31,8 +31,8 @@ messages per *group*, whatever the number of ranks:
    new membership epoch (a new leader), or a step whose ranks changed ends
    it. The slice says it was prepared early (``StepRecord.early``): a
    restarted coordinator does not commit a step from such slices alone, and
-   the coordinator tells nobody such a step committed before a group
-   acknowledged its decision.
+   the coordinator tells nobody such a step committed before a member says
+   it holds the committed record (``GroupReport.holds``).
 3. It relays the coordinator's :class:`Decision` to every member and
    acknowledges once all alive members applied it.
 4. It gathers its members' heartbeats and sends the coordinator one beat

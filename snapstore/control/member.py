@@ -358,8 +358,7 @@ class Member:
                 self._staged.pop(key, None)
                 self._staged_at.pop(key, None)
             self._wake(job, rec.step)
-            if rec.ranks or rec.parity:  # a slice of the step, not only the record's name
-                result = dataclasses.replace(result, holds=True)
+            result = dataclasses.replace(result, holds=True)
         return result
 
     async def _abort(self, decision: Decision) -> None:

@@ -166,7 +166,7 @@ class ControlPlane:
     def peers(self) -> dict[str, PeerInfo]:
         return {n: info.peer for n, info in self.membership.infos.items()}
 
-    def _stamper(self) -> PerMessage[Decision, Decision]:
+    def stamper(self) -> PerMessage[Decision, Decision]:
         """Decisions carry the epoch they are sent in (a restarted coordinator's recovery
         fences off its predecessor's decisions by term: Member.snapshot); one post stamps
         each distinct decision once."""
@@ -180,7 +180,7 @@ class ControlPlane:
         losing one is repaired by re-sends. Those to leaders with a relay go to it, one
         batch per region, unless ``straight`` (re-sends: a dead relay must not lose the
         same message twice)."""
-        stamp = self._stamper()
+        stamp = self.stamper()
         stamped = [
             (leader, msg if isinstance(msg, PrepareOrder) else stamp(msg)) for leader, msg in posts
         ]
@@ -204,7 +204,7 @@ class ControlPlane:
 
     def send_nodes(self, posts: Iterable[tuple[str, Decision]]) -> None:
         """Decisions to members past their leaders, one post."""
-        stamp = self._stamper()
+        stamp = self.stamper()
         self.fabric.post_nodes([(node, stamp(msg)) for node, msg in posts])
 
     # -- nodes ------------------------------------------------------------------------------------

@@ -130,18 +130,18 @@ class Recovery:
             # node may come back with its memory, or be declared lost and the job fall
             # back to disk; either way all ranks resume from one step.
             blocked = self._blocked(rec, job, readable)
-            if job.unconfirmed and not blocked and where in readable:
-                # A plan tells the step committed: not before a node holds it committed
-                # (Job.unconfirmed), normally one acknowledgement away. Answers that tell
-                # nothing of the step (it cannot be served, or waits) go as before.
-                if not await self._wait_change(job, deadline):
-                    return ErrorReply(
-                        ErrorKind.TIMEOUT,
-                        f"job {name!r} step {rec.step}: no node acknowledged holding its "
-                        f"commit within {timeout} s",
-                    )
-                continue
             if not blocked and where in readable and where in plane.membership.infos:
+                if job.unconfirmed:
+                    # A plan tells the step committed: not before a node holds it committed
+                    # (Job.unconfirmed), normally one acknowledgement away. Answers that
+                    # tell nothing of the step (it cannot be served, or waits) go as before.
+                    if not await self._wait_change(job, deadline):
+                        return ErrorReply(
+                            ErrorKind.TIMEOUT,
+                            f"job {name!r} step {rec.step}: no node acknowledged holding its "
+                            f"commit within {timeout} s",
+                        )
+                    continue
                 restoring = restarted and job.life.phase is JobPhase.RESTORING
                 if restoring and job.life.rank_restored(rank, world_size):
                     plane.events.add(
