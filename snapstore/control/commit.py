@@ -102,9 +102,9 @@ class Commits:
             return
         taken = self._take(r)
         if taken is None:
-            job = self.plane.jobs.get(r.job)
-            if job is not None and job.ticket == r.version:
-                job.ticket = None  # nothing accepted: the version names that slice only
+            known = self.plane.jobs.get(r.job)
+            if known is not None and known.ticket == r.version:
+                known.ticket = None  # nothing accepted: the version names that slice only
             return
         job, att = taken
         if att.version == r.version and att.life.open:
