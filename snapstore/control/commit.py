@@ -129,7 +129,8 @@ class Commits:
         staging from the session the job knows for its rank. This is every group's report
         of every step in steady training, so it is the coordinator's cost per step at
         scale (bench.scale); anything else (None) takes the general path, which decides
-        the same for these reports at about twice the cost."""
+        the same for these reports (it cost a tenth more per report at 4,096 nodes: the
+        rest is the checks both make, the slice's head and the dispatch)."""
         plane = self.plane
         job = plane.jobs.get(r.job)
         if job is None or r.epoch != plane.membership.epoch or r.failed or r.prepared is None:
