@@ -125,7 +125,7 @@ class Commits:
         """The job and the attempt an early report joins as it is, when nothing in it needs
         :meth:`_take`'s checks one by one: the ticket's attempt (opened here if it is the
         step's first report), collecting, this group not in it yet, no other step in
-        flight, nothing about the job that could refuse a rank (:func:`_quiet`), and every
+        flight, nothing about the job that could refuse a rank (:meth:`_unrefusable`), and every
         staging from the session the job knows for its rank. This is every group's report
         of every step in steady training, so it is the coordinator's cost per step at
         scale (bench.scale); anything else (None) takes the general path, which decides
@@ -148,12 +148,10 @@ class Commits:
         ):
             return None
         stagings = r.sessions
-        if (
-            not stagings
-            or not _quiet(job, r.step, r.world_size)
-            or min(stagings) < 0
-            or max(stagings) >= r.world_size
-            or not _sessions_known(job, stagings)
+        if not (
+            stagings
+            and self._unrefusable(job, stagings, r.step, r.world_size, known=True)
+            and _sessions_known(job, stagings)
         ):
             return None
         if att is None:
@@ -286,22 +284,12 @@ class Commits:
         """Stagings of ``step`` (rank -> staging) accepted, and those refused by reason;
         ``known``: each is of the session the job knows for its rank (_sessions_known).
 
-        When nothing about the job can refuse a rank (same world size, a newer step, no
-        retired sessions, the step never failed, no restore window), every rank in range is
+        When nothing about the job can refuse a rank (:meth:`_unrefusable`), every rank is
         accepted without a check per rank: a group's report costs the same at any size.
         """
         accepted: dict[int, str] = {}
         refused: dict[str, list[str]] = {}
-        quiet = _quiet(job, step, world)
-        in_range = not stagings or (min(stagings) >= 0 and max(stagings) < world)
-        # A process other than the one that restored a rank is refused (see _refusal): the
-        # ranks' sessions, as the job knows them, compared in one pass; the check of each
-        # rank only where some session is new.
-        if (
-            quiet
-            and in_range
-            and (known or not any(self._not_the_restored(job, k, v) for k, v in stagings.items()))
-        ):
+        if self._unrefusable(job, stagings, step, world, known):
             return stagings, refused
         for rank, staging in stagings.items():
             why = self._refusal(job, rank, staging, step, world)
@@ -310,6 +298,27 @@ class Commits:
             else:
                 accepted[rank] = staging
         return accepted, refused
+
+    @classmethod
+    def _unrefusable(
+        cls, job: Job, stagings: dict[int, str], step: int, world: int, known: bool
+    ) -> bool:
+        """Nothing about the job can refuse any of ``stagings`` (the per-rank checks of
+        :meth:`_refusal` can be skipped): same world size, a newer step, no retired
+        sessions, the step never failed, no restore window, every rank in range, and no
+        rank staged by another process than the one that restored it (``known``: every
+        staging is of the session the job knows for its rank, :func:`_sessions_known`).
+        The ranks' sessions are compared in one pass; the check of each rank only where
+        some session is new."""
+        return (
+            world == job.world_size
+            and (job.record is None or step > job.record.step)
+            and not job.retired
+            and not job.failed.get(step)
+            and job.life.phase is not JobPhase.RESTORING
+            and (not stagings or (min(stagings) >= 0 and max(stagings) < world))
+            and (known or not any(cls._not_the_restored(job, k, v) for k, v in stagings.items()))
+        )
 
     @staticmethod
     def _not_the_restored(job: Job, rank: int, staging: str) -> bool:
@@ -698,19 +707,6 @@ def _unconfirmed(job: Job, step: int, version: int) -> bool:
     """(step, version) is the job's committed record, told to nobody yet (Job.unconfirmed)."""
     rec = job.record
     return job.unconfirmed and rec is not None and (rec.step, rec.version) == (step, version)
-
-
-def _quiet(job: Job, step: int, world: int) -> bool:
-    """Nothing about the job can refuse a staging of ``step`` by a rank in range whose
-    session the job knows (Commits._check): same world size, a newer step, no retired
-    sessions, the step never failed, no restore window."""
-    return (
-        world == job.world_size
-        and (job.record is None or step > job.record.step)
-        and not job.retired
-        and not job.failed.get(step)
-        and job.life.phase is not JobPhase.RESTORING
-    )
 
 
 def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
