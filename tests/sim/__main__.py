@@ -2,7 +2,9 @@
 
 Each schedule builds a store from its seed (nodes, k and m, jobs, faults),
 runs it on virtual time and checks the invariants of :mod:`tests.sim.checks`
-after every event. The last line is ``N schedules, V violations``. A
+after every event. The last line is ``N schedules, V violations``; while it
+runs, each process says on stderr every 10 s how far it got (so a schedule
+that never ends shows as a seed that stops moving). A
 failing schedule prints its seed, the violation and the trace of its last
 events; ``--seed S --schedules 1 --trace`` replays it exactly and prints the
 whole trace. ``--plant BUG`` runs with a bug planted (see :mod:`tests.sim.plant`)
@@ -16,8 +18,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
+
+PROGRESS_EVERY = 10.0
+"""Seconds between a process's progress lines on stderr."""
+WALL_LIMIT = 120
+"""Seconds of real time one schedule may take (they take well under one): past it the
+schedule is reported as a violation with its replay line, and its process stops."""
+
+
+class _Overran(Exception):
+    """A schedule ran past WALL_LIMIT (raised by SIGALRM inside it)."""
+
+
+def _overran(signum: int, frame: object) -> None:
+    raise _Overran
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,11 +93,33 @@ def _run(
     root = _scratch()
     reports: list[tuple[int, str]] = []
     steps = ran = 0
+    t0 = said = time.monotonic()
+    again = "" if relays == "random" else f" --relays {relays}"
+    signal.signal(signal.SIGALRM, _overran)
     try:
         for seed in seeds:
-            world = run_schedule(seed, plant_name, root, trace, relays)
+            replay = f"  replay: python -m tests.sim --seed {seed} --schedules 1 --trace{again}"
+            signal.alarm(WALL_LIMIT)
+            try:
+                world = run_schedule(seed, plant_name, root, trace, relays)
+            except _Overran:
+                # Its loop was left inside a callback: this process runs no more schedules.
+                why = f"the schedule did not end within {WALL_LIMIT} s of real time"
+                reports.append((seed, f"seed {seed}: VIOLATION {why}\n{replay}"))
+                break
+            finally:
+                signal.alarm(0)
             ran += 1
             steps += world.loop.steps
+            now = time.monotonic()
+            if now - said >= PROGRESS_EVERY:
+                said = now
+                print(
+                    f"(pid {os.getpid()}: {ran} of {len(seeds)} schedules in {now - t0:.0f} s, "
+                    f"last seed {seed})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             v = world.violation  # type: ignore[attr-defined]
             if trace:
                 print(f"-- seed {seed}: {world.spec}")
@@ -89,10 +128,7 @@ def _run(
                 lines = [f"seed {seed}: VIOLATION {v}", f"  schedule: {world.spec}"]
                 lines.append("  last events:")
                 lines.extend(f"    {line}" for line in world.trace[-40:])
-                again = "" if relays == "random" else f" --relays {relays}"
-                lines.append(
-                    f"  replay: python -m tests.sim --seed {seed} --schedules 1 --trace{again}"
-                )
+                lines.append(replay)
                 reports.append((seed, "\n".join(lines)))
                 if len(reports) >= stop_after:
                     break
