@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from snapstore.bench.vloop import SimLoop
 from snapstore.config import StoreConfig
 from snapstore.control.commit import _sessions_known
-from snapstore.control.jobs import Job, session_of
+from snapstore.control.jobs import Attempt, Job, session_of
 from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, RelayPost
 from snapstore.control.messages import (
     Decision,
@@ -763,3 +763,59 @@ def test_stagings_match_the_known_sessions_exactly_as_one_by_one(
     if well_formed:
         assert fast == one_by_one
     assert job.sessions.prefixes.keys() == job.sessions.keys()
+
+
+_GROUPS = st.sampled_from([("a",), ("b",), ("c",), ("d",)])
+
+
+@given(
+    held=st.lists(st.frozensets(st.integers(0, 11), min_size=1, max_size=4), max_size=4),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["join", "add_group", "add", "look"]),
+            _GROUPS,
+            st.dictionaries(st.integers(0, 11), st.sampled_from(["s/1", "t/2"]), max_size=4),
+        ),
+        max_size=8,
+    ),
+)
+def test_an_attempts_ranks_kept_by_group_say_what_one_index_by_rank_says(
+    held: list[frozenset[int]], ops: list[tuple[str, tuple[str, ...], dict[int, str]]]
+) -> None:
+    """An attempt's ranks kept by group, indexed by rank only once looked up by rank
+    (StagedRanks), say after any mix of steady joins, moves between groups and single
+    ranks what a plain rank -> (staging, group) map kept one change at a time says; a
+    join is taken only where every group so far joined with the ranks it held at the last
+    commit (disjoint there), and is refused, changing nothing, otherwise."""
+    commit: dict[tuple[str, ...], Any] = {}
+    taken: set[int] = set()
+    for group, ranks in zip([("a",), ("b",), ("c",), ("d",)], held, strict=False):
+        ranks = ranks - taken  # the groups of a commit hold disjoint ranks
+        taken |= ranks
+        commit[group] = dict.fromkeys(ranks, "x").keys()
+    att = Attempt(StepLife("j", 1, 0), world_size=12, epoch=0, started_at=0.0, wall_started=0.0)
+    model: dict[int, tuple[str, tuple[str, ...]]] = {}
+    steady = True
+    for what, group, stagings in ops:
+        if what == "join":
+            can = steady and group not in att.by_group and stagings.keys() == commit.get(group)
+            assert att.join(group, stagings, commit) == can
+            if can:
+                model.update((r, (s, group)) for r, s in stagings.items())
+        elif what == "add_group":
+            att.add_group(group, stagings)
+            model.update((r, (s, group)) for r, s in stagings.items())
+            steady = False
+        elif what == "add" and stagings:
+            rank, staging = next(iter(stagings.items()))
+            att.add(rank, staging, group)
+            model[rank] = (staging, group)
+            steady = False
+        else:
+            assert dict(att.ranks.items()) == model
+        assert len(att.ranks) == len(model)
+    assert dict(att.ranks.items()) == model
+    by_group: dict[tuple[str, ...], dict[int, str]] = {}
+    for rank, (staging, group) in model.items():
+        by_group.setdefault(group, {})[rank] = staging
+    assert {g: d for g, d in att.by_group.items() if d} == by_group

@@ -95,9 +95,9 @@ class Commits:
         if steady is not None:
             job, att = steady
             self._count_client(r.stats.get("client"))
-            att.add_group(r.group, r.sessions)
             att.leaders[r.group] = r.leader
-            if self._take_slice(job, att, r):
+            # Collecting, this group's slice taken: nothing to advance before the last rank.
+            if self._take_slice(job, att, r) and len(att.ranks) >= att.world_size:
                 self._advance(job, att)
             return
         taken = self._take(r)
@@ -122,15 +122,16 @@ class Commits:
         self._advance(job, att)
 
     def _steady(self, r: GroupReport) -> tuple[Job, Attempt] | None:
-        """The job and the attempt an early report joins as it is, when nothing in it needs
-        :meth:`_take`'s checks one by one: the ticket's attempt (opened here if it is the
-        step's first report), collecting, this group not in it yet, no other step in
-        flight, nothing about the job that could refuse a rank (:meth:`_unrefusable`), and every
-        staging from the session the job knows for its rank. This is every group's report
+        """The job and the attempt an early report joined as it is, when nothing in it
+        needs :meth:`_take`'s checks one by one: the ticket's attempt (opened here if it is
+        the step's first report), collecting, this group not in it yet, no other step in
+        flight, nothing about the job that could refuse a rank (:meth:`_unrefusable`),
+        every staging from the session the job knows for its rank, and the group's ranks
+        those it held at the last commit, as every group's so far (:meth:`Attempt.join`:
+        no rank is in two groups without an index by rank). This is every group's report
         of every step in steady training, so it is the coordinator's cost per step at
-        scale (bench.scale); anything else (None) takes the general path, which decides
-        the same for these reports (it cost a tenth more per report at 4,096 nodes: the
-        rest is the checks both make, the slice's head and the dispatch)."""
+        scale (bench.scale); anything else (None, nothing changed) takes the general
+        path, which decides the same for these reports."""
         plane = self.plane
         job = plane.jobs.get(r.job)
         if job is None or r.epoch != plane.membership.epoch or r.failed or r.prepared is None:
@@ -155,10 +156,12 @@ class Commits:
         ):
             return None
         if att is None:
+            if stagings.keys() != job.held.get(r.group):
+                return None
             job.ticket = None
             att = job.attempts[r.step] = self._open(r, r.version)
-        elif not att.ranks.keys().isdisjoint(stagings):
-            return None  # a rank staged in another group too (_take sorts that out)
+        if not att.join(r.group, stagings, job.held):
+            return None  # other ranks than at the last commit (_take sorts that out)
         return job, att
 
     def _open(self, r: GroupReport, version: int) -> Attempt:
@@ -442,6 +445,7 @@ class Commits:
         for s, other in list(job.attempts.items()):
             if s < att.step:
                 self.fail(job, other, f"step {att.step} committed first")
+        job.held = {g: ranks.keys() for g, ranks in att.by_group.items()}
         new_step = job.record is None or att.step != job.record.step
         previous = job.record
         job.record = record
@@ -722,16 +726,29 @@ def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
 
 
 def _merge_stats(att: Attempt, now: float) -> dict[str, Any]:
+    """The step's stats from its groups' (one pass over them: a commit at 4,096 nodes
+    merges a thousand)."""
     stats: dict[str, Any] = {"wait_ranks_seconds": round(att.prepare_sent - att.started_at, 6)}
-    groups = list(att.stats.values())
-    if groups:
-        stats["parity_seconds"] = max(float(g.get("parity_seconds", 0.0)) for g in groups)
-        stats["peer_bytes"] = sum(int(g.get("peer_bytes", 0)) for g in groups)
-        stats["delta"] = all(bool(g.get("delta")) for g in groups if "delta" in g)
-        stats["delta_bytes"] = sum(int(g.get("delta_bytes", 0)) for g in groups)
-        for key in ("data_bytes", "parity_bytes"):  # where every group's leader counted them
-            counts = [g.get(key) for g in groups]
-            if all(isinstance(c, int) for c in counts):
-                stats[key] = sum(counts)
+    if att.stats:
+        parity_seconds = 0.0
+        peer_bytes = delta_bytes = 0
+        delta = True
+        counted: dict[str, int | None] = {"data_bytes": 0, "parity_bytes": 0}
+        for g in att.stats.values():
+            parity_seconds = max(parity_seconds, float(g.get("parity_seconds", 0.0)))
+            peer_bytes += int(g.get("peer_bytes", 0))
+            delta_bytes += int(g.get("delta_bytes", 0))
+            if delta and "delta" in g:
+                delta = bool(g["delta"])
+            for key, total in counted.items():
+                value = g.get(key)
+                if total is not None:
+                    counted[key] = total + value if isinstance(value, int) else None
+        stats["parity_seconds"] = parity_seconds
+        stats["peer_bytes"] = peer_bytes
+        stats["delta"] = delta
+        stats["delta_bytes"] = delta_bytes
+        # Where every group's leader counted them.
+        stats.update((key, total) for key, total in counted.items() if total is not None)
     stats["commit_seconds"] = round(now - att.started_at, 6)
     return stats

@@ -15,9 +15,9 @@ import asyncio
 import collections
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from snapstore.control.states import JobLife, Redundancy, StepLife
 from snapstore.format.record import ParityEntry, RankEntry, SliceHead, StepRecord
@@ -27,11 +27,15 @@ __all__ = ["Attempt", "Job", "JobRecord", "PreparedSlice", "SessionTable", "sess
 FAILED_KEPT = 64
 HISTORY_KEPT = 16
 
+Group = tuple[str, ...]
+"""A stripe group: its nodes, in order."""
 
-@dataclass(frozen=True)
-class PreparedSlice:
+
+class PreparedSlice(NamedTuple):
     """A group's prepared slice as its leader sent it: the head the coordinator checked,
-    and the bytes, decoded the first time the committed record is read (see SliceHead)."""
+    and the bytes, decoded the first time the committed record is read (see SliceHead).
+    A named tuple: one is made per group per step, and a frozen dataclass's fields are
+    set one by one through ``object.__setattr__``."""
 
     head: SliceHead
     data: bytes
@@ -167,14 +171,91 @@ class JobRecord:
         )
 
 
+class StagedRanks(Mapping[int, tuple[str, Group]]):
+    """rank -> (staging, group) of an attempt, kept by group (``by_group``: group -> rank
+    -> staging) and indexed by rank only when first looked up by rank: in steady training
+    nothing on a step's path does (:meth:`Attempt.join`), and indexing each group's ranks
+    as it arrived was a tenth of the coordinator's cost per step at 4,096 nodes
+    (bench.scale). Its length is counted, not indexed."""
+
+    __slots__ = ("_index", "by_group", "count")
+
+    def __init__(self) -> None:
+        self.by_group: dict[Group, dict[int, str]] = {}
+        self.count = 0
+        self._index: dict[int, tuple[str, Group]] | None = None
+
+    def index(self) -> dict[int, tuple[str, Group]]:
+        """The ranks indexed (built on the first call, then kept up to date)."""
+        if self._index is None:
+            self._index = {r: (s, g) for g, d in self.by_group.items() for r, s in d.items()}
+        return self._index
+
+    def __getitem__(self, rank: int) -> tuple[str, Group]:
+        return self.index()[rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.index())
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, rank: object) -> bool:
+        return rank in self.index()
+
+    def keys(self) -> KeysView[int]:
+        return self.index().keys()
+
+    def values(self) -> ValuesView[tuple[str, Group]]:
+        return self.index().values()
+
+    def items(self) -> ItemsView[int, tuple[str, Group]]:
+        return self.index().items()
+
+    def add(self, rank: int, staging: str, group: Group) -> None:
+        """Rank ``rank`` staged as ``staging`` in ``group`` (moved from another group)."""
+        index = self.index()
+        prev = index.get(rank)
+        if prev is not None and prev[1] != group:
+            self.by_group.get(prev[1], {}).pop(rank, None)
+        index[rank] = (staging, group)
+        self.by_group.setdefault(group, {})[rank] = staging
+        self.count = len(index)
+
+    def add_group(self, group: Group, stagings: dict[int, str]) -> None:
+        """Ranks ``stagings`` (rank -> staging) staged in ``group``, moved from any other."""
+        index = self.index()
+        mine = self.by_group.get(group)
+        again = index.keys() & stagings.keys()
+        if mine is not None and again <= mine.keys():
+            again = set()  # ranks staged before in this same group: none moved
+        for rank in again:
+            prev = index[rank][1]
+            if prev != group:
+                self.by_group.get(prev, {}).pop(rank, None)
+        pairs = zip(stagings.values(), itertools.repeat(group))  # (staging, group), in C
+        index.update(zip(stagings, pairs, strict=False))
+        self.by_group.setdefault(group, {}).update(stagings)
+        self.count = len(index)
+
+    def join(self, group: Group, stagings: dict[int, str]) -> None:
+        """A group not in the attempt yet, with ranks in no other group of it (the caller
+        knows: :meth:`Attempt.join`): kept by group, indexed only if the index is built."""
+        self.by_group[group] = dict(stagings)
+        if self._index is not None:
+            pairs = zip(stagings.values(), itertools.repeat(group))
+            self._index.update(zip(stagings, pairs, strict=False))
+        self.count += len(stagings)
+
+
 @dataclass
 class Attempt:
     """One attempt at committing a step (or a new version of the committed one).
 
-    ``ranks``: rank -> (client session, group it was staged in);
-    ``leaders``: group -> the leader that reported it; ``prepared``: group ->
-    its prepared slice. A re-protection (``reprotect``) has no sessions: its
-    ranks are the committed record's, given to each group's leader.
+    ``ranks``: rank -> (staging, group it was staged in), kept by group
+    (:class:`StagedRanks`); ``leaders``: group -> the leader that reported it;
+    ``prepared``: group -> its prepared slice. A re-protection (``reprotect``) has no
+    sessions: its ranks are the committed record's, given to each group's leader.
     """
 
     life: StepLife
@@ -182,38 +263,41 @@ class Attempt:
     epoch: int
     started_at: float
     wall_started: float
-    ranks: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
-    leaders: dict[tuple[str, ...], str] = field(default_factory=dict)
-    prepared: dict[tuple[str, ...], PreparedSlice] = field(default_factory=dict)
-    stats: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
-    orders: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    ranks: StagedRanks = field(default_factory=StagedRanks)
+    leaders: dict[Group, str] = field(default_factory=dict)
+    prepared: dict[Group, PreparedSlice] = field(default_factory=dict)
+    stats: dict[Group, dict[str, Any]] = field(default_factory=dict)
+    orders: dict[Group, Any] = field(default_factory=dict)
     reprotect: bool = False
     prepare_sent: float = 0.0
-    by_group: dict[tuple[str, ...], dict[int, str]] = field(default_factory=dict)
-    """``ranks`` indexed by group (group -> rank -> session), kept by :meth:`add`: a
-    group's ranks are found without a pass over every rank of the job."""
+    steady: bool = True
+    """Every group joined with the ranks it held at the job's last commit
+    (:meth:`join`): the attempt's groups hold disjoint ranks without an index by rank."""
 
-    def add(self, rank: int, session: str, group: tuple[str, ...]) -> None:
+    @property
+    def by_group(self) -> dict[Group, dict[int, str]]:
+        """group -> rank -> staging: ``ranks`` by group."""
+        return self.ranks.by_group
+
+    def add(self, rank: int, session: str, group: Group) -> None:
         """Rank ``rank`` staged this attempt as ``session`` in ``group``."""
-        prev = self.ranks.get(rank)
-        if prev is not None and prev[1] != group:
-            self.by_group.get(prev[1], {}).pop(rank, None)
-        self.ranks[rank] = (session, group)
-        self.by_group.setdefault(group, {})[rank] = session
+        self.steady = False
+        self.ranks.add(rank, session, group)
 
-    def add_group(self, group: tuple[str, ...], stagings: dict[int, str]) -> None:
-        """Ranks ``stagings`` (rank -> session) staged this attempt in ``group``."""
-        mine = self.by_group.get(group)
-        again = self.ranks.keys() & stagings.keys()
-        if mine is not None and again <= mine.keys():
-            again = set()  # ranks staged before in this same group: none moved
-        for rank in again:
-            prev = self.ranks[rank][1]
-            if prev != group:
-                self.by_group.get(prev, {}).pop(rank, None)
-        pairs = zip(stagings.values(), itertools.repeat(group))  # (session, group), in C
-        self.ranks.update(zip(stagings, pairs, strict=False))
-        self.by_group.setdefault(group, {}).update(stagings)
+    def add_group(self, group: Group, stagings: dict[int, str]) -> None:
+        """Ranks ``stagings`` (rank -> staging) staged this attempt in ``group``."""
+        self.steady = False
+        self.ranks.add_group(group, stagings)
+
+    def join(self, group: Group, stagings: dict[int, str], held: dict[Group, Any]) -> bool:
+        """``group``'s first report of the attempt joins it without a look at any other
+        group's ranks, when every group so far and this one report the ranks they held at
+        the job's last commit (``held``: group -> its ranks then, disjoint as that commit's
+        groups were); False (nothing done) otherwise."""
+        if not self.steady or group in self.by_group or stagings.keys() != held.get(group):
+            return False
+        self.ranks.join(group, stagings)
+        return True
 
     @property
     def step(self) -> int:
@@ -226,10 +310,10 @@ class Attempt:
     def sessions(self) -> set[str]:
         return {s for s, _ in self.ranks.values()}
 
-    def groups(self) -> set[tuple[str, ...]]:
+    def groups(self) -> set[Group]:
         return set(self.leaders)
 
-    def group_sessions(self, group: tuple[str, ...]) -> dict[int, str]:
+    def group_sessions(self, group: Group) -> dict[int, str]:
         return dict(self.by_group.get(group, {}))
 
 
@@ -295,7 +379,7 @@ class Job:
     restore_seq: int = 0
     """Counts restores of the job: a staging of a failed step is refused unless its
     client restored after the failure."""
-    history: collections.OrderedDict[int, tuple[JobRecord, dict[int, Any]]] = field(
+    history: collections.OrderedDict[int, tuple[JobRecord, Mapping[int, Any]]] = field(
         default_factory=collections.OrderedDict
     )
     """The last committed steps: their record, and rank -> (staging, group) committed
@@ -325,6 +409,10 @@ class Job:
     last_commit_latency: float | None = None
     protected_at: float | None = None
     committed_stats: dict[str, Any] = field(default_factory=dict)
+    held: dict[Group, Any] = field(default_factory=dict)
+    """group -> the ranks it held at the last commit (the committed attempt's groups,
+    disjoint): a group reporting the same ranks joins the next attempt without a look at
+    other groups' ranks (:meth:`Attempt.join`)."""
 
     def take_version(self) -> int:
         v = self.next_version
@@ -343,7 +431,7 @@ class Job:
                 return reason
         return None
 
-    def note_committed(self, record: JobRecord, stagings: dict[int, Any]) -> None:
+    def note_committed(self, record: JobRecord, stagings: Mapping[int, Any]) -> None:
         self.history[record.step] = (record, stagings)
         self.history.move_to_end(record.step)
         while len(self.history) > HISTORY_KEPT:
