@@ -406,3 +406,46 @@ def test_a_leader_skips_the_beats_its_quiet_reports_stand_for() -> None:
         feeder.cancel()
 
     on_sim_loop(main)
+
+
+@pytest.mark.parametrize(("groups", "every"), [(1, 5), (1000, 10)])
+def test_a_leader_spaces_its_members_usage_by_the_number_of_groups(groups: int, every: int) -> None:
+    """Members whose usage alone changes (every step does) are told every 5th beat, or, with
+    more groups than 500, every (groups / 100)th: about 100 groups' usage per interval
+    reach the coordinator however many groups there are. A member that changed process
+    goes with the next beat whatever the spacing."""
+    from snapstore.control.leader import Leader
+    from snapstore.control.messages import MemberBeat, NodeConfig, NodeInfo
+
+    group = ("L", "a", "b", "c")
+
+    async def main() -> None:
+        up = _Coordinator()
+        cfg = StoreConfig(k=3, m=1, nodes=4)
+        config = NodeConfig(1, "L", group, "L", True, 3, 1, cfg.backend, groups=groups)
+        leader = Leader("L", config, None, up, LoopClock(0.0), cfg)  # type: ignore[arg-type]
+        incarnation = ["i1"]
+
+        async def members() -> None:
+            used = 0
+            while True:
+                used += 1
+                for n in group:
+                    info = NodeInfo(n, incarnation[0], PeerInfo(n, "", "", "", 0), used=used)
+                    await leader.beat(MemberBeat(info, 1))
+                await asyncio.sleep(0.25)
+
+        def told() -> list[GroupBeat]:
+            return [x for x in up.straight if isinstance(x, GroupBeat) and x.infos]
+
+        feeder = asyncio.ensure_future(members())
+        leader.start()
+        await asyncio.sleep(18.5)  # beats at 1 s; the 0th and the 20th carry every info
+        assert [len(b.infos) for b in told()] == [4] * (1 + (18 - 1) // every)
+        incarnation[0] = "i2"  # a new process: told at once
+        await asyncio.sleep(1.0)
+        assert len(told()) == 2 + (18 - 1) // every
+        leader.stop()
+        feeder.cancel()
+
+    on_sim_loop(main)

@@ -39,7 +39,8 @@ messages per *group*, whatever the number of ranks:
    for the group, naming members it has not heard from. A beat carries the
    :class:`NodeInfo` of members that changed process or address since the
    last beat the coordinator took, of members whose usage alone changed at
-   most every :data:`USAGE_BEAT_EVERY` beats, and every member's every
+   most every :data:`USAGE_BEAT_EVERY` beats (more where there are many groups:
+   :data:`USAGE_BEATS_PER_INTERVAL`), and every member's every
    :data:`FULL_BEAT_EVERY` beats: an idle group's beat is a few bytes. A
    report sent while every member was heard from says so
    (``GroupReport.quiet``) and stands for a beat: a beat that would say no
@@ -104,6 +105,13 @@ USAGE_BEAT_EVERY = 5
 a training job changes them) goes at most every this many beat intervals; a change of who or
 where it is (process, address, budget) goes with the next. bench.scale: while saving,
 every beat carried every member's info, and decoding them was most of a beat's cost."""
+USAGE_BEATS_PER_INTERVAL = 100
+"""About how many groups' usage beats the coordinator takes per beat interval, all
+groups together, at most: with more groups than ``USAGE_BEAT_EVERY`` times this, a group's
+usage figures go every ``groups / USAGE_BEATS_PER_INTERVAL`` intervals instead. They are
+only shown (status, the dashboard, metrics): at 4,096 nodes (1,024 groups, half-second
+beats) each is at most about 5 s old, and the coordinator takes half the usage beats it took
+while every job saves (bench.scale)."""
 RESEND_BACKOFF_MAX = 8
 """A staged report the coordinator took is sent again after twice ``resend_interval``,
 then four times, ... at most this many times it (one it did not take: after one
@@ -627,13 +635,15 @@ class Leader:
                 self._told_at[info.node] = tick
 
     def _tell(self, node: str, info: NodeInfo, tick: int) -> bool:
-        """Whether the beat of interval ``tick`` carries ``info`` (:data:`USAGE_BEAT_EVERY`)."""
+        """Whether the beat of interval ``tick`` carries ``info`` (:data:`USAGE_BEAT_EVERY`,
+        :data:`USAGE_BEATS_PER_INTERVAL`)."""
         told = self._told.get(node)
         if told is None or _who(told) != _who(info):
             return True
         if told == info:
             return False
-        return tick - self._told_at.get(node, 0) >= USAGE_BEAT_EVERY
+        every = max(USAGE_BEAT_EVERY, -(-self.config.groups // USAGE_BEATS_PER_INTERVAL))
+        return tick - self._told_at.get(node, 0) >= every
 
     async def _resend_loop(self) -> None:
         interval = self.cfg.resend_interval

@@ -133,6 +133,7 @@ class Membership:
             incarnation=life.incarnation if life is not None else "",
             relay=self.relays.get(group, ""),
             coordinator=self.identity,
+            groups=len(self.groups) + bool(self.unprotected),
         )
 
     # -- what nodes say ----------------------------------------------------------------

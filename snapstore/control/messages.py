@@ -112,6 +112,9 @@ class NodeConfig(msgspec.Struct, frozen=True):
     """The identity of the coordinator process that sent it (ControlPlane.identity): a
     recovery snapshot that coordinator asked for and that ran late, after this
     configuration, must not fence its own term (Member.snapshot)."""
+    groups: int = 0
+    """How many groups the membership has: a leader spaces its members' usage figures by
+    it (snapstore.control.leader.USAGE_BEATS_PER_INTERVAL)."""
 
 
 @message
