@@ -578,7 +578,12 @@ class Commits:
     # -- questions from nodes -------------------------------------------------------------
 
     def abandon(self, name: str, rank: int, step: int, session: str) -> AbandonReply:
-        """A node wants to reuse ``rank``'s slot of ``step``: end that step first."""
+        """A node wants to reuse ``rank``'s slot of ``step``: end that step first.
+
+        A staging (``session``) that no attempt holds and that never failed is kept
+        (neither abandoned nor committed): its report may still be on its way (through
+        a stalled relay), and would open an attempt that commits the slot the node
+        reused. The node frees the slot once the staging is decided."""
         job = self.plane.jobs.get(name)
         if job is None:
             return AbandonReply(abandoned=True)
@@ -596,6 +601,9 @@ class Commits:
         reason = f"rank {rank} reused its slot for a newer step"
         if mine and att is not None and not self.fail(job, att, reason):
             return AbandonReply(abandoned=False, committed=True)
+        failed = job.failed.get(step, [])
+        if not mine and session and not any(session in stagings for _, stagings, _ in failed):
+            return AbandonReply(abandoned=False)
         return AbandonReply(abandoned=True)
 
     def step_status(
