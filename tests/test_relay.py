@@ -322,6 +322,15 @@ def test_the_coordinators_posts_to_a_region_go_through_its_relay_and_resends_str
             (leader, "decide") for leader in leaders
         ), "a re-send goes straight to the leaders"
 
+        fabric.calls.clear()
+        plane.send_decision(leaders, decision)  # a commit's, to every group
+        assert [(n, m) for n, m, _ in fabric.calls] == [(relay, "relay_down")]
+        batch = fabric.calls[0][2][0]
+        assert batch.orders == () and batch.leaders == (tuple(leaders),)
+        assert batch.decisions[0].epoch == plane.membership.epoch
+        assert counters["relay_down_batches_total"] == 2
+        assert counters["relayed_down_messages_total"] == 5
+
     run(test, nodes=4, k=1, m=1, relay_groups=2)
 
 

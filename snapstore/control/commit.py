@@ -23,7 +23,6 @@ current leader, or to each member directly) until they are.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -489,7 +488,7 @@ class Commits:
         targets = {g: x for g, x in plane.membership.leaders.items() if x is not None}
         targets.update(att.leaders)
         job.unacked = dict.fromkeys(targets, (decision, plane.clock.now()))
-        plane.send_leaders(zip(targets.values(), itertools.repeat(decision)))
+        plane.send_decision(targets.values(), decision)
         job.touch()
         plane.flusher.on_commit(job.name)
         if hold:
