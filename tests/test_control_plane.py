@@ -24,6 +24,7 @@ exact interleaving:
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -723,7 +724,7 @@ _SESSION = st.text(alphabet="ab/", min_size=0, max_size=4)
 @settings(max_examples=300, deadline=None)
 @given(
     known=st.dictionaries(st.integers(0, 5), st.tuples(_SESSION, st.integers(-1, 3)), max_size=6),
-    stagings=st.dictionaries(st.integers(0, 6), _SESSION, max_size=6),
+    stagings=st.dictionaries(st.integers(-2, 6), _SESSION, max_size=6),
     changes=st.lists(
         st.tuples(st.sampled_from(["set", "del", "pop", "update", "clear"]), st.integers(0, 5)),
         max_size=4,
@@ -762,59 +763,67 @@ def test_stagings_match_the_known_sessions_exactly_as_one_by_one(
     )
     if well_formed:
         assert fast == one_by_one
-    assert job.sessions.prefixes.keys() == job.sessions.keys()
+    prefixed = {r for r, p in enumerate(job.sessions.prefixes) if p is not None}
+    assert prefixed == {r for r, (s, _) in job.sessions.items() if "/" not in s}
+    assert all(job.sessions.prefixes[r] == s + "/" for r in prefixed for s in [job.sessions[r][0]])
 
 
 _GROUPS = st.sampled_from([("a",), ("b",), ("c",), ("d",)])
 
 
 @given(
-    held=st.lists(st.frozensets(st.integers(0, 11), min_size=1, max_size=4), max_size=4),
     ops=st.lists(
         st.tuples(
             st.sampled_from(["join", "add_group", "add", "look"]),
             _GROUPS,
-            st.dictionaries(st.integers(0, 11), st.sampled_from(["s/1", "t/2"]), max_size=4),
+            st.dictionaries(st.integers(-1, 12), st.sampled_from(["s/1", "t/2"]), max_size=4),
         ),
-        max_size=8,
+        max_size=10,
     ),
 )
-def test_an_attempts_ranks_kept_by_group_say_what_one_index_by_rank_says(
-    held: list[frozenset[int]], ops: list[tuple[str, tuple[str, ...], dict[int, str]]]
+def test_an_attempts_ranks_by_group_and_owner_say_what_one_index_by_rank_says(
+    ops: list[tuple[str, tuple[str, ...], dict[int, str]]],
 ) -> None:
-    """An attempt's ranks kept by group, indexed by rank only once looked up by rank
-    (StagedRanks), say after any mix of steady joins, moves between groups and single
-    ranks what a plain rank -> (staging, group) map kept one change at a time says; a
-    join is taken only where every group so far joined with the ranks it held at the last
-    commit (disjoint there), and is refused, changing nothing, otherwise."""
-    commit: dict[tuple[str, ...], Any] = {}
-    taken: set[int] = set()
-    for group, ranks in zip([("a",), ("b",), ("c",), ("d",)], held, strict=False):
-        ranks = ranks - taken  # the groups of a commit hold disjoint ranks
-        taken |= ranks
-        commit[group] = dict.fromkeys(ranks, "x").keys()
-    att = Attempt(StepLife("j", 1, 0), world_size=12, epoch=0, started_at=0.0, wall_started=0.0)
+    """An attempt's ranks kept by group with each rank's group in a list (StagedRanks) say,
+    after any mix of joins, moves between groups and single ranks, what a plain rank ->
+    (staging, group) map kept one change at a time says. A join is taken only for a
+    group not in the attempt yet whose ranks are in range and in no other group, and is
+    refused, changing nothing, otherwise; a rank out of range is refused by name."""
+    world = 12
+    att = Attempt(StepLife("j", 1, 0), world_size=world, epoch=0, started_at=0.0, wall_started=0.0)
     model: dict[int, tuple[str, tuple[str, ...]]] = {}
-    steady = True
     for what, group, stagings in ops:
+        in_range = all(0 <= r < world for r in stagings)
         if what == "join":
-            can = steady and group not in att.by_group and stagings.keys() == commit.get(group)
-            assert att.join(group, stagings, commit) == can
+            can = (
+                bool(stagings)
+                and in_range
+                and all(g != group for _, g in model.values())
+                and not model.keys() & stagings.keys()
+            )
+            assert att.join(group, stagings) == can
             if can:
                 model.update((r, (s, group)) for r, s in stagings.items())
+        elif what in ("add_group", "add") and not in_range:
+            with pytest.raises(ValueError, match="outside world size 12"):
+                att.add_group(group, stagings)
+            model.update(  # the ranks before the first out of range were added
+                (r, (s, group))
+                for r, s in itertools.takewhile(lambda x: 0 <= x[0] < world, stagings.items())
+            )
         elif what == "add_group":
             att.add_group(group, stagings)
             model.update((r, (s, group)) for r, s in stagings.items())
-            steady = False
         elif what == "add" and stagings:
             rank, staging = next(iter(stagings.items()))
             att.add(rank, staging, group)
             model[rank] = (staging, group)
-            steady = False
         else:
             assert dict(att.ranks.items()) == model
+            assert all((r in att.ranks) == (r in model) for r in range(-1, world + 1))
         assert len(att.ranks) == len(model)
     assert dict(att.ranks.items()) == model
+    assert att.ranks.keys() & set(range(world)) == model.keys()
     by_group: dict[tuple[str, ...], dict[int, str]] = {}
     for rank, (staging, group) in model.items():
         by_group.setdefault(group, {})[rank] = staging

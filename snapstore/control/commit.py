@@ -125,9 +125,8 @@ class Commits:
         needs :meth:`_take`'s checks one by one: the ticket's attempt (opened here if it is
         the step's first report), collecting, this group not in it yet, no other step in
         flight, nothing about the job that could refuse a rank (:meth:`_unrefusable`),
-        every staging from the session the job knows for its rank, and the group's ranks
-        those it held at the last commit, as every group's so far (:meth:`Attempt.join`:
-        no rank is in two groups without an index by rank). This is every group's report
+        every staging from the session the job knows for its rank, and no rank staged in
+        another group (:meth:`Attempt.join`). This is every group's report
         of every step in steady training, so it is the coordinator's cost per step at
         scale (bench.scale); anything else (None, nothing changed) takes the general
         path, which decides the same for these reports."""
@@ -155,12 +154,10 @@ class Commits:
         ):
             return None
         if att is None:
-            if stagings.keys() != job.held.get(r.group):
-                return None
             job.ticket = None
             att = job.attempts[r.step] = self._open(r, r.version)
-        if not att.join(r.group, stagings, job.held):
-            return None  # other ranks than at the last commit (_take sorts that out)
+        if not att.join(r.group, stagings):
+            return None  # a rank staged in another group too (_take sorts that out)
         return job, att
 
     def _open(self, r: GroupReport, version: int) -> Attempt:
@@ -444,7 +441,6 @@ class Commits:
         for s, other in list(job.attempts.items()):
             if s < att.step:
                 self.fail(job, other, f"step {att.step} committed first")
-        job.held = {g: ranks.keys() for g, ranks in att.by_group.items()}
         new_step = job.record is None or att.step != job.record.step
         previous = job.record
         job.record = record
@@ -725,10 +721,12 @@ def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
     already knows for it: nothing to note, and no rank is another process than the one
     that restored it. One pass in C, not a check per rank: a staging is
     ``<session>/<save number>``, and each known session's prefix is kept with it."""
+    if not stagings or min(stagings) < 0:
+        return not stagings
     try:
         prefixes: Iterator[Any] = map(job.sessions.prefixes.__getitem__, stagings)
         return all(map(str.startswith, stagings.values(), prefixes))
-    except (KeyError, TypeError):  # a rank not known, or a session no staging has
+    except (IndexError, TypeError):  # a rank not known, or a session no staging has
         return False
 
 

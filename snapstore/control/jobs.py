@@ -15,7 +15,7 @@ import asyncio
 import collections
 import functools
 import itertools
-from collections.abc import ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -172,80 +172,73 @@ class JobRecord:
 
 
 class StagedRanks(Mapping[int, tuple[str, Group]]):
-    """rank -> (staging, group) of an attempt, kept by group (``by_group``: group -> rank
-    -> staging) and indexed by rank only when first looked up by rank: in steady training
-    nothing on a step's path does (:meth:`Attempt.join`), and indexing each group's ranks
-    as it arrived was a tenth of the coordinator's cost per step at 4,096 nodes
-    (bench.scale). Its length is counted, not indexed."""
+    """rank -> (staging, group) of an attempt: the stagings kept by group (``by_group``:
+    group -> rank -> staging), and each rank's group in a list indexed by rank
+    (``owner``). A group's report touches its own ranks' slots of that list, next to
+    each other, and nothing else: a rank index kept as a dict made a thousand groups'
+    reports a step probe a dict of 32,768 entries 32 times each, and indexing the ranks
+    as they arrived was a tenth of the coordinator's cost per step at 4,096 nodes
+    (bench.scale). Ranks are in ``0 .. world_size - 1`` (the coordinator refuses others)."""
 
-    __slots__ = ("_index", "by_group", "count")
+    __slots__ = ("by_group", "count", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, world_size: int) -> None:
         self.by_group: dict[Group, dict[int, str]] = {}
+        self.owner: list[Group | None] = [None] * max(world_size, 0)
         self.count = 0
-        self._index: dict[int, tuple[str, Group]] | None = None
 
-    def index(self) -> dict[int, tuple[str, Group]]:
-        """The ranks indexed (built on the first call, then kept up to date)."""
-        if self._index is None:
-            self._index = {r: (s, g) for g, d in self.by_group.items() for r, s in d.items()}
-        return self._index
+    def _group(self, rank: object) -> Group | None:
+        owner = self.owner
+        return owner[rank] if isinstance(rank, int) and 0 <= rank < len(owner) else None
 
     def __getitem__(self, rank: int) -> tuple[str, Group]:
-        return self.index()[rank]
+        group = self._group(rank)
+        if group is None:
+            raise KeyError(rank)
+        return self.by_group[group][rank], group
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.index())
+        return itertools.chain.from_iterable(self.by_group.values())
 
     def __len__(self) -> int:
         return self.count
 
     def __contains__(self, rank: object) -> bool:
-        return rank in self.index()
-
-    def keys(self) -> KeysView[int]:
-        return self.index().keys()
-
-    def values(self) -> ValuesView[tuple[str, Group]]:
-        return self.index().values()
-
-    def items(self) -> ItemsView[int, tuple[str, Group]]:
-        return self.index().items()
+        return self._group(rank) is not None
 
     def add(self, rank: int, staging: str, group: Group) -> None:
         """Rank ``rank`` staged as ``staging`` in ``group`` (moved from another group)."""
-        index = self.index()
-        prev = index.get(rank)
-        if prev is not None and prev[1] != group:
-            self.by_group.get(prev[1], {}).pop(rank, None)
-        index[rank] = (staging, group)
+        if not 0 <= rank < len(self.owner):
+            raise ValueError(f"rank {rank} outside world size {len(self.owner)}")
+        prev = self.owner[rank]
+        if prev is None:
+            self.count += 1
+        elif prev != group:
+            self.by_group[prev].pop(rank, None)
+        self.owner[rank] = group
         self.by_group.setdefault(group, {})[rank] = staging
-        self.count = len(index)
 
     def add_group(self, group: Group, stagings: dict[int, str]) -> None:
         """Ranks ``stagings`` (rank -> staging) staged in ``group``, moved from any other."""
-        index = self.index()
-        mine = self.by_group.get(group)
-        again = index.keys() & stagings.keys()
-        if mine is not None and again <= mine.keys():
-            again = set()  # ranks staged before in this same group: none moved
-        for rank in again:
-            prev = index[rank][1]
-            if prev != group:
-                self.by_group.get(prev, {}).pop(rank, None)
-        pairs = zip(stagings.values(), itertools.repeat(group))  # (staging, group), in C
-        index.update(zip(stagings, pairs, strict=False))
-        self.by_group.setdefault(group, {}).update(stagings)
-        self.count = len(index)
+        for rank, staging in stagings.items():
+            self.add(rank, staging, group)
 
-    def join(self, group: Group, stagings: dict[int, str]) -> None:
-        """A group not in the attempt yet, with ranks in no other group of it (the caller
-        knows: :meth:`Attempt.join`): kept by group, indexed only if the index is built."""
+    def join(self, group: Group, stagings: dict[int, str]) -> bool:
+        """``group``'s first stagings, none of a rank another group staged: kept, each rank's
+        slot checked in C; False (nothing done) otherwise."""
+        owner = self.owner
+        if not stagings or group in self.by_group or min(stagings) < 0:
+            return False
+        try:
+            if any(map(owner.__getitem__, stagings)):
+                return False
+        except IndexError:  # a rank past the world size
+            return False
+        for rank in stagings:  # a loop: mapping __setitem__ over them takes five times longer
+            owner[rank] = group
         self.by_group[group] = dict(stagings)
-        if self._index is not None:
-            pairs = zip(stagings.values(), itertools.repeat(group))
-            self._index.update(zip(stagings, pairs, strict=False))
         self.count += len(stagings)
+        return True
 
 
 @dataclass
@@ -263,16 +256,16 @@ class Attempt:
     epoch: int
     started_at: float
     wall_started: float
-    ranks: StagedRanks = field(default_factory=StagedRanks)
     leaders: dict[Group, str] = field(default_factory=dict)
     prepared: dict[Group, PreparedSlice] = field(default_factory=dict)
     stats: dict[Group, dict[str, Any]] = field(default_factory=dict)
     orders: dict[Group, Any] = field(default_factory=dict)
     reprotect: bool = False
     prepare_sent: float = 0.0
-    steady: bool = True
-    """Every group joined with the ranks it held at the job's last commit
-    (:meth:`join`): the attempt's groups hold disjoint ranks without an index by rank."""
+    ranks: StagedRanks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ranks = StagedRanks(self.world_size)
 
     @property
     def by_group(self) -> dict[Group, dict[int, str]]:
@@ -281,23 +274,16 @@ class Attempt:
 
     def add(self, rank: int, session: str, group: Group) -> None:
         """Rank ``rank`` staged this attempt as ``session`` in ``group``."""
-        self.steady = False
         self.ranks.add(rank, session, group)
 
     def add_group(self, group: Group, stagings: dict[int, str]) -> None:
         """Ranks ``stagings`` (rank -> staging) staged this attempt in ``group``."""
-        self.steady = False
         self.ranks.add_group(group, stagings)
 
-    def join(self, group: Group, stagings: dict[int, str], held: dict[Group, Any]) -> bool:
-        """``group``'s first report of the attempt joins it without a look at any other
-        group's ranks, when every group so far and this one report the ranks they held at
-        the job's last commit (``held``: group -> its ranks then, disjoint as that commit's
-        groups were); False (nothing done) otherwise."""
-        if not self.steady or group in self.by_group or stagings.keys() != held.get(group):
-            return False
-        self.ranks.join(group, stagings)
-        return True
+    def join(self, group: Group, stagings: dict[int, str]) -> bool:
+        """``group``'s first report of the attempt, with no rank another group staged,
+        joins it (:meth:`StagedRanks.join`); False (nothing done) otherwise."""
+        return self.ranks.join(group, stagings)
 
     @property
     def step(self) -> int:
@@ -319,31 +305,44 @@ class Attempt:
 
 class SessionTable(dict[int, tuple[str, int]]):
     """rank -> (client session, ``restore_seq`` of its last restore, -1 if it never did),
-    with each session's staging prefix (``<session>/``, :attr:`prefixes`) kept in step
-    by every way of changing it: a group's stagings are matched to their ranks' sessions
-    in one pass in C (:func:`snapstore.control.commit._sessions_known`)."""
+    with each session's staging prefix (``<session>/``, :attr:`prefixes`, a list indexed
+    by rank) kept in step by every way of changing it: a group's stagings are matched to
+    their ranks' sessions in one pass in C (:func:`snapstore.control.commit._sessions_known`),
+    reading the group's ranks' slots of one list, next to each other, where a dict by rank
+    was probed once per rank (bench.scale, 4,096 nodes: the match took 22 us a group in
+    place against 5 us in a loop of its own)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.prefixes: dict[int, str | None] = {}
+        self.prefixes: list[str | None] = []
+
+    def _prefix(self, rank: int, prefix: str | None) -> None:
+        if rank < 0:
+            return  # no staging of such a rank is ever known (_sessions_known)
+        prefixes = self.prefixes
+        if rank >= len(prefixes):
+            if prefix is None:
+                return
+            prefixes.extend([None] * (rank + 1 - len(prefixes)))
+        prefixes[rank] = prefix
 
     def __setitem__(self, rank: int, value: tuple[str, int]) -> None:
         super().__setitem__(rank, value)
         # A session with a "/" is no staging's (``session_of`` cuts at the first): None
         # matches nothing, and its rank is checked one by one.
-        self.prefixes[rank] = None if "/" in value[0] else value[0] + "/"
+        self._prefix(rank, None if "/" in value[0] else value[0] + "/")
 
     def __delitem__(self, rank: int) -> None:
         super().__delitem__(rank)
-        del self.prefixes[rank]
+        self._prefix(rank, None)
 
     def pop(self, rank: int, *default: Any) -> Any:
-        self.prefixes.pop(rank, None)
+        self._prefix(rank, None)
         return super().pop(rank, *default)
 
     def popitem(self) -> tuple[int, tuple[str, int]]:
         rank, value = super().popitem()
-        self.prefixes.pop(rank, None)
+        self._prefix(rank, None)
         return rank, value
 
     def clear(self) -> None:
@@ -409,10 +408,6 @@ class Job:
     last_commit_latency: float | None = None
     protected_at: float | None = None
     committed_stats: dict[str, Any] = field(default_factory=dict)
-    held: dict[Group, Any] = field(default_factory=dict)
-    """group -> the ranks it held at the last commit (the committed attempt's groups,
-    disjoint): a group reporting the same ranks joins the next attempt without a look at
-    other groups' ranks (:meth:`Attempt.join`)."""
 
     def take_version(self) -> int:
         v = self.next_version
