@@ -9,6 +9,7 @@ waits, bounded, and marks the hold wanted so the flush hurries.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -162,3 +163,36 @@ def test_only_the_asked_step_and_ranks_are_held(table: SlotTable) -> None:
     assert not table.holding("t") and not table.holding("u")
     with pytest.raises(SnapstoreError, match="steps must increase"):
         table.stage(JOB, 0, 1, SIZE)
+
+
+def test_a_spare_too_small_for_the_next_slots_gives_way_to_the_retired_one(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parity slots of a job go back to its one parity spare at each commit and come out
+    of it for the next step: a spare left too small (by a step with less parity) is
+    replaced by the larger segment retired next, not kept while every later slot is
+    created afresh (whose pages the first writes fault in) and every retire dropped."""
+    from snapstore.node.segments import Segment, parity_name
+
+    created: list[str] = []
+    create = Segment.create.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Segment], path: str, size: int) -> Segment:
+        created.append(os.path.basename(path))
+        return create(cls, path, size)
+
+    monkeypatch.setattr(Segment, "create", classmethod(counted))
+    table = SlotTable(str(tmp_path / "node"), NODE, budget=64 * SIZE)
+
+    def step(n: int, parity: int) -> None:
+        table.output(JOB, parity_name(JOB, n, 0), parity)
+        _save(table, n)
+
+    step(1, SIZE // 4)  # a small step's parity
+    step(2, SIZE)  # the small spare is too small: a new segment
+    made = len([n for n in created if n.startswith("p.")])
+    for n in range(3, 9):
+        step(n, SIZE)
+    again = len([n for n in created if n.startswith("p.")]) - made
+    assert again <= 1, f"{again} parity segments made for six equal steps"
+    assert len([n for n in _names(table) if n.startswith(f"x.{JOB}.p.")]) <= 1

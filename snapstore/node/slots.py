@@ -610,7 +610,12 @@ class SlotTable:
         return seg
 
     def _retire(self, name: str, p: SegmentName) -> None:
-        """Turn a segment into its job's spare (one spare per rank, one for parity).
+        """Turn a segment into its job's spare (one spare per rank, one for parity): the
+        segment replaces a spare no larger than it (its bytes are newer), and is dropped
+        when a larger one stays. A spare too small for the slots now asked for (left by
+        smaller steps) once stayed for good and made every later retire a drop, and every
+        later slot a fresh segment whose first writes fault its pages in: half the parity
+        slots of bench.overhead were.
 
         A held segment keeps its name until released; the retire happens then.
         """
@@ -619,9 +624,14 @@ class SlotTable:
             return
         rank = p.rank if p.kind == "data" else None
         have = [n for n, q in self._parsed(p.job) if q.kind == "spare" and q.rank == rank]
-        if have:
+        seg = self._segments.get(name)
+        if seg is None:
+            return
+        if any(self._segments[n].size > seg.size for n in have):
             self._drop(name)
             return
+        for n in have:
+            self._drop(n)
         self._seq += 1
         new = spare_name(p.job, rank, self._seq)
         self._rename(name, new)
