@@ -57,7 +57,7 @@ from snapstore.clients.persisted import (
     uninstall_sigterm,
 )
 from snapstore.clients.staging import Stager
-from snapstore.config import check_job_name
+from snapstore.config import MAX_WORLD_SIZE, check_job_name
 from snapstore.control.handle import Store, connect
 from snapstore.control.messages import ErrorKind, ErrorReply, Outcome, OutcomeStatus, RestorePlan
 from snapstore.errors import (
@@ -127,6 +127,8 @@ class Client:
         sigterm_timeout: float = 30.0,
     ) -> None:
         check_job_name(job)
+        if not 1 <= world_size <= MAX_WORLD_SIZE:
+            raise ValueError(f"world size {world_size} outside [1, {MAX_WORLD_SIZE}]")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if policy not in POLICIES:

@@ -58,6 +58,12 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+MAX_WORLD_SIZE = 1 << 20
+"""Most ranks a job may have: the coordinator keeps per-rank lists of a job's world size
+(snapstore.control.jobs), and a persisted step lists its ranks (snapstore.persist): a
+mistyped or forged world size is refused by name, not allocated."""
+
+
 def format_size(n: float) -> str:
     """``1536 -> '1.5 KiB'``: for messages and tables."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -828,3 +828,27 @@ def test_an_attempts_ranks_by_group_and_owner_say_what_one_index_by_rank_says(
     for rank, (staging, group) in model.items():
         by_group.setdefault(group, {})[rank] = staging
     assert {g: d for g, d in att.by_group.items() if d} == by_group
+
+
+def test_a_world_size_past_the_largest_is_refused_by_name_and_nothing_is_sized_by_it() -> None:
+    """A mistyped or forged world size: the client refuses it before anything starts, the
+    coordinator refuses its stagings by name (the one-check path too), and the per-rank
+    lists of an attempt and of a job's sessions are never sized by it."""
+    from snapstore.clients import Client
+    from snapstore.config import MAX_WORLD_SIZE
+    from snapstore.control.commit import Commits
+
+    huge = MAX_WORLD_SIZE * 1000
+    with pytest.raises(ValueError, match=f"world size {huge} outside"):
+        Client("j", 0, huge)
+    job = Job("j", huge, JobLife("j"))
+    commits = Commits(None)  # type: ignore[arg-type]
+    assert not commits._unrefusable(job, {0: "s/1"}, 1, huge, known=True)
+    assert commits._refusal(job, 0, "s/1", 1, huge) == (
+        f"world size {huge} outside [1, {MAX_WORLD_SIZE}]"
+    )
+    att = Attempt(StepLife("j", 1, 0), world_size=huge, epoch=0, started_at=0.0, wall_started=0.0)
+    assert len(att.ranks.owner) == MAX_WORLD_SIZE
+    job.sessions[huge - 1] = ("s", -1)
+    assert len(job.sessions.prefixes) < MAX_WORLD_SIZE
+    assert not _sessions_known(job, {huge - 1: "s/1"})

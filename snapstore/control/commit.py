@@ -27,6 +27,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from snapstore.config import MAX_WORLD_SIZE
 from snapstore.control.jobs import Attempt, Job, JobRecord, PreparedSlice, session_of
 from snapstore.control.links import AbandonReply
 from snapstore.control.messages import (
@@ -311,6 +312,7 @@ class Commits:
         some session is new."""
         return (
             world == job.world_size
+            and world <= MAX_WORLD_SIZE
             and (job.record is None or step > job.record.step)
             and not job.retired
             and not job.failed.get(step)
@@ -328,6 +330,8 @@ class Commits:
     def _refusal(self, job: Job, rank: int, staging: str, step: int, world: int) -> str:
         """Why a staging (``<session>/<save number>``) of ``step`` by ``rank`` is refused."""
         session = session_of(staging)
+        if not 0 < world <= MAX_WORLD_SIZE:
+            return f"world size {world} outside [1, {MAX_WORLD_SIZE}]"
         if not 0 <= rank < world:
             return f"rank {rank} outside world size {world}"
         if world != job.world_size:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from snapstore.config import MAX_WORLD_SIZE
 from snapstore.control.states import JobLife, Redundancy, StepLife
 from snapstore.format.record import ParityEntry, RankEntry, SliceHead, StepRecord
 
@@ -184,7 +185,7 @@ class StagedRanks(Mapping[int, tuple[str, Group]]):
 
     def __init__(self, world_size: int) -> None:
         self.by_group: dict[Group, dict[int, str]] = {}
-        self.owner: list[Group | None] = [None] * max(world_size, 0)
+        self.owner: list[Group | None] = [None] * min(max(world_size, 0), MAX_WORLD_SIZE)
         self.count = 0
 
     def _group(self, rank: object) -> Group | None:
@@ -317,7 +318,7 @@ class SessionTable(dict[int, tuple[str, int]]):
         self.prefixes: list[str | None] = []
 
     def _prefix(self, rank: int, prefix: str | None) -> None:
-        if rank < 0:
+        if not 0 <= rank < MAX_WORLD_SIZE:
             return  # no staging of such a rank is ever known (_sessions_known)
         prefixes = self.prefixes
         if rank >= len(prefixes):

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from snapstore.config import JOB_NAME_RE
+from snapstore.config import JOB_NAME_RE, MAX_WORLD_SIZE
 from snapstore.errors import FormatError
 
 __all__ = [
@@ -34,8 +34,6 @@ __all__ = [
 ]
 
 PERSIST_VERSION = 1
-MAX_WORLD_SIZE = 1 << 20
-"""Most ranks a persisted step may list (a forged world size must not allocate)."""
 MAX_K = 256
 """Most pieces (checksums) per rank a manifest may list."""
 MAX_MANIFEST_BYTES = 128 << 20
