@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -185,14 +185,7 @@ class ControlPlane:
             (leader, msg if isinstance(msg, PrepareOrder) else stamp(msg)) for leader, msg in posts
         ]
         relay_of = {} if straight else self.membership.relay_of_leader
-        regions: dict[str, list[tuple[str, PrepareOrder | Decision]]] = {}
-        direct: list[tuple[str, PrepareOrder | Decision]] = []
-        for post in stamped:
-            relay = relay_of.get(post[0])
-            if relay is None:
-                direct.append(post)
-            else:
-                regions.setdefault(relay, []).append(post)
+        direct, regions = _by_relay(stamped, [leader for leader, _ in stamped], relay_of)
         batches = [(relay, _leader_batch(region)) for relay, region in regions.items()]
         self._post(direct, batches, len(stamped) - len(direct))
 
@@ -201,20 +194,14 @@ class ControlPlane:
         sends it: stamped once, and each region's leaders named in one entry of its batch
         without a post per leader (a commit at 4,096 nodes tells a thousand groups)."""
         stamped = self.stamper()(decision)
-        relay_of = self.membership.relay_of_leader
-        regions: dict[str, list[str]] = {}
-        direct: list[tuple[str, PrepareOrder | Decision]] = []
-        for leader in leaders:
-            relay = relay_of.get(leader)
-            if relay is None:
-                direct.append((leader, stamped))
-            else:
-                regions.setdefault(relay, []).append(leader)
+        leaders = list(leaders)
+        alone, regions = _by_relay(leaders, leaders, self.membership.relay_of_leader)
         batches = [
             (relay, LeaderBatch(decisions=(stamped,), leaders=(tuple(region),)))
             for relay, region in regions.items()
         ]
-        self._post(direct, batches, sum(len(region) for region in regions.values()))
+        direct: list[tuple[str, PrepareOrder | Decision]] = [(x, stamped) for x in alone]
+        self._post(direct, batches, len(leaders) - len(alone))
 
     def _post(
         self,
@@ -668,6 +655,22 @@ def record_summary(rec: JobRecord, readable: set[str]) -> dict[str, Any]:
         "ranks": ranks,
         "stripes": stripe_health(merged, readable),
     }
+
+
+def _by_relay(
+    items: Sequence[T], leaders: Sequence[str], relay_of: Mapping[str, str]
+) -> tuple[list[T], dict[str, list[T]]]:
+    """``items`` (for ``leaders[i]`` each) of leaders without a relay, and the others by
+    the relay of their leader's region."""
+    direct: list[T] = []
+    regions: dict[str, list[T]] = {}
+    for item, leader in zip(items, leaders, strict=True):
+        relay = relay_of.get(leader)
+        if relay is None:
+            direct.append(item)
+        else:
+            regions.setdefault(relay, []).append(item)
+    return direct, regions
 
 
 def _leader_batch(posts: list[tuple[str, PrepareOrder | Decision]]) -> LeaderBatch:
