@@ -83,6 +83,9 @@ __all__ = ["Client", "SaveFuture"]
 logger = logging.getLogger(__name__)
 
 POLICIES = ("wait", "skip")
+FIRST_WAIT = 10.0
+"""Seconds a save's one call to its SMP waits for the step's outcome after staging, and
+each further wait of its follower thread: a long poll, ended at once by the decision."""
 LEASE_RETRY = 0.2
 """Seconds between lease requests while this node's SMP restarts."""
 
@@ -250,7 +253,9 @@ class Client:
             fut.stats["stage_seconds"] = time.perf_counter() - t0
             self._count(bytes_copied=plan.copy_bytes)
             report, self._unreported = self._unreported, dict.fromkeys(self._unreported, 0)
-            ref = self.smp.staged.remote(
+            # One call: the SMP checksums the staging, then answers with the step's outcome
+            # (or PENDING after a first wait), so a save costs one round trip to the node.
+            ref = self.smp.stage_and_wait.remote(
                 self.job,
                 self.rank,
                 step,
@@ -260,6 +265,8 @@ class Client:
                 plan.changed,
                 plan.base_step,
                 report,
+                min(timeout, FIRST_WAIT),
+                size,
             )
             fut._staged.set()
             self._follower.submit(self._follow, fut, ref, timeout)
@@ -290,12 +297,16 @@ class Client:
     def _follow(self, fut: SaveFuture, staged_ref: Any, timeout: float) -> None:
         """Follower thread: wait for the step's outcome from this node's SMP.
 
-        The outcome comes with the lease of the next slot (taken once the step
-        is decided), so the next save starts without a round trip.
+        ``staged_ref`` is the save's :meth:`SMP.stage_and_wait` call: its answer is the
+        outcome, or PENDING, and then the thread waits again. The outcome comes with the
+        lease of the next slot (taken once the step is decided), so the next save starts
+        without a round trip.
         """
         deadline = time.monotonic() + timeout
         try:
-            call(staged_ref, timeout, "SMP.staged")
+            first = decode(
+                call(staged_ref, timeout + FIRST_WAIT + 10.0, "SMP.stage_and_wait"), Outcome
+            )
         except SnapstoreError as e:
             # The step cannot commit without this rank: say so, so that the
             # other ranks' waits end now instead of at their timeout.
@@ -309,19 +320,17 @@ class Client:
             fut._fail(_save_failed(self.job, fut.step, e))
             fut._ready_next.set()
             return
-        outcome: Outcome | None = None
+        outcome: Outcome = first
         try:
-            while True:
+            while outcome.status is OutcomeStatus.PENDING:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise StoreTimeoutError(f"step {fut.step} not decided within {timeout} s")
-                wait = min(left, 10.0)
+                wait = min(left, FIRST_WAIT)
                 ref = self.smp.wait_outcome.remote(
                     self.job, self.rank, fut.step, fut.staging, wait, self._last_size
                 )
                 outcome = decode(call(ref, wait + 10.0, "SMP.wait_outcome"), Outcome)
-                if outcome.status is not OutcomeStatus.PENDING:
-                    break
         except BaseException as e:
             fut._fail(e if isinstance(e, SnapstoreError) else SnapstoreError(repr(e)))
             fut._ready_next.set()

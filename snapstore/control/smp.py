@@ -10,9 +10,10 @@ thread pool, so a trainer waiting for its commit costs no thread.
 Methods take and return wire bytes (:mod:`snapstore.format.wire`) or plain
 scalars; nothing is pickled but those. Call protocol:
 
-- trainers: :meth:`lease`, :meth:`staged`, :meth:`wait_outcome` (the step's
-  outcome and the next slot's lease, from this node: no coordinator round
-  trip), :meth:`open_committed`, :meth:`fetch`;
+- trainers: :meth:`lease`, :meth:`stage_and_wait` (the staging checksummed,
+  then the step's outcome and the next slot's lease, from this node, in one
+  call: no coordinator round trip), :meth:`wait_outcome` (waiting again),
+  :meth:`staged`, :meth:`open_committed`, :meth:`fetch`;
 - the group leader and the coordinator: the node link (:meth:`configure`,
   :meth:`build_parity`, :meth:`keep_prepared`, :meth:`decide`,
   :meth:`rebuild`, :meth:`verify`, holds, :meth:`persist`,
@@ -160,6 +161,35 @@ class SMP:
             job, rank, step, size, world_size, session, changed, base_step, client
         )
         return encode(staged)
+
+    async def stage_and_wait(
+        self,
+        job: str,
+        rank: int,
+        step: int,
+        size: int,
+        world_size: int,
+        session: str,
+        changed: list[list[int]] | None,
+        base_step: int | None,
+        client: dict[str, float] | None,
+        timeout: float,
+        next_size: int = 0,
+    ) -> bytes:
+        outcome = await self.member.stage_and_wait(
+            job,
+            rank,
+            step,
+            size,
+            world_size,
+            session,
+            changed,
+            base_step,
+            client,
+            timeout,
+            next_size,
+        )
+        return encode(outcome)
 
     async def wait_outcome(
         self, job: str, rank: int, step: int, session: str, timeout: float, next_size: int = 0

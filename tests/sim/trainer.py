@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from snapstore.bench.vloop import Proc
 from snapstore.coding import checksum
-from snapstore.control.messages import ErrorKind, ErrorReply, OutcomeStatus, RestorePlan
+from snapstore.control.messages import ErrorKind, ErrorReply, Outcome, OutcomeStatus, RestorePlan
 from snapstore.errors import SnapstoreError
 from snapstore.format.record import piece_bounds
 from snapstore.persist import read_rank
@@ -269,10 +269,21 @@ class SimTrainer:
             with open(lease.path, "r+b") as f:
                 f.write(data)
             sums = _sums(data, k)
-            await self._call_smp(
-                "staged",
-                lambda m, s: m.staged(
-                    job, self.rank, step, size, self.job.size, staging, changed, base_step
+            # As the client does: one call stages and waits a first time.
+            outcome: Outcome = await self._call_smp(
+                "stage_and_wait",
+                lambda m, s: m.stage_and_wait(
+                    job,
+                    self.rank,
+                    step,
+                    size,
+                    self.job.size,
+                    staging,
+                    changed,
+                    base_step,
+                    None,
+                    WAIT,
+                    size,
                 ),
             )
         except (SnapstoreError, OSError) as e:
@@ -289,16 +300,16 @@ class SimTrainer:
             return
         self.data = data
         while True:
-            try:
-                outcome = await self._call_smp(
-                    "wait_outcome",
-                    lambda m, s: m.wait_outcome(job, self.rank, step, staging, WAIT, size),
-                )
-            except SnapstoreError as e:
-                # Its SMP died while it waited: the save fails, as a client's future would.
-                self.world.log(f"{self.name} step {step}: wait failed: {e}")
-                break
             if outcome.status is OutcomeStatus.PENDING:
+                try:
+                    outcome = await self._call_smp(
+                        "wait_outcome",
+                        lambda m, s: m.wait_outcome(job, self.rank, step, staging, WAIT, size),
+                    )
+                except SnapstoreError as e:
+                    # Its SMP died while it waited: the save fails, as a client's future would.
+                    self.world.log(f"{self.name} step {step}: wait failed: {e}")
+                    break
                 continue
             committed = outcome.status is OutcomeStatus.COMMITTED
             self.world.checker.outcome(job, self.rank, step, sums, committed, outcome.reason)
