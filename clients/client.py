@@ -309,7 +309,9 @@ class Client:
             )
         except SnapstoreError as e:
             # The step cannot commit without this rank: say so, so that the
-            # other ranks' waits end now instead of at their timeout.
+            # other ranks' waits end now instead of at their timeout. An SMP that
+            # died during the call may have staged the rank already: the step is
+            # abandoned all the same (unless it committed first), and this save fails.
             with contextlib.suppress(SnapstoreError):
                 coord = self.store.coordinator()
                 call(

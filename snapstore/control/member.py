@@ -253,8 +253,9 @@ class Member:
         next_size: int = 0,
     ) -> Outcome:
         """:meth:`staged`, then :meth:`wait_outcome` in the same call: a trainer's save is one
-        call to its node, not two (bench.overhead: every call to an SMP costs it and the
-        trainer about a millisecond of Ray's CPU each). A staging that fails raises, as
+        call to its node, not two (a Ray call costs the callee about a millisecond of CPU
+        on a 2-core machine, bench.scale's "bare Ray call"; most of an SMP's CPU per save
+        is Ray's, docs/performance-store.md). A staging that fails raises, as
         :meth:`staged` does; the wait never does: what keeps it from an outcome comes back
         PENDING, and the trainer waits again with :meth:`wait_outcome`."""
         await self.staged(job, rank, step, size, world_size, session, changed, base_step, client)
