@@ -304,7 +304,7 @@ class Client:
         """
         deadline = time.monotonic() + timeout
         try:
-            first = decode(
+            outcome = decode(
                 call(staged_ref, timeout + FIRST_WAIT + 10.0, "SMP.stage_and_wait"), Outcome
             )
         except SnapstoreError as e:
@@ -322,7 +322,6 @@ class Client:
             fut._fail(_save_failed(self.job, fut.step, e))
             fut._ready_next.set()
             return
-        outcome: Outcome = first
         try:
             while outcome.status is OutcomeStatus.PENDING:
                 left = deadline - time.monotonic()

@@ -13,7 +13,7 @@ scalars; nothing is pickled but those. Call protocol:
 - trainers: :meth:`lease`, :meth:`stage_and_wait` (the staging checksummed,
   then the step's outcome and the next slot's lease, from this node, in one
   call: no coordinator round trip), :meth:`wait_outcome` (waiting again),
-  :meth:`staged`, :meth:`open_committed`, :meth:`fetch`;
+  :meth:`open_committed`, :meth:`fetch`;
 - the group leader and the coordinator: the node link (:meth:`configure`,
   :meth:`build_parity`, :meth:`keep_prepared`, :meth:`decide`,
   :meth:`rebuild`, :meth:`verify`, holds, :meth:`persist`,
@@ -144,23 +144,6 @@ class SMP:
 
     async def lease(self, job: str, rank: int, nbytes: int) -> bytes:
         return encode(await self.member.lease(job, rank, nbytes))
-
-    async def staged(
-        self,
-        job: str,
-        rank: int,
-        step: int,
-        size: int,
-        world_size: int,
-        session: str,
-        changed: list[list[int]] | None = None,
-        base_step: int | None = None,
-        client: dict[str, float] | None = None,
-    ) -> bytes:
-        staged = await self.member.staged(
-            job, rank, step, size, world_size, session, changed, base_step, client
-        )
-        return encode(staged)
 
     async def stage_and_wait(
         self,
