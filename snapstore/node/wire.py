@@ -141,8 +141,14 @@ def new_salt() -> bytes:
     return secrets.token_bytes(SALT)
 
 
-def keys(token: str, server_salt: bytes, client_salt: bytes) -> tuple[bytes, bytes]:
-    """(K_req, K_rep): one connection's request and reply keys, from the store token."""
+def keys(
+    token: str,
+    server_salt: bytes,
+    client_salt: bytes,
+    labels: tuple[bytes, bytes] = (_INFO_REQ, _INFO_REP),
+) -> tuple[bytes, bytes]:
+    """(K_req, K_rep): one connection's request and reply keys, from the store token;
+    ``labels``: the HKDF info of each (the control channel has its own)."""
     if len(server_salt) != SALT or len(client_salt) != SALT:
         raise ValueError(f"salts must be {SALT} bytes")
     secret, salt = token.encode(), server_salt + client_salt
@@ -150,7 +156,7 @@ def keys(token: str, server_salt: bytes, client_salt: bytes) -> tuple[bytes, byt
     def derive(info: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=KEY, salt=salt, info=info).derive(secret)
 
-    return derive(_INFO_REQ), derive(_INFO_REP)
+    return derive(labels[0]), derive(labels[1])
 
 
 class Sealer:
