@@ -88,6 +88,23 @@ def events(store: Any, kind: str | None = None, n: int = 500) -> list[dict[str, 
     return [e for e in evs if kind is None or e["kind"] == kind]
 
 
+def smp_infos(store: Any) -> list[Any]:
+    """Each alive node's SMP as it describes itself (NodeInfo: its peer, counters, held)."""
+    import ray
+
+    from snapstore.control.messages import NodeInfo
+    from snapstore.format.wire import decode
+    from snapstore.node.store import smp_name
+
+    store.connect_ray()
+    out = []
+    for n in store.nodes():
+        if n["alive"]:
+            h = ray.get_actor(smp_name(n["node_id"]), namespace=store.namespace)
+            out.append(decode(ray.get(h.info.remote(), timeout=30), NodeInfo))
+    return out
+
+
 @pytest.fixture(scope="session")
 def reference_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One directory of cached fault-free training runs for the session (bench.reference):

@@ -25,7 +25,7 @@ import torch
 
 from snapstore import persist
 from snapstore.bench.workers import make_state, states_equal
-from tests.conftest import events, job_status, running_store, wait_for
+from tests.conftest import events, job_status, running_store, smp_infos, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -99,22 +99,7 @@ def _file_state(root: str, job: str, step: int, rank: int) -> Any:
 
 
 def _held(store: Any) -> int:
-    return sum(info.held for info in _smp_infos(store))
-
-
-def _smp_infos(store: Any) -> list[Any]:
-    import ray
-
-    from snapstore.control.messages import NodeInfo
-    from snapstore.format.wire import decode
-    from snapstore.node.store import smp_name
-
-    out = []
-    for n in store.nodes():
-        if n["alive"]:
-            h = ray.get_actor(smp_name(n["node_id"]), namespace=store.namespace)
-            out.append(decode(ray.get(h.info.remote(), timeout=30), NodeInfo))
-    return out
+    return sum(info.held for info in smp_infos(store))
 
 
 # -- the first store ---------------------------------------------------------------------

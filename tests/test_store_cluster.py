@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import events, job_status, running_store, wait_for
+from tests.conftest import events, job_status, running_store, smp_infos, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -89,6 +89,11 @@ def test_round_trip_bitwise(store: Any, cluster: dict[str, Any]) -> None:
     counters = store.status(events=0)["metrics"]["counters"]
     assert counters.get("relayed_messages_total", 0) >= 2 * last, counters
     assert counters.get("relayed_down_messages_total", 0) >= 1 + last, counters
+    # The leader's orders and decisions to its members, and their notices to it, went over
+    # the SMPs' control channels (snapstore.node.channel), not Ray: every member of the
+    # group took some, the leader at least a notice from each other member per step.
+    calls = sorted(info.counters["channel_calls"] for info in smp_infos(store))
+    assert len(calls) == WORLD and calls[0] >= last and calls[-1] >= (WORLD - 1) * last, calls
 
 
 def test_trainer_killed_restores_from_its_node(store: Any, cluster: dict[str, Any]) -> None:

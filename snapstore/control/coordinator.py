@@ -32,6 +32,7 @@ from snapstore.control.plane import ControlPlane
 from snapstore.control.rayfabric import RayFabric
 from snapstore.control.runtime import LoopClock
 from snapstore.format.wire import decode, encode
+from snapstore.format.work import PeerInfo
 from snapstore.node.store import COORDINATOR_NAME, smp_name
 from snapstore.persist.backend import FilesTier
 
@@ -58,10 +59,16 @@ class Coordinator:
         self.plane = ControlPlane(
             store_id, self.cfg, self.fabric, LoopClock(), self._offload, tier, self.config_dict
         )
+        self.fabric.use_channels(token, self._peer)
         self._deploying: set[str] = set()
         self._started: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
             self._start()
         )
+
+    def _peer(self, node: str) -> PeerInfo | None:
+        """Where ``node``'s SMP is, as it last registered or beat (its control channel)."""
+        info = self.plane.membership.infos.get(node)
+        return None if info is None else info.peer
 
     async def _offload(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()

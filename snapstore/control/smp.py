@@ -51,11 +51,12 @@ from snapstore.control.messages import (
     OutcomeStatus,
     PrepareOrder,
 )
-from snapstore.control.rayfabric import RayFabric
+from snapstore.control.rayfabric import CHANNEL_METHODS, RayFabric
 from snapstore.control.runtime import LoopClock
 from snapstore.errors import SnapstoreError
 from snapstore.format.wire import decode, encode
 from snapstore.format.work import PeerInfo, PersistOrder, WorkOrder
+from snapstore.node.channel import ChannelServer
 from snapstore.node.store import ShmNodeStore, auto_budget, node_dir
 
 __all__ = ["SMP"]
@@ -86,21 +87,34 @@ class SMP:
         self.started_at = time.time()
         budget = self.cfg.memory_per_node or auto_budget(nodes_on_host)
         address = ray.util.get_node_ip_address()
+        # The control channel (snapstore.node.channel): the control plane's calls to this
+        # SMP, past Ray's per-call cost. Bound now so the store's PeerInfo names its port.
+        self.channel = ChannelServer(address, token, node_id, self._serve_call)
         self.store = ShmNodeStore(
-            node_id, node_dir(shm_dir, store_id, node_id), self.cfg, token, address, budget
+            node_id,
+            node_dir(shm_dir, store_id, node_id),
+            self.cfg,
+            token,
+            address,
+            budget,
+            control_port=self.channel.port,
         )
         self._pool = concurrent.futures.ThreadPoolExecutor(WORK_THREADS, "smp-work")
         self._stopped = asyncio.Event()
+        fabric = RayFabric(self.cfg.namespace)
+        fabric.use_channels(token, self._peer)
         self.member = Member(
             self.store,
-            RayFabric(self.cfg.namespace),
+            fabric,
             LoopClock(),
             self.cfg,
             self.incarnation,
             self._offload,
             self._describe,
         )
-        self.member.start()  # Ray runs an asyncio actor's __init__ on its event loop
+        # Ray runs an asyncio actor's __init__ on its event loop.
+        self._channel_started = asyncio.get_running_loop().create_task(self.channel.start())
+        self.member.start()
         logger.info(
             "SMP up, %d segments re-adopted",
             self.store.adopted,
@@ -110,6 +124,18 @@ class SMP:
     async def _offload(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def _peer(self, node: str) -> PeerInfo | None:
+        """Where ``node``'s SMP is, as this node's configuration says (its group's)."""
+        config = self.member.config
+        return None if config is None else config.peers.get(node)
+
+    async def _serve_call(self, method: str, args: list[Any]) -> Any:
+        """A call that came over the control channel: one of CHANNEL_METHODS, as Ray
+        would have made it."""
+        if method not in CHANNEL_METHODS:
+            raise SnapstoreError(f"{method!r:.40} is not served over the control channel")
+        return await getattr(self, method)(*args)
 
     def _describe(self) -> NodeInfo:
         sizes = self.store.sizes()
@@ -125,7 +151,7 @@ class SMP:
             parity_bytes=sizes["parity"],
             spare_bytes=sizes["spare"] + sizes["work"] + sizes["delta"],
             held=sizes["held"],
-            counters=self.store.counters(),
+            counters={**self.store.counters(), "channel_calls": self.channel.calls},
         )
 
     # -- identity -------------------------------------------------------------------------
@@ -282,6 +308,7 @@ class SMP:
     async def destroy(self) -> None:
         """Delete every segment of this node and stop (``snapstore down``)."""
         self.member.stop()
+        self.channel.close()
         self._stopped.set()
         await self._offload(self.store.destroy)
 

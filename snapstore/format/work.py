@@ -47,13 +47,15 @@ __all__ = [
 @message
 @dataclass(frozen=True)
 class PeerInfo:
-    """How to reach one SMP's bytes: its node, host, segment directory and data server."""
+    """How to reach one SMP: its node, host, segment directory, data server and control
+    channel (``control_port``, 0: none; snapstore.node.channel)."""
 
     node_id: str
     host: str
     directory: str
     address: str
     port: int
+    control_port: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,7 @@ class PeerInfo:
             "directory": self.directory,
             "address": self.address,
             "port": self.port,
+            "control_port": self.control_port,
         }
 
     @classmethod
@@ -72,6 +75,7 @@ class PeerInfo:
             str(d["directory"]),
             str(d["address"]),
             int(d["port"]),
+            int(d.get("control_port", 0)),
         )
 
 

@@ -106,6 +106,7 @@ class ShmNodeStore:
         address: str,
         budget: int,
         serve: bool = True,
+        control_port: int = 0,
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
@@ -127,7 +128,7 @@ class ShmNodeStore:
         # serve=False (the simulation, tests on one host): peers read shared memory only.
         self.server = DataServer(address, token, self._resolve) if serve else None
         port = self.server.port if self.server is not None else 0
-        self.peer = PeerInfo(node_id, host_key(), self.slots.dir, address, port)
+        self.peer = PeerInfo(node_id, host_key(), self.slots.dir, address, port, control_port)
 
     # -- what it holds ------------------------------------------------------------------
 

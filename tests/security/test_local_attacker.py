@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import running_store, wait_for
+from tests.conftest import job_status, running_store, smp_infos, wait_for
 from tests.security.attacker import as_nobody, require_attacker
 
 pytestmark = pytest.mark.cluster
@@ -179,6 +179,31 @@ def test_attacker_cannot_read_the_data_servers(store: Any) -> None:
         """
     )
     assert out.strip().splitlines() == ["REFUSED True"] * len(peers), out
+
+
+def test_attacker_cannot_drive_the_smps_control_channels(store: Any) -> None:
+    # The control channels (snapstore.node.channel) take the coordinator's and leaders'
+    # orders, drop_job among them. Without the store's token a connection is refused
+    # before any call reaches an SMP, and the job is still there after the attempts.
+
+    peers = [(info.node, info.peer.address, info.peer.control_port) for info in smp_infos(store)]
+    assert len(peers) == 2 and all(port for _, _, port in peers), peers
+    out = as_nobody(
+        f"""
+        import asyncio
+        from snapstore.node.channel import Channels, ChannelUnreachable
+        async def main():
+            for node, address, port in {peers!r}:
+                try:
+                    await Channels("guessed-token").call(node, address, port, "drop_job", {JOB!r})
+                    print("CALLED")
+                except ChannelUnreachable as e:
+                    print("REFUSED", "another store's token" in str(e))
+        asyncio.run(main())
+        """
+    )
+    assert out.strip().splitlines() == ["REFUSED True"] * len(peers), out
+    assert job_status(store, JOB)["latest_step"] == 1
 
 
 def test_attacker_cannot_read_persisted_steps(store: Any) -> None:
