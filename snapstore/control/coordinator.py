@@ -8,8 +8,10 @@ that should have one.
 
 Call protocol:
 
-- nodes: :meth:`register`, :meth:`report`, :meth:`group_beat`,
-  :meth:`abandon`, :meth:`step_status` (wire bytes);
+- nodes: :meth:`register`, :meth:`report`, :meth:`group_beat`, :meth:`batch`,
+  :meth:`abandon`, :meth:`step_status` (wire bytes), over Ray or the
+  coordinator's control channel (:mod:`snapstore.node.channel`, its address
+  in every node's configuration);
 - trainers: :meth:`restore_plan`, :meth:`repair`, :meth:`note_restore`,
   :meth:`latest`, :meth:`persist`, :meth:`persisted_plan`,
   :meth:`persisted_bad`, :meth:`persisted`;
@@ -29,10 +31,12 @@ from typing import Any
 from snapstore.config import StoreConfig
 from snapstore.control.messages import ErrorReply, GroupBeat, GroupReport, NodeInfo, ReportBatch
 from snapstore.control.plane import ControlPlane
-from snapstore.control.rayfabric import RayFabric
+from snapstore.control.rayfabric import COORDINATOR_CHANNEL_METHODS, RayFabric
 from snapstore.control.runtime import LoopClock
+from snapstore.errors import SnapstoreError
 from snapstore.format.wire import decode, encode
 from snapstore.format.work import PeerInfo
+from snapstore.node.channel import ChannelServer
 from snapstore.node.store import COORDINATOR_NAME, smp_name
 from snapstore.persist.backend import FilesTier
 
@@ -60,10 +64,27 @@ class Coordinator:
             store_id, self.cfg, self.fabric, LoopClock(), self._offload, tier, self.config_dict
         )
         self.fabric.use_channels(token, self._peer)
-        self._deploying: set[str] = set()
-        self._started: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
-            self._start()
+        # The control channel (snapstore.node.channel): nodes' reports, beats and questions,
+        # past Ray's per-call cost; its hello names this coordinator process, so a node
+        # never reports to another coordinator that took the port after a restart.
+        import ray
+
+        self.channel = ChannelServer(
+            ray.util.get_node_ip_address(), token, self.plane.identity, self._serve_call
         )
+        self.plane.membership.channel = (self.channel.address, self.channel.port)
+        self._deploying: set[str] = set()
+        loop = asyncio.get_running_loop()
+        self._channel_started = loop.create_task(self.channel.start())
+        self._started: asyncio.Task[None] | None = loop.create_task(self._start())
+
+    async def _serve_call(self, method: str, args: list[Any]) -> Any:
+        """A call that came over the control channel: one of COORDINATOR_CHANNEL_METHODS, as
+        Ray would have made it."""
+        if method not in COORDINATOR_CHANNEL_METHODS:
+            raise SnapstoreError(f"{method!r:.40} is not served over the control channel")
+        self.plane.events.metrics.counters["channel_calls_total"] += 1
+        return await getattr(self, method)(*args)
 
     def _peer(self, node: str) -> PeerInfo | None:
         """Where ``node``'s SMP is, as it last registered or beat (its control channel)."""
@@ -199,6 +220,7 @@ class Coordinator:
     async def shutdown(self) -> None:
         """Stop background work (``snapstore down`` kills the actor next)."""
         self.plane.stop()
+        self.channel.close()
 
     # -- deploying SMPs ------------------------------------------------------------------------
 

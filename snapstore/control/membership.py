@@ -79,6 +79,8 @@ class Membership:
         self.relay_of_leader: dict[str, str] = {}
         """Each group leader's relay: the coordinator's posts to a region go through it."""
         self.epoch = 0
+        self.channel: tuple[str, int] = ("", 0)
+        """Where the coordinator's control channel is, told to nodes in their configs."""
         self._group_of: dict[str, tuple[str, ...]] = {}
         self._resent: dict[str, int] = {}  # node -> epoch whose configure was sent again
         self._dead: dict[str, None] = {}
@@ -134,6 +136,8 @@ class Membership:
             relay=self.relays.get(group, ""),
             coordinator=self.identity,
             groups=len(self.groups) + bool(self.unprotected),
+            coordinator_address=self.channel[0],
+            coordinator_port=self.channel[1],
         )
 
     # -- what nodes say ----------------------------------------------------------------

@@ -115,6 +115,11 @@ class NodeConfig(msgspec.Struct, frozen=True):
     groups: int = 0
     """How many groups the membership has: a leader spaces its members' usage figures by
     it (snapstore.control.leader.USAGE_BEATS_PER_INTERVAL)."""
+    coordinator_address: str = ""
+    coordinator_port: int = 0
+    """Where the coordinator's control channel is (snapstore.node.channel; 0: it has none):
+    its leaders' reports and beats, a relay's batches, abandons and step questions go
+    there, past Ray's per-call cost."""
 
 
 @message

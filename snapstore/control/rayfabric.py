@@ -61,7 +61,7 @@ from snapstore.node.channel import Channels, ChannelUnreachable
 from snapstore.node.store import COORDINATOR_NAME, smp_name
 from snapstore.rpc import describe
 
-__all__ = ["CHANNEL_METHODS", "RayFabric", "await_ref"]
+__all__ = ["CHANNEL_METHODS", "COORDINATOR_CHANNEL_METHODS", "RayFabric", "await_ref"]
 
 T = TypeVar("T")
 
@@ -94,7 +94,17 @@ serves there): its node link, its leader's and its relay's. Not ``watch``, which
 fail through Ray the moment the SMP dies, nor trainers' calls or tools."""
 
 
+COORDINATOR_CHANNEL_METHODS = frozenset(
+    {"register", "report", "group_beat", "batch", "abandon", "step_status"}
+)
+"""The coordinator methods nodes call over its control channel (and it serves there)."""
+
+
 def _nowhere(node: str) -> PeerInfo | None:
+    return None
+
+
+def _no_coordinator() -> tuple[str, str, int] | None:
     return None
 
 
@@ -238,10 +248,21 @@ class _RayRelay:
 
 
 class _RayCoordinator:
-    def __init__(self, handles: _Handles) -> None:
-        self._handles = handles
+    def __init__(self, fabric: RayFabric) -> None:
+        self._fabric = fabric
+        self._handles = fabric._handles
 
     async def _call(self, method: str, *args: Any) -> Any:
+        """``method(*args)`` on the coordinator: over its control channel where this process
+        knows where it is (and can connect), else as a Ray call."""
+        channels = self._fabric.channels
+        if channels is not None and method in COORDINATOR_CHANNEL_METHODS:
+            where = self._fabric.locate_coordinator()
+            if where is not None:
+                try:
+                    return await channels.call(*where, method, *args)
+                except ChannelUnreachable:
+                    pass
         handle = await self._handles.get(COORDINATOR_NAME)
         try:
             return await await_ref(getattr(handle, method).remote(*args), f"coordinator.{method}")
@@ -284,13 +305,22 @@ class RayFabric:
         self._poster = Poster()
         self.channels: Channels | None = None
         self.locate: Callable[[str], PeerInfo | None] = _nowhere
+        self.locate_coordinator: Callable[[], tuple[str, str, int] | None] = _no_coordinator
 
-    def use_channels(self, token: str, locate: Callable[[str], PeerInfo | None]) -> None:
-        """Call SMPs over their control channels (snapstore.node.channel), authenticated
-        with the store's ``token``; ``locate(node)``: where the node's SMP is now, as this
-        process last heard (its registration, a configuration's peers), or None."""
+    def use_channels(
+        self,
+        token: str,
+        locate: Callable[[str], PeerInfo | None],
+        locate_coordinator: Callable[[], tuple[str, str, int] | None] = _no_coordinator,
+    ) -> None:
+        """Call SMPs (and the coordinator) over their control channels
+        (snapstore.node.channel), authenticated with the store's ``token``; ``locate(node)``:
+        where the node's SMP is now, as this process last heard (its registration, a
+        configuration's peers), or None; ``locate_coordinator()``: the coordinator's
+        (identity, address, port), or None."""
         self.channels = Channels(token)
         self.locate = locate
+        self.locate_coordinator = locate_coordinator
 
     def node(self, node: str) -> _RayNode:
         link = self._nodes.get(node)
@@ -302,7 +332,7 @@ class RayFabric:
         return _RayLeader(self.node(node))
 
     def coordinator(self) -> _RayCoordinator:
-        return _RayCoordinator(self._handles)
+        return _RayCoordinator(self)
 
     def relay(self, node: str) -> _RayRelay:
         return _RayRelay(self.node(node))

@@ -102,7 +102,7 @@ class SMP:
         self._pool = concurrent.futures.ThreadPoolExecutor(WORK_THREADS, "smp-work")
         self._stopped = asyncio.Event()
         fabric = RayFabric(self.cfg.namespace)
-        fabric.use_channels(token, self._peer)
+        fabric.use_channels(token, self._peer, self._coordinator)
         self.member = Member(
             self.store,
             fabric,
@@ -129,6 +129,14 @@ class SMP:
         """Where ``node``'s SMP is, as this node's configuration says (its group's)."""
         config = self.member.config
         return None if config is None else config.peers.get(node)
+
+    def _coordinator(self) -> tuple[str, str, int] | None:
+        """The coordinator's control channel, as this node's configuration says: (its
+        identity, address, port)."""
+        config = self.member.config
+        if config is None or not config.coordinator_port:
+            return None
+        return config.coordinator, config.coordinator_address, config.coordinator_port
 
     async def _serve_call(self, method: str, args: list[Any]) -> Any:
         """A call that came over the control channel: one of CHANNEL_METHODS, as Ray
