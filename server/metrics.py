@@ -144,6 +144,11 @@ def _counters(metrics: Mapping[str, Any]) -> Iterator[Metric]:
         "relayed_down_messages_total",
     )
     yield counter(
+        "snapstore_channel_calls",
+        "Nodes' calls the coordinator took over its control channel rather than through Ray.",
+        "channel_calls_total",
+    )
+    yield counter(
         "snapstore_early_commits",
         "Steps committed from slices their groups' leaders prepared without a prepare order.",
         "early_commits_total",
