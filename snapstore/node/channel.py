@@ -317,7 +317,7 @@ class _Conn:
         except (
             ValueError,
             TypeError,
-            IndexError,
+            LookupError,
             AuthenticationError,
             msgpack.UnpackException,
         ) as e:
@@ -400,7 +400,15 @@ class Channels:
                     conn.close("another node's SMP")
                     raise ValueError(f"the channel is node {str(who)[:12]}'s, not {node[:12]}'s")
                 return conn
-        except (OSError, EOFError, ValueError, TypeError, TimeoutError, AuthenticationError) as e:
+        except (
+            OSError,
+            EOFError,
+            ValueError,
+            TypeError,
+            TimeoutError,
+            AuthenticationError,
+            msgpack.UnpackException,
+        ) as e:
             if writer is not None:
                 writer.close()
             raise ChannelUnreachable(
