@@ -75,6 +75,7 @@ from snapstore.format.frame import frame_size, read_frame, write_trailer
 from snapstore.format.wire import decode, decode_any, encode
 from snapstore.format.work import Lease
 from snapstore.format.work import Opened as NodeOpened
+from snapstore.node.channel import ChannelClient, ChannelUnreachable
 from snapstore.node.transport import ChunkUnavailableError
 from snapstore.rpc import call
 
@@ -87,6 +88,10 @@ FIRST_WAIT = 10.0
 """Seconds a save's one call to its SMP waits for the step's outcome after staging, and
 each further wait of its follower thread: a long poll, ended at once by the decision."""
 LEASE_RETRY = 0.2
+CHANNEL_ASK_TIMEOUT = 10.0
+CHANNEL_RETRY = 30.0
+"""Seconds before a client whose SMP gave it no control channel asks again (meanwhile its
+saves go through Ray)."""
 """Seconds between lease requests while this node's SMP restarts."""
 
 
@@ -159,6 +164,8 @@ class Client:
         self._staging: concurrent.futures.Future[None] | None = None
         self._copier = concurrent.futures.ThreadPoolExecutor(1, f"snapstore-copy-{rank}")
         self._follower = concurrent.futures.ThreadPoolExecutor(1, f"snapstore-follow-{rank}")
+        self._chan: ChannelClient | None = None
+        self._chan_retry = 0.0
         self._unreported = {"waits": 0, "wait_seconds": 0.0, "skipped": 0, "bytes_copied": 0}
         self.metrics: dict[str, Any] = {
             "saves": 0,
@@ -255,7 +262,7 @@ class Client:
             report, self._unreported = self._unreported, dict.fromkeys(self._unreported, 0)
             # One call: the SMP checksums the staging, then answers with the step's outcome
             # (or PENDING after a first wait), so a save costs one round trip to the node.
-            ref = self.smp.stage_and_wait.remote(
+            args = (
                 self.job,
                 self.rank,
                 step,
@@ -268,8 +275,12 @@ class Client:
                 min(timeout, FIRST_WAIT),
                 size,
             )
+            # Over the SMP's control channel when it has one (the follower makes the call),
+            # else a Ray call made now.
+            channel = self._channel()
+            ref = self.smp.stage_and_wait.remote(*args) if channel is None else None
             fut._staged.set()
-            self._follower.submit(self._follow, fut, ref, timeout)
+            self._follower.submit(self._follow, fut, ref, args, timeout)
 
         self.metrics["saves"] += 1
         self.metrics["bytes_staged"] += size
@@ -294,19 +305,51 @@ class Client:
             self._staging = staging
             raise StoreTimeoutError(f"the staging copy did not finish within {timeout} s") from None
 
-    def _follow(self, fut: SaveFuture, staged_ref: Any, timeout: float) -> None:
+    def _channel(self) -> ChannelClient | None:
+        """This node's SMP's control channel (snapstore.node.channel), asked for once, and
+        again after it could not be reached (a restarted SMP listens elsewhere); None:
+        saves go through Ray."""
+        channel = self._chan
+        if channel is None and time.monotonic() >= self._chan_retry:
+            try:
+                node, address, port, token = call(
+                    self.smp.channel_access.remote(), CHANNEL_ASK_TIMEOUT, "SMP.channel_access"
+                )
+                channel = self._chan = ChannelClient(str(token), str(node), str(address), port)
+            except (SnapstoreError, ValueError, TypeError) as e:
+                logger.info("saving through Ray: no control channel from the SMP (%s)", e)
+                self._chan_retry = time.monotonic() + CHANNEL_RETRY
+        return channel
+
+    def _ask(self, method: str, args: tuple[Any, ...], ref: Any, timeout: float) -> Outcome:
+        """The outcome ``method(*args)`` answers: over the SMP's channel when ``ref`` is None
+        (through Ray when the channel cannot be reached), else Ray's call ``ref``."""
+        channel = self._chan if ref is None else None
+        if channel is not None:
+            try:
+                return decode(channel.call(method, *args, timeout=timeout), Outcome)
+            except ChannelUnreachable as e:
+                logger.info("%s through Ray: %s", method, e)
+                self._chan = None
+                channel.close()
+        if ref is None:
+            ref = getattr(self.smp, method).remote(*args)
+        return decode(call(ref, timeout, f"SMP.{method}"), Outcome)
+
+    def _follow(
+        self, fut: SaveFuture, staged_ref: Any, args: tuple[Any, ...], timeout: float
+    ) -> None:
         """Follower thread: wait for the step's outcome from this node's SMP.
 
-        ``staged_ref`` is the save's :meth:`SMP.stage_and_wait` call: its answer is the
+        The save's :meth:`SMP.stage_and_wait` call (``args``; ``staged_ref``: made through
+        Ray already, or None: made here, over the control channel) answers with the
         outcome, or PENDING, and then the thread waits again. The outcome comes with the
         lease of the next slot (taken once the step is decided), so the next save starts
         without a round trip.
         """
         deadline = time.monotonic() + timeout
         try:
-            outcome = decode(
-                call(staged_ref, timeout + FIRST_WAIT + 10.0, "SMP.stage_and_wait"), Outcome
-            )
+            outcome = self._ask("stage_and_wait", args, staged_ref, timeout + FIRST_WAIT + 10.0)
         except SnapstoreError as e:
             # The step cannot commit without this rank: say so, so that the
             # other ranks' waits end now instead of at their timeout. An SMP that
@@ -328,10 +371,8 @@ class Client:
                 if left <= 0:
                     raise StoreTimeoutError(f"step {fut.step} not decided within {timeout} s")
                 wait = min(left, FIRST_WAIT)
-                ref = self.smp.wait_outcome.remote(
-                    self.job, self.rank, fut.step, fut.staging, wait, self._last_size
-                )
-                outcome = decode(call(ref, wait + 10.0, "SMP.wait_outcome"), Outcome)
+                again = (self.job, self.rank, fut.step, fut.staging, wait, self._last_size)
+                outcome = self._ask("wait_outcome", again, None, wait + 10.0)
         except BaseException as e:
             fut._fail(e if isinstance(e, SnapstoreError) else SnapstoreError(repr(e)))
             fut._ready_next.set()
@@ -618,6 +659,8 @@ class Client:
             self._copier.shutdown(wait=True)
             self._follower.shutdown(wait=False, cancel_futures=True)
             self._stager.close()
+            if self._chan is not None:
+                self._chan.close()
 
     def __enter__(self) -> Client:
         return self

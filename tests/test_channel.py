@@ -29,7 +29,7 @@ from snapstore.errors import (
 from snapstore.format.work import PeerInfo
 from snapstore.node import channel as channel_mod
 from snapstore.node import wire
-from snapstore.node.channel import Channels, ChannelServer, ChannelUnreachable
+from snapstore.node.channel import ChannelClient, Channels, ChannelServer, ChannelUnreachable
 
 TOKEN = "channel-secret"
 NODE = "node-a"
@@ -249,3 +249,67 @@ def test_the_fabric_calls_over_the_channel_and_through_ray_when_it_cannot() -> N
         assert ray_calls[-1] == ("forget", ("job",)) and calls == ["forget", "release"]
 
     asyncio.run(main())
+
+
+class _ServerThread:
+    """A ChannelServer on its own loop and thread, for the blocking client."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.server = ChannelServer("127.0.0.1", TOKEN, NODE, _handler)
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.server.start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        time.sleep(0.1)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_the_blocking_client_a_trainer_saves_over() -> None:
+    srv = _ServerThread()
+    try:
+        client = ChannelClient(TOKEN, NODE, "127.0.0.1", srv.server.port)
+        assert client.call("echo", b"staged", timeout=5) == b"staged"
+        with pytest.raises(StoreTimeoutError, match="did not finish"):
+            client.call("late", timeout=5)
+        # No answer in time: a timeout, the connection dropped, the next call on a new one.
+        with pytest.raises(StoreTimeoutError, match="no answer within"):
+            client.call("sleep", 2.0, timeout=0.2)
+        assert client.call("echo", 1, timeout=5) == 1
+        assert srv.server.connections() == 1
+        with pytest.raises(ChannelUnreachable, match="not node node-b's"):
+            ChannelClient(TOKEN, "node-b", "127.0.0.1", srv.server.port).call("echo", 1, timeout=5)
+        with pytest.raises(ChannelUnreachable, match="another store's token"):
+            ChannelClient("guessed", NODE, "127.0.0.1", srv.server.port).call("echo", 1, timeout=5)
+    finally:
+        srv.stop()
+    # The server went away while the connection was idle (a restarted SMP): the client
+    # notices before sending, and says it cannot reach it rather than failing a save.
+    with pytest.raises(ChannelUnreachable):
+        client.call("echo", 2, timeout=5)
+    client.close()
+
+
+def test_the_blocking_client_fails_a_call_whose_server_dies_during_it() -> None:
+    srv = _ServerThread()
+    client = ChannelClient(TOKEN, NODE, "127.0.0.1", srv.server.port)
+    assert client.call("echo", 0, timeout=5) == 0
+    import threading
+
+    threading.Timer(0.3, srv.stop).start()
+    with pytest.raises(ActorUnavailableError, match="channel failed"):
+        client.call("sleep", 30, timeout=20)
+    client.close()

@@ -12,7 +12,8 @@ scalars; nothing is pickled but those. Call protocol:
 
 - trainers: :meth:`lease`, :meth:`stage_and_wait` (the staging checksummed,
   then the step's outcome and the next slot's lease, from this node, in one
-  call: no coordinator round trip), :meth:`wait_outcome` (waiting again),
+  call: no coordinator round trip), :meth:`wait_outcome` (waiting again), the
+  two over the control channel once :meth:`channel_access` said where it is,
   :meth:`open_committed`, :meth:`fetch`;
 - the group leader and the coordinator: the node link (:meth:`configure`,
   :meth:`build_parity`, :meth:`keep_prepared`, :meth:`decide`,
@@ -64,6 +65,10 @@ __all__ = ["SMP"]
 logger = logging.getLogger(__name__)
 
 WORK_THREADS = 8
+SERVED = CHANNEL_METHODS | {"stage_and_wait", "wait_outcome"}
+"""What the control channel serves: the control plane's calls (CHANNEL_METHODS) and a
+trainer's save (its one call, and waiting again), which clients make over it once
+:meth:`SMP.channel_access` told them where it is."""
 
 
 class SMP:
@@ -90,6 +95,7 @@ class SMP:
         # The control channel (snapstore.node.channel): the control plane's calls to this
         # SMP, past Ray's per-call cost. Bound now so the store's PeerInfo names its port.
         self.channel = ChannelServer(address, token, node_id, self._serve_call)
+        self._token = token
         self.store = ShmNodeStore(
             node_id,
             node_dir(shm_dir, store_id, node_id),
@@ -139,9 +145,9 @@ class SMP:
         return config.coordinator, config.coordinator_address, config.coordinator_port
 
     async def _serve_call(self, method: str, args: list[Any]) -> Any:
-        """A call that came over the control channel: one of CHANNEL_METHODS, as Ray
-        would have made it."""
-        if method not in CHANNEL_METHODS:
+        """A call that came over the control channel: one of :data:`SERVED`, as Ray would
+        have made it."""
+        if method not in SERVED:
             raise SnapstoreError(f"{method!r:.40} is not served over the control channel")
         return await getattr(self, method)(*args)
 
@@ -175,6 +181,13 @@ class SMP:
         await self._stopped.wait()
 
     # -- trainers -------------------------------------------------------------------------
+
+    async def channel_access(self) -> list[Any]:
+        """[node, address, port, token] of this SMP's control channel, for a trainer's
+        client to save over it (:data:`SERVED`). The caller holds the Ray cluster's
+        token already, which lets it call anything here; this gives it nothing more
+        (docs/operating.md, Security)."""
+        return [self.node_id, self.channel.address, self.channel.port, self._token]
 
     async def lease(self, job: str, rank: int, nbytes: int) -> bytes:
         return encode(await self.member.lease(job, rank, nbytes))

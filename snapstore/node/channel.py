@@ -49,7 +49,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -65,6 +67,7 @@ __all__ = [
     "CHANNEL_PROTOCOL",
     "MAX_CONNECTIONS",
     "MAX_RECORD",
+    "ChannelClient",
     "ChannelServer",
     "ChannelUnreachable",
     "Channels",
@@ -419,3 +422,111 @@ class Channels:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+
+
+class ChannelClient:
+    """A blocking caller of one server's channel, one call at a time: a trainer's follower
+    thread asking its SMP for a save's outcome. The protocol of :class:`Channels`."""
+
+    def __init__(self, token: str, node: str, address: str, port: int) -> None:
+        self._token = token
+        self.node, self.address, self.port = node, address, port
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._sealers: tuple[Sealer, Sealer] | None = None
+        self._next = 1
+
+    def call(self, method: str, *args: Any, timeout: float) -> Any:
+        """``method(*args)`` on the server, its answer within ``timeout`` seconds.
+
+        ChannelUnreachable when no connection could be made (nothing sent);
+        ActorUnavailableError when the connection failed during the call;
+        StoreTimeoutError when the answer did not come in time (the connection is
+        dropped: a late answer has nowhere to go); the callee's error when it raised."""
+        with self._lock:
+            if self._sock is not None and _closed_by_peer(self._sock):
+                self._drop()  # its server went away while idle (a restarted SMP)
+            if self._sock is None:
+                self._connect()
+            sock, sealers = self._sock, self._sealers
+            assert sock is not None and sealers is not None
+            call_id, self._next = self._next, self._next + 1
+            try:
+                wire.send_sealed(sock, sealers[0], _packb([call_id, method, list(args)]))
+                body = wire.recv_sealed(sock, sealers[1], MAX_RECORD, time.monotonic() + timeout)
+                reply = _unpack(body)
+                if reply[0] != call_id:
+                    raise ValueError(f"a reply to call {reply[0]!r:.20}, not {call_id}")
+            except TimeoutError:
+                self._drop()
+                raise errors.StoreTimeoutError(
+                    f"{method} over the channel: no answer within {timeout:.0f} s"
+                ) from None
+            except (OSError, EOFError) as e:
+                self._drop()
+                raise ActorUnavailableError(f"{method}: the SMP's channel failed ({e})") from None
+            except (ValueError, TypeError, LookupError, AuthenticationError) as e:
+                self._drop()
+                raise ActorUnavailableError(f"{method}: a bad reply on the channel ({e})") from None
+        if not reply[1]:
+            raise _error(reply[2], reply[3])
+        return reply[2]
+
+    def _connect(self) -> None:
+        sock: socket.socket | None = None
+        try:
+            sock = socket.create_connection((self.address, self.port), CONNECT_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            hello = _unpack(wire.recv_frame(sock, 1024, deadline))
+            if not isinstance(hello, dict) or hello.get("v") != CHANNEL_PROTOCOL:
+                raise ValueError(f"not a snapstore control channel v{CHANNEL_PROTOCOL}")
+            client_salt = wire.new_salt()
+            sock.sendall(client_salt)
+            k_req, k_rep = wire.keys(
+                self._token, bytes(hello.get("salt") or b""), client_salt, _LABELS
+            )
+            requests, replies = Sealer(k_req), Sealer(k_rep)
+            wire.send_sealed(sock, requests, _packb([0, HELLO, []]))
+            who = _unpack(wire.recv_sealed(sock, replies, 1024, deadline))
+            if who != [0, True, self.node]:
+                raise ValueError(f"the channel is not node {self.node[:12]}'s")
+        except (
+            OSError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AuthenticationError,
+            msgpack.UnpackException,
+        ) as e:
+            if sock is not None:
+                sock.close()
+            where = f"{self.address}:{self.port}"
+            raise ChannelUnreachable(
+                f"no channel to node {self.node[:12]} at {where}: {e}"
+            ) from None
+        self._sock, self._sealers = sock, (requests, replies)
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock, self._sealers = None, None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """An idle connection with something to read: its peer closed it (nothing else is ever
+    sent unasked)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
