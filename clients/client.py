@@ -316,7 +316,8 @@ class Client:
                     self.smp.channel_access.remote(), CHANNEL_ASK_TIMEOUT, "SMP.channel_access"
                 )
                 channel = self._chan = ChannelClient(str(token), str(node), str(address), port)
-            except (SnapstoreError, ValueError, TypeError) as e:
+            except (SnapstoreError, ValueError, TypeError, AttributeError) as e:
+                # AttributeError: an SMP of a snapstore without channels.
                 logger.info("saving through Ray: no control channel from the SMP (%s)", e)
                 self._chan_retry = time.monotonic() + CHANNEL_RETRY
         return channel
