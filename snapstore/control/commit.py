@@ -549,6 +549,7 @@ class Commits:
             OutcomeStatus.FAILED,
             reason=reason,
             sessions=tuple(sorted(sessions)),
+            reprotect=att.reprotect,
         )
         self.plane.send_leaders((leader, decision) for leader in set(att.leaders.values()))
         job.touch()

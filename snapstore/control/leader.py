@@ -290,7 +290,7 @@ class Leader:
         else:
             self._tickets.pop(decision.job, None)
             gs = self._steps.get(key)
-            if gs is not None:
+            if gs is not None and not decision.reprotect:
                 failed = set(decision.sessions)
                 for r, (_, e) in list(gs.entries.items()):
                     if not failed or e.session in failed:

@@ -389,6 +389,12 @@ class Member:
 
     async def _abort(self, decision: Decision) -> None:
         job, step = decision.job, decision.step
+        if decision.reprotect:
+            # A new version of the committed step's parity failed, not its stagings: a slot
+            # of that step here (its committed data, maybe adopted by a restarted SMP that
+            # never heard of the commit) must not be taken for a failed staging's
+            # (seed 33000383: a lease reused rank 1's only copy of committed step 3).
+            return
         d = self._decided.setdefault(job, _Decided())
         sessions = frozenset(decision.sessions)
         d.failed.setdefault(step, []).append((sessions, decision.reason, decision.restore))

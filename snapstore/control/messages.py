@@ -271,6 +271,11 @@ class Decision(msgspec.Struct, frozen=True):
     """The sending coordinator's membership epoch, stamped as it sends (``-1``: none). A
     node that answered a restarted coordinator's recovery refuses decisions of epochs up to
     its own at that moment: those of the coordinator it replaced (see Member.snapshot)."""
+    reprotect: bool = False
+    """FAILED: a re-protection of the committed step (a new version of its parity) failed.
+    No staging of the step failed with it (``sessions`` names none): a node that holds the
+    step's data without knowing it committed (a missed decision, a restarted SMP) must not
+    take it for a failed staging and reuse its slot."""
     ticket: int = -1
     """COMMITTED: the record version the job's next step may be prepared under by a
     leader without a prepare order, once every rank its group held in this step staged
