@@ -88,11 +88,12 @@ FIRST_WAIT = 10.0
 """Seconds a save's one call to its SMP waits for the step's outcome after staging, and
 each further wait of its follower thread: a long poll, ended at once by the decision."""
 LEASE_RETRY = 0.2
+"""Seconds between lease requests while this node's SMP restarts."""
 CHANNEL_ASK_TIMEOUT = 10.0
+"""Seconds the SMP has to say where its control channel is (SMP.channel_access)."""
 CHANNEL_RETRY = 30.0
 """Seconds before a client whose SMP gave it no control channel asks again (meanwhile its
 saves go through Ray)."""
-"""Seconds between lease requests while this node's SMP restarts."""
 
 
 class Client:
