@@ -1,4 +1,5 @@
-"""The control channel: control-plane calls to an SMP over one authenticated socket.
+"""The control channel: control-plane calls to an SMP (or the coordinator) over one
+authenticated socket.
 
 Why: a Ray actor call costs about 1.7 ms of the callee's CPU and 0.9 ms of the
 caller's on this project's 2-core machines (task events off, as the store runs
@@ -6,11 +7,13 @@ Ray), and a step's commit makes about a dozen of them between the SMPs of a
 group (the leader's orders to each member, the members' notices to it): about
 half of the SMPs' CPU per save (docs/performance-store.md). The same call over
 an asyncio socket costs about 0.1 ms on each side. So each SMP also serves its
-control methods on a TCP socket next to its data server, on its event loop,
-and the control plane's Ray fabric (:mod:`snapstore.control.rayfabric`) makes
-its calls to nodes over it. Ray keeps what it is there for: placing and
-restarting actors, the death watch (a pending Ray call fails the moment the
-SMP dies), the coordinator's own calls, and trainers.
+control methods on a TCP socket next to its data server, on its event loop
+(:class:`ChannelServer`), and so does the coordinator; the control plane's Ray
+fabric (:mod:`snapstore.control.rayfabric`) makes its calls to them over it
+(:class:`Channels`), and a trainer's client its saves (:class:`ChannelClient`,
+blocking). Ray keeps what it is there for: placing and restarting actors, the
+death watch (a pending Ray call fails the moment the SMP dies), a node's first
+registration, and the trainers' leases and restores.
 
 Protocol (version 1). The data server's handshake and sealing
 (:mod:`snapstore.node.wire`), with keys of its own::
