@@ -117,12 +117,13 @@ async def _read_record(reader: asyncio.StreamReader, limit: int) -> bytes:
     return await asyncio.wait_for(reader.readexactly(n), wire.HEADER_TIMEOUT)
 
 
-def _tune(writer: asyncio.StreamWriter) -> None:
+def _tune(sock: socket.socket | None) -> None:
     """No Nagle delay (a call is one small record), and TCP keepalives: a connection to a
     host that vanished (no reset ever comes) fails its calls within about
     :data:`KEEPALIVE` seconds, as Ray fails a call to a node it declared dead, instead of
     leaving them to their callers' timeouts."""
-    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -132,8 +133,41 @@ def _tune(writer: asyncio.StreamWriter) -> None:
 
 
 def _frame(sealer: Sealer, obj: Any) -> bytes:
-    record = sealer.seal(msgpack.packb(obj, use_bin_type=True))
+    record = sealer.seal(_packb(obj))
     return HDR.pack(len(record)) + record
+
+
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _sealers(token: str, server_salt: bytes, client_salt: bytes) -> tuple[Sealer, Sealer]:
+    """A connection's (requests, replies) sealers, keyed with the channel's own labels."""
+    k_req, k_rep = wire.keys(token, server_salt, client_salt, _LABELS)
+    return Sealer(k_req), Sealer(k_rep)
+
+
+def _server_salt(hello: Any) -> bytes:
+    """The salt of a server's hello; ValueError when it is not a channel's of this version."""
+    if not isinstance(hello, dict) or hello.get("v") != CHANNEL_PROTOCOL:
+        raise ValueError(f"not a snapstore control channel v{CHANNEL_PROTOCOL}")
+    return bytes(hello.get("salt") or b"")
+
+
+_CONNECT_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    TimeoutError,
+    AuthenticationError,
+    msgpack.UnpackException,
+)
+"""What a connection attempt fails with: the channel is unreachable (nothing was sent)."""
+
+
+def _unreachable(node: str, address: str, port: int, e: BaseException) -> ChannelUnreachable:
+    return ChannelUnreachable(f"no channel to node {node[:12]} at {address}:{port}: {e}")
 
 
 def _unpack(body: bytes) -> Any:
@@ -198,13 +232,12 @@ class ChannelServer:
             return
         self._writers.add(writer)
         try:
-            _tune(writer)
+            _tune(writer.get_extra_info("socket"))
             server_salt = wire.new_salt()
             writer.write(wire.plain_hello(v=CHANNEL_PROTOCOL, channel=1, salt=server_salt))
             deadline = time.monotonic() + wire.AUTH_TIMEOUT
             client_salt = await asyncio.wait_for(reader.readexactly(SALT), wire.AUTH_TIMEOUT)
-            k_req, k_rep = wire.keys(self._token, server_salt, client_salt, _LABELS)
-            requests, replies = Sealer(k_req), Sealer(k_rep)
+            requests, replies = _sealers(self._token, server_salt, client_salt)
             body = await asyncio.wait_for(
                 _read_record(reader, wire.MAX_REQUEST + wire.TAG), deadline - time.monotonic()
             )
@@ -390,14 +423,11 @@ class Channels:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 reader, writer = await asyncio.open_connection(address, port)
-                _tune(writer)
-                hello = _unpack(await _read_record(reader, 1024))
-                if not isinstance(hello, dict) or hello.get("v") != CHANNEL_PROTOCOL:
-                    raise ValueError(f"not a snapstore control channel v{CHANNEL_PROTOCOL}")
-                server_salt, client_salt = bytes(hello.get("salt") or b""), wire.new_salt()
+                _tune(writer.get_extra_info("socket"))
+                server_salt = _server_salt(_unpack(await _read_record(reader, 1024)))
+                client_salt = wire.new_salt()
                 writer.write(client_salt)
-                k_req, k_rep = wire.keys(self._token, server_salt, client_salt, _LABELS)
-                conn = _Conn(reader, writer, (Sealer(k_req), Sealer(k_rep)))
+                conn = _Conn(reader, writer, _sealers(self._token, server_salt, client_salt))
                 try:
                     who = await conn.send(HELLO, ())
                 except ActorUnavailableError as e:
@@ -406,20 +436,10 @@ class Channels:
                     conn.close("another node's SMP")
                     raise ValueError(f"the channel is node {str(who)[:12]}'s, not {node[:12]}'s")
                 return conn
-        except (
-            OSError,
-            EOFError,
-            ValueError,
-            TypeError,
-            TimeoutError,
-            AuthenticationError,
-            msgpack.UnpackException,
-        ) as e:
+        except _CONNECT_ERRORS as e:
             if writer is not None:
                 writer.close()
-            raise ChannelUnreachable(
-                f"no channel to node {node[:12]} at {address}:{port}: {e}"
-            ) from None
+            raise _unreachable(node, address, port, e) from None
 
     def close(self) -> None:
         for conn in self._conns.values():
@@ -479,35 +499,20 @@ class ChannelClient:
         sock: socket.socket | None = None
         try:
             sock = socket.create_connection((self.address, self.port), CONNECT_TIMEOUT)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(sock)
             deadline = time.monotonic() + CONNECT_TIMEOUT
-            hello = _unpack(wire.recv_frame(sock, 1024, deadline))
-            if not isinstance(hello, dict) or hello.get("v") != CHANNEL_PROTOCOL:
-                raise ValueError(f"not a snapstore control channel v{CHANNEL_PROTOCOL}")
+            server_salt = _server_salt(_unpack(wire.recv_frame(sock, 1024, deadline)))
             client_salt = wire.new_salt()
             sock.sendall(client_salt)
-            k_req, k_rep = wire.keys(
-                self._token, bytes(hello.get("salt") or b""), client_salt, _LABELS
-            )
-            requests, replies = Sealer(k_req), Sealer(k_rep)
+            requests, replies = _sealers(self._token, server_salt, client_salt)
             wire.send_sealed(sock, requests, _packb([0, HELLO, []]))
             who = _unpack(wire.recv_sealed(sock, replies, 1024, deadline))
             if who != [0, True, self.node]:
                 raise ValueError(f"the channel is not node {self.node[:12]}'s")
-        except (
-            OSError,
-            EOFError,
-            ValueError,
-            TypeError,
-            AuthenticationError,
-            msgpack.UnpackException,
-        ) as e:
+        except _CONNECT_ERRORS as e:
             if sock is not None:
                 sock.close()
-            where = f"{self.address}:{self.port}"
-            raise ChannelUnreachable(
-                f"no channel to node {self.node[:12]} at {where}: {e}"
-            ) from None
+            raise _unreachable(self.node, self.address, self.port, e) from None
         self._sock, self._sealers = sock, (requests, replies)
 
     def _drop(self) -> None:
@@ -519,10 +524,6 @@ class ChannelClient:
     def close(self) -> None:
         with self._lock:
             self._drop()
-
-
-def _packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
