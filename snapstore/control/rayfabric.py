@@ -101,6 +101,10 @@ COORDINATOR_CHANNEL_METHODS = frozenset(
 """The coordinator methods nodes call over its control channel (and it serves there)."""
 
 
+_UNREACHED = object()
+"""RayFabric.over_channel's answer when the call must go through Ray."""
+
+
 def _nowhere(node: str) -> PeerInfo | None:
     return None
 
@@ -161,16 +165,13 @@ class _RayNode:
         """``method(*args)`` on the node's SMP: over its control channel where this process
         has one and knows where the node's is, else (or when no connection can be made)
         as a Ray call."""
-        channels = self._fabric.channels
-        if channels is not None and method in CHANNEL_METHODS:
+        if method in CHANNEL_METHODS:
             peer = self._fabric.locate(self.node)
             if peer is not None and peer.control_port:
-                try:
-                    return await channels.call(
-                        self.node, peer.address, peer.control_port, method, *args
-                    )
-                except ChannelUnreachable:
-                    pass
+                where = (self.node, peer.address, peer.control_port)
+                got = await self._fabric.over_channel(where, method, args)
+                if got is not _UNREACHED:
+                    return got
         handle = await self._handles.get(self._name)
         try:
             return await await_ref(
@@ -256,14 +257,12 @@ class _RayCoordinator:
     async def _call(self, method: str, *args: Any) -> Any:
         """``method(*args)`` on the coordinator: over its control channel where this process
         knows where it is (and can connect), else as a Ray call."""
-        channels = self._fabric.channels
-        if channels is not None and method in COORDINATOR_CHANNEL_METHODS:
+        if method in COORDINATOR_CHANNEL_METHODS:
             where = self._fabric.locate_coordinator()
             if where is not None:
-                try:
-                    return await channels.call(*where, method, *args)
-                except ChannelUnreachable:
-                    pass
+                got = await self._fabric.over_channel(where, method, args)
+                if got is not _UNREACHED:
+                    return got
         handle = await self._handles.get(COORDINATOR_NAME)
         try:
             return await await_ref(getattr(handle, method).remote(*args), f"coordinator.{method}")
@@ -322,6 +321,19 @@ class RayFabric:
         self.channels = Channels(token)
         self.locate = locate
         self.locate_coordinator = locate_coordinator
+
+    async def over_channel(
+        self, where: tuple[str, str, int], method: str, args: tuple[Any, ...]
+    ) -> Any:
+        """``method(*args)`` over the control channel at ``where`` (the server's identity,
+        address, port); :data:`_UNREACHED` when this process uses no channels or none
+        could be reached there (nothing was sent: the caller goes through Ray)."""
+        if self.channels is None:
+            return _UNREACHED
+        try:
+            return await self.channels.call(*where, method, *args)
+        except ChannelUnreachable:
+            return _UNREACHED
 
     def node(self, node: str) -> _RayNode:
         link = self._nodes.get(node)
