@@ -36,7 +36,15 @@ from hypothesis import strategies as st
 from snapstore.bench.vloop import SimLoop
 from snapstore.config import StoreConfig
 from snapstore.control.commit import _sessions_known
-from snapstore.control.jobs import Attempt, Job, session_of
+from snapstore.control.jobs import (
+    Attempt,
+    Job,
+    NextSaves,
+    StagedRanks,
+    advanced,
+    follows_by,
+    session_of,
+)
 from snapstore.control.links import LeaderPost, NodePost, NodeSnapshot, RelayPost
 from snapstore.control.messages import (
     Decision,
@@ -487,9 +495,10 @@ def test_a_restarted_coordinator_never_commits_a_step_from_early_slices_alone() 
 
 
 async def _early(
-    plane: ControlPlane, step: int, version: int, sessions: dict[int, str]
+    plane: ControlPlane, step: int, version: int, sessions: dict[int, str], follows: int = 0
 ) -> GroupReport:
-    """The group's leader prepared ``step`` under ticket ``version`` and reports it."""
+    """The group's leader prepared ``step`` under ticket ``version`` and reports it (with
+    ``follows``: naming none of ``sessions``, each the next save of the commit's)."""
     group, leader = _group(plane)
     ranks = {r: RankEntry(NODES[r], 1000, SUMS) for r in sessions}
     piece = StepRecord(
@@ -503,9 +512,10 @@ async def _early(
         leader,
         group,
         2,
-        dict(sessions),
+        {} if follows else dict(sessions),
         prepared=piece.replace(early=True).to_bytes(),
         early=True,
+        follows=follows,
     )
     await plane.report(report)
     await asyncio.sleep(0.01)
@@ -575,6 +585,99 @@ def test_an_early_slice_of_a_refused_staging_fails_its_attempt() -> None:
         assert order.version != decision.ticket
 
     run(test)
+
+
+def test_reports_following_the_tickets_commit_commit_steps_naming_no_staging() -> None:
+    """In steady training a group's early report names no staging: each is the next save
+    of the group's staging in the commit that handed out the ticket (follows). The
+    coordinator knows them all the same: status, history and failures name them."""
+
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        job = plane.jobs[JOB]
+        for step in (2, 3, 4):
+            (decision,) = [d for d in _decisions(fabric, step - 1) if d.ticket >= 0]
+            await _early(plane, step, decision.ticket, {0: f"a/{step}", 1: f"b/{step}"}, 1)
+            assert job.record is not None and job.record.step == step
+            assert dict(job.history[step][1]) == {
+                0: (f"a/{step}", job.history[step][1][0][1]),
+                1: (f"b/{step}", job.history[step][1][1][1]),
+            }
+        # From step 3 on the stagings took no check per rank (the table agreed at step 2's
+        # commit): the commit's stagings are the previous ones advanced, not a copy.
+        assert job.ticket_base is not None and job.ticket_base.agreed == job.sessions.version
+        status = await plane.step_status(JOB, 4, 1, SUMS, "b/4")
+        assert status.status is OutcomeStatus.PENDING  # told once a member holds it
+        # A report following a ticket this coordinator did not hand out is ignored.
+        await _early(plane, 5, decision.ticket, {0: "a/5", 1: "b/5"}, 1)
+        assert not job.attempts and job.record is not None and job.record.step == 4
+
+    run(test)
+
+
+def test_a_following_report_of_a_process_that_did_not_restore_is_refused() -> None:
+    """Rank 1 restored in a new process after the commit: its old process's next save,
+    reported as following the commit, is checked rank by rank and refused."""
+
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        (decision,) = _decisions(fabric, 1)
+        await _early(plane, 2, decision.ticket, {0: "a/2", 1: "b/2"}, 1)
+        (decision,) = [d for d in _decisions(fabric, 2) if d.ticket >= 0]
+        group, leader = _group(plane)
+        held = GroupReport(
+            JOB, 2, decision.version, plane.membership.epoch, leader, group, 0, applied=True
+        )
+        await plane.report(msgspec.structs.replace(held, holds=True))
+        plan = await plane.restore_plan(JOB, 1, NODES[1], "b2", True, 2, 5.0)
+        assert isinstance(plan, RestorePlan) and plan.step == 2
+        await _early(plane, 3, decision.ticket, {0: "a/3", 1: "b/3"}, 1)
+        job = plane.jobs[JOB]
+        assert job.record is not None and job.record.step == 2 and not job.attempts
+        failed = [d for d in _decisions(fabric, 3) if d.status is OutcomeStatus.FAILED]
+        assert any(d.restore and "b/3" in d.sessions for d in failed)
+
+    run(test)
+
+
+def test_the_next_saves_of_a_commit_are_told_exactly() -> None:
+    base = {3: "r3-ab/7", 9: "r9-cd/7", 4: "x/y/12"}
+    assert follows_by(base, {3: "r3-ab/8", 9: "r9-cd/8", 4: "x/y/13"}) == 1
+    assert follows_by(base, {3: "r3-ab/9", 9: "r9-cd/9", 4: "x/y/14"}) == 2
+    assert follows_by(base, {3: "r3-ab/8", 9: "r9-cd/9", 4: "x/y/13"}) == 0  # not one step
+    assert follows_by(base, {3: "r3-ab/8", 9: "new/8", 4: "x/y/13"}) == 0  # another process
+    assert follows_by(base, {3: "r3-ab/8", 9: "r9-cd/8"}) == 0  # a rank fewer
+    assert follows_by(base, {3: "r3-ab/7", 9: "r9-cd/7", 4: "x/y/12"}) == 0  # the same
+    assert follows_by({1: "a/09"}, {1: "a/010"}) == 0  # not as advanced() writes it
+    assert follows_by({1: "a/b"}, {1: "a/c"}) == 0
+    with pytest.raises(ValueError, match="no save number"):
+        advanced("nosave", 1)
+    nxt = NextSaves(NextSaves(base, 1), 2)
+    assert nxt.base is base and dict(nxt) == {3: "r3-ab/10", 9: "r9-cd/10", 4: "x/y/15"}
+    assert nxt.keys() == base.keys() and len(nxt) == 3 and 9 in nxt and 5 not in nxt
+
+
+def test_groups_following_a_commit_join_without_their_slots_until_asked() -> None:
+    """Groups that follow the same commit join with no work per rank; another group
+    staging one of their ranks, or a lookup by rank, writes their slots first."""
+    base = StagedRanks(8)
+    g1, g2, g3 = ("n1",), ("n2",), ("n3",)
+    base.add_group(g1, {0: "a/1", 1: "b/1"})
+    base.add_group(g2, {2: "c/1"})
+    att = StagedRanks(8)
+    assert att.join_following(g1, NextSaves(base.by_group[g1], 1), base)
+    assert att.join_following(g2, NextSaves(base.by_group[g2], 1), base)
+    assert att.unfilled == [g1, g2] and att.owner == [None] * 8 and len(att) == 3
+    assert not att.join(g3, {2: "c2/1"}), "rank 2 is staged in the following group g2"
+    assert att.owner[:3] == [g1, g1, g2] and not att.unfilled
+    assert att[1] == ("b/2", g1) and 2 in att and 3 not in att
+    att.add(1, "b2/1", g3)  # a move: the following group's stagings become its own
+    assert att.by_group[g1] == {0: "a/2"} and att[1] == ("b2/1", g3) and len(att) == 3
+    other = StagedRanks(8)
+    assert other.join_following(g1, NextSaves(base.by_group[g1], 1), base)
+    # A group following another commit joins slot by slot.
+    assert other.join_following(g2, NextSaves({2: "c/4"}, 1), StagedRanks(8))
+    assert other.owner[2] == g2 and other.owner[0] == g1
 
 
 def _member(node: str) -> Any:

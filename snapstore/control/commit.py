@@ -24,11 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from snapstore.config import MAX_WORLD_SIZE
-from snapstore.control.jobs import Attempt, Job, JobRecord, PreparedSlice, session_of
+from snapstore.control.jobs import (
+    Attempt,
+    Job,
+    JobRecord,
+    NextSaves,
+    PreparedSlice,
+    TicketBase,
+    session_of,
+)
 from snapstore.control.links import AbandonReply
 from snapstore.control.messages import (
     Decision,
@@ -83,9 +91,31 @@ class Commits:
             self._staged(r)
 
     def _staged(self, r: GroupReport) -> None:
-        taken = self._take(r)
+        taken = self._take(r, r.sessions)
         if taken is not None:
             self._advance(*taken)
+
+    @staticmethod
+    def _following(job: Job | None, r: GroupReport) -> tuple[NextSaves, TicketBase] | None:
+        """The stagings a report that follows the ticket's commit names (``r.follows``),
+        and what that commit handed out; None if this coordinator does not hold that
+        commit's stagings of the group (the report is ignored: the leader reports the
+        stagings one by one when no decision comes)."""
+        base = job.ticket_base if job is not None else None
+        if base is None or base.version != r.version or r.follows <= 0:
+            return None
+        mine = base.ranks.by_group.get(r.group)
+        if not mine:
+            return None
+        return NextSaves(mine, r.follows), base
+
+    def _stagings(self, r: GroupReport) -> Mapping[int, str] | None:
+        """rank -> staging of a staged or early report: its ``sessions``, or those it
+        follows (None if they are not known here)."""
+        if not r.follows:
+            return r.sessions
+        following = self._following(self.plane.jobs.get(r.job), r)
+        return following[0] if following is not None else None
 
     def _early(self, r: GroupReport) -> None:
         """A group prepared under the job's ticket without an order (leader.py): its
@@ -100,7 +130,8 @@ class Commits:
             if self._take_slice(job, att, r) and len(att.ranks) >= att.world_size:
                 self._advance(job, att)
             return
-        taken = self._take(r)
+        stagings = self._stagings(r)
+        taken = self._take(r, stagings) if stagings is not None else None
         if taken is None:
             known = self.plane.jobs.get(r.job)
             if known is not None and known.ticket == r.version:
@@ -109,7 +140,7 @@ class Commits:
         job, att = taken
         if att.version == r.version and att.life.open:
             why = r.failed or ("" if r.prepared is not None else "an early report without a slice")
-            if not why and att.by_group.get(r.group) != r.sessions:
+            if not why and att.by_group.get(r.group) != stagings:
                 why = f"group of {r.leader[:12]} prepared early stagings that were not accepted"
             if not why and self._take_slice(job, att, r):
                 self._advance(job, att)
@@ -147,35 +178,48 @@ class Commits:
             or r.group in att.by_group
         ):
             return None
-        stagings = r.sessions
+        following = self._following(job, r) if r.follows else None
+        stagings: Mapping[int, str] = following[0] if following is not None else r.sessions
         if not (
             stagings
             and self._unrefusable(job, stagings, r.step, r.world_size, known=True)
-            and _sessions_known(job, stagings)
+            and (
+                # Following the commit's stagings, which agreed with the session table,
+                # and the table has not changed since: known, with no check per rank.
+                following[1].agreed == job.sessions.version
+                if following is not None
+                else _sessions_known(job, stagings)
+            )
         ):
             return None
         if att is None:
             job.ticket = None
             att = job.attempts[r.step] = self._open(r, r.version)
-        if not att.join(r.group, stagings):
+        if following is not None:
+            joined = att.ranks.join_following(r.group, following[0], following[1].ranks)
+        else:
+            joined = att.join(r.group, stagings)
+        if not joined:
             return None  # a rank staged in another group too (_take sorts that out)
         return job, att
 
     def _open(self, r: GroupReport, version: int) -> Attempt:
         """A new attempt at ``r``'s step under ``version``."""
         clock = self.plane.clock
+        job = self.plane.jobs.get(r.job)
         return Attempt(
             StepLife(r.job, r.step, version),
             world_size=r.world_size,
             epoch=r.epoch,
             started_at=clock.now(),
             wall_started=clock.wall(),
+            table_version=job.sessions.version if job is not None else -1,
         )
 
-    def _take(self, r: GroupReport) -> tuple[Job, Attempt] | None:
-        """The stagings of a staged (or early) report checked and added to the step's
-        attempt, opened if none is (under the job's ticket when it holds one); the
-        job and the attempt, or None when nothing was accepted."""
+    def _take(self, r: GroupReport, stagings: Mapping[int, str]) -> tuple[Job, Attempt] | None:
+        """``stagings`` (a staged or early report's, :meth:`_stagings`) checked and added
+        to the step's attempt, opened if none is (under the job's ticket when it holds
+        one); the job and the attempt, or None when nothing was accepted."""
         plane = self.plane
         if r.epoch != plane.membership.epoch:
             return None  # a stale leader: members re-send to the current one
@@ -185,11 +229,12 @@ class Commits:
         known = open_att.by_group.get(r.group, {}) if open_att and open_att.life.open else {}
         past = job.history.get(r.step)
         if not known and past is None:
-            fresh = r.sessions  # the group's first report of the step: all of it is new
+            # The group's first report of the step: all of it is new.
+            fresh = stagings if isinstance(stagings, dict) else dict(stagings)
         else:
             fresh = {
                 rank: session
-                for rank, session in sorted(r.sessions.items())
+                for rank, session in sorted(stagings.items())
                 # Accepted from an earlier report of this group (checked then), or a late
                 # report of a staging that committed: nothing to say.
                 if known.get(rank) != session
@@ -301,7 +346,7 @@ class Commits:
 
     @classmethod
     def _unrefusable(
-        cls, job: Job, stagings: dict[int, str], step: int, world: int, known: bool
+        cls, job: Job, stagings: Mapping[int, str], step: int, world: int, known: bool
     ) -> bool:
         """Nothing about the job can refuse any of ``stagings`` (the per-rank checks of
         :meth:`_refusal` can be skipped): same world size, a newer step, no retired
@@ -471,6 +516,11 @@ class Commits:
                 hold, ttl = held
         if not att.reprotect:
             job.ticket = job.take_version()
+            # The table did not change while the attempt was open: every staging of it
+            # agreed with the table when accepted (or was noted in it), so all still do.
+            table = job.sessions.version
+            agreed = table if att.table_version == table else -1
+            job.ticket_base = TicketBase(job.ticket, att.ranks, agreed)
         job.unconfirmed = any(p.head.early for p in att.prepared.values())
         decision = Decision(
             job.name,
@@ -721,7 +771,7 @@ def _unconfirmed(job: Job, step: int, version: int) -> bool:
     return job.unconfirmed and rec is not None and (rec.step, rec.version) == (step, version)
 
 
-def _sessions_known(job: Job, stagings: dict[int, str]) -> bool:
+def _sessions_known(job: Job, stagings: Mapping[int, str]) -> bool:
     """Every rank of ``stagings`` (rank -> staging) saves from the client session the job
     already knows for it: nothing to note, and no rank is another process than the one
     that restored it. One pass in C, not a check per rank: a staging is

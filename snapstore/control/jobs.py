@@ -23,7 +23,18 @@ from snapstore.config import MAX_WORLD_SIZE
 from snapstore.control.states import JobLife, Redundancy, StepLife
 from snapstore.format.record import ParityEntry, RankEntry, SliceHead, StepRecord
 
-__all__ = ["Attempt", "Job", "JobRecord", "PreparedSlice", "SessionTable", "session_of"]
+__all__ = [
+    "Attempt",
+    "Job",
+    "JobRecord",
+    "NextSaves",
+    "PreparedSlice",
+    "SessionTable",
+    "TicketBase",
+    "advanced",
+    "follows_by",
+    "session_of",
+]
 
 FAILED_KEPT = 64
 HISTORY_KEPT = 16
@@ -179,18 +190,46 @@ class StagedRanks(Mapping[int, tuple[str, Group]]):
     each other, and nothing else: a rank index kept as a dict made a thousand groups'
     reports a step probe a dict of 32,768 entries 32 times each, and indexing the ranks
     as they arrived was a tenth of the coordinator's cost per step at 4,096 nodes
-    (bench.scale). Ranks are in ``0 .. world_size - 1`` (the coordinator refuses others)."""
+    (bench.scale). Ranks are in ``0 .. world_size - 1`` (the coordinator refuses others).
 
-    __slots__ = ("by_group", "count", "owner")
+    Groups that follow the ticket's commit (:meth:`join_following`) are joined without
+    touching their ranks' slots: their ranks are that commit's ranks of the group, so
+    no two of them share a rank. Their slots are written the first time anything asks
+    by rank or another group joins (:meth:`_fill`); a report whose ranks are the same
+    as last step's does no work per rank."""
+
+    __slots__ = ("base", "by_group", "count", "owner", "unfilled")
 
     def __init__(self, world_size: int) -> None:
-        self.by_group: dict[Group, dict[int, str]] = {}
+        self.by_group: dict[Group, Mapping[int, str]] = {}
         self.owner: list[Group | None] = [None] * min(max(world_size, 0), MAX_WORLD_SIZE)
         self.count = 0
+        self.unfilled: list[Group] = []
+        """Groups joined by :meth:`join_following` whose ranks' slots are not written."""
+        self.base: StagedRanks | None = None
+        """The commit's stagings those groups follow (all of them the same one's)."""
+
+    def _fill(self) -> None:
+        """Write the slots of the groups joined without them."""
+        if not self.unfilled:
+            return
+        owner, by_group = self.owner, self.by_group
+        for group in self.unfilled:
+            for rank in by_group[group]:
+                owner[rank] = group
+        self.unfilled.clear()
 
     def _group(self, rank: object) -> Group | None:
+        self._fill()
         owner = self.owner
         return owner[rank] if isinstance(rank, int) and 0 <= rank < len(owner) else None
+
+    def _own(self, group: Group) -> dict[int, str]:
+        """``group``'s stagings as a dict of its own, to change."""
+        mine = self.by_group.get(group)
+        if not isinstance(mine, dict):
+            mine = self.by_group[group] = dict(mine or {})
+        return mine
 
     def __getitem__(self, rank: int) -> tuple[str, Group]:
         group = self._group(rank)
@@ -211,25 +250,27 @@ class StagedRanks(Mapping[int, tuple[str, Group]]):
         """Rank ``rank`` staged as ``staging`` in ``group`` (moved from another group)."""
         if not 0 <= rank < len(self.owner):
             raise ValueError(f"rank {rank} outside world size {len(self.owner)}")
+        self._fill()
         prev = self.owner[rank]
         if prev is None:
             self.count += 1
         elif prev != group:
-            self.by_group[prev].pop(rank, None)
+            self._own(prev).pop(rank, None)
         self.owner[rank] = group
-        self.by_group.setdefault(group, {})[rank] = staging
+        self._own(group)[rank] = staging
 
-    def add_group(self, group: Group, stagings: dict[int, str]) -> None:
+    def add_group(self, group: Group, stagings: Mapping[int, str]) -> None:
         """Ranks ``stagings`` (rank -> staging) staged in ``group``, moved from any other."""
         for rank, staging in stagings.items():
             self.add(rank, staging, group)
 
-    def join(self, group: Group, stagings: dict[int, str]) -> bool:
+    def join(self, group: Group, stagings: Mapping[int, str]) -> bool:
         """``group``'s first stagings, none of a rank another group staged: kept, each rank's
         slot checked in C; False (nothing done) otherwise."""
-        owner = self.owner
         if not stagings or group in self.by_group or min(stagings) < 0:
             return False
+        self._fill()
+        owner = self.owner
         try:
             if any(map(owner.__getitem__, stagings)):
                 return False
@@ -240,6 +281,54 @@ class StagedRanks(Mapping[int, tuple[str, Group]]):
         self.by_group[group] = dict(stagings)
         self.count += len(stagings)
         return True
+
+    def join_following(self, group: Group, stagings: NextSaves, base: StagedRanks) -> bool:
+        """``group``'s first stagings, following its stagings in ``base`` (the ticket's
+        commit; ``stagings.base`` is ``base.by_group[group]``), joined without touching
+        a slot per rank when every group joined so far followed ``base`` too (no two of
+        them share a rank); as :meth:`join` otherwise."""
+        if group in self.by_group or not stagings:
+            return False
+        if self.count and (self.base is not base or len(self.unfilled) != len(self.by_group)):
+            return self.join(group, stagings)
+        self.base = base
+        self.by_group[group] = stagings
+        self.unfilled.append(group)
+        self.count += len(stagings)
+        return True
+
+
+class NextSaves(Mapping[int, str]):
+    """rank -> staging of a group that follows its stagings of the ticket's commit
+    (``GroupReport.follows``): each rank's staging in ``base`` with its save number
+    ``by`` higher (:func:`advanced`), made when asked for. Iterating it, its length and
+    its keys are ``base``'s, with no staging made."""
+
+    __slots__ = ("base", "by")
+    base: Mapping[int, str]
+    by: int
+
+    def __init__(self, base: Mapping[int, str], by: int) -> None:
+        if isinstance(base, NextSaves):  # never a chain: one step's advance over the last
+            by += base.by
+            base = base.base
+        self.base = base
+        self.by = by
+
+    def __getitem__(self, rank: int) -> str:
+        return advanced(self.base[rank], self.by)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __contains__(self, rank: object) -> bool:
+        return rank in self.base
+
+    def keys(self) -> Any:
+        return self.base.keys()  # a dict's: compared with another's in C
 
 
 @dataclass
@@ -263,13 +352,15 @@ class Attempt:
     orders: dict[Group, Any] = field(default_factory=dict)
     reprotect: bool = False
     prepare_sent: float = 0.0
+    table_version: int = -1
+    """The job's :attr:`SessionTable.version` when the attempt opened (:class:`TicketBase`)."""
     ranks: StagedRanks = field(init=False)
 
     def __post_init__(self) -> None:
         self.ranks = StagedRanks(self.world_size)
 
     @property
-    def by_group(self) -> dict[Group, dict[int, str]]:
+    def by_group(self) -> dict[Group, Mapping[int, str]]:
         """group -> rank -> staging: ``ranks`` by group."""
         return self.ranks.by_group
 
@@ -277,11 +368,11 @@ class Attempt:
         """Rank ``rank`` staged this attempt as ``session`` in ``group``."""
         self.ranks.add(rank, session, group)
 
-    def add_group(self, group: Group, stagings: dict[int, str]) -> None:
+    def add_group(self, group: Group, stagings: Mapping[int, str]) -> None:
         """Ranks ``stagings`` (rank -> staging) staged this attempt in ``group``."""
         self.ranks.add_group(group, stagings)
 
-    def join(self, group: Group, stagings: dict[int, str]) -> bool:
+    def join(self, group: Group, stagings: Mapping[int, str]) -> bool:
         """``group``'s first report of the attempt, with no rank another group staged,
         joins it (:meth:`StagedRanks.join`); False (nothing done) otherwise."""
         return self.ranks.join(group, stagings)
@@ -316,8 +407,11 @@ class SessionTable(dict[int, tuple[str, int]]):
     def __init__(self) -> None:
         super().__init__()
         self.prefixes: list[str | None] = []
+        self.version = 0
+        """Counts changes: stagings that agreed with the table still do while it stays."""
 
     def _prefix(self, rank: int, prefix: str | None) -> None:
+        self.version += 1
         if not 0 <= rank < MAX_WORLD_SIZE:
             return  # no staging of such a rank is ever known (_sessions_known)
         prefixes = self.prefixes
@@ -349,6 +443,7 @@ class SessionTable(dict[int, tuple[str, int]]):
     def clear(self) -> None:
         super().clear()
         self.prefixes.clear()
+        self.version += 1
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for rank, value in dict(*args, **kwargs).items():
@@ -392,6 +487,9 @@ class Job:
     ticket: int | None = None
     """The version the last commit handed its groups' leaders for the next step (taken by
     the next attempt, whichever way its stagings arrive; see snapstore.control.leader)."""
+    ticket_base: TicketBase | None = None
+    """The stagings of the commit that handed out a ticket, which reports following it
+    name by ``GroupReport.follows``."""
     unconfirmed: bool = False
     """The committed record's step was committed from slices prepared early and no group
     acknowledged its decision yet: nobody is told it committed until one does (a
@@ -437,6 +535,43 @@ class Job:
         """Wake everyone waiting for this job to change (restores waiting on a rebuild)."""
         self.changed.set()
         self.changed = asyncio.Event()
+
+
+class TicketBase(NamedTuple):
+    """What a commit handed out with its ticket: the ticket (``version``), the commit's
+    stagings (rank -> (staging, group)), and the job's :attr:`SessionTable.version` at
+    the commit if every one of those stagings is of the session the table names for its
+    rank (-1 if that is not known): while the table has not changed since, a group's
+    stagings that follow them (``GroupReport.follows``) are known sessions with no
+    check per rank."""
+
+    version: int
+    ranks: StagedRanks
+    agreed: int
+
+
+def advanced(staging: str, by: int) -> str:
+    """``staging`` (``<session>/<save number>``) with its save number ``by`` higher;
+    ValueError if it has no save number."""
+    session, _, number = staging.rpartition("/")
+    if not session or not number.isdigit():
+        raise ValueError(f"staging {staging!r} has no save number")
+    return f"{session}/{int(number) + by}"
+
+
+def follows_by(base: Mapping[int, str], stagings: Mapping[int, str]) -> int:
+    """``n`` > 0 when ``stagings`` has ``base``'s ranks and each is its staging in ``base``
+    with the save number ``n`` higher (GroupReport.follows); 0 otherwise."""
+    if not stagings or stagings.keys() != base.keys():
+        return 0
+    rank = next(iter(stagings))
+    try:
+        by = int(stagings[rank].rpartition("/")[2]) - int(base[rank].rpartition("/")[2])
+        if by <= 0 or any(advanced(base[r], by) != s for r, s in stagings.items()):
+            return 0
+    except ValueError:
+        return 0
+    return by
 
 
 def session_of(staging: str) -> str:

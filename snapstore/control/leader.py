@@ -32,7 +32,10 @@ messages per *group*, whatever the number of ranks:
    it. The slice says it was prepared early (``StepRecord.early``): a
    restarted coordinator does not commit a step from such slices alone, and
    the coordinator tells nobody such a step committed before a member says
-   it holds the committed record (``GroupReport.holds``).
+   it holds the committed record (``GroupReport.holds``). When each rank's
+   staging is the next save of its staging in that commit (steady training),
+   the report names none of them (``GroupReport.follows``): the coordinator
+   kept the commit's stagings and works out the new ones.
 3. It relays the coordinator's :class:`Decision` to every member and
    acknowledges once all alive members applied it.
 4. It gathers its members' heartbeats and sends the coordinator one beat
@@ -63,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from snapstore.config import StoreConfig
-from snapstore.control.jobs import session_of
+from snapstore.control.jobs import follows_by, session_of
 from snapstore.control.links import Fabric, NodeLink, RelayLink
 from snapstore.control.messages import (
     Decision,
@@ -137,8 +140,8 @@ class _Ticket:
     after: int
     """The committed step: the ticket serves the first newer one."""
     world_size: int
-    sessions: dict[int, str]
-    """rank -> client session (not staging) of the committed slice."""
+    stagings: dict[int, str]
+    """rank -> staging of the committed slice."""
 
 
 @dataclass
@@ -195,6 +198,7 @@ class Leader:
         self._closed: dict[tuple[str, int, int], str] = {}
         self._client: dict[str, dict[str, float]] = {}
         self._slices: dict[tuple[str, int, int], tuple[int, dict[int, str]]] = {}
+        """(job, step, version) -> (world size, rank -> staging) of a slice prepared here."""
         """(job, step, version) -> (world size, rank -> session) of slices it prepared."""
         self._tickets: dict[str, _Ticket] = {}
         """job -> the ticket of its last commit, while it may serve (module docstring)."""
@@ -281,9 +285,9 @@ class Leader:
                 self._steps.pop(k, None)
             mine = self._slices.get((decision.job, decision.step, decision.version))
             if decision.ticket >= 0 and mine is not None:
-                world, sessions = mine
+                world, stagings = mine
                 self._tickets[decision.job] = _Ticket(
-                    decision.ticket, decision.step, world, sessions
+                    decision.ticket, decision.step, world, stagings
                 )
             else:
                 self._tickets.pop(decision.job, None)
@@ -301,7 +305,7 @@ class Leader:
 
     # -- preparing a step -------------------------------------------------------------------
 
-    async def _prepare(self, order: PrepareOrder, early: bool = False) -> None:
+    async def _prepare(self, order: PrepareOrder, early: bool = False, follows: int = 0) -> None:
         t0 = self.clock.now()
         try:
             record, deltas = self._slice(order, early)
@@ -316,15 +320,16 @@ class Leader:
             if order.ranks is None:
                 self._slices[(order.job, order.step, order.version)] = (
                     order.world_size,
-                    {r: session_of(s) for r, s in order.sessions.items()},
+                    dict(order.sessions),
                 )
                 while len(self._slices) > SLICES_KEPT:
                     self._slices.pop(next(iter(self._slices)))
-            await self._report(order, prepared=data, stats=stats, early=early)
+            await self._report(order, prepared=data, stats=stats, early=early, follows=follows)
         except Exception as e:
             reason = describe(e)
             logger.info("prepare of %s step %d failed: %s", order.job, order.step, reason)
-            await self._report(order, failed=f"group of {self.node[:12]}: {reason}", early=early)
+            failed = f"group of {self.node[:12]}: {reason}"
+            await self._report(order, failed=failed, early=early, follows=follows)
 
     def _slice(
         self, order: PrepareOrder, early: bool = False
@@ -469,19 +474,25 @@ class Leader:
             return False
         del self._tickets[job]
         gs = self._steps.get(key)
-        if gs is None or gs.entries.keys() != ticket.sessions.keys() or gs.preparing:
+        committed = ticket.stagings
+        if gs is None or gs.entries.keys() != committed.keys() or gs.preparing:
             return False
         sessions = {r: e.session for r, (_, e) in gs.entries.items()}
-        if any(session_of(s) != ticket.sessions[r] for r, s in sessions.items()) or any(
+        if any(session_of(s) != session_of(committed[r]) for r, s in sessions.items()) or any(
             e.world_size != ticket.world_size for _, e in gs.entries.values()
         ):
             return False
+        # Each the next save of the committed one (as in steady training): the report
+        # names none of them (GroupReport.follows).
+        follows = follows_by(committed, sessions)
         order = PrepareOrder(
             job, step, ticket.version, self.config.epoch, ticket.world_size, sessions=sessions
         )
         gs.preparing.add(ticket.version)
         self._expect[job] = frozenset(sessions)
-        self.tasks.spawn(self._prepare(order, early=True), f"prepare {job!r} step {step} early")
+        self.tasks.spawn(
+            self._prepare(order, early=True, follows=follows), f"prepare {job!r} step {step} early"
+        )
         return True
 
     async def _send_staged(self, key: tuple[str, int]) -> None:
@@ -524,6 +535,7 @@ class Leader:
         failed: str = "",
         stats: dict[str, Any] | None = None,
         early: bool = False,
+        follows: int = 0,
     ) -> None:
         client = self._client.pop(order.job, {}) if early else {}
         if client:
@@ -536,12 +548,13 @@ class Leader:
             leader=self.node,
             group=self.group,
             world_size=order.world_size,
-            sessions=dict(order.sessions) if early else {},
+            sessions=dict(order.sessions) if early and not follows else {},
             prepared=prepared,
             failed=failed,
             stats=stats or {},
             early=early,
             quiet=self._quiet(),
+            follows=follows,
         )
         try:
             await self._up_report(report)

@@ -167,6 +167,12 @@ class GroupReport(msgspec.Struct, frozen=True):
     ``ticket`` of the job's last commit (Decision.ticket), because every rank
     the group had then staged it again from the same processes: the report is
     a staged report (``sessions``) and a prepared or failed one in one.
+
+    ``follows`` > 0 (an early report): ``sessions`` is left empty, because each
+    rank's staging is its staging in the group's slice of the ticket's commit with
+    the save number ``follows`` higher (:func:`snapstore.control.jobs.advanced`;
+    the leader checked every rank). The coordinator holds that slice's stagings,
+    so a group's report in steady training carries nothing per rank.
     """
 
     job: str
@@ -189,6 +195,7 @@ class GroupReport(msgspec.Struct, frozen=True):
     """Every member of the group was heard from within ``failure_timeout`` when this was
     sent: the report stands for a beat saying so (the leader skips its next beat when
     that beat would say nothing more)."""
+    follows: int = 0
 
 
 @message
