@@ -640,6 +640,46 @@ def test_a_following_report_of_a_process_that_did_not_restore_is_refused() -> No
     run(test)
 
 
+def test_a_slice_that_is_not_the_attempts_fails_it_instead_of_committing() -> None:
+    """Slices are checked by their heads when the last group prepared: one of another
+    version, or of other ranks, or one that is no record, fails the attempt, and the
+    previous committed step stays what restores get."""
+
+    async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
+        await _prepared(plane, await _staged(plane, 1, {0: "a/1", 1: "b/1"}))
+        job = plane.jobs[JOB]
+        group, leader = _group(plane)
+        for step, bad in ((2, "version"), (3, "ranks"), (4, "bytes")):
+            order = await _staged(plane, step, {0: f"a/{step}", 1: f"b/{step}"})
+            ranks = {r: RankEntry(NODES[r], 1000, SUMS) for r in (0, 1, 2)}
+            if bad != "ranks":
+                del ranks[2]
+            version = order.version + (bad == "version")
+            piece = StepRecord(
+                JOB,
+                step,
+                version,
+                3,
+                1,
+                2,
+                ranks,
+                (group,),
+                tuple(plan_parity(ranks, (group,), 3, 1)),
+            )
+            data = b"not a record" if bad == "bytes" else piece.to_bytes()
+            report = GroupReport(
+                JOB, step, order.version, order.epoch, leader, group, 2, prepared=data
+            )
+            await plane.report(report)
+            await asyncio.sleep(0.01)
+            assert job.record is not None and job.record.step == 1 and not job.attempts
+            (failed,) = _decisions(fabric, step)
+            assert failed.status is OutcomeStatus.FAILED
+            assert ("malformed" if bad == "bytes" else "another slice") in failed.reason
+
+    run(test)
+
+
 def test_the_next_saves_of_a_commit_are_told_exactly() -> None:
     base = {3: "r3-ab/7", 9: "r9-cd/7", 4: "x/y/12"}
     assert follows_by(base, {3: "r3-ab/8", 9: "r9-cd/8", 4: "x/y/13"}) == 1

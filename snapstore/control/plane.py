@@ -248,17 +248,22 @@ class ControlPlane:
         counters["relay_batches_total"] += 1
         counters["relayed_messages_total"] += len(batch.beats) + len(batch.reports)
         membership = self.membership
+        # The epoch and quiet checks inline: a batch at 4,096 nodes is some 3,000 messages a
+        # step, nearly all in the current epoch.
         for beat in batch.beats:
             try:
-                membership.heard_epoch(beat.epoch, beat.leader)
+                if beat.epoch != membership.epoch:
+                    membership.heard_epoch(beat.epoch, beat.leader)
                 membership.group_beat(beat)
             except Exception as e:
                 self._relayed_failed(f"beat of {beat.leader[:12]}", e)
         for report in batch.reports:
             try:
-                membership.heard_epoch(report.epoch, report.leader)
+                if report.epoch != membership.epoch:
+                    membership.heard_epoch(report.epoch, report.leader)
                 self.commits.on_report(report)
-                membership.quiet_report(report)
+                if report.quiet:
+                    membership.quiet_report(report)
             except Exception as e:
                 self._relayed_failed(f"report of {report.leader[:12]} on step {report.step}", e)
 
