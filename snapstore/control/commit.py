@@ -194,7 +194,7 @@ class Commits:
             return None
         if att is None:
             job.ticket = None
-            att = job.attempts[r.step] = self._open(r, r.version)
+            att = job.attempts[r.step] = self._open(job, r, r.version)
         if following is not None:
             joined = att.ranks.join_following(r.group, following[0], following[1].ranks)
         else:
@@ -203,17 +203,16 @@ class Commits:
             return None  # a rank staged in another group too (_take sorts that out)
         return job, att
 
-    def _open(self, r: GroupReport, version: int) -> Attempt:
-        """A new attempt at ``r``'s step under ``version``."""
+    def _open(self, job: Job, r: GroupReport, version: int) -> Attempt:
+        """A new attempt at ``r``'s step of ``job`` under ``version``."""
         clock = self.plane.clock
-        job = self.plane.jobs.get(r.job)
         return Attempt(
             StepLife(r.job, r.step, version),
             world_size=r.world_size,
             epoch=r.epoch,
             started_at=clock.now(),
             wall_started=clock.wall(),
-            table_version=job.sessions.version if job is not None else -1,
+            table_version=job.sessions.version,
         )
 
     def _take(self, r: GroupReport, stagings: Mapping[int, str]) -> tuple[Job, Attempt] | None:
@@ -267,7 +266,7 @@ class Commits:
         if att is None or not att.life.open:
             version = job.ticket if job.ticket is not None else job.take_version()
             job.ticket = None
-            att = job.attempts[r.step] = self._open(r, version)
+            att = job.attempts[r.step] = self._open(job, r, version)
         if att.life.phase is StepPhase.PREPARING:
             for rank, session in accepted.items():
                 prev = att.ranks.get(rank)

@@ -198,8 +198,7 @@ class Leader:
         self._closed: dict[tuple[str, int, int], str] = {}
         self._client: dict[str, dict[str, float]] = {}
         self._slices: dict[tuple[str, int, int], tuple[int, dict[int, str]]] = {}
-        """(job, step, version) -> (world size, rank -> staging) of a slice prepared here."""
-        """(job, step, version) -> (world size, rank -> session) of slices it prepared."""
+        """(job, step, version) -> (world size, rank -> staging) of slices it prepared."""
         self._tickets: dict[str, _Ticket] = {}
         """job -> the ticket of its last commit, while it may serve (module docstring)."""
         self._stopped = False
