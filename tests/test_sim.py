@@ -123,6 +123,13 @@ RELAY_REGRESSIONS = {
     # slot, whose staging it no longer knew: the restored trainer's lease reused the only
     # copy of committed data. A failed re-protection now fails no staging (reprotect).
     "33000383": "a failed re-protection taken for the failure of a committed step's data",
+    # Found by --seed 54000 --schedules 1000: k=2, m=1 on 3 nodes; step 4 of a job was
+    # committed early, a node was lost and both others' SMPs restarted with their memory
+    # wiped before any held it committed. Rebuilding the restarted nodes could not work
+    # (too few chunks), but unlike a repair the reconcile did not record the ranks as
+    # unrecoverable: every restore plan waited 30 s for a confirmation no node could give,
+    # and the job never gave up. Now the reconcile records them, as a repair does.
+    "54599": "restores wait on an early commit whose data the restarted nodes lost",
 }
 
 

@@ -593,23 +593,34 @@ class Recovery:
                     continue
                 readable = plane.membership.readable()
                 peers = plane.peers()
-                orders = [
-                    rank_rebuild_orders(piece, r, node, peers, readable, plane.cfg.backend, bad)
-                    for r, bad in report.bad_pieces.items()
+                ranks = [
+                    r
+                    for r in report.bad_pieces
                     if job.relocated.get(r, piece.ranks[r].node) == node and r in piece.ranks
+                ]
+                orders = [
+                    rank_rebuild_orders(
+                        piece, r, node, peers, readable, plane.cfg.backend, report.bad_pieces[r]
+                    )
+                    for r in ranks
                 ]
                 if report.bad_parity:
                     po = parity_rebuild_orders(piece, node, peers, readable, plane.cfg.backend)
                     if po is not None:
                         orders.append(po)
-                total = 0
+                total = done = 0
                 try:
                     for order in orders:
                         res = await asyncio.wait_for(
                             plane.fabric.node(node).rebuild(order), REBUILD_TIMEOUT
                         )
                         total += res.bytes_written
+                        done += 1
                 except Exception as e:
+                    if done < len(ranks) and isinstance(root_cause(e), UnrecoverableError):
+                        # As a repair that cannot rebuild does: restores say so at once,
+                        # and wait neither on the rank nor on a commit no node can confirm.
+                        job.unrecoverable[ranks[done]] = _lost_of(e)
                     job.redundancy = Redundancy.DEGRADED
                     job.detail = f"rebuild on {node[:12]} failed"
                     plane.events.add(
