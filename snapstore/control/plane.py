@@ -404,7 +404,7 @@ class ControlPlane:
                 node_summary(
                     life,
                     ms.infos.get(node),
-                    round(now - ms.heard.get(node, now), 3),
+                    round(now - (ms.heard_at(node) or now), 3),
                     ms.groups.index(group) if group in ms.groups else None,
                     group is not None and ms.leader_of(group) == node,
                 )
