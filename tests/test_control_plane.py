@@ -64,7 +64,7 @@ from snapstore.control.plane import ControlPlane
 from snapstore.control.runtime import LoopClock
 from snapstore.control.states import JobLife, NodeLife, NodePhase, StepLife
 from snapstore.errors import IllegalTransitionError
-from snapstore.format.record import RankEntry, StepRecord
+from snapstore.format.record import RankEntry, StepRecord, pack_ranks
 from snapstore.format.work import CommitResult, PeerInfo
 
 NODES = [f"n{i}" + "0" * 30 for i in range(4)]
@@ -606,6 +606,11 @@ def test_reports_following_the_tickets_commit_commit_steps_naming_no_staging() -
         # From step 3 on the stagings took no check per rank (the table agreed at step 2's
         # commit): the commit's stagings are the previous ones advanced, not a copy.
         assert job.ticket_base is not None and job.ticket_base.agreed == job.sessions.version
+        # Nor does a commit keep the one it followed: each followed the one before it,
+        # and a chain of them all was kept (a leak of an attempt's ranks a step).
+        kept = [job.history[s][1] for s in (2, 3, 4)]
+        assert all(isinstance(r, StagedRanks) and r.base is None for r in kept)
+        assert job.ticket_base.ranks is kept[-1]
         status = await plane.step_status(JOB, 4, 1, SUMS, "b/4")
         assert status.status is OutcomeStatus.PENDING  # told once a member holds it
         # A report following a ticket this coordinator did not hand out is ignored.
@@ -708,6 +713,11 @@ def test_groups_following_a_commit_join_without_their_slots_until_asked() -> Non
     assert att.join_following(g1, NextSaves(base.by_group[g1], 1), base)
     assert att.join_following(g2, NextSaves(base.by_group[g2], 1), base)
     assert att.unfilled == [g1, g2] and att.owner == [None] * 8 and len(att) == 3
+    # A following group's ranks as its slice head names them are its base's, not packed
+    # again; a group's own are packed, kept, and packed again once it changes.
+    ids = base.rank_ids(g1)
+    assert ids == pack_ranks([0, 1]) and att.rank_ids(g1) is ids
+    assert base.rank_ids(g1) is ids and att.rank_ids(g2) == pack_ranks([2])
     assert not att.join(g3, {2: "c2/1"}), "rank 2 is staged in the following group g2"
     assert att.owner[:3] == [g1, g1, g2] and not att.unfilled
     assert att[1] == ("b/2", g1) and 2 in att and 3 not in att
@@ -718,6 +728,8 @@ def test_groups_following_a_commit_join_without_their_slots_until_asked() -> Non
     # A group following another commit joins slot by slot.
     assert other.join_following(g2, NextSaves({2: "c/4"}, 1), StagedRanks(8))
     assert other.owner[2] == g2 and other.owner[0] == g1
+    base.add(5, "f/1", g1)
+    assert base.rank_ids(g1) == pack_ranks([0, 1, 5])
 
 
 def _member(node: str) -> Any:
@@ -838,23 +850,30 @@ def test_a_quiet_report_stands_for_a_beat_of_its_group() -> None:
     async def test(plane: ControlPlane, fabric: ScriptedFabric) -> None:
         group, leader = _group(plane)
         membership = plane.membership
-        member = next(n for n in group if n != leader)
         await asyncio.sleep(5.0)  # nobody heard since: the tick finds the leader silent
-        before = dict(membership.heard)
+        before = {n: membership.heard_at(n) for n in group}
         epoch = membership.epoch
         loud = GroupReport(JOB, 1, -1, epoch, leader, group, 2, {0: "a/1"})
         await plane.report(loud)
-        assert membership.heard == before
+        assert {n: membership.heard_at(n) for n in group} == before
         stale = GroupReport(JOB, 1, -1, epoch - 1, leader, group, 2, {0: "a/1"}, quiet=True)
         await plane.report(stale)
-        assert membership.heard == before
+        assert {n: membership.heard_at(n) for n in group} == before
         assert membership.nodes[leader].phase is NodePhase.SUSPECT
         quiet = GroupReport(JOB, 1, -1, epoch, leader, group, 2, {0: "a/1"}, quiet=True)
         await plane.report(quiet)
         now = plane.clock.now()
-        assert all(membership.heard[n] == now for n in group)
+        assert all(membership.heard_at(n) == now for n in group)
         assert membership.nodes[leader].phase is NodePhase.ALIVE
-        assert member in membership.heard
+        # The next quiet report (one stamp for the group once no one is suspect): a new
+        # epoch keeps what it said of each member.
+        await asyncio.sleep(0.5)
+        await plane.report(quiet)
+        later = plane.clock.now()
+        assert not membership._suspects  # pruned by a tick: the group stamped once
+        assert later > now and all(membership.heard_at(n) == later for n in group)
+        membership.new_epoch("test")
+        assert all(membership.heard[n] == later for n in group)
 
     run(test)
 
@@ -931,7 +950,8 @@ def test_an_attempts_ranks_by_group_and_owner_say_what_one_index_by_rank_says(
     after any mix of joins, moves between groups and single ranks, what a plain rank ->
     (staging, group) map kept one change at a time says. A join is taken only for a
     group not in the attempt yet whose ranks are in range and in no other group, and is
-    refused, changing nothing, otherwise; a rank out of range is refused by name."""
+    refused, changing nothing, otherwise; a rank out of range is refused by name. Each
+    group's rank_ids (a slice head's check) pack the ranks it holds."""
     world = 12
     att = Attempt(StepLife("j", 1, 0), world_size=world, epoch=0, started_at=0.0, wall_started=0.0)
     model: dict[int, tuple[str, tuple[str, ...]]] = {}
@@ -941,6 +961,9 @@ def test_an_attempts_ranks_by_group_and_owner_say_what_one_index_by_rank_says(
             can = (
                 bool(stagings)
                 and in_range
+                # A group that held ranks, even if they all moved to others since, has
+                # reported: a join is a group's first report, and refuses.
+                and group not in att.by_group
                 and all(g != group for _, g in model.values())
                 and not model.keys() & stagings.keys()
             )
@@ -964,6 +987,9 @@ def test_an_attempts_ranks_by_group_and_owner_say_what_one_index_by_rank_says(
         else:
             assert dict(att.ranks.items()) == model
             assert all((r in att.ranks) == (r in model) for r in range(-1, world + 1))
+            for g in att.by_group:  # asked for, then kept until the group changes
+                held = [r for r, (_, o) in model.items() if o == g]
+                assert att.ranks.rank_ids(g) == pack_ranks(held)
         assert len(att.ranks) == len(model)
     assert dict(att.ranks.items()) == model
     assert att.ranks.keys() & set(range(world)) == model.keys()
@@ -971,6 +997,8 @@ def test_an_attempts_ranks_by_group_and_owner_say_what_one_index_by_rank_says(
     for rank, (staging, group) in model.items():
         by_group.setdefault(group, {})[rank] = staging
     assert {g: d for g, d in att.by_group.items() if d} == by_group
+    for group in att.by_group:
+        assert att.ranks.rank_ids(group) == pack_ranks(by_group.get(group, {}))
 
 
 def test_a_world_size_past_the_largest_is_refused_by_name_and_nothing_is_sized_by_it() -> None:

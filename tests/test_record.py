@@ -23,6 +23,7 @@ from snapstore.format.record import (
     RankEntry,
     SliceHead,
     StepRecord,
+    pack_ranks,
     piece_bounds,
     piece_len,
 )
@@ -117,7 +118,8 @@ def _same_head(head: SliceHead, rec: StepRecord) -> None:
         rec.m,
         rec.world_size,
     )
-    assert head.ranks.keys() == rec.ranks.keys() and head.groups == rec.groups
+    assert head.rank_ids == pack_ranks(rec.ranks) and head.groups == rec.groups
+    assert head.rank_count == rec.rank_count == len(rec.ranks)
     assert head.committed_at == rec.committed_at or rec.committed_at != rec.committed_at
 
 
@@ -176,6 +178,23 @@ def test_a_version_1_record_is_still_read() -> None:
     doc["ranks"][0][3] = [1, "2"]
     with pytest.raises(FormatError, match="version 1"):
         StepRecord.from_bytes(_pack(doc))
+
+
+def test_rank_ids_name_the_ranks_in_order_and_must_agree_with_them() -> None:
+    """A head tells its ranks without decoding an entry per rank (SliceHead.rank_ids); a
+    record whose rank_ids do not list its ranks is refused, and one written before the
+    field has its head through a full decode."""
+    assert pack_ranks([3, 1, 70000]) == bytes([1, 0, 0, 0, 3, 0, 0, 0, 0x70, 0x11, 1, 0])
+    doc = _good_doc()
+    assert doc["rank_ids"] == pack_ranks([0, 1])
+    doc["rank_ids"] = pack_ranks([0, 2])
+    with pytest.raises(FormatError, match="rank_ids do not list its ranks"):
+        StepRecord.from_bytes(_pack(doc))
+    del doc["rank_ids"]
+    rec = StepRecord.from_bytes(_pack(doc))
+    head = StepRecord.head(_pack(doc))
+    _same_head(head, rec)
+    assert head.rank_ids == pack_ranks([0, 1]) and head.rank_count == 2
 
 
 @pytest.mark.parametrize(

@@ -465,10 +465,9 @@ class Commits:
         except FormatError as e:
             self.fail(job, att, f"group of {r.leader[:12]} sent a malformed slice: {e}")
             return False
-        expected = att.by_group.get(r.group, {}).keys()
         if (
             (head.job, head.step, head.version) != (job.name, att.step, att.version)
-            or head.ranks.keys() != expected
+            or head.rank_ids != att.ranks.rank_ids(r.group)
             or head.early != r.early
         ):
             self.fail(job, att, f"group of {r.leader[:12]} prepared another slice")
@@ -486,6 +485,7 @@ class Commits:
         if record.world_size != att.world_size or record.rank_count != att.world_size:
             logger.error("committed %s with %d ranks", att.life.name, record.rank_count)
         job.attempts.pop(att.step, None)
+        att.ranks.committed()
         for s, other in list(job.attempts.items()):
             if s < att.step:
                 self.fail(job, other, f"step {att.step} committed first")

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from snapstore.config import MAX_WORLD_SIZE
 from snapstore.control.states import JobLife, Redundancy, StepLife
-from snapstore.format.record import ParityEntry, RankEntry, SliceHead, StepRecord
+from snapstore.format.record import ParityEntry, RankEntry, SliceHead, StepRecord, pack_ranks
 
 __all__ = [
     "Attempt",
@@ -114,7 +114,7 @@ class JobRecord:
     @property
     def rank_count(self) -> int:
         """How many ranks the slices hold (read from their heads: nothing decoded)."""
-        return sum(len(h.ranks) for h in self._heads)
+        return sum(h.rank_count for h in self._heads)
 
     def nodes(self) -> set[str]:
         out: set[str] = set()
@@ -198,7 +198,7 @@ class StagedRanks(Mapping[int, tuple[str, Group]]):
     by rank or another group joins (:meth:`_fill`); a report whose ranks are the same
     as last step's does no work per rank."""
 
-    __slots__ = ("base", "by_group", "count", "owner", "unfilled")
+    __slots__ = ("_ids", "base", "by_group", "count", "owner", "unfilled")
 
     def __init__(self, world_size: int) -> None:
         self.by_group: dict[Group, Mapping[int, str]] = {}
@@ -208,6 +208,8 @@ class StagedRanks(Mapping[int, tuple[str, Group]]):
         """Groups joined by :meth:`join_following` whose ranks' slots are not written."""
         self.base: StagedRanks | None = None
         """The commit's stagings those groups follow (all of them the same one's)."""
+        self._ids: dict[Group, bytes] = {}
+        """group -> its ranks packed (:meth:`rank_ids`), as they were asked for."""
 
     def _fill(self) -> None:
         """Write the slots of the groups joined without them."""
@@ -224,8 +226,34 @@ class StagedRanks(Mapping[int, tuple[str, Group]]):
         owner = self.owner
         return owner[rank] if isinstance(rank, int) and 0 <= rank < len(owner) else None
 
+    def rank_ids(self, group: Group) -> bytes:
+        """``group``'s ranks as a slice head names them (:func:`pack_ranks`): those of a
+        group following ``base`` are the ones ``base`` packed for it, so a group reporting
+        the same ranks as last step is checked with no work per rank."""
+        ids = self._ids.get(group)
+        if ids is None:
+            mine = self.by_group.get(group, {})
+            base = self.base
+            if base is not None and isinstance(mine, NextSaves):
+                theirs = base.by_group.get(group)
+                if theirs is mine.base or (
+                    isinstance(theirs, NextSaves) and theirs.base is mine.base
+                ):
+                    ids = base._ids.get(group)  # the same ranks (NextSaves never chains)
+            if ids is None:
+                ids = pack_ranks(mine)
+            self._ids[group] = ids
+        return ids
+
+    def committed(self) -> None:
+        """The attempt committed: it is a base now, and what it followed is not needed
+        (its groups' rank ids are packed; kept, every commit in a row that followed the
+        one before it would be kept too)."""
+        self.base = None
+
     def _own(self, group: Group) -> dict[int, str]:
         """``group``'s stagings as a dict of its own, to change."""
+        self._ids.pop(group, None)
         mine = self.by_group.get(group)
         if not isinstance(mine, dict):
             mine = self.by_group[group] = dict(mine or {})

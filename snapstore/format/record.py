@@ -12,10 +12,12 @@ Records travel as msgpack (never pickle) with an explicit format version.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import operator
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,6 +31,7 @@ __all__ = [
     "RankEntry",
     "SliceHead",
     "StepRecord",
+    "pack_ranks",
     "piece_bounds",
     "piece_len",
 ]
@@ -90,13 +93,23 @@ _new_rank_entry = functools.partial(tuple.__new__, RankEntry)
 """A RankEntry from a decoded (node, size, sums) triple, built in C (no ``__new__`` call)."""
 
 
+def pack_ranks(ranks: Iterable[int]) -> bytes:
+    """``ranks`` sorted, as little-endian 32-bit numbers: a record's ``rank_ids``."""
+    ids = array.array("I", sorted(ranks))
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids.tobytes()
+
+
 class SliceHead(msgspec.Struct, frozen=True):
     """What a record says of itself without its entries: which step and version, which
-    ranks, which groups (:meth:`StepRecord.head`); the entries and the parity stay raw
-    bytes, skipped in C. The coordinator checks a group's prepared slice by its head
-    alone: the members that keep the slice decoded and validated the same bytes before
-    the leader reported it, and decoding every entry again was a third of the
-    coordinator's cost per step at 4,096 nodes (bench.scale)."""
+    ranks (``rank_ids``, :func:`pack_ranks`), which groups (:meth:`StepRecord.head`);
+    the entries and the parity are skipped in C, no object made for them. The
+    coordinator checks a group's prepared slice by its head alone: the members that
+    keep the slice decoded and validated the same bytes, ``rank_ids`` against the
+    entries, before the leader reported it. Decoding every entry again was a third of
+    the coordinator's cost per step at 4,096 nodes, and a map of rank -> raw entry
+    still half of what was left of the head's (bench.scale)."""
 
     v: int
     job: str
@@ -105,24 +118,29 @@ class SliceHead(msgspec.Struct, frozen=True):
     k: int
     m: int
     world_size: int
-    ranks: dict[int, msgspec.Raw]
     groups: tuple[tuple[str, ...], ...]
-    parity: msgspec.Raw
     committed_at: float = 0.0
     early: bool = False
+    rank_ids: bytes = b""
+    """The ranks' numbers, sorted (:func:`pack_ranks`): empty in a record written before
+    the field was (its head comes through a full decode)."""
+
+    @property
+    def rank_count(self) -> int:
+        return len(self.rank_ids) // 4
 
 
-class _Doc(SliceHead, frozen=True):
+class _Doc(SliceHead, frozen=True, kw_only=True):
     """A record as it is encoded, every field's type checked by msgspec's decoder in C:
     a record holds an entry per rank, and checking them in Python cost more than the
     rest of a group's report. The ranks map decodes straight into RankEntry tuples.
-    The head's fields, with the entries typed (a field redefined keeps its place)."""
+    The head's fields and the entries."""
 
-    ranks: dict[int, RankEntry]  # type: ignore[assignment]
-    parity: list[ParityEntry]  # type: ignore[assignment]
+    ranks: dict[int, RankEntry]
+    parity: list[ParityEntry]
 
 
-class _DocV1(_Doc, frozen=True):
+class _DocV1(_Doc, frozen=True, kw_only=True):
     """Version 1 of the record (ranks as ``[rank, node, size, sums]`` rows), still read:
     an SMP restarted onto a newer snapstore finds its predecessor's record files. Only
     ``ranks`` differs."""
@@ -218,6 +236,10 @@ class StepRecord:
     def parity_file_size(self, node: str) -> int:
         return max((p.offset + p.length for p in self.parity_on(node)), default=0)
 
+    @property
+    def rank_count(self) -> int:
+        return len(self.ranks)
+
     def data_bytes(self) -> int:
         return sum(map(_SIZE, self.ranks.values()))
 
@@ -248,6 +270,7 @@ class StepRecord:
             "groups": self.groups,
             "parity": self.parity,
             "committed_at": self.committed_at,
+            "rank_ids": pack_ranks(self.ranks),
         }
         if self.early:
             doc["early"] = True
@@ -276,6 +299,8 @@ class StepRecord:
             early=doc.early,
         )
         rec.validate()
+        if doc.rank_ids and doc.rank_ids != pack_ranks(doc.ranks):
+            raise FormatError("record rank_ids do not list its ranks")
         return rec
 
     @staticmethod
@@ -287,12 +312,14 @@ class StepRecord:
             head = _HEAD_DECODER.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             head = None
-        if head is None or head.v != RECORD_VERSION:
-            # What is wrong named, or version 1 converted: the whole document, checked, is
-            # a head too (its entries decoded).
+        if head is None or head.v != RECORD_VERSION or not head.rank_ids:
+            # What is wrong named, or version 1 converted, or the rank_ids of a record
+            # written before them: through the whole document, checked.
             doc = _decode(data)
             StepRecord._of(doc)
-            return doc
+            fields = msgspec.structs.asdict(doc)
+            del fields["ranks"], fields["parity"]
+            return SliceHead(**{**fields, "rank_ids": pack_ranks(doc.ranks)})
         return head
 
     def validate(self) -> None:
