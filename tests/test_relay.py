@@ -3,8 +3,8 @@
 - the membership names one relay per region of ``relay_groups`` groups, a node of
   the region that leads no group, and none for a region of one group (unless
   ``relay_groups`` is 1) or with relays off;
-- a relay forwards at once when idle and batches what arrives while a batch is
-  on its way, in order; a batch the coordinator does not take is dropped and
+- a relay forwards a burst after RELAY_LINGER and batches what arrives while a
+  batch is on its way, in order; a batch the coordinator does not take is dropped and
   the next one still goes;
 - a leader's uplink goes straight to the coordinator when its relay refuses or
   does not answer within RELAY_TIMEOUT;
@@ -37,7 +37,7 @@ from snapstore.control.messages import (
     PrepareOrder,
     ReportBatch,
 )
-from snapstore.control.relay import RELAY_BACKOFF, RELAY_TIMEOUT, Relay, Uplink
+from snapstore.control.relay import RELAY_BACKOFF, RELAY_LINGER, RELAY_TIMEOUT, Relay, Uplink
 from snapstore.control.runtime import LoopClock, Tasks
 from snapstore.errors import ActorUnavailableError
 from snapstore.format.work import PeerInfo
@@ -130,17 +130,27 @@ def _report(step: int, leader: str = "L") -> GroupReport:
 
 
 async def _settle() -> None:
+    """What a relay holds has gone (its linger passed) as far as it can."""
+    await asyncio.sleep(RELAY_LINGER)
     for _ in range(10):
         await asyncio.sleep(0)
 
 
-def test_relay_forwards_at_once_then_batches_what_arrives_meanwhile_in_order() -> None:
+def test_relay_forwards_a_burst_after_its_linger_then_batches_what_arrives_meanwhile() -> None:
     async def main() -> None:
         up = _Coordinator()
         relay = Relay(up)  # type: ignore[arg-type]
-        await relay.report(_report(1))
-        await _settle()
-        assert [len(b.reports) for b in up.batches] == [1], "an idle relay forwards at once"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await relay.report(_report(1, "X"))
+        await asyncio.sleep(RELAY_LINGER / 2)
+        await relay.report(_report(1, "Y"))
+        assert up.batches == [], "an idle relay waits for the rest of the burst"
+        await asyncio.sleep(RELAY_LINGER / 2)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert [[r.leader for r in b.reports] for b in up.batches] == [["X", "Y"]]
+        assert loop.time() - t0 == RELAY_LINGER, "and no longer"
         await relay.report(_report(2, "A"))
         await relay.group_beat(GroupBeat(1, "B", (), {}))
         await relay.report(_report(2, "C"))
@@ -148,10 +158,10 @@ def test_relay_forwards_at_once_then_batches_what_arrives_meanwhile_in_order() -
         assert len(up.batches) == 1, "nothing else goes while a batch is on its way"
         up.release.set()
         await _settle()
-        assert len(up.batches) == 2
+        assert len(up.batches) == 2, "the coordinator took the last: the next goes at once"
         assert [r.leader for r in up.batches[1].reports] == ["A", "C"]
         assert [b.leader for b in up.batches[1].beats] == ["B"]
-        assert relay.batches == 2 and relay.forwarded == 4
+        assert relay.batches == 2 and relay.forwarded == 5
         relay.stop()
 
     on_sim_loop(main)

@@ -8,11 +8,16 @@ each region its relay: :attr:`snapstore.control.messages.NodeConfig.relay`),
 and a leader sends through its region's relay:
 
 - :class:`Relay` (on every node) forwards what it is given to the coordinator
-  as one :class:`ReportBatch`; while a batch is on its way, what arrives
-  waits and goes with the next one. Nothing waits on a timer: an idle relay
-  forwards a report at once, a busy one batches exactly as much as the
-  coordinator is behind. Sending to a relay is a cast, as sending to the
-  coordinator is: it returns once the relay has the message.
+  as one :class:`ReportBatch`. The first message to reach an idle relay
+  waits :data:`RELAY_LINGER` for the rest of its burst (a region's groups
+  report a step, or apply a decision, within a few milliseconds of each
+  other); while a batch is on its way, what arrives waits and goes with the
+  next one, at once. So a region's step costs the coordinator about one
+  message per kind, whether or not it is behind: forwarded at once, a
+  region's reports arrived a few at a time, and the number of batches
+  depended on how closely their leaders happened to agree. Sending to a relay
+  is a cast, as sending to the coordinator is: it returns once the relay has
+  the message.
 - :class:`Uplink` (a leader's way up) sends through the relay, and straight
   to the coordinator when the relay does not answer within
   :data:`RELAY_TIMEOUT` (a beat: a third of ``failure_timeout``) or refuses,
@@ -54,7 +59,15 @@ from snapstore.control.runtime import Tasks
 from snapstore.errors import ActorUnavailableError, SnapstoreError
 from snapstore.rpc import describe
 
-__all__ = ["BATCH_MAX", "FORWARD_TIMEOUT", "RELAY_BACKOFF", "RELAY_TIMEOUT", "Relay", "Uplink"]
+__all__ = [
+    "BATCH_MAX",
+    "FORWARD_TIMEOUT",
+    "RELAY_BACKOFF",
+    "RELAY_LINGER",
+    "RELAY_TIMEOUT",
+    "Relay",
+    "Uplink",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +78,9 @@ FORWARD_TIMEOUT = 20.0
 RELAY_BACKOFF = 5.0
 """Seconds a relay whose batch did not reach the coordinator refuses messages, and a
 leader whose relay failed sends straight."""
+RELAY_LINGER = 0.002
+"""Seconds the first message of a burst waits at an idle relay for the rest of it (one
+batch where there would have been a few; a step's commit waits this once more)."""
 RELAY_TIMEOUT = 1.0
 """Seconds a leader waits for its relay to take a message before it sends it straight
 (the relay answers once the message is queued: only a dead or stalled relay is slow)."""
@@ -133,6 +149,7 @@ class Relay:
 
     async def _flush(self) -> None:
         try:
+            await asyncio.sleep(RELAY_LINGER)
             while self._queue and not self._stopped:
                 batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
                 msg = ReportBatch(
