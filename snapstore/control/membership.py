@@ -94,8 +94,6 @@ class Membership:
         self._dead: dict[str, None] = {}
         """Nodes that died (in order), until lost or back: what a tick looks at, not every
         node (a dict, for a deterministic order)."""
-        self._leading: list[str] = []
-        """This epoch's leaders, once each: a tick's silence check."""
         self._suspects: set[str] = set()
         """Nodes marked silent, and maybe since dead or back (pruned by a tick): while it is
         empty, a group's members heard from through their leader are noted in one update."""
@@ -246,7 +244,10 @@ class Membership:
         """Leaders that went silent become suspect; dead nodes past their delay are lost."""
         now = self.clock.now()
         stale = now - self.cfg.failure_timeout
-        for leader in self._leading:
+        through = self._group_heard
+        for group, leader in self.leaders.items():
+            if leader is None or through.get(group, stale) > stale:
+                continue  # its group stamped lately: nearly every one, every tick
             heard = self.heard_at(leader)
             if heard is None or heard >= stale:
                 continue
@@ -342,7 +343,6 @@ class Membership:
         self.leaders = {}
         for g in self.all_groups():
             self.leaders[g] = next((n for n in g if self.nodes[n].readable), None)
-        self._leading = list(dict.fromkeys(x for x in self.leaders.values() if x))
         self.relays = self._relays()
         self.relay_of_leader = {
             leader: self.relays[g]
