@@ -80,7 +80,7 @@ RELAY_BACKOFF = 5.0
 leader whose relay failed sends straight."""
 RELAY_LINGER = 0.002
 """Seconds the first message of a burst waits at an idle relay for the rest of it (one
-batch where there would have been a few; a step's commit waits this once more)."""
+batch where there would have been a few; a step's commit may wait this once more)."""
 RELAY_TIMEOUT = 1.0
 """Seconds a leader waits for its relay to take a message before it sends it straight
 (the relay answers once the message is queued: only a dead or stalled relay is slow)."""
