@@ -400,11 +400,12 @@ class ControlPlane:
         out = []
         for node, life in ms.nodes.items():
             group = ms.group_of(node)
+            heard = ms.heard_at(node)
             out.append(
                 node_summary(
                     life,
                     ms.infos.get(node),
-                    round(now - (ms.heard_at(node) or now), 3),
+                    round(now - (now if heard is None else heard), 3),
                     ms.groups.index(group) if group in ms.groups else None,
                     group is not None and ms.leader_of(group) == node,
                 )
