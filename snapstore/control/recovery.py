@@ -596,7 +596,7 @@ class Recovery:
                 ranks = [
                     r
                     for r in report.bad_pieces
-                    if job.relocated.get(r, piece.ranks[r].node) == node and r in piece.ranks
+                    if r in piece.ranks and job.relocated.get(r, piece.ranks[r].node) == node
                 ]
                 orders = [
                     rank_rebuild_orders(
